@@ -1,0 +1,38 @@
+"""bgnorm: Batch Group Normalization (Zhou et al., AAAI 2021) for PyTorch.
+
+Layers (``BatchGroupNorm1d/2d/3d``, ``GeneralBatchGroupNorm2d``, ``PositionalNorm``), the
+functional API (:mod:`bgnorm.functional`), a norm registry (:func:`make_norm`), model conversion
+(:func:`convert_norm`) and the paper's G policy (:func:`paper_groups`).
+"""
+
+from . import functional
+from .convert import convert_norm
+from .layers import (
+    DEFAULT_NUM_GROUPS,
+    BatchGroupNorm1d,
+    BatchGroupNorm2d,
+    BatchGroupNorm3d,
+    GeneralBatchGroupNorm2d,
+    PositionalNorm,
+)
+from .policy import PAPER_GROUPS, channel_groups, paper_groups
+from .registry import canonical_name, make_norm, norm_names
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchGroupNorm1d",
+    "BatchGroupNorm2d",
+    "BatchGroupNorm3d",
+    "DEFAULT_NUM_GROUPS",
+    "GeneralBatchGroupNorm2d",
+    "PAPER_GROUPS",
+    "PositionalNorm",
+    "canonical_name",
+    "channel_groups",
+    "convert_norm",
+    "functional",
+    "make_norm",
+    "norm_names",
+    "paper_groups",
+]

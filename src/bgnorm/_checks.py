@@ -1,0 +1,143 @@
+"""Input validation shared by the functional API and the modules.
+
+Every check names the problem and the fix, in the style of torch's own messages, built lazily.
+Under torch.compile a condition on static shapes is a Python bool decided while tracing (the
+failing branch is never traced); a condition on symbolic shapes goes through ``torch._check_with``
+with a constant message, so the graph stays whole either way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+
+def require(cond: object, exc: type[Exception], message: Callable[[], str], short: str) -> None:
+    """Raise ``exc(message())`` unless ``cond``; ``short`` is the message for symbolic shapes."""
+    if isinstance(cond, bool):
+        if not cond:
+            raise exc(message())
+    else:
+        torch._check_with(exc, cond, lambda: short)  # type: ignore[arg-type]
+
+
+def check_num_groups(num_groups: object, what: str = "num_groups") -> int:
+    """Validate a group count given at construction or call time; returns it as an int."""
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+        raise TypeError(
+            f"{what} must be a positive int, got {type(num_groups).__name__} {num_groups!r}; "
+            f"pass an integer such as {what}=32"
+        )
+    if num_groups <= 0:
+        raise ValueError(f"{what} must be a positive int, got {num_groups}")
+    return num_groups
+
+
+def check_num_features(num_features: object) -> int:
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
+        raise ValueError(
+            f"num_features must be a positive int (the channel count C), got {num_features!r}"
+        )
+    return num_features
+
+
+def nearby_divisors(total: int, target: int, count: int = 4) -> list[int]:
+    """The ``count`` divisors of ``total`` closest to ``target`` (sorted ascending)."""
+    divs: set[int] = set()
+    for d in range(1, math.isqrt(total) + 1):
+        if total % d == 0:
+            divs.update((d, total // d))
+    return sorted(sorted(divs, key=lambda d: (abs(d - target), d))[:count])
+
+
+def _shape_str(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+
+
+def check_input(fn: str, input: Tensor) -> None:
+    """Floating-point tensor with at least 2 dimensions (N, C, *)."""
+    require(
+        input.is_floating_point(), TypeError,
+        lambda: f"{fn}: expected a floating-point input, got dtype {input.dtype}; "
+        "convert it first, e.g. input.float()", "expected a floating-point input",
+    )
+    require(
+        input.dim() >= 2, ValueError,
+        lambda: f"{fn}: expected input of shape (N, C, *) with at least 2 dimensions, "
+        f"got {input.dim()}D input of shape {_shape_str(input.shape)}",
+        "expected input of shape (N, C, *)",
+    )
+
+
+def check_groups_divide(fn: str, input: Tensor, num_groups: int) -> None:
+    """``num_groups`` must divide D = C * prod(spatial)."""
+    c = input.shape[1]
+    spatial = tuple(input.shape[2:])
+    d = c * math.prod(spatial)
+
+    def msg() -> str:
+        dims = "*".join(["C", "H", "W", "T"][: 1 + len(spatial)]) if len(spatial) <= 3 else "C*S"
+        dims_val = "*".join(str(int(s)) for s in (c, *spatial))
+        text = (
+            f"{fn}: num_groups={num_groups} must divide D = {dims} = {dims_val} = {int(d)} "
+            f"(input shape {_shape_str(input.shape)}); "
+            f"nearby valid values: {', '.join(map(str, nearby_divisors(int(d), num_groups)))}"
+        )
+        if num_groups % int(c) == 0:
+            k = num_groups // int(c)
+            text += (
+                f". num_groups={num_groups} = {k} x C splits each channel into {k} bands, so the "
+                f"spatial size {int(d) // int(c)} must be divisible by {k}"
+            )
+        return text
+
+    require(d % num_groups == 0, ValueError, msg, "num_groups must divide D = C * prod(spatial)")
+
+
+def check_channels(fn: str, input: Tensor, num_features: int) -> None:
+    require(
+        input.shape[1] == num_features, ValueError,
+        lambda: f"{fn}: expected input with {num_features} channels (dim 1), got "
+        f"{int(input.shape[1])} channels in input of shape {_shape_str(input.shape)}",
+        "wrong number of channels",
+    )
+
+
+def check_vector(fn: str, name: str, t: Tensor | None, size: int, what: str) -> None:
+    if t is None:
+        return
+    require(
+        t.dim() == 1 and t.shape[0] == size, ValueError,
+        lambda: f"{fn}: expected {name} of shape ({size},) ({what}), got shape "
+        f"{_shape_str(t.shape)}",
+        f"wrong shape of {name}",
+    )
+
+
+def check_values_per_group(fn: str, input: Tensor, count: int, num_groups: int) -> None:
+    require(
+        count > 1, ValueError,
+        lambda: f"{fn}: expected more than 1 value per group when training, got input of shape "
+        f"{_shape_str(input.shape)} with num_groups={num_groups} ({int(count)} value per group); "
+        "use a larger batch, fewer groups, or eval mode",
+        "expected more than 1 value per group when training",
+    )
+
+
+def check_batch_groups(fn: str, input: Tensor, examples_per_group: int) -> None:
+    n = input.shape[0]
+
+    def msg() -> str:
+        valid = [d for d in range(1, int(n) + 1) if int(n) % d == 0]
+        return (
+            f"{fn}: batch size {int(n)} is not divisible by examples_per_group="
+            f"{examples_per_group}; use a batch size that is a multiple of "
+            f"{examples_per_group} (e.g. drop_last=True in the DataLoader) or one of "
+            f"examples_per_group in {{{', '.join(map(str, valid))}}}"
+        )
+
+    require(n % examples_per_group == 0, ValueError, msg,
+            "batch size must be divisible by examples_per_group")

@@ -1,0 +1,220 @@
+r"""The public math of the family: pure functions, no module state.
+
+Batch Group Normalization (Zhou et al., AAAI 2021, Eq. 8-9). For ``input`` of shape
+(N, C, \*spatial) let D = C * prod(spatial) and view it in row-major order as (N, G, D/G). For
+group g the statistics are taken over the whole mini-batch and the group:
+
+.. math::
+    \mu_g = \frac{1}{N D/G} \sum_{n, j} x_{n,g,j}, \qquad
+    \sigma^2_g = \frac{1}{N D/G} \sum_{n, j} (x_{n,g,j} - \mu_g)^2  \quad\text{(biased)},
+
+    y_{n,c,s} = \gamma_c \frac{x_{n,c,s} - \mu_{g(c,s)}}{\sqrt{\sigma^2_{g(c,s)} + \epsilon}}
+    + \beta_c.
+
+Any G dividing D is valid. G = C is BatchNorm; G a multiple of C splits each channel into G/C
+contiguous bands; G a divisor of C groups C/G whole channels; other G give groups that straddle
+channel boundaries.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _checks
+from .ops.engine import grouped_norm, normalize_with_stats
+
+__all__ = ["batch_group_norm", "general_batch_group_norm", "positional_norm"]
+
+
+def _update_running(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, n: int,
+    momentum: float,
+) -> None:
+    """BatchNorm's update: averaged over batch groups (dim 0); var stored unbiased."""
+    with torch.no_grad():
+        unbiased = var * (n / (n - 1))
+        running_mean.mul_(1 - momentum).add_(mean.mean(0).to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_(unbiased.mean(0).to(running_var.dtype), alpha=momentum)
+
+
+def _grouped_batch_norm(
+    fn: str,
+    input: Tensor,
+    num_groups: int,
+    examples_per_group: int | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """BGN (``examples_per_group=None``: one batch group) and GBGN through one code path."""
+    _checks.check_num_groups(num_groups)
+    _checks.check_input(fn, input)
+    c = input.shape[1]
+    _checks.check_groups_divide(fn, input, num_groups)
+    _checks.check_vector(fn, "weight", weight, c, "one gamma per channel")
+    _checks.check_vector(fn, "bias", bias, c, "one beta per channel")
+    _checks.check_vector(fn, "running_mean", running_mean, num_groups, "one per group")
+    _checks.check_vector(fn, "running_var", running_var, num_groups, "one per group")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{fn}: pass both running_mean and running_var, or neither")
+    if not training and running_mean is None:
+        raise ValueError(
+            f"{fn}: training=False normalizes with running statistics, but running_mean and "
+            "running_var are None; pass them, or use training=True for batch statistics"
+        )
+
+    n = input.shape[0]
+    s = math.prod(input.shape[2:])
+    group_size = c * s // num_groups
+    x3 = input.reshape(n, c, s)
+
+    if not training:
+        if num_groups % c == 0:  # bands inside channels (G = C is BatchNorm): native kernel
+            k = num_groups // c
+            return F.batch_norm(
+                input.reshape(n, num_groups, group_size), running_mean, running_var,
+                None if weight is None else weight.repeat_interleave(k),
+                None if bias is None else bias.repeat_interleave(k), False, 0.0, eps,
+            ).view(input.shape)
+        if c % num_groups == 0:  # groups of whole channels: native kernel, per-channel stats
+            k = c // num_groups
+            return F.batch_norm(
+                input, running_mean.repeat_interleave(k), running_var.repeat_interleave(k),
+                weight, bias, False, 0.0, eps,
+            )
+        view = (1, n, num_groups, group_size)
+        return normalize_with_stats(
+            x3, view, running_mean, running_var, weight, bias, eps
+        ).view(input.shape)
+
+    e = n if examples_per_group is None else examples_per_group
+    if examples_per_group is not None:
+        _checks.check_batch_groups(fn, input, examples_per_group)
+    _checks.check_values_per_group(fn, input, e * group_size, num_groups)
+
+    if examples_per_group is None and num_groups % c == 0:
+        # Bands inside channels (G = C is BatchNorm): native batch norm on the (N, G, D/G) view is
+        # exactly BGN, forward, backward and running statistics.
+        k = num_groups // c
+        if k == 1:
+            return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
+        return F.batch_norm(
+            input.reshape(n, num_groups, group_size), running_mean, running_var,
+            None if weight is None else weight.repeat_interleave(k),
+            None if bias is None else bias.repeat_interleave(k), True, momentum, eps,
+        ).view(input.shape)
+
+    view = (n // e, e, num_groups, group_size)
+    y, mean, var = grouped_norm(x3, view, weight, bias, eps)
+    if running_mean is not None:
+        _update_running(running_mean, running_var, mean, var, e * group_size, momentum)
+    return y.view(input.shape)
+
+
+def batch_group_norm(
+    input: Tensor,
+    num_groups: int,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    r"""Batch Group Normalization of ``input`` (N, C, \*) with ``num_groups`` groups over D.
+
+    With ``training=True`` the batch statistics (biased variance) normalize the input and, when
+    given, ``running_mean``/``running_var`` (shape (G,)) are updated in place exactly like
+    :func:`torch.nn.functional.batch_norm`: ``running = (1 - momentum) * running + momentum *
+    stat``, with the unbiased variance ``var * n / (n - 1)``, n = N * D / G. With
+    ``training=False`` the running statistics normalize the input.
+
+    Args:
+        input: floating tensor of shape (N, C, \*).
+        num_groups: G, any positive divisor of D = C * prod(spatial).
+        running_mean, running_var: (G,) buffers, or None.
+        weight, bias: per-channel affine parameters of shape (C,), or None.
+        training: use (and update) batch statistics.
+        momentum: running-average factor.
+        eps: added to the variance.
+
+    Returns:
+        Tensor of the shape and dtype of ``input``. Statistics are computed in float32 for
+        float16/bfloat16 inputs.
+
+    Example:
+        >>> x = torch.randn(8, 64, 7, 7)
+        >>> y = batch_group_norm(x, 16, training=True)  # groups of 4 whole channels
+        >>> y.shape
+        torch.Size([8, 64, 7, 7])
+    """
+    return _grouped_batch_norm(
+        "batch_group_norm", input, num_groups, None, running_mean, running_var, weight, bias,
+        training, momentum, eps,
+    )
+
+
+def general_batch_group_norm(
+    input: Tensor,
+    num_groups: int,
+    examples_per_group: int,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    r"""General Batch Group Normalization (GBGN): groups over the batch *and* over D.
+
+    The batch is cut into N/e groups of ``examples_per_group`` = e consecutive examples; each is
+    normalized like :func:`batch_group_norm` with its own (G,) statistics, i.e. ``input`` viewed
+    as (N/e, e, G, D/G) is reduced over axes 1 and 3 (statistics of shape (N/e, G)). Running
+    statistics are the average over the batch groups of each group's mean and unbiased variance
+    (n = e * D / G). ``examples_per_group = N`` is :func:`batch_group_norm`; with G = C it is
+    BatchNorm computed per slice of e examples ("virtual workers").
+
+    Example:
+        >>> x = torch.randn(8, 32, 4, 4)
+        >>> general_batch_group_norm(x, 8, examples_per_group=2, training=True).shape
+        torch.Size([8, 32, 4, 4])
+    """
+    _checks.check_num_groups(examples_per_group, "examples_per_group")
+    return _grouped_batch_norm(
+        "general_batch_group_norm", input, num_groups, examples_per_group, running_mean,
+        running_var, weight, bias, training, momentum, eps,
+    )
+
+
+def positional_norm(
+    input: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5
+) -> Tensor:
+    r"""Positional Normalization (Li et al., 2019): statistics over C at every position.
+
+    ``input`` (N, C, \*) is viewed as (N, C, S, 1): mean and biased variance over the channels
+    of each example and position (statistics of shape (N, S)), then a per-channel affine.
+    The moments are not re-injected (as the BGN paper used PN). No running statistics: train and
+    eval behave the same.
+
+    Example:
+        >>> positional_norm(torch.randn(2, 16, 5, 5)).mean(dim=1).abs().max() < 1e-5
+        tensor(True)
+    """
+    fn = "positional_norm"
+    _checks.check_input(fn, input)
+    n, c = input.shape[0], input.shape[1]
+    _checks.check_vector(fn, "weight", weight, c, "one gamma per channel")
+    _checks.check_vector(fn, "bias", bias, c, "one beta per channel")
+    s = math.prod(input.shape[2:])
+    y, _, _ = grouped_norm(input.reshape(n, c, s), (n, c, s, 1), weight, bias, eps)
+    return y.view(input.shape)

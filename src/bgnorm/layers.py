@@ -1,0 +1,379 @@
+"""nn.Modules of the family: BatchGroupNorm1d/2d/3d, GeneralBatchGroupNorm2d, PositionalNorm.
+
+The modules hold the state (affine parameters, running statistics, the group layout) and
+validate shapes; the math lives in :mod:`bgnorm.functional`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import _checks
+from . import functional as BF
+
+__all__ = [
+    "BatchGroupNorm1d",
+    "BatchGroupNorm2d",
+    "BatchGroupNorm3d",
+    "GeneralBatchGroupNorm2d",
+    "PositionalNorm",
+    "DEFAULT_NUM_GROUPS",
+]
+
+#: Default G of the BatchGroupNorm layers (the GN paper's default group count). The BGN paper
+#: chooses G by batch size: see :func:`bgnorm.paper_groups`.
+DEFAULT_NUM_GROUPS = 32
+
+
+class _BatchGroupNorm(nn.Module):
+    """Common state and forward of BGN and GBGN (a BatchNorm-like module with (G,) stats)."""
+
+    _version = 1
+    _input_dims: tuple[int, ...] = ()  # accepted input.dim() values; empty: any (N, C, *)
+
+    def __init__(
+        self,
+        num_features: int,
+        num_groups: int = DEFAULT_NUM_GROUPS,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.num_features = _checks.check_num_features(num_features)
+        self.num_groups = _checks.check_num_groups(num_groups)
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_groups, **factory_kwargs))
+            self.register_buffer("running_var", torch.ones(num_groups, **factory_kwargs))
+            self.register_buffer(
+                "num_batches_tracked",
+                torch.tensor(0, dtype=torch.long,
+                             **{k: v for k, v in factory_kwargs.items() if k != "dtype"}),
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        # Spatial shape the group layout was fixed at; only used when groups straddle channels.
+        self.layout_shape: tuple[int, ...] | None = None
+        self.reset_parameters()
+
+    # -- state ---------------------------------------------------------------------------------
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()  # type: ignore[union-attr]
+            self.running_var.fill_(1)  # type: ignore[union-attr]
+            self.num_batches_tracked.zero_()  # type: ignore[union-attr]
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    @property
+    def straddles_channels(self) -> bool:
+        """True when groups are neither whole channels nor bands inside one channel."""
+        c, g = self.num_features, self.num_groups
+        return c % g != 0 and g % c != 0
+
+    def extra_repr(self) -> str:
+        return (
+            "{num_features}, num_groups={num_groups}, eps={eps}, momentum={momentum}, "
+            "affine={affine}, track_running_stats={track_running_stats}".format(**self.__dict__)
+        )
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"layout_shape": None if self.layout_shape is None else list(self.layout_shape)}
+
+    def set_extra_state(self, state: Any) -> None:
+        shape = state.get("layout_shape") if isinstance(state, dict) else None
+        self.layout_shape = None if shape is None else tuple(int(s) for s in shape)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+        error_msgs,
+    ):  # type: ignore[override]
+        version = local_metadata.get("version", None)
+        if version is None:
+            # A dict without our metadata (hand-made, or from an older format): fill in what the
+            # current format adds, the way torch's BatchNorm migrates num_batches_tracked.
+            if self.track_running_stats and prefix + "num_batches_tracked" not in state_dict:
+                state_dict[prefix + "num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
+            state_dict.setdefault(prefix + "_extra_state", {"layout_shape": None})
+        key = prefix + "running_mean"
+        if key in state_dict and self.running_mean is not None:
+            saved = state_dict[key]
+            if saved.dim() == 1 and saved.shape[0] != self.num_groups:
+                error_msgs.append(
+                    f"{type(self).__name__}: the checkpoint's running statistics have "
+                    f"{saved.shape[0]} groups but this layer has num_groups={self.num_groups}; "
+                    f"construct the layer with num_groups={saved.shape[0]} to load it"
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    # -- forward -------------------------------------------------------------------------------
+    def _check_input_dim(self, input: Tensor) -> None:
+        dims = self._input_dims
+        if dims and input.dim() not in dims:
+            want = " or ".join(f"{d}D" for d in dims)
+            raise ValueError(f"expected {want} input (got {input.dim()}D input)")
+
+    def _check_layout(self, input: Tensor) -> None:
+        if not self.straddles_channels:
+            return
+        shape = tuple(int(s) for s in input.shape[2:])
+        if self.layout_shape is None:
+            self.layout_shape = shape
+        elif shape != self.layout_shape:
+            c, g = self.num_features, self.num_groups
+            channel_groups = [d for d in _checks.nearby_divisors(c, g, 3)]
+            raise ValueError(
+                f"{type(self).__name__}({c}, num_groups={g}): groups straddle channel "
+                f"boundaries (C={c} is neither a multiple nor a divisor of num_groups={g}), so "
+                f"group membership depends on the spatial size; this layer's groups were laid "
+                f"out for spatial size {self.layout_shape} but the input has {shape}. Use inputs "
+                f"of spatial size {self.layout_shape}, or choose num_groups that divides C "
+                f"(e.g. {', '.join(map(str, channel_groups))}) or a multiple of C, which work at "
+                "any size"
+            )
+
+    def _batch_norm_args(self) -> tuple[Tensor | None, Tensor | None, bool, float]:
+        """(running_mean, running_var, use_batch_stats, momentum) as torch's _BatchNorm does."""
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        use_batch = self.training or (self.running_mean is None and self.running_var is None)
+        keep = not self.training or self.track_running_stats
+        return (
+            self.running_mean if keep else None,
+            self.running_var if keep else None,
+            use_batch,
+            factor,
+        )
+
+    def _common_checks(self, input: Tensor) -> None:
+        self._check_input_dim(input)
+        _checks.check_input(type(self).__name__, input)
+        _checks.check_channels(type(self).__name__, input, self.num_features)
+        self._check_layout(input)
+
+
+class _BatchGroupNormNd(_BatchGroupNorm):
+    r"""Batch Group Normalization (Zhou et al., AAAI 2021).
+
+    The input (N, C, \*spatial) is viewed as (N, G, D/G) with D = C * prod(spatial) in
+    row-major order. In training, each group's mean and biased variance are computed over the
+    mini-batch and the group (Eq. 8-9 of the paper), then a per-channel affine follows:
+
+    .. math::
+        y = \frac{x - \mathrm{E}_g[x]}{\sqrt{\mathrm{Var}_g[x] + \epsilon}} \gamma_c + \beta_c
+
+    Running estimates of the G means and (unbiased, n = N*D/G) variances are kept with
+    ``momentum`` (``None``: cumulative average) and used in eval mode, exactly like
+    :class:`torch.nn.BatchNorm2d`; with ``track_running_stats=False`` batch statistics are used
+    in eval too. G = C is BatchNorm; with one example and G dividing C it is GroupNorm.
+
+    Group layouts and resolution:
+
+    * G divides C (groups of C/G whole channels): independent of the spatial size.
+    * G a multiple of C (each channel cut into k = G/C contiguous bands of its flattened
+      spatial extent, e.g. horizontal strips of H/k rows): at another spatial size the bands
+      are the same k equal fractions of each channel, so any size divisible by k works.
+    * Otherwise groups straddle channel boundaries and their membership depends on the spatial
+      size: the layer records the size of its first input and raises on any other.
+
+    Statistics are computed in float32 for float16/bfloat16 inputs; the output keeps the input
+    dtype.
+
+    Args:
+        num_features: C, the number of channels.
+        num_groups: G, any divisor of D. Default: 32 (see :func:`bgnorm.paper_groups` for the
+            paper's choice by batch size).
+        eps: added to the variance. Default: 1e-5.
+        momentum: running-average factor, or None for a cumulative average. Default: 0.1.
+        affine: learn per-channel gamma and beta. Default: True.
+        track_running_stats: keep running statistics for eval. Default: True.
+
+    Shape:
+        - Input: see the subclass; Output: same shape.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._common_checks(input)
+        rm, rv, use_batch, factor = self._batch_norm_args()
+        return BF.batch_group_norm(
+            input, self.num_groups, rm, rv, self.weight, self.bias, use_batch, factor, self.eps
+        )
+
+
+class BatchGroupNorm1d(_BatchGroupNormNd):
+    __doc__ = (_BatchGroupNormNd.__doc__ or "") + r"""
+        - Input: (N, C) or (N, C, L).
+
+    Example:
+        >>> m = BatchGroupNorm1d(64, num_groups=16)
+        >>> m(torch.randn(8, 64, 10)).shape
+        torch.Size([8, 64, 10])
+    """
+    _input_dims = (2, 3)
+
+
+class BatchGroupNorm2d(_BatchGroupNormNd):
+    __doc__ = (_BatchGroupNormNd.__doc__ or "") + r"""
+        - Input: (N, C, H, W).
+
+    Example:
+        >>> m = BatchGroupNorm2d(64, num_groups=128)  # two bands per channel
+        >>> m(torch.randn(8, 64, 8, 8)).shape
+        torch.Size([8, 64, 8, 8])
+    """
+    _input_dims = (4,)
+
+
+class BatchGroupNorm3d(_BatchGroupNormNd):
+    __doc__ = (_BatchGroupNormNd.__doc__ or "") + r"""
+        - Input: (N, C, D, H, W).
+
+    Example:
+        >>> m = BatchGroupNorm3d(16, num_groups=4)
+        >>> m(torch.randn(4, 16, 3, 4, 4)).shape
+        torch.Size([4, 16, 3, 4, 4])
+    """
+    _input_dims = (5,)
+
+
+class GeneralBatchGroupNorm2d(_BatchGroupNorm):
+    r"""General Batch Group Normalization (GBGN), the BGN paper's baseline.
+
+    The batch is cut into groups of ``examples_per_group`` = e consecutive examples and D into
+    ``num_groups`` = G groups as in :class:`BatchGroupNorm2d`; each (batch group, group) pair
+    has its own mean and biased variance (statistics of shape (N/e, G)). Running statistics are
+    the average over the batch groups of the per-group mean and unbiased variance
+    (n = e * D / G) and are used in eval like BatchNorm's. With e = N it is BGN; with G = C it
+    is BatchNorm computed per slice of e examples (what data-parallel training does per GPU).
+
+    Args:
+        num_features: C.
+        num_groups: G, any divisor of C*H*W.
+        examples_per_group: e; the training batch size must be a multiple of it.
+        eps, momentum, affine, track_running_stats, device, dtype: as in BatchGroupNorm2d.
+
+    Shape:
+        - Input: (N, C, H, W) with N divisible by e in training; Output: same shape.
+
+    Example:
+        >>> m = GeneralBatchGroupNorm2d(32, num_groups=8, examples_per_group=4)
+        >>> m(torch.randn(16, 32, 5, 5)).shape
+        torch.Size([16, 32, 5, 5])
+    """
+
+    _input_dims = (4,)
+
+    def __init__(
+        self,
+        num_features: int,
+        num_groups: int,
+        examples_per_group: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(
+            num_features, num_groups, eps, momentum, affine, track_running_stats, device, dtype
+        )
+        self.examples_per_group = _checks.check_num_groups(examples_per_group,
+                                                           "examples_per_group")
+
+    def extra_repr(self) -> str:
+        return super().extra_repr().replace(
+            f"num_groups={self.num_groups}",
+            f"num_groups={self.num_groups}, examples_per_group={self.examples_per_group}",
+        )
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._common_checks(input)
+        rm, rv, use_batch, factor = self._batch_norm_args()
+        return BF.general_batch_group_norm(
+            input, self.num_groups, self.examples_per_group, rm, rv, self.weight, self.bias,
+            use_batch, factor, self.eps,
+        )
+
+
+class PositionalNorm(nn.Module):
+    r"""Positional Normalization (Li et al., NeurIPS 2019) as used in the BGN paper.
+
+    For every example and spatial position, the C channel values are normalized by their mean
+    and biased variance; a per-channel affine follows. No running statistics and no moment
+    re-injection: train and eval compute the same function.
+
+    .. math::
+        y_{n,c,s} = \gamma_c \frac{x_{n,c,s} - \mu_{n,s}}{\sqrt{\sigma^2_{n,s} + \epsilon}}
+        + \beta_c, \qquad \mu_{n,s} = \frac{1}{C}\sum_c x_{n,c,s}
+
+    Args:
+        num_features: C.
+        eps: added to the variance. Default: 1e-5.
+        affine: learn per-channel gamma and beta. Default: True.
+
+    Shape:
+        - Input: (N, C, \*); Output: same shape.
+
+    Example:
+        >>> m = PositionalNorm(16)
+        >>> m(torch.randn(2, 16, 5, 5)).shape
+        torch.Size([2, 16, 5, 5])
+    """
+
+    def __init__(
+        self, num_features: int, eps: float = 1e-5, affine: bool = True,
+        device: Any = None, dtype: Any = None,
+    ) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.num_features = _checks.check_num_features(num_features)
+        self.eps = eps
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features, **factory_kwargs))
+            self.bias = nn.Parameter(torch.zeros(num_features, **factory_kwargs))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def reset_parameters(self) -> None:
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
+
+    def forward(self, input: Tensor) -> Tensor:
+        _checks.check_input("PositionalNorm", input)
+        _checks.check_channels("PositionalNorm", input, self.num_features)
+        return BF.positional_norm(input, self.weight, self.bias, self.eps)

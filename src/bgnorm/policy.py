@@ -1,0 +1,76 @@
+"""Policies for choosing BGN's one hyper-parameter G.
+
+The BGN paper (Zhou et al., AAAI 2021, Table 2) trained ResNet-50 on ImageNet with
+
+=========  ===  ===  ===  ===  ==  ==  ==
+batch      128  64   32   16   8   4   2
+G          512  256  128  64   16  2   1
+=========  ===  ===  ===  ===  ==  ==  ==
+
+:func:`paper_groups` extends that table to every batch size by interpolating in log-log space and
+rounding to a power of two (powers of two divide the D = C*H*W of typical CNN layers).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from ._checks import check_num_groups
+
+__all__ = ["PAPER_GROUPS", "paper_groups", "channel_groups"]
+
+#: The paper's (batch size -> G) table.
+PAPER_GROUPS: dict[int, int] = {128: 512, 64: 256, 32: 128, 16: 64, 8: 16, 4: 2, 2: 1}
+
+
+def paper_groups(batch_size: int) -> int:
+    r"""G for a per-worker ``batch_size`` following the BGN paper's table.
+
+    Rule: let :math:`b = \log_2(\text{batch\_size})`. Between the table's points,
+    :math:`\log_2 G` is linearly interpolated in :math:`b`; above 128 it continues the table's
+    slope of 1 (G = 4 * batch size, as from 16 to 128); at 2 and below G = 1. The result is
+    :math:`2^{\lfloor \log_2 G + 1/2 \rfloor}`, so the table's entries are returned exactly and
+    every other batch size gets a power of two (e.g. 3 -> 2, 6 -> 8, 12 -> 32, 24 -> 128,
+    48 -> 256, 100 -> 512, 256 -> 1024).
+
+    Example:
+        >>> [paper_groups(b) for b in (128, 64, 32, 16, 8, 4, 2, 1)]
+        [512, 256, 128, 64, 16, 2, 1, 1]
+    """
+    batch_size = check_num_groups(batch_size, "batch_size")
+    points = sorted((math.log2(b), math.log2(g)) for b, g in PAPER_GROUPS.items())
+    b = math.log2(batch_size)
+    if b <= points[0][0]:
+        lg = points[0][1]
+    elif b >= points[-1][0]:
+        lg = points[-1][1] + (b - points[-1][0])
+    else:
+        for (b0, g0), (b1, g1) in zip(points, points[1:]):
+            if b0 <= b <= b1:
+                lg = g0 + (g1 - g0) * (b - b0) / (b1 - b0)
+                break
+    return 2 ** max(0, math.floor(lg + 0.5 + 1e-9))
+
+
+def channel_groups(channels_per_group: int) -> Callable[[int], int]:
+    """A G policy for ``num_groups=`` callables: groups of ``channels_per_group`` whole channels.
+
+    Returns a function of ``num_features`` (as :func:`bgnorm.convert_norm` and
+    :func:`bgnorm.make_norm` accept), giving ``num_features // channels_per_group``.
+
+    Example:
+        >>> channel_groups(4)(64)
+        16
+    """
+    check_num_groups(channels_per_group, "channels_per_group")
+
+    def groups(num_features: int) -> int:
+        if num_features % channels_per_group:
+            raise ValueError(
+                f"channels_per_group={channels_per_group} does not divide num_features="
+                f"{num_features}; pick a divisor of {num_features}"
+            )
+        return num_features // channels_per_group
+
+    return groups

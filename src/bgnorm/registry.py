@@ -1,0 +1,172 @@
+"""A flat name -> norm-layer registry, so any norm drops into any model.
+
+``make_norm(name, num_features, **kwargs)`` always takes the channel count first, so
+``functools.partial(make_norm, "bgn", num_groups=G)`` is a ``norm_layer`` for any model that calls
+``norm_layer(channels)``.
+
+========  =====================================================  ============================
+name      layer                                                  statistics
+========  =====================================================  ============================
+bn        torch.nn.BatchNorm{dim}d                               (C,) over N, H, W
+bgn       bgnorm.BatchGroupNorm{dim}d(C, num_groups)             (G,) over N and D/G
+gbgn      bgnorm.GeneralBatchGroupNorm2d(C, G, examples_per_group)  (N/e, G)
+gn        torch.nn.GroupNorm(G, C), G = 32 by default            (N, G)
+ln        torch.nn.GroupNorm(1, C): one group over C, H, W        (N,)
+in        torch.nn.GroupNorm(C, C): one group per channel         (N, C)
+pn        bgnorm.PositionalNorm(C)                               (N, H*W) over C
+none      torch.nn.Identity()                                    -
+========  =====================================================  ============================
+
+bn, gn, ln and in are torch's own layers, configured as the GN and BGN papers use them in CNNs
+(per-channel affine everywhere).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from ._checks import check_num_features, nearby_divisors
+from .layers import (
+    DEFAULT_NUM_GROUPS,
+    BatchGroupNorm1d,
+    BatchGroupNorm2d,
+    BatchGroupNorm3d,
+    GeneralBatchGroupNorm2d,
+    PositionalNorm,
+)
+
+__all__ = ["make_norm", "norm_names", "canonical_name", "NORM_ALIASES"]
+
+_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_BGN = {1: BatchGroupNorm1d, 2: BatchGroupNorm2d, 3: BatchGroupNorm3d}
+
+
+def _resolve(value: Any, num_features: int) -> Any:
+    return value(num_features) if callable(value) else value
+
+
+def _pick_dim(name: str, kwargs: dict[str, Any]) -> int:
+    dim = kwargs.pop("dim", 2)
+    if dim not in (1, 2, 3):
+        raise ValueError(f"make_norm({name!r}): dim must be 1, 2 or 3, got {dim!r}")
+    return dim
+
+
+def _bn(c: int, **kw: Any) -> nn.Module:
+    return _BN[_pick_dim("bn", kw)](c, **kw)
+
+
+def _bgn(c: int, **kw: Any) -> nn.Module:
+    cls = _BGN[_pick_dim("bgn", kw)]
+    return cls(c, **kw)
+
+
+def _gbgn(c: int, **kw: Any) -> nn.Module:
+    if "examples_per_group" not in kw:
+        raise TypeError(
+            "make_norm('gbgn') needs examples_per_group=e (examples per batch group); "
+            "e.g. make_norm('gbgn', C, num_groups=32, examples_per_group=4)"
+        )
+    kw.setdefault("num_groups", DEFAULT_NUM_GROUPS)
+    return GeneralBatchGroupNorm2d(c, **kw)
+
+
+def _gn_groups(c: int, kw: dict[str, Any]) -> int:
+    if "channels_per_group" in kw:
+        if "num_groups" in kw:
+            raise TypeError("make_norm('gn'): pass num_groups or channels_per_group, not both")
+        cpg = kw.pop("channels_per_group")
+        if c % cpg:
+            raise ValueError(
+                f"make_norm('gn'): channels_per_group={cpg} must divide num_features={c}; "
+                f"nearby valid values: {', '.join(map(str, nearby_divisors(c, cpg)))}"
+            )
+        return c // cpg
+    if "num_groups" not in kw:
+        # 32 groups as in the GN paper; layers with fewer channels (or C not divisible by 32)
+        # use the largest divisor of C not above 32.
+        return max(d for d in range(1, min(DEFAULT_NUM_GROUPS, c) + 1) if c % d == 0)
+    g = kw.pop("num_groups")
+    if c % g:
+        raise ValueError(
+            f"make_norm('gn'): num_groups={g} must divide num_features={c} for GroupNorm; "
+            f"nearby valid values: {', '.join(map(str, nearby_divisors(c, g)))}"
+        )
+    return g
+
+
+def _gn(c: int, **kw: Any) -> nn.Module:
+    g = _gn_groups(c, kw)
+    return nn.GroupNorm(g, c, **kw)
+
+
+def _ln(c: int, **kw: Any) -> nn.Module:
+    return nn.GroupNorm(1, c, **kw)
+
+
+def _in(c: int, **kw: Any) -> nn.Module:
+    return nn.GroupNorm(c, c, **kw)
+
+
+def _pn(c: int, **kw: Any) -> nn.Module:
+    return PositionalNorm(c, **kw)
+
+
+def _none(c: int, **kw: Any) -> nn.Module:
+    return nn.Identity()
+
+
+_FACTORIES: dict[str, Callable[..., nn.Module]] = {
+    "bn": _bn, "bgn": _bgn, "gbgn": _gbgn, "gn": _gn, "ln": _ln, "in": _in, "pn": _pn,
+    "none": _none,
+}
+
+#: Readable aliases (matched after lower-casing and removing "_", "-" and spaces).
+NORM_ALIASES: dict[str, str] = {
+    "batchnorm": "bn", "batchnorm2d": "bn", "batchgroupnorm": "bgn",
+    "generalbatchgroupnorm": "gbgn", "groupnorm": "gn", "layernorm": "ln",
+    "instancenorm": "in", "positionalnorm": "pn", "pono": "pn", "identity": "none",
+    "nonorm": "none",
+}
+
+
+def norm_names() -> list[str]:
+    """The canonical registry names."""
+    return list(_FACTORIES)
+
+
+def canonical_name(name: str) -> str:
+    """Map a name or alias (any case, with or without ``_``/``-``) to its canonical name."""
+    if not isinstance(name, str):
+        raise TypeError(f"norm name must be a str, got {type(name).__name__}")
+    key = name.lower().replace("_", "").replace("-", "").replace(" ", "")
+    key = NORM_ALIASES.get(key, key)
+    if key not in _FACTORIES:
+        raise ValueError(
+            f"unknown norm {name!r}; valid names: {', '.join(_FACTORIES)} "
+            f"(aliases: {', '.join(sorted(NORM_ALIASES))})"
+        )
+    return key
+
+
+def make_norm(name: str, num_features: int, **kwargs: Any) -> nn.Module:
+    """Build the norm layer called ``name`` for ``num_features`` channels.
+
+    Keyword arguments go to the layer (``num_groups``, ``eps``, ``momentum``, ``affine``,
+    ``device``, ``dtype``...); ``dim`` (1, 2 or 3, default 2) picks the 1d/2d/3d class of bn and
+    bgn. Any keyword value may be a callable of ``num_features`` (e.g.
+    ``num_groups=lambda c: c // 4``), resolved here.
+
+    Example:
+        >>> import functools
+        >>> norm_layer = functools.partial(make_norm, "bgn", num_groups=16)
+        >>> norm_layer(64)
+        BatchGroupNorm2d(64, num_groups=16, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)
+    """  # noqa: E501
+    key = canonical_name(name)
+    check_num_features(num_features)
+    kw = {k: _resolve(v, num_features) for k, v in kwargs.items()}
+    return _FACTORIES[key](num_features, **kw)

@@ -1,0 +1,352 @@
+"""Models for the Batch Group Normalization reproduction suite.
+
+Every model is built around a ``norm_layer`` factory: a callable that takes the channel count
+as its only positional argument and returns an ``nn.Module`` (``nn.BatchNorm2d``,
+``lambda c: nn.GroupNorm(32, c)``, ``nn.Identity``, a bgnorm layer, ...). The models never touch
+norm-specific attributes; the only attributes they look at are the optional ``weight`` and
+``bias`` parameters, which are initialised to 1 / 0 (and ``weight`` to 0 for the last norm of
+each residual block when ``zero_init_residual=True``).
+
+Architectures:
+
+* :func:`resnet18`, :func:`resnet50`: ImageNet ResNets (7x7 stride-2 stem + max-pool,
+  ``BasicBlock`` / ``Bottleneck`` with the stride in the 3x3 conv, "ResNet v1.5"); with
+  ``num_classes=1000`` they have exactly 11,689,512 and 25,557,032 parameters like the standard
+  implementations.
+* :func:`cifar_resnet`: the CIFAR ResNet of He et al. (2016), depth ``6n+2``, stages of
+  16/32/64 channels, projection (1x1 conv + norm) shortcuts where the shape changes.
+* :func:`small_resnet`: a tiny ResNet for quick CPU experiments on 28x28 / 8x8 digits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
+from torch import nn
+
+__all__ = [
+    "MODELS",
+    "BasicBlock",
+    "Bottleneck",
+    "NormFactory",
+    "ResNet",
+    "build_model",
+    "cifar_resnet",
+    "resnet18",
+    "resnet50",
+    "small_resnet",
+]
+
+NormFactory = Callable[[int], nn.Module]
+
+
+def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_ch, out_ch, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def _conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_ch, out_ch, kernel_size=1, stride=stride, bias=False)
+
+
+def _shortcut(in_ch: int, out_ch: int, stride: int, norm_layer: NormFactory) -> nn.Module | None:
+    """Projection shortcut (1x1 conv + norm) when the shape changes, else ``None`` (identity)."""
+    if stride == 1 and in_ch == out_ch:
+        return None
+    return nn.Sequential(_conv1x1(in_ch, out_ch, stride), norm_layer(out_ch))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with a residual connection (ResNet-18/34, CIFAR ResNets)."""
+
+    expansion = 1
+
+    def __init__(
+        self, in_ch: int, planes: int, stride: int = 1, norm_layer: NormFactory = nn.BatchNorm2d
+    ) -> None:
+        super().__init__()
+        out_ch = planes * self.expansion
+        self.conv1 = _conv3x3(in_ch, planes, stride)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(planes, out_ch)
+        self.bn2 = norm_layer(out_ch)
+        self.downsample = _shortcut(in_ch, out_ch, stride, norm_layer)
+
+    def last_norm(self) -> nn.Module:
+        """The norm whose output is added to the shortcut (target of zero-init)."""
+        return self.bn2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (stride here, "v1.5") -> 1x1 bottleneck block (ResNet-50/101/152)."""
+
+    expansion = 4
+
+    def __init__(
+        self, in_ch: int, planes: int, stride: int = 1, norm_layer: NormFactory = nn.BatchNorm2d
+    ) -> None:
+        super().__init__()
+        out_ch = planes * self.expansion
+        self.conv1 = _conv1x1(in_ch, planes)
+        self.bn1 = norm_layer(planes)
+        self.conv2 = _conv3x3(planes, planes, stride)
+        self.bn2 = norm_layer(planes)
+        self.conv3 = _conv1x1(planes, out_ch)
+        self.bn3 = norm_layer(out_ch)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _shortcut(in_ch, out_ch, stride, norm_layer)
+
+    def last_norm(self) -> nn.Module:
+        """The norm whose output is added to the shortcut (target of zero-init)."""
+        return self.bn3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class _NormRecorder:
+    """Wraps a norm factory and remembers every module it created (for initialisation)."""
+
+    def __init__(self, factory: NormFactory) -> None:
+        self.factory = factory
+        self.created: list[nn.Module] = []
+
+    def __call__(self, channels: int) -> nn.Module:
+        module = self.factory(channels)
+        if not isinstance(module, nn.Module):
+            raise TypeError(
+                f"norm_layer({channels}) returned {type(module).__name__}, expected an nn.Module"
+            )
+        self.created.append(module)
+        return module
+
+
+def _param(module: nn.Module, name: str) -> nn.Parameter | None:
+    value = getattr(module, name, None)
+    return value if isinstance(value, nn.Parameter) else None
+
+
+def _init_weights(
+    model: nn.Module, norms: Sequence[nn.Module], blocks: Sequence[nn.Module], zero_init: bool
+) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    with torch.no_grad():
+        for norm in norms:
+            weight, bias = _param(norm, "weight"), _param(norm, "bias")
+            if weight is not None:
+                weight.fill_(1.0)
+            if bias is not None:
+                bias.zero_()
+        if zero_init:
+            for block in blocks:
+                weight = _param(block.last_norm(), "weight")
+                if weight is not None:
+                    weight.zero_()
+
+
+class ResNet(nn.Module):
+    """Generic ResNet: ``stem -> stages of residual blocks -> global avg-pool -> linear``.
+
+    Use the constructors (:func:`resnet18`, :func:`resnet50`, :func:`cifar_resnet`,
+    :func:`small_resnet`) rather than this class directly.
+    """
+
+    def __init__(
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        layers: Sequence[int],
+        widths: Sequence[int],
+        *,
+        num_classes: int,
+        in_channels: int = 3,
+        norm_layer: NormFactory = nn.BatchNorm2d,
+        stem: str = "imagenet",
+        stem_width: int | None = None,
+        zero_init_residual: bool = False,
+    ) -> None:
+        super().__init__()
+        if len(layers) != len(widths) or not layers:
+            raise ValueError("layers and widths must be non-empty and of equal length")
+        recorder = _NormRecorder(norm_layer)
+        stem_width = widths[0] if stem_width is None else stem_width
+        if stem == "imagenet":
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, stem_width, 7, stride=2, padding=3, bias=False),
+                recorder(stem_width),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+            )
+        elif stem == "cifar":
+            self.stem = nn.Sequential(
+                _conv3x3(in_channels, stem_width), recorder(stem_width), nn.ReLU(inplace=True)
+            )
+        else:
+            raise ValueError(f"unknown stem {stem!r}; expected 'imagenet' or 'cifar'")
+
+        stages: list[nn.Module] = []
+        ch = stem_width
+        for i, (n_blocks, planes) in enumerate(zip(layers, widths)):
+            blocks = []
+            for j in range(n_blocks):
+                stride = 2 if (i > 0 and j == 0) else 1
+                blocks.append(block(ch, planes, stride, recorder))
+                ch = planes * block.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.layers = nn.Sequential(*stages)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(ch, num_classes)
+        self.num_features = ch
+
+        res_blocks = [m for m in self.modules() if isinstance(m, (BasicBlock, Bottleneck))]
+        _init_weights(self, recorder.created, res_blocks, zero_init_residual)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features before the classifier, shape ``(N, num_features)``."""
+        x = self.layers(self.stem(x))
+        return torch.flatten(self.avgpool(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.forward_features(x))
+
+
+def resnet18(
+    num_classes: int = 1000,
+    norm_layer: NormFactory = nn.BatchNorm2d,
+    in_channels: int = 3,
+    zero_init_residual: bool = False,
+) -> ResNet:
+    """ImageNet ResNet-18 (BasicBlock, [2, 2, 2, 2]); 11,689,512 params for 1000 classes."""
+    return ResNet(
+        BasicBlock,
+        [2, 2, 2, 2],
+        [64, 128, 256, 512],
+        num_classes=num_classes,
+        in_channels=in_channels,
+        norm_layer=norm_layer,
+        stem="imagenet",
+        zero_init_residual=zero_init_residual,
+    )
+
+
+def resnet50(
+    num_classes: int = 1000,
+    norm_layer: NormFactory = nn.BatchNorm2d,
+    in_channels: int = 3,
+    zero_init_residual: bool = False,
+) -> ResNet:
+    """ImageNet ResNet-50 v1.5 (Bottleneck, [3, 4, 6, 3]); 25,557,032 params for 1000 classes."""
+    return ResNet(
+        Bottleneck,
+        [3, 4, 6, 3],
+        [64, 128, 256, 512],
+        num_classes=num_classes,
+        in_channels=in_channels,
+        norm_layer=norm_layer,
+        stem="imagenet",
+        zero_init_residual=zero_init_residual,
+    )
+
+
+def cifar_resnet(
+    depth: int = 20,
+    num_classes: int = 10,
+    norm_layer: NormFactory = nn.BatchNorm2d,
+    in_channels: int = 3,
+    zero_init_residual: bool = False,
+) -> ResNet:
+    """CIFAR ResNet (He et al. 2016): depth ``6n+2``, stages of 16/32/64 channels.
+
+    Uses a 3x3 stem without pooling and projection shortcuts (1x1 conv + norm) where the shape
+    changes, so it works for 32x32 and smaller inputs (28x28, 8x8, ...).
+    """
+    if depth < 8 or (depth - 2) % 6 != 0:
+        raise ValueError(f"cifar_resnet depth must be 6n+2 with n >= 1 (20, 32, ...), got {depth}")
+    n = (depth - 2) // 6
+    return ResNet(
+        BasicBlock,
+        [n, n, n],
+        [16, 32, 64],
+        num_classes=num_classes,
+        in_channels=in_channels,
+        norm_layer=norm_layer,
+        stem="cifar",
+        zero_init_residual=zero_init_residual,
+    )
+
+
+def small_resnet(
+    num_classes: int = 10,
+    norm_layer: NormFactory = nn.BatchNorm2d,
+    in_channels: int = 3,
+    width: int = 16,
+    blocks_per_stage: Sequence[int] = (1, 1, 1),
+    zero_init_residual: bool = False,
+) -> ResNet:
+    """Small fast ResNet for CPU runs on 28x28 / 8x8 digits.
+
+    3x3 stem conv to ``width`` channels + norm + ReLU, then one stage per entry of
+    ``blocks_per_stage`` with ``width * 2**i`` channels (stride 2 at the start of every stage but
+    the first), global average pooling and a linear classifier.
+    """
+    if width < 1 or not blocks_per_stage or any(b < 1 for b in blocks_per_stage):
+        raise ValueError("width must be >= 1 and blocks_per_stage a non-empty list of ints >= 1")
+    widths = [width * 2**i for i in range(len(blocks_per_stage))]
+    return ResNet(
+        BasicBlock,
+        list(blocks_per_stage),
+        widths,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        norm_layer=norm_layer,
+        stem="cifar",
+        zero_init_residual=zero_init_residual,
+    )
+
+
+MODELS: dict[str, Callable[..., ResNet]] = {
+    "resnet18": resnet18,
+    "resnet50": resnet50,
+    "cifar_resnet": cifar_resnet,
+    "cifar_resnet20": partial(cifar_resnet, depth=20),
+    "cifar_resnet32": partial(cifar_resnet, depth=32),
+    "cifar_resnet56": partial(cifar_resnet, depth=56),
+    "cifar_resnet110": partial(cifar_resnet, depth=110),
+    "small_resnet": small_resnet,
+}
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    norm_layer: NormFactory = nn.BatchNorm2d,
+    in_channels: int = 3,
+    **kwargs,
+) -> nn.Module:
+    """Build a registered model by name (see :data:`MODELS`).
+
+    Extra keyword arguments go to the constructor (e.g. ``depth`` for ``"cifar_resnet"``,
+    ``width`` / ``blocks_per_stage`` for ``"small_resnet"``, ``zero_init_residual``).
+    """
+    try:
+        ctor = MODELS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}"
+        ) from None
+    return ctor(num_classes=num_classes, norm_layer=norm_layer, in_channels=in_channels, **kwargs)

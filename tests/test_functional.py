@@ -1,0 +1,179 @@
+"""bgnorm.functional against float64 references written from the equations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import bgn_eval_ref, bgn_ref, divisors, gbgn_ref, pn_ref
+
+from bgnorm import functional as BF
+
+SHAPES = [(5, 6), (3, 6, 4), (2, 4, 3, 4), (3, 2, 2, 3, 2)]
+CASES = [
+    (shape, g) for shape in SHAPES for g in divisors(shape[1] * int(torch.Size(shape[2:]).numel()))
+]
+
+
+def _params(c, dtype=torch.float64):
+    w = (torch.rand(c, dtype=dtype) + 0.5).requires_grad_()
+    b = torch.randn(c, dtype=dtype).requires_grad_()
+    return w, b
+
+
+def _grads(out, inputs, dy):
+    return torch.autograd.grad(out, inputs, dy)
+
+
+@pytest.mark.parametrize("shape,g", CASES, ids=[f"{s}-G{g}" for s, g in CASES])
+def test_forward_backward_every_valid_g(shape, g):
+    x = (torch.randn(shape, dtype=torch.float64) * 3 + 1).requires_grad_()
+    w, b = _params(shape[1])
+    rm = torch.zeros(g, dtype=torch.float64)
+    rv = torch.ones(g, dtype=torch.float64)
+    y = BF.batch_group_norm(x, g, rm, rv, w, b, training=True, momentum=0.3)
+    yr, mean, var = bgn_ref(x, g, w, b)
+    torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-10)
+    dy = torch.randn_like(y)
+    for got, want in zip(_grads(y, (x, w, b), dy), _grads(yr, (x, w, b), dy)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    n = x.numel() // g
+    torch.testing.assert_close(rm, 0.3 * mean.detach())
+    torch.testing.assert_close(rv, 0.7 + 0.3 * var.detach() * n / (n - 1))
+    # eval with those running statistics
+    ye = BF.batch_group_norm(x, g, rm, rv, w, b, training=False)
+    torch.testing.assert_close(ye, bgn_eval_ref(x, g, rm, rv, w, b), rtol=1e-10, atol=1e-10)
+    for got, want in zip(
+        _grads(ye, (x, w, b), dy), _grads(bgn_eval_ref(x, g, rm, rv, w, b), (x, w, b), dy)
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+# whole channels, bands, straddling, BatchNorm, a single group
+GRAD_CASES = [((3, 4, 2, 3), 2), ((3, 4, 2, 3), 8), ((3, 4, 2, 3), 3), ((3, 4, 2, 3), 4),
+              ((2, 6, 5), 1), ((2, 6, 5), 10)]
+
+
+@pytest.mark.parametrize("shape,g", GRAD_CASES)
+def test_gradcheck_and_gradgradcheck(shape, g):
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    w, b = _params(shape[1])
+
+    def fn(x, w, b):
+        return BF.batch_group_norm(x, g, None, None, w, b, training=True)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+def test_gradgradcheck_general_and_positional():
+    x = torch.randn(4, 6, 2, 2, dtype=torch.float64, requires_grad=True)
+    w, b = _params(6)
+    assert torch.autograd.gradgradcheck(
+        lambda x, w, b: BF.general_batch_group_norm(x, 4, 2, None, None, w, b, True), (x, w, b)
+    )
+    assert torch.autograd.gradgradcheck(lambda x, w, b: BF.positional_norm(x, w, b), (x, w, b))
+    assert torch.autograd.gradgradcheck(
+        lambda x: BF.batch_group_norm(x, 4, None, None, None, None, True), (x,)
+    )
+
+
+def test_g_equal_c_is_native_batch_norm_bit_for_bit():
+    x = torch.randn(6, 5, 4, 3, dtype=torch.float64, requires_grad=True)
+    w, b = _params(5)
+    rm1, rv1 = torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)
+    rm2, rv2 = rm1.clone(), rv1.clone()
+    y1 = BF.batch_group_norm(x, 5, rm1, rv1, w, b, True, 0.1, 1e-5)
+    y2 = F.batch_norm(x, rm2, rv2, w, b, True, 0.1, 1e-5)
+    assert torch.equal(y1, y2) and torch.equal(rm1, rm2) and torch.equal(rv1, rv2)
+    dy = torch.randn_like(y1)
+    for g1, g2 in zip(_grads(y1, (x, w, b), dy), _grads(y2, (x, w, b), dy)):
+        assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("g", [2, 8, 3])
+@pytest.mark.parametrize("e", [1, 2, 6])
+def test_general_batch_group_norm(g, e):
+    x = torch.randn(6, 4, 2, 3, dtype=torch.float64, requires_grad=True)
+    w, b = _params(4)
+    rm = torch.zeros(g, dtype=torch.float64)
+    rv = torch.ones(g, dtype=torch.float64)
+    y = BF.general_batch_group_norm(x, g, e, rm, rv, w, b, True, 0.5)
+    yr, mean, var = gbgn_ref(x, g, e, w, b)
+    torch.testing.assert_close(y, yr)
+    dy = torch.randn_like(y)
+    for got, want in zip(_grads(y, (x, w, b), dy), _grads(yr, (x, w, b), dy)):
+        torch.testing.assert_close(got, want)
+    n = e * x[0].numel() // g
+    torch.testing.assert_close(rm, 0.5 * mean.detach().mean(0))
+    torch.testing.assert_close(rv, 0.5 + 0.5 * (var.detach() * n / (n - 1)).mean(0))
+    if e == 6:
+        torch.testing.assert_close(y, BF.batch_group_norm(x, g, None, None, w, b, True))
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (2, 6, 5), (2, 3, 4, 5), (2, 3, 2, 2, 2)])
+def test_positional_norm(shape):
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    w, b = _params(shape[1])
+    y = BF.positional_norm(x, w, b)
+    yr = pn_ref(x, w, b)
+    torch.testing.assert_close(y, yr)
+    dy = torch.randn_like(y)
+    for got, want in zip(_grads(y, (x, w, b), dy), _grads(yr, (x, w, b), dy)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("g", [4, 16, 64, 6])  # whole channels, BN, bands, straddling
+def test_large_offset_float32(g):
+    """1e4 + N(0, 1): E[x^2] - E[x]^2 formulas lose every digit here."""
+    x32 = 1e4 + torch.randn(8, 16, 6, 6)
+    x64 = x32.double()
+    w, b = _params(16)
+    y = BF.batch_group_norm(x32.requires_grad_(), g, None, None, w.float(), b.float(), True)
+    yr, _, _ = bgn_ref(x64.requires_grad_(), g, w, b)
+    # float32 cannot hold the mean 1e4 closer than half an ulp (~5e-4): the round-off bound.
+    # A cancelling E[x^2] - E[x]^2 would be off by O(1) here.
+    bound = 4 * torch.finfo(torch.float32).eps * 1e4
+    assert (y.double() - yr).abs().max() < bound
+    dy = torch.randn_like(yr)
+    (dx,) = torch.autograd.grad(y, x32, dy.float())
+    (dxr,) = torch.autograd.grad(yr, x64, dy)
+    assert (dx.double() - dxr).abs().max() / dxr.abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("g", [4, 16, 64, 6])
+def test_half_precision(dtype, g):
+    x = torch.randn(8, 16, 6, 6).to(dtype)
+    w, b = (p.detach().float().requires_grad_() for p in _params(16))
+    rm, rv = torch.zeros(g), torch.ones(g)
+    xr = x.detach().requires_grad_()
+    y = BF.batch_group_norm(xr, g, rm, rv, w, b, training=True)
+    assert y.dtype == dtype and rm.dtype == torch.float32 and rv.dtype == torch.float32
+    yr, mean, _ = bgn_ref(x.double(), g, w.double(), b.double())
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    assert (y.double() - yr).abs().max() < tol * 10
+    torch.testing.assert_close(rm.double(), 0.1 * mean, rtol=1e-3, atol=1e-4)
+    y.float().sum().backward()
+    assert xr.grad.dtype == dtype and w.grad.dtype == torch.float32
+    ye = BF.batch_group_norm(x, g, rm, rv, w, b, training=False)
+    assert ye.dtype == dtype
+
+
+@pytest.mark.parametrize("g", [4, 16, 64, 6])
+def test_non_contiguous_and_channels_last(g):
+    x = torch.randn(4, 16, 6, 6, dtype=torch.float64)
+    want = BF.batch_group_norm(x, g, training=True)
+    cl = x.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(BF.batch_group_norm(cl, g, training=True), want)
+    nc = torch.randn(4, 6, 6, 16, dtype=torch.float64).permute(0, 3, 1, 2)
+    torch.testing.assert_close(
+        BF.batch_group_norm(nc, g, training=True),
+        BF.batch_group_norm(nc.contiguous(), g, training=True),
+    )
+
+
+def test_empty_batch_in_eval():
+    x = torch.randn(0, 8, 3, 3)
+    y = BF.batch_group_norm(x, 4, torch.zeros(4), torch.ones(4), training=False)
+    assert y.shape == x.shape

@@ -8,6 +8,16 @@ import torch.nn.functional as F
 from reference import bgn_eval_ref, bgn_ref, divisors, gbgn_ref, pn_ref
 
 from bgnorm import functional as BF
+from bgnorm.ops import native
+
+
+@pytest.fixture(autouse=True, params=["native-bnstats", "native-gnstats", "general"])
+def engine(request, monkeypatch):
+    """Run every test through each training engine: the native-kernel path with either
+    statistics kernel, and the closed-form general engine (used under torch.compile)."""
+    monkeypatch.setattr(BF, "MIN_UNIT_LENGTH", 10**9 if request.param == "general" else 1)
+    monkeypatch.setattr(native, "SHORT_GROUP", 10**9 if request.param == "native-bnstats" else 0)
+    return request.param
 
 SHAPES = [(5, 6), (3, 6, 4), (2, 4, 3, 4), (3, 2, 2, 3, 2)]
 CASES = [
@@ -177,3 +187,16 @@ def test_empty_batch_in_eval():
     x = torch.randn(0, 8, 3, 3)
     y = BF.batch_group_norm(x, 4, torch.zeros(4), torch.ones(4), training=False)
     assert y.shape == x.shape
+
+
+@pytest.mark.parametrize("g", [4, 16, 64, 6])
+def test_outputs_allow_in_place_ops(g):
+    """Outputs are never views made inside a custom Function: in-place ReLU must work."""
+    x = torch.randn(4, 16, 6, 6, requires_grad=True)
+    y = BF.batch_group_norm(x, g, training=True)
+    torch.relu_(y).sum().backward()
+    y2 = BF.positional_norm(x)
+    torch.relu_(y2).sum().backward()
+    y3 = BF.general_batch_group_norm(x, 4, 2, training=True)
+    torch.relu_(y3).sum().backward()
+    assert torch.isfinite(x.grad).all()

@@ -10,6 +10,7 @@ import torch
 from reference import bgn_eval_ref, bgn_ref, gbgn_ref
 from torch import nn
 
+import bgnorm.functional as BF
 from bgnorm import (
     BatchGroupNorm1d,
     BatchGroupNorm2d,
@@ -17,6 +18,17 @@ from bgnorm import (
     GeneralBatchGroupNorm2d,
     PositionalNorm,
 )
+from bgnorm.ops import native
+
+
+@pytest.fixture(autouse=True, params=["native-bnstats", "native-gnstats", "general"])
+def engine(request, monkeypatch):
+    """Run every test through each training engine: the native-kernel path with either
+    statistics kernel, and the closed-form general engine (used under torch.compile)."""
+    monkeypatch.setattr(BF, "MIN_UNIT_LENGTH", 10**9 if request.param == "general" else 1)
+    monkeypatch.setattr(native, "SHORT_GROUP", 10**9 if request.param == "native-bnstats" else 0)
+    return request.param
+
 
 BN_PAIRS = [
     (BatchGroupNorm1d, nn.BatchNorm1d, (6, 5)),

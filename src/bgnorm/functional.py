@@ -25,7 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks
-from .ops.engine import grouped_norm, normalize_with_stats
+from .ops.engine import grouped_norm
+from .ops.native import _Layout, native_grouped_norm, unit_length
+
+#: Units (runs of elements in one channel and one group) shorter than this take the general
+#: engine in eager mode; longer ones take the native-kernel path (see bgnorm.ops.native).
+MIN_UNIT_LENGTH = 1
 
 __all__ = ["batch_group_norm", "general_batch_group_norm", "positional_norm"]
 
@@ -34,11 +39,15 @@ def _update_running(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, n: int,
     momentum: float,
 ) -> None:
-    """BatchNorm's update: averaged over batch groups (dim 0); var stored unbiased."""
+    """BatchNorm's update from (P0, G) statistics: averaged over the batch groups, the variance
+    stored unbiased (n / (n - 1)): ``running = (1 - momentum) * running + momentum * stat``."""
     with torch.no_grad():
-        unbiased = var * (n / (n - 1))
-        running_mean.mul_(1 - momentum).add_(mean.mean(0).to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_(unbiased.mean(0).to(running_var.dtype), alpha=momentum)
+        if mean.shape[0] > 1:
+            mean, var = mean.mean(0), var.mean(0)
+        running_mean.mul_(1 - momentum).add_(mean.view(-1).to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_(
+            var.view(-1).to(running_var.dtype), alpha=momentum * n / (n - 1)
+        )
 
 
 def _grouped_batch_norm(
@@ -77,22 +86,20 @@ def _grouped_batch_norm(
     x3 = input.reshape(n, c, s)
 
     if not training:
-        if num_groups % c == 0:  # bands inside channels (G = C is BatchNorm): native kernel
-            k = num_groups // c
-            return F.batch_norm(
-                input.reshape(n, num_groups, group_size), running_mean, running_var,
-                None if weight is None else weight.repeat_interleave(k),
-                None if bias is None else bias.repeat_interleave(k), False, 0.0, eps,
-            ).view(input.shape)
-        if c % num_groups == 0:  # groups of whole channels: native kernel, per-channel stats
+        # Constant statistics: one native eval-mode batch-norm pass.
+        if c % num_groups == 0:  # whole channels (G = C is BatchNorm): per-channel statistics
             k = c // num_groups
-            return F.batch_norm(
-                input, running_mean.repeat_interleave(k), running_var.repeat_interleave(k),
-                weight, bias, False, 0.0, eps,
-            )
-        view = (1, n, num_groups, group_size)
-        return normalize_with_stats(
-            x3, view, running_mean, running_var, weight, bias, eps
+            if k > 1:
+                running_mean = running_mean.view(-1, 1).expand(-1, k).reshape(c).contiguous()
+                running_var = running_var.view(-1, 1).expand(-1, k).reshape(c).contiguous()
+            return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
+        # bands or straddling groups: the units view (runs sharing a channel and a group)
+        lay = _Layout(x3, num_groups, 1)
+        pdt = running_mean.dtype if weight is None else weight.dtype
+        return F.batch_norm(
+            lay.view(x3.contiguous()), lay.per_unit(running_mean.view(1, -1)).to(pdt),
+            lay.per_unit(running_var.view(1, -1)).to(pdt), lay.channel_to_unit(weight),
+            lay.channel_to_unit(bias), False, 0.0, eps,
         ).view(input.shape)
 
     e = n if examples_per_group is None else examples_per_group
@@ -100,20 +107,17 @@ def _grouped_batch_norm(
         _checks.check_batch_groups(fn, input, examples_per_group)
     _checks.check_values_per_group(fn, input, e * group_size, num_groups)
 
-    if examples_per_group is None and num_groups % c == 0:
-        # Bands inside channels (G = C is BatchNorm): native batch norm on the (N, G, D/G) view is
-        # exactly BGN, forward, backward and running statistics.
-        k = num_groups // c
-        if k == 1:
-            return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
-        return F.batch_norm(
-            input.reshape(n, num_groups, group_size), running_mean, running_var,
-            None if weight is None else weight.repeat_interleave(k),
-            None if bias is None else bias.repeat_interleave(k), True, momentum, eps,
-        ).view(input.shape)
+    if examples_per_group is None and num_groups == c:
+        # G = C is BatchNorm: torch's own kernel, bit for bit.
+        return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
 
-    view = (n // e, e, num_groups, group_size)
-    y, mean, var = grouped_norm(x3, view, weight, bias, eps)
+    p0 = n // e
+    if torch.compiler.is_compiling() or unit_length(c, s, num_groups) < MIN_UNIT_LENGTH:
+        # Under torch.compile the closed-form composition fuses best; tiny units (groups that
+        # straddle channels at awkward offsets) are faster on the general engine in eager.
+        y, mean, var = grouped_norm(x3, (p0, e, num_groups, group_size), weight, bias, eps)
+    else:
+        y, mean, var = native_grouped_norm(x3, num_groups, p0, weight, bias, eps)
     if running_mean is not None:
         _update_running(running_mean, running_var, mean, var, e * group_size, momentum)
     return y.view(input.shape)

@@ -175,7 +175,6 @@ class _BatchGroupNorm(nn.Module):
 
     def _common_checks(self, input: Tensor) -> None:
         self._check_input_dim(input)
-        _checks.check_input(type(self).__name__, input)
         _checks.check_channels(type(self).__name__, input, self.num_features)
         self._check_layout(input)
 

@@ -72,8 +72,8 @@ class GroupedNormFunction(torch.autograd.Function):
 
     Inputs: ``x3`` contiguous of shape (N, C, S); ``weight``/``bias`` of shape (C,) or None;
     ``view`` a 4-tuple whose product is ``x3.numel()``; ``eps``.
-    Outputs: ``y`` (N, C, S) in the input dtype, and the non-differentiable batch statistics
-    ``mean`` and biased ``var`` of shape (P0, P1) in compute precision.
+    Outputs: ``y`` in the ``view`` shape and the input dtype, and the non-differentiable batch
+    statistics ``mean`` and biased ``var`` of shape (P0, P1) in compute precision.
     """
 
     @staticmethod
@@ -82,17 +82,20 @@ class GroupedNormFunction(torch.autograd.Function):
         x4 = x3.view(view)
         mean, var = grouped_moments(x4)
         rstd = torch.rsqrt(var + eps)
-        y = (x4.to(cdt) - mean).mul_(rstd).view(x3.shape)
+        y4 = (x4.to(cdt) - mean).mul_(rstd)
+        y3 = y4.view(x3.shape)  # in-place affine on a view of y4; y4 itself is returned
         if weight is not None:
-            y.mul_(_channel_view(weight, cdt))
+            y3.mul_(_channel_view(weight, cdt))
         if bias is not None:
-            y.add_(_channel_view(bias, cdt))
+            y3.add_(_channel_view(bias, cdt))
         ctx.save_for_backward(x3, weight, bias, mean, rstd)
         ctx.view = view
         ctx.eps = eps
         m, v = mean.view(view[0], view[2]), var.view(view[0], view[2])
         ctx.mark_non_differentiable(m, v)
-        return y.to(x3.dtype), m, v
+        # Outputs must not be views created here (in-place ops on them would be refused), so y
+        # is returned in the 4-axis view shape and reshaped by the caller.
+        return y4.to(x3.dtype), m, v
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):  # type: ignore[override]
@@ -101,14 +104,15 @@ class GroupedNormFunction(torch.autograd.Function):
             # create_graph=True: differentiate a differentiable recomputation instead.
             inputs = [t for t in (x3, weight, bias) if t is not None and t.requires_grad]
             y = grouped_norm_reference(x3, ctx.view, weight, bias, ctx.eps)
-            grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
+            grads = iter(torch.autograd.grad(y, inputs, dy.reshape(y.shape), create_graph=True,
+                                             allow_unused=True))
             out = [next(grads) if t is not None and t.requires_grad else None
                    for t in (x3, weight, bias)]
             return out[0], out[1], out[2], None, None
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         cdt = compute_dtype(x3.dtype)
         view = ctx.view
-        dyc = dy.to(cdt)
+        dyc = dy.reshape(x3.shape).to(cdt)
         xhat = (x3.view(view).to(cdt) - mean).mul_(rstd)
         dx = dw = db = None
         if need_w:
@@ -131,24 +135,5 @@ def grouped_norm(
 
     Returns ``(y, mean, var)`` with ``y`` of shape (N, C, S) and statistics of shape (P0, P1).
     """
-    return GroupedNormFunction.apply(x3.contiguous(), weight, bias, view, eps)
-
-
-def normalize_with_stats(
-    x3: Tensor, view: View, mean: Tensor, var: Tensor,
-    weight: Tensor | None, bias: Tensor | None, eps: float,
-) -> Tensor:
-    """``(x - mean) / sqrt(var + eps) * gamma_c + beta_c`` with given ``(P1,)`` statistics.
-
-    The eval-mode pass for any grouping (the statistics are constants); differentiable.
-    """
-    cdt = compute_dtype(x3.dtype)
-    x4 = x3.reshape(view).to(cdt)
-    p1 = view[2]
-    y = ((x4 - mean.to(cdt).view(1, 1, p1, 1)) * torch.rsqrt(var.to(cdt) + eps).view(1, 1, p1, 1))
-    y = y.view(x3.shape)
-    if weight is not None:
-        y = y * _channel_view(weight, cdt)
-    if bias is not None:
-        y = y + _channel_view(bias, cdt)
-    return y.to(x3.dtype)
+    y, mean, var = GroupedNormFunction.apply(x3.contiguous(), weight, bias, view, eps)
+    return y.view(x3.shape), mean, var

@@ -1,0 +1,418 @@
+"""Speed, memory and accuracy of bgnorm's layers against torch's native layers, in one run.
+
+Every ratio compares two layers timed in the same process, interleaved rep by rep, so machine
+load affects both alike. Targets (from the project's performance issue) are printed beside the
+measured numbers; nothing here asserts them.
+
+Usage::
+
+    python benchmarks/bench_norms.py            # full grid, compile and end-to-end sections
+    python benchmarks/bench_norms.py --quick    # small smoke run (CI)
+    python benchmarks/bench_norms.py --csv out.csv --threads 2
+
+Rows are appended to ``--csv`` (default benchmarks/results.csv) tagged with machine, torch
+version and git commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bgnorm
+from bgnorm import BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d
+
+HERE = Path(__file__).resolve().parent
+
+
+# --------------------------------------------------------------------------------------------
+# grid
+@dataclass
+class Cell:
+    name: str
+    shape: tuple[int, ...]
+    groups: int
+    kind: str = "bgn"  # bgn | gbgn | pn
+    extra: dict = field(default_factory=dict)
+
+
+def full_grid() -> list[Cell]:
+    """ResNet-50 stage activations (C = 64..2048), spatial sizes scaled so cells take ms here."""
+    pg = bgnorm.paper_groups
+    cells = [
+        Cell("b2 stage1", (2, 256, 56, 56), pg(2)),
+        Cell("b4 stage2", (4, 512, 28, 28), pg(4)),
+        Cell("b8 stage3", (8, 1024, 14, 14), pg(8)),
+        Cell("b16 stage4", (16, 2048, 7, 7), pg(16)),
+        Cell("b32 stage1", (32, 256, 14, 14), pg(32)),
+        Cell("b128 stem", (128, 64, 16, 16), pg(128)),
+        Cell("b128 stage4", (128, 2048, 2, 2), pg(128)),
+        Cell("G32 stage2", (16, 512, 14, 14), 32),
+        Cell("G32 stage3", (32, 1024, 7, 7), 32),
+        Cell("1d fc", (256, 2048), 256),
+        Cell("3d video", (8, 64, 8, 28, 28), 16),
+        Cell("straddle", (16, 96, 28, 28), 64),
+        Cell("gbgn e=4", (32, 256, 14, 14), 32, "gbgn", {"examples_per_group": 4}),
+        Cell("pn", (16, 256, 28, 28), 0, "pn"),
+    ]
+    return cells
+
+
+def quick_grid() -> list[Cell]:
+    return [
+        Cell("b4 small", (4, 64, 16, 16), 2),
+        Cell("b32 bands", (32, 16, 8, 8), 128),
+        Cell("straddle", (8, 12, 8, 8), 8),
+        Cell("1d", (64, 128), 16),
+        Cell("3d", (4, 16, 4, 8, 8), 4),
+        Cell("gbgn", (8, 32, 8, 8), 8, "gbgn", {"examples_per_group": 2}),
+        Cell("pn", (8, 32, 8, 8), 0, "pn"),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# layers
+_BGN = {2: BatchGroupNorm1d, 3: BatchGroupNorm1d, 4: BatchGroupNorm2d, 5: BatchGroupNorm3d}
+_BN = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+
+
+class ChannelsLastLayerNorm(nn.Module):
+    """The closest native layer to PositionalNorm: LayerNorm over C at every position."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln(x.movedim(1, -1)).movedim(-1, 1)
+
+
+def make_pair(cell: Cell) -> tuple[nn.Module, nn.Module, str]:
+    c = cell.shape[1]
+    dim = len(cell.shape)
+    if cell.kind == "pn":
+        return bgnorm.PositionalNorm(c), ChannelsLastLayerNorm(c), "LayerNorm(C) channels-last"
+    if cell.kind == "gbgn":
+        ours = bgnorm.GeneralBatchGroupNorm2d(c, cell.groups, cell.extra["examples_per_group"])
+        return ours, nn.BatchNorm2d(c), "BatchNorm2d"
+    return _BGN[dim](c, num_groups=cell.groups), _BN[dim](c), _BN[dim].__name__
+
+
+def _init(m: nn.Module, c: int) -> None:
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            p = getattr(m, name, None)
+            if p is None and hasattr(m, "ln"):
+                p = getattr(m.ln, name)
+            if p is not None:
+                lo, hi = (0.5, 1.5) if name == "weight" else (-1.0, 1.0)
+                p.copy_(torch.linspace(lo, hi, c))
+
+
+# --------------------------------------------------------------------------------------------
+# measurement
+def interleaved(fns: list[Callable[[], object]], reps: int, warmup: int = 2) -> list[float]:
+    """Median seconds of each fn, timing them alternately rep by rep."""
+    for _ in range(warmup):
+        for f in fns:
+            f()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for i, f in enumerate(fns):
+            t0 = time.perf_counter()
+            f()
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def fwd_bwd(m: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:
+    xr = x.clone().requires_grad_()
+
+    def run() -> None:
+        m.zero_grad(set_to_none=True)
+        xr.grad = None
+        m(xr).backward(dy)
+
+    return run
+
+
+def eval_fwd(m: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        with torch.no_grad():
+            m(x)
+
+    return run
+
+
+def saved_bytes(m: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for the backward of one training forward (unique storages)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        except RuntimeError:  # e.g. wrapper subclasses
+            seen[id(t)] = t.numel() * t.element_size()
+        return t
+
+    xr = x.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = m(xr)
+    # the input itself is owned by the caller; count only what the layer adds
+    seen.pop(xr.untyped_storage().data_ptr(), None)
+    del y
+    return sum(seen.values()) + x.numel() * x.element_size()
+
+
+def reference_f64(cell: Cell, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """float64 output from the equations, with the layer's gamma/beta."""
+    xd = x.double()
+    n, c = xd.shape[:2]
+    if cell.kind == "pn":
+        mean = xd.mean(1, keepdim=True)
+        var = ((xd - mean) ** 2).mean(1, keepdim=True)
+        y = (xd - mean) / torch.sqrt(var + 1e-5)
+    else:
+        e = cell.extra.get("examples_per_group", n)
+        v = xd.reshape(n // e, e, cell.groups, -1)
+        mean = v.mean(dim=(1, 3), keepdim=True)
+        var = ((v - mean) ** 2).mean(dim=(1, 3), keepdim=True)
+        y = ((v - mean) / torch.sqrt(var + 1e-5)).reshape(xd.shape)
+    shape = (1, c) + (1,) * (xd.dim() - 2)
+    return y * m.weight.double().view(shape) + m.bias.double().view(shape)
+
+
+def errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    err = (out.double() - ref).abs().max().item()
+    return err, err / max(ref.abs().max().item(), 1e-30)
+
+
+def bn_error(x: torch.Tensor, bn: nn.Module) -> float:
+    """Native BatchNorm's own max error against its float64 self, for scale."""
+    bn64 = type(bn)(bn.num_features)
+    bn64.load_state_dict(bn.state_dict())
+    bn64 = bn64.double().train()
+    return (bn.train()(x).double() - bn64(x.double())).abs().max().item()
+
+
+# --------------------------------------------------------------------------------------------
+def bench_cell(cell: Cell, reps: int, offset: float = 0.0) -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(cell.shape) + offset
+    dy = torch.randn(cell.shape)
+    ours, native, native_name = make_pair(cell)
+    c = cell.shape[1]
+    _init(ours, c)
+    _init(native, c)
+    ours.train()
+    native.train()
+    t_nat, t_ours = interleaved([fwd_bwd(native, x, dy), fwd_bwd(ours, x, dy)], reps)
+    ours.eval()
+    native.eval()
+    e_nat, e_ours = interleaved([eval_fwd(native, x), eval_fwd(ours, x)], reps)
+    ours.train()
+    native.train()
+    mem_ours, mem_nat = saved_bytes(ours, x), saved_bytes(native, x)
+    with torch.no_grad():
+        abs_err, rel_err = errors(ours(x), reference_f64(cell, ours, x))
+        xo = torch.randn(cell.shape) + 1e4
+        off_err, _ = errors(ours(xo), reference_f64(cell, ours, xo))
+        bn_off = bn_error(xo, native) if cell.kind != "pn" else float("nan")
+    return {
+        "cell": cell.name, "kind": cell.kind, "shape": "x".join(map(str, cell.shape)),
+        "G": cell.groups, "layout": _layout(cell), "native": native_name,
+        "train_ms": t_ours * 1e3, "native_train_ms": t_nat * 1e3, "train_ratio": t_ours / t_nat,
+        "eval_ms": e_ours * 1e3, "native_eval_ms": e_nat * 1e3, "eval_ratio": e_ours / e_nat,
+        "saved_MB": mem_ours / 2**20, "native_saved_MB": mem_nat / 2**20,
+        "saved_ratio": mem_ours / mem_nat, "max_abs_err": abs_err, "max_rel_err": rel_err,
+        "offset1e4_abs_err": off_err, "native_bn_offset1e4_abs_err": bn_off,
+    }
+
+
+def _layout(cell: Cell) -> str:
+    if cell.kind != "bgn":
+        return cell.kind
+    c = cell.shape[1]
+    g = cell.groups
+    if g == c:
+        return "BN (G=C)"
+    if c % g == 0:
+        return f"{c // g} ch/group"
+    if g % c == 0:
+        return f"{g // c} bands/ch"
+    return "straddling"
+
+
+def bench_compile(cell: Cell, reps: int) -> dict:
+    """torch.compile'd BGN fwd+bwd vs eager native BN; compile time reported separately."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = torch.randn(cell.shape)
+    dy = torch.randn(cell.shape)
+    ours, native, _ = make_pair(cell)
+    compiled = torch.compile(ours, fullgraph=True)
+    t0 = time.perf_counter()
+    fwd_bwd(compiled, x, dy)()
+    compile_s = time.perf_counter() - t0
+    t_nat, t_c = interleaved([fwd_bwd(native, x, dy), fwd_bwd(compiled, x, dy)], reps)
+    # a new batch size must not trigger a recompile for each size
+    n2 = x.shape[0] * 2
+    x2 = torch.randn((n2,) + tuple(x.shape[1:]))
+    fwd_bwd(compiled, x2, torch.randn_like(x2))()
+    x3 = torch.randn((n2 * 2,) + tuple(x.shape[1:]))
+    frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    fwd_bwd(compiled, x3, torch.randn_like(x3))()
+    frames_after = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    return {"cell": cell.name, "compiled_ms": t_c * 1e3, "native_ms": t_nat * 1e3,
+            "ratio": t_c / t_nat, "compile_s": compile_s,
+            "recompiled_on_3rd_size": frames_after > frames_before}
+
+
+def bench_end_to_end(batch: int, size: int, reps: int) -> dict:
+    """Images/s of one ResNet-18 training step, BatchNorm2d vs every norm converted to BGN."""
+    from bgnorm.repro.models import resnet18
+
+    torch.manual_seed(0)
+    bn_model = resnet18(num_classes=10)
+    g = bgnorm.paper_groups(batch)
+    torch.manual_seed(0)  # same initial weights
+    bgn_model = bgnorm.convert_norm(resnet18(num_classes=10), "bgn", num_groups=g)
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 10, (batch,))
+
+    def step(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[], None]:
+        def run() -> None:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        return run
+
+    opt_bn = torch.optim.SGD(bn_model.parameters(), lr=0.01, momentum=0.9)
+    opt_bgn = torch.optim.SGD(bgn_model.parameters(), lr=0.01, momentum=0.9)
+    t_bn, t_bgn = interleaved([step(bn_model, opt_bn), step(bgn_model, opt_bgn)], reps, 1)
+    return {"model": "resnet18", "batch": batch, "size": size, "G": g,
+            "bn_img_s": batch / t_bn, "bgn_img_s": batch / t_bgn, "ratio": t_bn / t_bgn}
+
+
+# --------------------------------------------------------------------------------------------
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _machine() -> str:
+    return f"{platform.machine()} {os.cpu_count()}cpu {platform.node()}"
+
+
+def _print_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> None:
+    header = " | ".join(h for h, _, _ in cols)
+    print("| " + header + " |")
+    print("|" + "|".join("---" for _ in cols) + "|")
+    for r in rows:
+        print("| " + " | ".join(format(r[k], f) if f else str(r[k]) for _, k, f in cols) + " |")
+
+
+def append_csv(path: Path, section: str, rows: list[dict], tags: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as fh:
+        w = csv.writer(fh)
+        if new:
+            w.writerow(["timestamp", "machine", "torch", "commit", "threads", "section", "cell",
+                        "metric", "value"])
+        for r in rows:
+            key = r.get("cell", r.get("model", ""))
+            for k, v in r.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    w.writerow([tags["timestamp"], tags["machine"], tags["torch"], tags["commit"],
+                                tags["threads"], section, key, k, f"{v:.6g}"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small smoke run (CI)")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--csv", type=Path, default=HERE / "results.csv")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-e2e", action="store_true")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reps = args.reps or (3 if args.quick else 15)
+    tags = {"timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "machine": _machine(), "torch": torch.__version__, "commit": _commit(),
+            "threads": torch.get_num_threads()}
+    print(f"# bgnorm benchmark  torch {tags['torch']}  commit {tags['commit']}  "
+          f"{tags['machine']}  threads {tags['threads']}")
+    grid = quick_grid() if args.quick else full_grid()
+    rows = []
+    for cell in grid:
+        rows.append(bench_cell(cell, reps))
+        print(f"  {cell.name}: train {rows[-1]['train_ratio']:.2f}x", file=sys.stderr, flush=True)
+    print("\n## Training forward+backward and eval forward vs the native layer (ratios < 1: "
+          "faster)\n")
+    _print_table(rows, [
+        ("cell", "cell", ""), ("shape", "shape", ""), ("G", "G", ""), ("layout", "layout", ""),
+        ("native", "native", ""), ("train ms", "train_ms", ".2f"),
+        ("native ms", "native_train_ms", ".2f"), ("train x", "train_ratio", ".2f"),
+        ("eval x", "eval_ratio", ".2f"), ("saved MB", "saved_MB", ".1f"),
+        ("native MB", "native_saved_MB", ".1f"), ("max abs err", "max_abs_err", ".1e"),
+        ("max rel err", "max_rel_err", ".1e"), ("1e4+N(0,1) err", "offset1e4_abs_err", ".1e"),
+        ("BN's 1e4 err", "native_bn_offset1e4_abs_err", ".1e"),
+    ])
+    bgn_rows = [r for r in rows if r["kind"] == "bgn"]
+    ratios = [r["train_ratio"] for r in bgn_rows]
+    eval_ratios = [r["eval_ratio"] for r in bgn_rows]
+    print(f"\nBGN train fwd+bwd: median {statistics.median(ratios):.2f}x (target <= 1.0), "
+          f"worst {max(ratios):.2f}x (target <= 1.15)")
+    print(f"BGN eval fwd: median {statistics.median(eval_ratios):.2f}x, worst "
+          f"{max(eval_ratios):.2f}x (target <= 1.0)")
+    print(f"BGN saved bytes: worst {max(r['saved_ratio'] for r in bgn_rows):.2f}x native "
+          "(target <= 1.0)")
+    append_csv(args.csv, "layers", rows, tags)
+
+    if not args.no_compile:
+        cells = grid[:1] if args.quick else [c for c in grid if c.kind == "bgn"][:6]
+        crow = [bench_compile(c, reps) for c in cells]
+        print("\n## torch.compile(fullgraph=True) BGN fwd+bwd vs eager native BN (target <= 0.6x)"
+              "\n")
+        _print_table(crow, [("cell", "cell", ""), ("compiled ms", "compiled_ms", ".2f"),
+                            ("native ms", "native_ms", ".2f"), ("ratio", "ratio", ".2f"),
+                            ("compile s", "compile_s", ".1f"),
+                            ("recompile at 3rd size", "recompiled_on_3rd_size", "")])
+        append_csv(args.csv, "compile", crow, tags)
+
+    if not args.no_e2e:
+        e2e = [bench_end_to_end(8, 32, 2)] if args.quick else [
+            bench_end_to_end(16, 64, 8), bench_end_to_end(32, 64, 5)]
+        print("\n## End to end: ResNet-18 training step, BGN vs BatchNorm2d (target >= 0.97x)\n")
+        _print_table(e2e, [("batch", "batch", ""), ("size", "size", ""), ("G", "G", ""),
+                           ("BN img/s", "bn_img_s", ".1f"), ("BGN img/s", "bgn_img_s", ".1f"),
+                           ("BGN/BN", "ratio", ".3f")])
+        append_csv(args.csv, "end_to_end", e2e, tags)
+    print(f"\nrows appended to {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

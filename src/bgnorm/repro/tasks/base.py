@@ -1,0 +1,123 @@
+"""The contract between the reproduction runner and its tasks.
+
+A *task* (classification sweeps, adversarial training, few-shot, domain adaptation, NAS) is a
+:class:`Task`: it expands a preset into a grid of *cells* (plain JSON-serializable config dicts),
+trains/evaluates one cell given a :class:`CellContext`, and renders the finished records into a
+markdown section (plus PNG plots) laid out like the paper's tables.
+
+The runner owns everything else: the results store, resuming, sharding, worker processes,
+progress bars. A task never writes to the store; it returns its result dict from ``run`` and
+persists in-progress state only through ``ctx.save_checkpoint`` / ``ctx.load_checkpoint``.
+
+Data flows one way: CLI -> preset -> cells -> runner -> ``Task.run`` -> store -> ``Task.report``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+__all__ = ["Diverged", "CellContext", "Record", "Task", "TASKS", "register_task", "get_task"]
+
+
+class Diverged(RuntimeError):
+    """Raised by a task when training diverges (non-finite loss).
+
+    The runner records the cell with ``status="diverged"`` (shown as "-" in tables, as the
+    paper does) instead of failing the sweep. ``partial`` may carry metrics measured so far.
+    """
+
+    def __init__(self, message: str, partial: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.partial = dict(partial or {})
+
+
+class CellContext(Protocol):
+    """What the runner hands to ``Task.run`` for one cell."""
+
+    #: Stable id of the cell (a hash of its canonical config).
+    cell_id: str
+    #: The cell's full config (JSON-serializable; also stored with the result).
+    config: dict[str, Any]
+    #: Device to train on (``torch.device("cpu")`` by default, or cuda).
+    device: torch.device
+    #: Private scratch directory of this cell (checkpoints live here).
+    workdir: Path
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        """Atomically persist ``state`` (tensors, numbers, strings, lists, dicts only)."""
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        """The last saved state (loaded with ``weights_only=True``), or None."""
+
+    def checkpoint_due(self) -> bool:
+        """True when it is time to checkpoint again (time-based, e.g. every 30 s)."""
+
+    def progress(self, done: int, total: int, **metrics: float) -> None:
+        """Report step progress (drives the per-step progress bar)."""
+
+    def log(self, message: str) -> None:
+        """A human-readable line for the terminal/log file."""
+
+
+@dataclass
+class Record:
+    """One finished cell as the store holds it."""
+
+    cell_id: str
+    config: dict[str, Any]
+    status: str  # "ok" or "diverged"
+    result: dict[str, Any]
+    seconds: float
+    meta: dict[str, Any] = field(default_factory=dict)  # host, torch version, commit, time
+
+
+@dataclass(frozen=True)
+class Task:
+    """A reproducible experiment of the suite.
+
+    Attributes:
+        name: the ``--task`` name on the command line.
+        presets: preset names this task accepts (``smoke``, ``quick``, ``paper``, ...).
+        cells: ``cells(preset, overrides) -> list of config dicts``; every config carries at
+            least ``task`` and ``seed``. ``overrides`` holds CLI options (data root, device,
+            epochs...), already parsed; unknown keys must be ignored.
+        run: ``run(config, ctx) -> result dict`` (JSON-serializable metrics). Raises
+            :class:`Diverged` on a non-finite loss. Must resume from ``ctx.load_checkpoint()``
+            when one exists and must be deterministic on CPU for a fixed config.
+        report: ``report(records, out_dir) -> markdown``: tables laid out like the paper's and
+            PNG plots written into ``out_dir``; claims checked against the numbers, never
+            hard-coded.
+        title: a heading for the report section.
+    """
+
+    name: str
+    presets: tuple[str, ...]
+    cells: Callable[[str, Mapping[str, Any]], list[dict[str, Any]]]
+    run: Callable[[dict[str, Any], CellContext], dict[str, Any]]
+    report: Callable[[list[Record], Path], str]
+    title: str = ""
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    """Add ``task`` to :data:`TASKS` (name must be new)."""
+    if task.name in TASKS:
+        raise ValueError(f"task {task.name!r} is already registered")
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    """The registered task called ``name``; an unknown name lists the valid ones."""
+    from . import _load_all  # noqa: F401  (registers the built-in tasks)
+
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[name]

@@ -200,3 +200,12 @@ def test_outputs_allow_in_place_ops(g):
     y3 = BF.general_batch_group_norm(x, 4, 2, training=True)
     torch.relu_(y3).sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_positional_norm_keeps_memory_format():
+    x = torch.randn(2, 6, 3, 4, dtype=torch.float64)
+    cl = x.to(memory_format=torch.channels_last)
+    y = BF.positional_norm(cl)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, pn_ref(x))
+    assert BF.positional_norm(x).is_contiguous()

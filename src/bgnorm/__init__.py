@@ -7,6 +7,7 @@ functional API (:mod:`bgnorm.functional`), a norm registry (:func:`make_norm`), 
 
 from . import functional
 from .convert import convert_norm
+from .distributed import SyncBatchGroupNorm
 from .layers import (
     DEFAULT_NUM_GROUPS,
     BatchGroupNorm1d,
@@ -28,6 +29,7 @@ __all__ = [
     "GeneralBatchGroupNorm2d",
     "PAPER_GROUPS",
     "PositionalNorm",
+    "SyncBatchGroupNorm",
     "canonical_name",
     "channel_groups",
     "convert_norm",

@@ -206,7 +206,8 @@ def positional_norm(
     r"""Positional Normalization (Li et al., 2019): statistics over C at every position.
 
     ``input`` (N, C, \*) is viewed as (N, C, S, 1): mean and biased variance over the channels
-    of each example and position (statistics of shape (N, S)), then a per-channel affine.
+    of each example and position (statistics of shape (N, S)), then a per-channel affine. It is
+    computed as torch's LayerNorm over C of the channels-last view of ``input``.
     The moments are not re-injected (as the BGN paper used PN). No running statistics: train and
     eval behave the same.
 
@@ -216,9 +217,12 @@ def positional_norm(
     """
     fn = "positional_norm"
     _checks.check_input(fn, input)
-    n, c = input.shape[0], input.shape[1]
+    c = input.shape[1]
     _checks.check_vector(fn, "weight", weight, c, "one gamma per channel")
     _checks.check_vector(fn, "bias", bias, c, "one beta per channel")
-    s = math.prod(input.shape[2:])
-    y, _, _ = grouped_norm(input.reshape(n, c, s), (n, c, s, 1), weight, bias, eps)
-    return y.view(input.shape)
+    # LayerNorm over C of the channels-last view is exactly PN: torch's own kernel, forward,
+    # backward and double backward. The output keeps the input's memory format.
+    y = F.layer_norm(input.movedim(1, -1), (c,), weight, bias, eps).movedim(-1, 1)
+    if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
+        return y
+    return y.contiguous()

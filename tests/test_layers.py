@@ -21,12 +21,12 @@ from bgnorm import (
 from bgnorm.ops import native
 
 
-@pytest.fixture(autouse=True, params=["native-bnstats", "native-gnstats", "general"])
+@pytest.fixture(autouse=True, params=["batchnorm", "units-bnstats", "units-gnstats", "general"])
 def engine(request, monkeypatch):
-    """Run every test through each training engine: the native-kernel path with either
-    statistics kernel, and the closed-form general engine (used under torch.compile)."""
-    monkeypatch.setattr(BF, "MIN_UNIT_LENGTH", 10**9 if request.param == "general" else 1)
-    monkeypatch.setattr(native, "SHORT_GROUP", 10**9 if request.param == "native-bnstats" else 0)
+    """Run every test through each training engine: few native batch-norm calls, the units
+    engine with either statistics kernel, and the closed-form general engine (torch.compile)."""
+    monkeypatch.setattr(BF, "ENGINE", request.param.split("-")[0])
+    monkeypatch.setattr(native, "SHORT_GROUP", 10**9 if request.param == "units-bnstats" else 0)
     return request.param
 
 

@@ -26,11 +26,19 @@ from torch import Tensor
 
 from . import _checks
 from .ops.engine import grouped_norm
-from .ops.native import _Layout, native_grouped_norm, unit_length
+from .ops.native import _Layout, channel_groups_norm, native_grouped_norm
 
-#: Units (runs of elements in one channel and one group) shorter than this take the general
-#: engine in eager mode; longer ones take the native-kernel path (see bgnorm.ops.native).
-MIN_UNIT_LENGTH = 1
+#: Which training engine BGN/GBGN use: "auto" (below), or one forced for tests and benchmarks:
+#: "batchnorm" (few native batch-norm calls; only for G = C, G a multiple of C, or C a multiple
+#: of G in BGN), "units" (native per-row moments + units view, every layout) or "general" (the
+#: closed-form composition of bgnorm.ops.engine).
+ENGINE = "auto"
+
+#: "auto" takes the few-calls batch-norm engine for inputs up to this many elements (where
+#: per-call overhead dominates) and the units engine above it (fewer, faster passes; torch's
+#: batch-norm statistics kernel is slow on large CPU tensors). Under torch.compile "auto" takes
+#: the general engine, which inductor fuses. Measured with benchmarks/bench_norms.py.
+SMALL_NUMEL = 1 << 18
 
 __all__ = ["batch_group_norm", "general_batch_group_norm", "positional_norm"]
 
@@ -112,9 +120,29 @@ def _grouped_batch_norm(
         return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
 
     p0 = n // e
-    if torch.compiler.is_compiling() or unit_length(c, s, num_groups) < MIN_UNIT_LENGTH:
-        # Under torch.compile the closed-form composition fuses best; tiny units (groups that
-        # straddle channels at awkward offsets) are faster on the general engine in eager.
+    engine = ENGINE
+    if engine == "auto":
+        if torch.compiler.is_compiling():
+            engine = "general"
+        elif p0 == 1 and input.numel() <= SMALL_NUMEL:
+            engine = "batchnorm"
+        else:
+            engine = "units"
+    if engine == "batchnorm" and p0 == 1:
+        if num_groups % c == 0:
+            # bands: native batch norm on the (N, G, D/G) view with gamma/beta per band
+            k = num_groups // c
+            return F.batch_norm(
+                x3.reshape(n, num_groups, group_size), running_mean, running_var,
+                None if weight is None else weight.repeat_interleave(k),
+                None if bias is None else bias.repeat_interleave(k), True, momentum, eps,
+            ).view(input.shape)
+        if c % num_groups == 0:
+            return channel_groups_norm(
+                x3, num_groups, weight, bias, running_mean, running_var, momentum, eps
+            ).view(input.shape)
+        engine = "units"  # straddling groups
+    if engine == "general":
         y, mean, var = grouped_norm(x3, (p0, e, num_groups, group_size), weight, bias, eps)
     else:
         y, mean, var = native_grouped_norm(x3, num_groups, p0, weight, bias, eps)

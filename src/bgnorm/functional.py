@@ -143,7 +143,7 @@ def _grouped_batch_norm(
             ).view(input.shape)
         engine = "units"  # straddling groups
     if engine == "general":
-        y, mean, var = grouped_norm(x3, (p0, e, num_groups, group_size), weight, bias, eps)
+        y, mean, var = grouped_norm(x3, num_groups, p0, weight, bias, eps)
     else:
         y, mean, var = native_grouped_norm(x3, num_groups, p0, weight, bias, eps)
     if running_mean is not None:

@@ -26,6 +26,8 @@ composition, so double backward is exact.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -44,12 +46,17 @@ def _channel_view(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 def grouped_moments(x4: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and biased variance of a ``(P0, R0, P1, R1)`` view over axes 1 and 3.
 
-    Returns two tensors of shape ``(P0, 1, P1, 1)`` in :func:`compute_dtype` precision. Uses
-    torch's numerically stable ``var_mean`` (no ``E[x^2] - E[x]^2`` cancellation).
+    Returns two tensors of shape ``(P0, 1, P1, 1)`` in :func:`compute_dtype` precision. Two
+    stages: torch's numerically stable ``var_mean`` over the contiguous axis 3, then the law of
+    total variance over axis 1 (equal counts). Reductions over one contiguous axis are what
+    eager kernels and inductor's generated loops do best.
     """
     xs = x4.to(compute_dtype(x4.dtype))
-    var, mean = torch.var_mean(xs, dim=(1, 3), correction=0, keepdim=True)
-    return mean, var
+    var_r, mean_r = torch.var_mean(xs, dim=3, correction=0, keepdim=True)
+    if x4.shape[1] == 1:
+        return mean_r, var_r
+    var_m, mean = torch.var_mean(mean_r, dim=1, correction=0, keepdim=True)
+    return mean, var_r.mean(dim=1, keepdim=True) + var_m
 
 
 def grouped_norm_reference(
@@ -67,73 +74,139 @@ def grouped_norm_reference(
     return y.to(x3.dtype)
 
 
-class GroupedNormFunction(torch.autograd.Function):
-    """Grouped normalization with per-channel affine over a ``(P0, R0, P1, R1)`` view.
+def unit_length(channels: int, spatial: int, num_groups: int) -> int:
+    """L = gcd(S, D/G): the longest run of elements sharing one channel and one group.
 
-    Inputs: ``x3`` contiguous of shape (N, C, S); ``weight``/``bias`` of shape (C,) or None;
-    ``view`` a 4-tuple whose product is ``x3.numel()``; ``eps``.
-    Outputs: ``y`` in the ``view`` shape and the input dtype, and the non-differentiable batch
-    statistics ``mean`` and biased ``var`` of shape (P0, P1) in compute precision.
+    Falls back to 1 (every element its own unit) for symbolic sizes under torch.compile.
+    """
+    if not all(isinstance(v, int) for v in (channels, spatial, num_groups)):
+        return 1
+    return math.gcd(spatial, channels * spatial // num_groups)
+
+
+class GroupedNormFunction(torch.autograd.Function):
+    """BGN/GBGN as a pure composition of torch ops over the units view (the general engine).
+
+    ``x3`` (N, C, S) is viewed as (N, U, L), units of L = gcd(S, D/G) elements that share one
+    channel and one group (U = D/L). Statistics: per-(n, u) ``var_mean`` over the contiguous L,
+    merged by the law of total variance over the e examples of a batch group and the D/G/L units
+    of a group. Backward: per-(n, u) sums of dy and dy*xhat in one pass over (dy, x), the small
+    group terms, then one elementwise pass for dx. Two passes forward, two backward: the shape
+    inductor turns into fused loops under torch.compile, and the fallback for every layout.
+
+    Inputs: ``x3`` contiguous (N, C, S); ``weight``/``bias`` (C,) or None; ``num_groups`` G;
+    ``batch_groups`` P0; ``eps``. Outputs: y (N, U, L) in the input dtype (never a view made
+    here), and the non-differentiable (P0, G) mean and biased variance in compute precision.
     """
 
     @staticmethod
-    def forward(ctx, x3, weight, bias, view, eps):  # type: ignore[override]
+    def forward(ctx, x3, weight, bias, num_groups, batch_groups, eps):  # type: ignore[override]
+        n, c, s = x3.shape
         cdt = compute_dtype(x3.dtype)
-        x4 = x3.view(view)
-        mean, var = grouped_moments(x4)
+        lay = _UnitsLayout(n, c, s, num_groups, batch_groups)
+        xu = x3.reshape(n, lay.u, lay.l).to(cdt)
+        var_r, mean_r = torch.var_mean(xu, dim=2, correction=0)  # (N, U)
+        g4 = (batch_groups, lay.e, num_groups, lay.upg)
+        var_m, mean = torch.var_mean(mean_r.view(g4), dim=(1, 3), correction=0)
+        var = var_r.view(g4).mean(dim=(1, 3)) + var_m  # (P0, G)
         rstd = torch.rsqrt(var + eps)
-        y4 = (x4.to(cdt) - mean).mul_(rstd)
-        y3 = y4.view(x3.shape)  # in-place affine on a view of y4; y4 itself is returned
-        if weight is not None:
-            y3.mul_(_channel_view(weight, cdt))
-        if bias is not None:
-            y3.add_(_channel_view(bias, cdt))
+        scale, shift = lay.affine(rstd, mean, weight, bias, cdt)  # (N or 1, U, 1)
+        y = torch.addcmul(shift, xu, scale)
         ctx.save_for_backward(x3, weight, bias, mean, rstd)
-        ctx.view = view
-        ctx.eps = eps
-        m, v = mean.view(view[0], view[2]), var.view(view[0], view[2])
-        ctx.mark_non_differentiable(m, v)
-        # Outputs must not be views created here (in-place ops on them would be refused), so y
-        # is returned in the 4-axis view shape and reshaped by the caller.
-        return y4.to(x3.dtype), m, v
+        ctx.lay, ctx.eps = lay, eps
+        ctx.mark_non_differentiable(mean, var)
+        return y.to(x3.dtype), mean, var
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):  # type: ignore[override]
         x3, weight, bias, mean, rstd = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            # create_graph=True: differentiate a differentiable recomputation instead.
+        lay: _UnitsLayout = ctx.lay
+        if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation
+            view = (lay.p0, lay.e, lay.g, lay.c * lay.s // lay.g)
             inputs = [t for t in (x3, weight, bias) if t is not None and t.requires_grad]
-            y = grouped_norm_reference(x3, ctx.view, weight, bias, ctx.eps)
+            y = grouped_norm_reference(x3, view, weight, bias, ctx.eps)
             grads = iter(torch.autograd.grad(y, inputs, dy.reshape(y.shape), create_graph=True,
                                              allow_unused=True))
             out = [next(grads) if t is not None and t.requires_grad else None
                    for t in (x3, weight, bias)]
-            return out[0], out[1], out[2], None, None
+            return out[0], out[1], out[2], None, None, None
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        cdt = compute_dtype(x3.dtype)
-        view = ctx.view
-        dyc = dy.reshape(x3.shape).to(cdt)
-        xhat = (x3.view(view).to(cdt) - mean).mul_(rstd)
-        dx = dw = db = None
-        if need_w:
-            dw = (dyc * xhat.view(x3.shape)).sum(dim=(0, 2)).to(weight.dtype)
-        if need_b:
-            db = dyc.sum(dim=(0, 2)).to(bias.dtype)
+        cdt = mean.dtype
+        n, u, l = lay.n, lay.u, lay.l
+        xu = x3.reshape(n, u, l).to(cdt)
+        dyu = dy.reshape(n, u, l).to(cdt)
+        mean_u, rstd_u = lay.per_unit(mean), lay.per_unit(rstd)  # (N or 1, U, 1)
+        xhat = (xu - mean_u) * rstd_u
+        s_dy = dyu.sum(dim=2)  # (N, U)
+        s_dyx = (dyu * xhat).sum(dim=2)
+        dw = lay.to_channels(s_dyx).to(weight.dtype) if need_w else None
+        db = lay.to_channels(s_dy).to(bias.dtype) if need_b else None
+        dx = None
         if need_x:
-            g = dyc * _channel_view(weight, cdt) if weight is not None else dyc
-            g4 = g.view(view)
-            m1 = g4.mean(dim=(1, 3), keepdim=True)
-            m2 = (g4 * xhat).mean(dim=(1, 3), keepdim=True)
-            dx = (g4 - m1).sub_(xhat.mul_(m2)).mul_(rstd).view(x3.shape).to(x3.dtype)
-        return dx, dw, db, None, None
+            w_u = lay.weight_per_unit(weight, cdt)  # (1, U) or None
+            if w_u is not None:
+                s_dy, s_dyx = s_dy * w_u, s_dyx * w_u
+            g4 = (lay.p0, lay.e, lay.g, lay.upg)
+            m1 = s_dy.view(g4).sum(dim=(1, 3)) / lay.count  # (P0, G)
+            m2 = s_dyx.view(g4).sum(dim=(1, 3)) / lay.count
+            m1_u, m2_u = lay.per_unit(m1), lay.per_unit(m2)
+            dxh = dyu * w_u.unsqueeze(-1) if w_u is not None else dyu
+            dx = ((dxh - m1_u - xhat * m2_u) * rstd_u).to(x3.dtype).view(x3.shape)
+        return dx, dw, db, None, None, None
+
+
+class _UnitsLayout:
+    """Shapes of the units view (N, U, L) and broadcasting helpers for small vectors."""
+
+    def __init__(self, n: int, c: int, s: int, g: int, p0: int) -> None:
+        self.n, self.c, self.s, self.g, self.p0 = n, c, s, g, p0
+        self.e = n // p0
+        self.l = unit_length(c, s, g)
+        self.u = c * s // self.l
+        self.upg = c * s // g // self.l  # units per group
+        self.upc = s // self.l  # units per channel
+        self.count = self.e * (c * s // g)  # elements per statistic
+
+    def per_unit(self, stat: Tensor) -> Tensor:
+        """(P0, G) -> broadcastable (N or 1, U, 1) without copies."""
+        p0, g, upg = self.p0, self.g, self.upg
+        if p0 == 1:
+            return stat.view(1, g, 1, 1).expand(1, g, upg, 1).reshape(1, self.u, 1)
+        s = stat.view(p0, 1, g, 1, 1).expand(p0, self.e, g, upg, 1)
+        return s.reshape(self.n, self.u, 1)
+
+    def weight_per_unit(self, t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+        """(C,) -> (1, U)."""
+        if t is None:
+            return None
+        return t.to(dtype).view(1, self.c, 1).expand(1, self.c, self.upc).reshape(1, self.u)
+
+    def affine(self, rstd: Tensor, mean: Tensor, weight: Tensor | None, bias: Tensor | None,
+               dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Per-unit scale and shift with y = x * scale + shift."""
+        scale = self.per_unit(rstd)
+        w_u = self.weight_per_unit(weight, dtype)
+        if w_u is not None:
+            scale = scale * w_u.unsqueeze(-1)
+        shift = -self.per_unit(mean) * scale
+        if bias is not None:
+            shift = shift + self.weight_per_unit(bias, dtype).unsqueeze(-1)
+        return scale, shift
+
+    def to_channels(self, t: Tensor) -> Tensor:
+        """Per-(n, unit) sums (N, U) -> per-channel sums (C,)."""
+        return t.view(self.n, self.c, self.upc).sum(dim=(0, 2))
 
 
 def grouped_norm(
-    x3: Tensor, view: View, weight: Tensor | None, bias: Tensor | None, eps: float
+    x3: Tensor, num_groups: int, batch_groups: int, weight: Tensor | None, bias: Tensor | None,
+    eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Apply :class:`GroupedNormFunction`; ``x3`` is made contiguous first.
+    """Apply :class:`GroupedNormFunction` to (N, C, S) ``x3`` (made contiguous).
 
-    Returns ``(y, mean, var)`` with ``y`` of shape (N, C, S) and statistics of shape (P0, P1).
+    Returns ``(y, mean, var)`` with ``y`` of shape (N, C, S) and statistics of shape (P0, G).
     """
-    y, mean, var = GroupedNormFunction.apply(x3.contiguous(), weight, bias, view, eps)
+    y, mean, var = GroupedNormFunction.apply(
+        x3.contiguous(), weight, bias, num_groups, batch_groups, eps
+    )
     return y.view(x3.shape), mean, var

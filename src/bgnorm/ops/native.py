@@ -29,23 +29,16 @@ differentiable composition (see :func:`bgnorm.ops.engine.grouped_norm_reference`
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .engine import compute_dtype, grouped_norm_reference
+from .engine import compute_dtype, grouped_norm_reference, unit_length
 
 __all__ = [
-    "unit_length", "native_grouped_norm", "NativeGroupedNormFunction", "channel_groups_norm",
+    "native_grouped_norm", "NativeGroupedNormFunction", "channel_groups_norm",
     "ChannelGroupsFunction",
 ]
-
-
-def unit_length(channels: int, spatial: int, num_groups: int) -> int:
-    """L = gcd(S, D/G): the longest run of elements sharing one channel and one group."""
-    return math.gcd(spatial, channels * spatial // num_groups)
 
 
 class _Layout:

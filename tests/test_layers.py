@@ -243,6 +243,20 @@ def test_module_half_precision_keeps_float32_buffers():
     assert y.dtype == torch.bfloat16 and m.running_mean.dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("g", [4, 16, 64, 6])
+def test_module_entirely_in_half_precision(dtype, g):
+    m = BatchGroupNorm2d(16, num_groups=g, dtype=dtype)
+    x = torch.randn(4, 16, 6, 6, dtype=dtype, requires_grad=True)
+    y = m(x)
+    y.float().square().sum().backward()
+    assert y.dtype == dtype and x.grad.dtype == dtype and m.weight.grad.dtype == dtype
+    ref = bgn_ref(x.detach().double(), g)[0]
+    assert (y.double() - ref).abs().max() < 0.1
+    m.eval()
+    assert m(x).dtype == dtype
+
+
 def test_affine_false():
     m = BatchGroupNorm2d(4, num_groups=2, affine=False, dtype=torch.float64)
     assert m.weight is None

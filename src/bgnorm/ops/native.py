@@ -269,6 +269,7 @@ class ChannelGroupsFunction(torch.autograd.Function):
         cdt = compute_dtype(x3.dtype)  # half inputs: the backward runs in float32
         dy = dy.contiguous().view(n, c, s).to(cdt)
         xc = x3.to(cdt)
+        mean, invstd = mean.to(cdt), invstd.to(cdt)
         dx = dw = db = None
         if need_x:
             dxh = dy * weight.view(1, c, 1).to(cdt) if weight is not None else dy

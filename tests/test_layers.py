@@ -310,3 +310,15 @@ ERRORS = [
 def test_bad_input_messages(make, exc, pattern):
     with pytest.raises(exc, match=pattern):
         make()
+
+
+def test_inference_mode_then_training():
+    """The units engine's reusable CPU buffer must work inside and outside inference mode."""
+    m = BatchGroupNorm2d(8, num_groups=2)
+    x = torch.randn(4, 8, 8, 8)
+    with torch.inference_mode():
+        y1 = m(x)
+    xr = x.clone().requires_grad_()
+    y2 = m(xr)
+    y2.sum().backward()
+    torch.testing.assert_close(y1, y2.detach())

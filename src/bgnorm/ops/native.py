@@ -114,6 +114,25 @@ class _Layout:
 SHORT_GROUP = 32
 
 
+_SCRATCH: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def _discard_buffer(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A reusable CPU buffer of ``n`` elements for the group-norm kernel's unused output.
+
+    A fresh full-size allocation per call costs page faults on CPU (glibc returns large blocks
+    to the OS); the values written here are never read, so one buffer per dtype, as large as
+    the largest input seen, serves every layer and thread. CUDA's caching allocator needs none.
+    """
+    key = (dtype, device)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < n:
+        with torch.inference_mode(False):
+            buf = torch.empty(n, dtype=dtype, device=device)
+        _SCRATCH[key] = buf
+    return buf[:n]
+
+
 def _moments(x3: Tensor, lay: _Layout) -> tuple[Tensor, Tensor]:
     """(P0, G) mean and biased variance in compute precision, from native per-row moments.
 
@@ -130,9 +149,17 @@ def _moments(x3: Tensor, lay: _Layout) -> tuple[Tensor, Tensor]:
         shape = (1, lay.g, lay.units_per_group)
         dim = 2
     else:
-        _, m, rstd = torch.native_group_norm(
-            xs.view(lay.n, lay.g, lay.lg), None, None, lay.n, lay.g, lay.lg, lay.g, 0.0
-        )
+        xg = xs.view(lay.n, lay.g, lay.lg)
+        if xs.device.type == "cpu":
+            m = xs.new_empty((lay.n, lay.g))
+            rstd = xs.new_empty((lay.n, lay.g))
+            torch.ops.aten.native_group_norm.out(
+                xg, None, None, lay.n, lay.g, lay.lg, lay.g, 0.0,
+                out0=_discard_buffer(xs.numel(), xs.dtype, xs.device).view(xg.shape),
+                out1=m, out2=rstd,
+            )
+        else:
+            _, m, rstd = torch.native_group_norm(xg, None, None, lay.n, lay.g, lay.lg, lay.g, 0.0)
         v = rstd.pow(-2)  # eps = 0: rstd = 1/sqrt(var); a constant row gives inf, i.e. var 0
         shape = (lay.p0, lay.e, lay.g)
         dim = 1

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import bgnorm
 from bgnorm.repro.models import (
     MODELS,
     BasicBlock,
@@ -19,6 +20,7 @@ from bgnorm.repro.models import (
     resnet50,
     small_resnet,
 )
+from bgnorm.repro.norms import NormSpec
 
 # (name, factory) pairs; a factory takes the channel count and returns an nn.Module.
 # Extend this list to run every model test with more normalization layers.
@@ -27,6 +29,13 @@ NORM_FACTORIES: list[tuple[str, object]] = [
     ("groupnorm_g1", lambda c: nn.GroupNorm(1, c)),
     ("groupnorm_gc", lambda c: nn.GroupNorm(c, c)),
     ("identity", nn.Identity),
+    # bgnorm's norms (groups of 4 whole channels divide C*H*W at every resolution).
+    ("bgn", lambda c: bgnorm.BatchGroupNorm2d(c, max(1, c // 4))),
+    ("gbgn", lambda c: bgnorm.GeneralBatchGroupNorm2d(c, max(1, c // 4), examples_per_group=2)),
+    ("pn", bgnorm.PositionalNorm),
+    # The reproduction suite's virtual workers: statistics per slice of 2 examples.
+    ("bn_virtual_workers", NormSpec("bn", batch_size=2, workers=2).make),
+    ("bgn_virtual_workers", NormSpec("bgn", batch_size=2, workers=2, num_groups=8).make),
 ]
 
 # (model name, build kwargs, input shape); all with 10 classes.

@@ -1,20 +1,227 @@
-"""The ``bgnorm`` command line."""
+"""The ``bgnorm`` command line.
+
+``bgnorm reproduce --task batch-size --preset quick --out runs/quick``
+    Run (or resume) a reproduction sweep and write ``DIR/report.md`` with tables and PNG plots.
+``bgnorm report DIR``
+    Re-render the report from every results store in ``DIR`` (shards merged).
+``bgnorm tasks``
+    List the tasks and their presets.
+
+See ``docs/reproduction.md`` for the presets, the protocol and running on GPUs and your data.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(t) for t in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard expects i/n (e.g. 2/4), got {text!r}") from None
+    if not (n >= 1 and 1 <= i <= n):
+        raise argparse.ArgumentTypeError(f"--shard i/n needs 1 <= i <= n, got {text!r}")
+    return i, n
+
+
+def _int_list(text: str) -> list[int]:
+    from .repro.presets import parse_int_list
+
+    try:
+        return parse_int_list(text)  # type: ignore[return-value]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
+
+
+def _norm_list(text: str) -> list[str]:
+    from .registry import canonical_name
+
+    try:
+        return [canonical_name(t) for t in text.split(",") if t.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bgnorm",
+        description="Batch Group Normalization: the reproduction suite.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Documentation: docs/reproduction.md",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    rp = sub.add_parser(
+        "reproduce", help="run or resume a sweep and write the report",
+        description="Run (or resume: finished cells are skipped, unfinished ones resume from "
+                    "their checkpoint) a reproduction sweep and write DIR/report.md.",
+    )
+    rp.add_argument("--task", default="batch-size",
+                    help="task name, comma list, or 'all' (see `bgnorm tasks`; default "
+                         "batch-size)")
+    rp.add_argument("--preset", default="quick",
+                    help="smoke (CI, <1 min), quick (laptop CPU, minutes) or paper (the "
+                         "papers' protocol on your data and GPUs); default quick")
+    rp.add_argument("--out", required=True, type=Path, help="run directory (results, report)")
+    g = rp.add_argument_group("execution")
+    g.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    g.add_argument("--jobs", type=int, default=None,
+                   help="cells in parallel (default: CPU cores on cpu, 1 on cuda)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch threads per job (default: cores / jobs)")
+    g.add_argument("--shard", type=_shard, default=None,
+                   help="i/n: run the i-th of n interleaved shares of the cells (any scheduler)")
+    g.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
+                   help="checkpoint each running cell this often (default 60)")
+    g.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep the cells' checkpoints after they are recorded")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--no-report", action="store_true", help="do not render the report")
+    g.add_argument("--list", action="store_true", help="list the cells and exit")
+    o = rp.add_argument_group("protocol overrides (defaults come from the preset)")
+    o.add_argument("--dataset", default=None,
+                   help="digits, mnist5k (bundled), cifar10, imagenet, imagefolder (yours)")
+    o.add_argument("--data-root", default=None, help="root of your dataset copy")
+    o.add_argument("--loader-workers", type=int, default=None, help="DataLoader workers")
+    o.add_argument("--model", default=None,
+                   help="resnet18, resnet50, cifar_resnet, small_resnet, ...")
+    o.add_argument("--image-size", type=int, default=None, help="input resolution")
+    o.add_argument("--epochs", type=int, default=None)
+    o.add_argument("--seeds", type=_int_list, default=None, help="e.g. 0,1,2")
+    o.add_argument("--batch-sizes", type=_int_list, default=None,
+                   help="per-worker batch sizes, e.g. 128,64,32,16,8,4,2")
+    o.add_argument("--norms", type=_norm_list, default=None, help="e.g. bn,gn,bgn")
+    o.add_argument("--groups", type=_int_list, default=None, help="G values of the g-sweep")
+    o.add_argument("--amp", choices=["none", "bf16"], default=None,
+                   help="mixed precision (default: bf16 on cuda, none on cpu)")
+    o.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any preset key (value parsed as JSON), e.g. --set "
+                        "total_batch=64 --set 'model_kwargs={\"width\": 32}'")
+
+    rr = sub.add_parser("report", help="render DIR/report.md from DIR's results stores")
+    rr.add_argument("out", type=Path, help="run directory")
+    rr.add_argument("--task", default=None, help="only these tasks (comma list)")
+    rr.add_argument("--quiet", action="store_true", help="do not print the report")
+
+    sub.add_parser("tasks", help="list the tasks and their presets")
+    return parser
+
+
+def _tasks(spec: str, preset: str | None) -> list[str]:
+    from .repro.tasks import (
+        TASKS,
+        _load_all,  # noqa: F401
+    )
+
+    if spec == "all":
+        return [n for n, t in TASKS.items() if preset is None or preset in t.presets]
+    names = [t.strip() for t in spec.split(",") if t.strip()]
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise SystemExit(
+            f"bgnorm: unknown task(s) {', '.join(unknown)}; valid tasks: "
+            f"{', '.join(TASKS)} or all"
+        )
+    return names
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    import time
+
+    from .repro.presets import PRESETS, parse_set
+    from .repro.runner import RunOptions, plan_cells, render_report, run_sweep, select_shard
+    from .repro.train import resolve_device
+
+    t0 = time.perf_counter()
+    if args.preset not in PRESETS:
+        print(f"bgnorm: unknown preset {args.preset!r}; valid: {', '.join(PRESETS)}",
+              file=sys.stderr)
+        return 2
+    tasks = _tasks(args.task, args.preset)
+    device = resolve_device(args.device)
+    try:
+        overrides = {
+            "device": str(device), "dataset": args.dataset, "data_root": args.data_root,
+            "loader_workers": args.loader_workers, "model": args.model,
+            "image_size": args.image_size, "epochs": args.epochs, "seeds": args.seeds,
+            "batch_sizes": args.batch_sizes, "norms": args.norms, "groups": args.groups,
+            "amp": args.amp, "set": parse_set(args.set),
+        }
+        if args.list:
+            cells = select_shard(plan_cells(tasks, args.preset, overrides), args.shard)
+            for cid, cfg in cells:
+                from .repro.runner import _label
+
+                print(cid, _label(cfg))
+            print(f"{len(cells)} cells", file=sys.stderr)
+            return 0
+        summary = run_sweep(RunOptions(
+            tasks=tasks, preset=args.preset, out_dir=args.out, overrides=overrides,
+            jobs=args.jobs, threads=args.threads, shard=args.shard, device=str(device),
+            checkpoint_seconds=args.checkpoint_every, progress=not args.no_progress,
+            keep_checkpoints=args.keep_checkpoints,
+        ))
+    except ValueError as exc:
+        print(f"bgnorm: {exc}", file=sys.stderr)
+        return 2
+    if not args.no_report:
+        text = render_report(args.out, tasks)
+        print(text)
+    wall = time.perf_counter() - t0
+    print(
+        f"{summary.finished} finished, {summary.diverged} diverged, {len(summary.failed)} failed,"
+        f" {summary.skipped} already recorded; {summary.jobs} job(s) x {summary.threads} "
+        f"thread(s); {wall:.0f} s. Report: {args.out / 'report.md'}",
+        file=sys.stderr,
+    )
+    if summary.failed:
+        print("failed cells:\n" + "\n".join(f"  {label}" for label, _ in summary.failed),
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .repro.runner import render_report
+    from .repro.store import store_files
+
+    if not store_files(args.out):
+        print(f"bgnorm: no results*.jsonl store in {args.out}", file=sys.stderr)
+        return 2
+    tasks = _tasks(args.task, None) if args.task else None
+    text = render_report(args.out, tasks)
+    if not args.quiet:
+        print(text)
+    print(f"Report: {args.out / 'report.md'}", file=sys.stderr)
+    return 0
+
+
+def _list_tasks() -> int:
+    from .repro.tasks import (
+        TASKS,
+        _load_all,  # noqa: F401
+    )
+
+    width = max(map(len, TASKS), default=0)
+    for name, task in TASKS.items():
+        print(f"{name:{width}s}  presets: {', '.join(task.presets):22s} {task.title}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bgnorm", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("reproduce", help="run the reproduction suite (coming soon)")
-    args, _ = parser.parse_known_args(argv)
+    """Entry point of the ``bgnorm`` console script."""
+    args = _parser().parse_args(argv)
     if args.command == "reproduce":
-        print("bgnorm reproduce: the reproduction suite is coming soon (see the README).")
-        return 0
-    return 1
+        return _reproduce(args)
+    if args.command == "report":
+        return _report(args)
+    if args.command == "tasks":
+        return _list_tasks()
+    return 2  # pragma: no cover - argparse enforces the commands
 
 
 if __name__ == "__main__":

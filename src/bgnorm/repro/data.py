@@ -718,7 +718,12 @@ def random_crop_batch(
     batch = torch.arange(n, device=x.device).view(n, 1, 1)
     # Advanced indexing on dims 0, 2, 3 -> (N, H, W, C); move channels back.
     out = padded.permute(0, 2, 3, 1)[batch, rows.view(n, h, 1), cols.view(n, 1, w)]
-    return out.permute(0, 3, 1, 2).contiguous()
+    # A fresh tensor with standard strides: for C = 1, .contiguous() would keep the permuted
+    # strides (size-1 dims count as contiguous), which torch 2.13's CPU convolution backward
+    # mishandles (heap corruption).
+    result = x.new_empty(n, c, h, w)
+    result.copy_(out.permute(0, 3, 1, 2))
+    return result
 
 
 class TensorBatches:

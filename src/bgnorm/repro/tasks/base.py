@@ -85,7 +85,10 @@ class Task:
         presets: preset names this task accepts (``smoke``, ``quick``, ``paper``, ...).
         cells: ``cells(preset, overrides) -> list of config dicts``; every config carries at
             least ``task`` and ``seed``. ``overrides`` holds CLI options (data root, device,
-            epochs...), already parsed; unknown keys must be ignored.
+            epochs...), already parsed; unknown keys must be ignored. A config's optional
+            ``"runtime"`` dict (data paths, loader workers: how a cell runs, not what it
+            computes) is saved with the record but left out of the cell id, so shards on
+            machines with different mount points agree on which cells are done.
         run: ``run(config, ctx) -> result dict`` (JSON-serializable metrics). Raises
             :class:`Diverged` on a non-finite loss. Must resume from ``ctx.load_checkpoint()``
             when one exists and must be deterministic on CPU for a fixed config.

@@ -1,0 +1,348 @@
+"""Adversarial training with each normalization: the ``adversarial`` task (BGN paper Table 5).
+
+A WideResNet (depth 10, widen factor 2) is trained with Madry et al.'s adversarial training
+against a 4-step L-infinity PGD attack (step 2/255, radius 0.0157 in [0, 1] pixel space) with
+Adam (lr 0.01); the report gives clean and robust (PGD) test accuracy per norm. Building blocks:
+:mod:`bgnorm.repro.adversarial`.
+
+This module also holds the small helpers the other tasks of the paper's Tables 3-7 share
+(:func:`task_preset`, :func:`norm_cell`, :func:`build_with_norm`, :func:`step_batch`,
+:func:`resume_state`), so that all of them resolve presets, norms and checkpoints the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import bgnorm
+
+from ..adversarial import PAPER_ADV, WideResNet, adversarial_train_step, robust_accuracy
+from ..norms import DISPLAY_NAMES, NormSpec, build_normed_model
+from ..report import Claim, fmt_summary, markdown_table, render_claims, summarize
+from ..train import InMemoryBatches, check_finite, derive_seed, standard_layout
+from .base import CellContext, Record, Task, register_task
+
+__all__ = [
+    "ADV_PRESETS",
+    "NORMS",
+    "TASK_ADVERSARIAL",
+    "build_with_norm",
+    "cells_adversarial",
+    "norm_cell",
+    "norm_order",
+    "report_adversarial",
+    "resume_state",
+    "run_adversarial",
+    "step_batch",
+    "task_preset",
+]
+
+#: The norms of the BGN paper's Tables 3-7, in its order.
+NORMS = ["bn", "in", "ln", "gn", "pn", "bgn"]
+_PRESETS = ("smoke", "quick", "paper")
+CHECKPOINT_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers shared by the tasks of Tables 3-7
+# --------------------------------------------------------------------------------------------
+
+
+def task_preset(presets: Mapping[str, Mapping[str, Any]], preset: str,
+                overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``presets[preset]`` with the CLI overrides applied.
+
+    Understood: ``norms``, ``seeds``, ``dataset``, ``data_root``, ``image_size``,
+    ``loader_workers`` and ``set`` (``--set key=value``, applied last); other keys are ignored.
+    """
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(presets)}")
+    cfg = copy.deepcopy(dict(presets[preset]))
+    for key in ("norms", "seeds", "dataset", "data_root", "image_size", "loader_workers"):
+        if overrides.get(key) is not None:
+            cfg[key] = overrides[key]
+    for key, value in (overrides.get("set") or {}).items():
+        cfg[key] = value
+    return cfg
+
+
+def norm_cell(task: str, cfg: Mapping[str, Any], seed: int, norm: str, keys: Sequence[str],
+              **extra: Any) -> dict[str, Any]:
+    """One cell config: ``keys`` of ``cfg``, the norm and its group count, as classify does.
+
+    BGN's G is :func:`bgnorm.paper_groups` of the batch size (the paper's policy) unless the
+    preset sets ``num_groups``; GN uses 32 groups (capped per layer, see
+    :class:`~bgnorm.repro.norms.NormSpec`).
+    """
+    name = bgnorm.canonical_name(norm)
+    cell: dict[str, Any] = {"task": task, "seed": int(seed), "norm": name}
+    cell.update({k: copy.deepcopy(cfg.get(k)) for k in keys})
+    cell["batch_size"] = int(cfg["batch_size"])
+    cell["workers"] = 1
+    if name in ("bgn", "gbgn"):
+        cell["num_groups"] = int(cfg.get("num_groups") or bgnorm.paper_groups(cell["batch_size"]))
+    if name == "gn":
+        cell["gn_groups"] = int(cfg.get("gn_groups") or bgnorm.DEFAULT_NUM_GROUPS)
+    cell.update(extra)
+    runtime = {k: cfg.get(k) for k in ("data_root", "loader_workers") if cfg.get(k) is not None}
+    if runtime:
+        cell["runtime"] = runtime
+    return cell
+
+
+def build_with_norm(build: Callable[[Callable[[int], nn.Module]], nn.Module],
+                    config: Mapping[str, Any], input_shape: Sequence[int], seed_tag: str = "init"
+                    ) -> tuple[nn.Module, NormSpec, list]:
+    """``build(norm_layer)`` with the cell's norm (seeded from the cell), on CPU."""
+    spec = NormSpec.from_config(config)
+    torch.manual_seed(derive_seed(config["seed"], seed_tag))
+    model, layers = build_normed_model(build, spec, tuple(input_shape))
+    return model, spec, layers
+
+
+def step_batch(source: InMemoryBatches, step: int, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch number ``step`` of an endless sequence of epochs (a pure function of the step)."""
+    epoch, index = divmod(step, len(source))
+    xb, yb = next(source.batches(epoch, index))
+    return standard_layout(xb.to(device)), yb.to(device)
+
+
+def resume_state(ctx: CellContext, modules: Mapping[str, Any], total: int) -> dict[str, Any]:
+    """Load ``ctx``'s checkpoint into ``modules`` (state_dict objects); returns its extra state
+    (``{"step": 0}`` for a fresh cell)."""
+    saved = ctx.load_checkpoint()
+    if saved is None:
+        return {"step": 0}
+    if saved.get("version") != CHECKPOINT_VERSION or saved.get("total") != total:
+        raise RuntimeError(f"checkpoint in {ctx.workdir} does not match this cell; delete it "
+                           "to restart the cell")
+    for name, obj in modules.items():
+        obj.load_state_dict(saved["modules"][name])
+    torch.set_rng_state(saved["rng"])
+    ctx.log(f"resumed at step {saved['state']['step']}/{total}")
+    return dict(saved["state"])
+
+
+def save_state(ctx: CellContext, modules: Mapping[str, Any], total: int,
+               state: Mapping[str, Any]) -> None:
+    """Checkpoint ``modules`` (model, optimizers), torch's RNG and ``state``."""
+    ctx.save_checkpoint({
+        "version": CHECKPOINT_VERSION, "total": total,
+        "modules": {k: v.state_dict() for k, v in modules.items()},
+        "rng": torch.get_rng_state(), "state": dict(state),
+    })
+
+
+def norm_order(records: Sequence[Record]) -> list[str]:
+    """The norms present, in the paper's order."""
+    present = {r.config["norm"] for r in records}
+    order = [n for n in NORMS if n in present]
+    return order + sorted(present - set(order))
+
+
+def norm_label(config: Mapping[str, Any]) -> str:
+    """``BN``, ``GN``, ``BGN`` ... as the tables name them."""
+    return DISPLAY_NAMES.get(config["norm"], config["norm"])
+
+
+def diverged_note(records: Sequence[Record]) -> str:
+    n = sum(r.status != "ok" for r in records)
+    return f"\"-\": diverged (non-finite loss), as in the paper ({n} run(s))." if n else ""
+
+
+def load_tensors(config: Mapping[str, Any]) -> tuple[Any, str]:
+    """``(TensorSplit, kind)`` of a cell's dataset: bundled digits in memory, or the user's
+    CIFAR-10 copy (``runtime.data_root``) loaded into memory as standardized tensors."""
+    from .. import data as D
+
+    name = config["dataset"]
+    if name in D.BUNDLED_DATASETS:
+        return D.bundled_dataset(name, seed=int(config.get("split_seed", 0)),
+                                 size=config.get("image_size")), "bundled"
+    if name == "cifar10":
+        root = (config.get("runtime") or {}).get("data_root")
+        if not root:
+            raise ValueError("dataset 'cifar10' is read from your own copy: pass --data-root")
+
+        def stack(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            ds = D.CIFAR10(root, train=train, transform=None)
+            xs, ys = zip(*(ds[i] for i in range(len(ds))), strict=True)
+            return torch.stack(xs).float(), torch.tensor(ys)
+
+        xtr, ytr = stack(True)
+        xte, yte = stack(False)
+        if xtr.max() > 1.5:
+            xtr, xte = xtr / 255.0, xte / 255.0
+        mean, std = torch.tensor(D.CIFAR10_MEAN), torch.tensor(D.CIFAR10_STD)
+        sh = (1, 3, 1, 1)
+        return D.TensorSplit(
+            (xtr - mean.view(sh)) / std.view(sh), ytr, (xte - mean.view(sh)) / std.view(sh), yte,
+            10, 3, "cifar10", tuple(D.CIFAR10_MEAN), tuple(D.CIFAR10_STD)), "cifar10"
+    raise ValueError(f"unknown dataset {name!r} for this task (bundled: "
+                     f"{', '.join(D.BUNDLED_DATASETS)}; or cifar10 with --data-root)")
+
+
+# --------------------------------------------------------------------------------------------
+# Presets and cells
+# --------------------------------------------------------------------------------------------
+
+#: Presets of the ``adversarial`` task. ``steps`` are optimizer steps of ``batch_size``.
+ADV_PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "dataset": "digits", "image_size": None, "depth": 10, "widen_factor": 1,
+        "batch_size": 32, "steps": 4, "lr": PAPER_ADV["lr"], "eps": PAPER_ADV["eps"],
+        "step_size": PAPER_ADV["step_size"], "attack_steps": PAPER_ADV["steps"],
+        "eval_examples": 64, "eval_batch_size": 64, "norms": ["bn", "bgn"], "seeds": [0],
+    },
+    "quick": {
+        "dataset": "mnist5k", "image_size": 16, "depth": 10, "widen_factor": 2,
+        "batch_size": 64, "steps": 60, "lr": PAPER_ADV["lr"], "eps": PAPER_ADV["eps"],
+        "step_size": PAPER_ADV["step_size"], "attack_steps": PAPER_ADV["steps"],
+        "eval_examples": 300, "eval_batch_size": 300, "norms": NORMS, "seeds": [0],
+    },
+    "paper": {
+        # WRN-10-2, PGD-4 (2/255, 0.0157), Adam 0.01 (paper); 100 epochs of batch 128 at a
+        # constant lr on CIFAR-10 (50,000 images: 390 steps per epoch) is this suite's choice.
+        "dataset": "cifar10", "image_size": 32, "depth": 10, "widen_factor": 2,
+        "batch_size": 128, "steps": 39000, "lr": PAPER_ADV["lr"], "eps": PAPER_ADV["eps"],
+        "step_size": PAPER_ADV["step_size"], "attack_steps": PAPER_ADV["steps"],
+        "eval_examples": 10000, "eval_batch_size": 500, "norms": NORMS, "seeds": [0],
+    },
+}
+_ADV_KEYS = ("dataset", "image_size", "depth", "widen_factor", "steps", "lr", "eps",
+             "step_size", "attack_steps", "eval_examples", "eval_batch_size")
+
+
+def cells_adversarial(preset: str, overrides: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One cell per norm x seed."""
+    cfg = task_preset(ADV_PRESETS, preset, overrides)
+    if cfg["dataset"] == "cifar10" and not cfg.get("data_root"):
+        raise ValueError("the paper preset reads CIFAR-10 from your own copy: pass --data-root "
+                         "DIR (nothing is downloaded)")
+    return [norm_cell("adversarial", cfg, s, n, _ADV_KEYS) for s in cfg["seeds"]
+            for n in cfg["norms"]]
+
+
+# --------------------------------------------------------------------------------------------
+# Running one cell
+# --------------------------------------------------------------------------------------------
+
+
+def run_adversarial(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
+    """Adversarially train a WRN with the cell's norm; clean and PGD accuracy on the test set."""
+    from ..adversarial import normalized_attack_params
+
+    device = ctx.device
+    split, _ = load_tensors(config)
+    shape = (split.in_channels, *split.image_size)
+    model, spec, layers = build_with_norm(
+        lambda nl: WideResNet(int(config["depth"]), int(config["widen_factor"]),
+                              split.num_classes, nl, split.in_channels), config, shape)
+    model.to(device)
+    eps, step, (lo, hi) = normalized_attack_params(split.mean, split.std, float(config["eps"]),
+                                                   float(config["step_size"]))
+    eps, step = eps.to(device), step.to(device)
+    clamp = (lo.to(device), hi.to(device))
+    train = InMemoryBatches(split.x_train, split.y_train, spec.total_batch,
+                            seed=derive_seed(config["seed"], "data"))
+    optimizer = torch.optim.Adam(model.parameters(), lr=float(config["lr"]))
+    total = int(config["steps"])
+    modules = {"model": model, "optimizer": optimizer}
+    state = resume_state(ctx, modules, total)
+    state.setdefault("losses", [])
+    state.setdefault("seconds", 0.0)
+    t0 = time.perf_counter()
+    while state["step"] < total:
+        xb, yb = step_batch(train, state["step"], device)
+        g = torch.Generator(device=device)
+        g.manual_seed(derive_seed(config["seed"], "pgd", state["step"]))
+        m = adversarial_train_step(model, optimizer, xb, yb, eps=eps, step_size=step,
+                                   steps=int(config["attack_steps"]), clamp=clamp, generator=g)
+        check_finite(m["loss"], f"adversarial training loss at step {state['step'] + 1}",
+                     {"step": state["step"]})
+        state["step"] += 1
+        state["losses"].append(m["loss"])
+        ctx.progress(state["step"], total, loss=m["loss"])
+        if ctx.checkpoint_due():
+            save_state(ctx, modules, total, {**state, "seconds": state["seconds"]
+                                             + time.perf_counter() - t0})
+    state["seconds"] += time.perf_counter() - t0
+    save_state(ctx, modules, total, state)
+    n = min(int(config["eval_examples"]), len(split.y_test))
+    g = torch.Generator(device=device)
+    g.manual_seed(derive_seed(config["seed"], "eval-pgd"))
+    r = robust_accuracy(model, split.x_test[:n], split.y_test[:n], eps=eps, step_size=step,
+                        steps=int(config["attack_steps"]), clamp=clamp,
+                        batch_size=int(config["eval_batch_size"]), generator=g, device=device)
+    tail = state["losses"][-10:]
+    return {
+        "clean_acc": 100.0 * r["clean_accuracy"], "robust_acc": 100.0 * r["robust_accuracy"],
+        "acc": 100.0 * r["robust_accuracy"], "n_test": r["n"], "steps": total,
+        "train_loss": sum(tail) / max(len(tail), 1), "train_seconds": state["seconds"],
+        "norm": spec.describe(), "params": sum(p.numel() for p in model.parameters()),
+        "groups_adjusted": sum(l.adjusted for l in layers),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def report_adversarial(records: list[Record], out_dir: Path) -> str:
+    """BGN paper Table 5: clean and PGD accuracy per norm."""
+    title = "## Adversarial training (BGN paper Table 5)"
+    if not records:
+        return title + "\n\nNo results yet.\n"
+    clean = summarize(records, lambda r: r.config["norm"], "clean_acc")
+    robust = summarize(records, lambda r: r.config["norm"], "robust_acc")
+    order = norm_order(records)
+    rows = [[DISPLAY_NAMES.get(n, n), fmt_summary(clean.get(n)), fmt_summary(robust.get(n))]
+            for n in order]
+    table = markdown_table(["norm", "clean accuracy (%)", "PGD accuracy (%)"], rows)
+    c = records[0].config
+    n_test = min(int(r.result.get("n_test") or 0) for r in records if r.status == "ok") \
+        if any(r.status == "ok" for r in records) else 0
+    notes = [
+        f"*Protocol:* {c['dataset']} ({c.get('image_size') or 'native'} px), "
+        f"WRN-{c['depth']}-{c['widen_factor']}, {c['steps']} Adam steps of {c['batch_size']} "
+        f"(lr {c['lr']:g}) on PGD-{c['attack_steps']} examples (step {c['step_size']:.4f}, "
+        f"radius {c['eps']:g} in [0, 1] pixel space, random start); accuracy on {n_test} test "
+        "images, clean and under the same PGD attack.",
+    ]
+    if c["steps"] < 1000:
+        notes.append(
+            "*What this preset can show:* the pipeline end to end and coarse differences "
+            "between norms after a short run on digits; not the paper's CIFAR-10 numbers, and "
+            "gaps of a few points are within the noise of one seed and "
+            f"{n_test} test images.")
+    d = diverged_note(records)
+    if d:
+        notes.append(d)
+    ok = {n: robust[n].mean for n in order if n in robust and robust[n].ok}
+    claim = "BGN has the best robust accuracy"
+    if "bgn" in ok and len(ok) > 1:
+        best = max((v, n) for n, v in ok.items() if n != "bgn")
+        gap = ok["bgn"] - best[0]
+        verdict = "held" if gap > 0 else "did not hold"
+        ev = (f"BGN {ok['bgn']:.2f}% vs best other ({DISPLAY_NAMES.get(best[1], best[1])}) "
+              f"{best[0]:.2f}% ({gap:+.2f} pp), one run each.")
+        claims = [Claim(claim, verdict, ev)]
+    else:
+        claims = [Claim(claim, "not tested", "Needs BGN and another norm.")]
+    return "\n".join([title, "", table, "", " ".join(notes), "", "### Claims checked", "",
+                      render_claims(claims), ""])
+
+
+TASK_ADVERSARIAL = register_task(Task(
+    name="adversarial", presets=_PRESETS, cells=cells_adversarial, run=run_adversarial,
+    report=report_adversarial, title="Adversarial training (BGN paper Table 5)",
+))

@@ -1,0 +1,749 @@
+"""Image classification with each normalization: the ``batch-size``, ``g-sweep`` and ``groups``
+tasks.
+
+``batch-size``
+    BGN paper Table 2 / Fig. 1 (bottom): top-1 accuracy of BN, IN, LN, GN (32 groups), PN, GBGN
+    and BGN (G from :func:`bgnorm.paper_groups`) at 128, 64, 32, 16, 8, 4 and 2 images per
+    worker.
+``g-sweep``
+    BGN paper Table 1: BGN with G = 512 ... 1 at the largest and the smallest batch size.
+``groups``
+    GN paper Table 3: GN's number of groups (64 ... 1 = LN) and channels per group
+    (64 ... 1 = IN) at 32 images per worker, with BN and no normalization as baselines.
+
+All three train the same way (:func:`run_classify`): a model from :mod:`bgnorm.repro.models`
+with the cell's norm (:class:`bgnorm.repro.norms.NormSpec`, virtual workers included), SGD with
+the linearly scaled learning rate and step decay (:mod:`bgnorm.repro.train`), and the median of
+the last epochs' test accuracies. Presets: :mod:`bgnorm.repro.presets`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import bgnorm
+
+from ..norms import DISPLAY_NAMES, PER_EXAMPLE, NormSpec, build_normed_model
+from ..presets import apply_overrides, classify_preset, workers_for
+from ..report import (
+    Claim,
+    Summary,
+    fmt_summary,
+    line_plot,
+    markdown_table,
+    noise_level,
+    render_claims,
+    summarize,
+)
+from ..train import (
+    ClassifyRecipe,
+    InMemoryBatches,
+    LoaderBatches,
+    derive_seed,
+    scaled_lr,
+    train_classifier,
+)
+from .base import CellContext, Record, Task, register_task
+
+__all__ = [
+    "TASK_BATCH_SIZE",
+    "TASK_G_SWEEP",
+    "TASK_GROUPS",
+    "cells_batch_size",
+    "cells_g_sweep",
+    "cells_groups",
+    "load_classification_data",
+    "report_batch_size",
+    "report_g_sweep",
+    "report_groups",
+    "run_classify",
+]
+
+_PRESETS = ("smoke", "quick", "paper")
+#: Keys of a preset copied into every cell (the sweep axes are expanded instead).
+_CELL_KEYS = (
+    "dataset", "image_size", "split_seed", "test_fraction", "model", "model_kwargs",
+    "zero_init_residual", "epochs", "median_of", "base_lr", "lr_reference_batch", "momentum",
+    "weight_decay", "milestones", "lr_gamma", "warmup_epochs", "crop_padding", "hflip", "amp",
+    "eval_batch_size",
+)
+_RUNTIME_KEYS = ("data_root", "loader_workers")
+_COST_RANK = {"gbgn": 0, "bn": 1, "bgn": 2, "pn": 3, "ln": 4, "gn": 5, "in": 6, "none": 7}
+
+
+# --------------------------------------------------------------------------------------------
+# Cells
+# --------------------------------------------------------------------------------------------
+
+
+def _preset(preset: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    cfg = apply_overrides(classify_preset(preset), overrides)
+    if cfg["dataset"] in ("imagenet", "imagefolder", "cifar10") and not cfg.get("data_root"):
+        raise ValueError(
+            f"dataset {cfg['dataset']!r} is read from your own copy: pass --data-root DIR "
+            "(nothing is downloaded); see docs/reproduction.md"
+        )
+    return cfg
+
+
+def _cell(task: str, cfg: Mapping[str, Any], seed: int, norm: str, batch_size: int,
+          **extra: Any) -> dict[str, Any]:
+    """One cell config: the preset's training keys plus the norm and its worker split."""
+    name = bgnorm.canonical_name(norm)
+    workers = workers_for(cfg, batch_size)
+    cell: dict[str, Any] = {"task": task, "seed": int(seed), "norm": name}
+    cell.update({k: cfg.get(k) for k in _CELL_KEYS})
+    cell["batch_size"] = int(batch_size)
+    cell["workers"] = workers
+    if name in ("bgn", "gbgn"):
+        cell["num_groups"] = int(extra.pop("num_groups", None) or bgnorm.paper_groups(batch_size))
+    if name == "gbgn":
+        cell["gbgn_examples"] = min(int(cfg.get("gbgn_examples") or batch_size), batch_size)
+    if name == "gn" and "gn_channels_per_group" not in extra:
+        cell["gn_groups"] = int(extra.pop("gn_groups", None) or bgnorm.DEFAULT_NUM_GROUPS)
+    cell.update(extra)
+    if name in PER_EXAMPLE:
+        # Per-example statistics do not see the worker split: the run depends on the examples
+        # per step only, so one run stands for every per-worker size with that total.
+        cell["batch_size"], cell["workers"] = workers * int(batch_size), 1
+        cell["covers_batch_sizes"] = [int(batch_size)]
+    cell["lr"] = scaled_lr(cfg["base_lr"], cell["batch_size"], cell["workers"],
+                           cfg["lr_reference_batch"])
+    runtime = {k: cfg.get(k) for k in _RUNTIME_KEYS if cfg.get(k) is not None}
+    if runtime:
+        cell["runtime"] = runtime
+    return cell
+
+
+def _merge_covered(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Merge per-example cells that are the same run for several per-worker batch sizes."""
+    out: list[dict[str, Any]] = []
+    index: dict[str, int] = {}
+    from ..store import cell_id
+
+    for c in cells:
+        if "covers_batch_sizes" not in c:
+            out.append(c)
+            continue
+        key = cell_id({k: v for k, v in c.items() if k != "covers_batch_sizes"})
+        if key in index:
+            prev = out[index[key]]
+            prev["covers_batch_sizes"] = sorted(
+                set(prev["covers_batch_sizes"]) | set(c["covers_batch_sizes"]), reverse=True)
+        else:
+            index[key] = len(out)
+            out.append(c)
+    return out
+
+
+def cells_batch_size(preset: str, overrides: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Cells of the ``batch-size`` task: every norm x per-worker batch size x seed."""
+    cfg = _preset(preset, overrides)
+    # Slowest cells first (fewer stragglers at the end of a parallel sweep): GBGN/BN with many
+    # small statistic groups, then BGN, then the per-example norms; large G first.
+    norms = sorted(cfg["norms"], key=lambda n: _COST_RANK.get(bgnorm.canonical_name(n), 9))
+    cells = [
+        _cell("batch-size", cfg, seed, norm, b)
+        for seed in cfg["seeds"]
+        for norm in norms
+        for b in sorted(cfg["batch_sizes"], reverse=True)
+    ]
+    return _merge_covered(cells)
+
+
+def cells_g_sweep(preset: str, overrides: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Cells of the ``g-sweep`` task: BGN with every G at the largest and smallest batch."""
+    cfg = _preset(preset, overrides)
+    sizes = cfg.get("g_sweep_batch_sizes") or sorted(
+        {max(cfg["batch_sizes"]), min(cfg["batch_sizes"])}, reverse=True)
+    return [
+        _cell("g-sweep", cfg, seed, "bgn", b, num_groups=int(g))
+        for seed in cfg["seeds"]
+        for b in sizes
+        for g in sorted(cfg["g_sweep"], reverse=True)
+    ]
+
+
+def cells_groups(preset: str, overrides: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Cells of the ``groups`` task: GN by number of groups and by channels per group, plus
+    the baselines (BN, no normalization), all at ``groups_batch_size`` images per worker."""
+    cfg = _preset(preset, overrides)
+    b = int(cfg["groups_batch_size"])
+    cells = []
+    for seed in cfg["seeds"]:
+        cells += [_cell("groups", cfg, seed, "gn", b, gn_groups=int(g)) for g in cfg["gn_groups"]]
+        cells += [_cell("groups", cfg, seed, "gn", b, gn_channels_per_group=int(k))
+                  for k in cfg["gn_channels_per_group"]]
+        cells += [_cell("groups", cfg, seed, n, b) for n in cfg["groups_baselines"]]
+    return cells
+
+
+# --------------------------------------------------------------------------------------------
+# Running one cell
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _bundled(name: str, size: int | None, split_seed: int, test_fraction: float):
+    from ..data import bundled_dataset
+
+    return bundled_dataset(name, seed=split_seed, test_fraction=test_fraction, size=size)
+
+
+def load_classification_data(
+    config: Mapping[str, Any], device: torch.device, train_batch: int
+) -> tuple[Any, Any, dict[str, Any]]:
+    """``(train, test, info)`` batch sources for a cell config.
+
+    Bundled digits (``mnist5k``, ``digits``) are held in memory on ``device``
+    (:class:`~bgnorm.repro.train.InMemoryBatches`); ``cifar10`` (python-pickle batches) and
+    ``imagenet``/``imagefolder`` (``root/train``, ``root/val`` class folders) are read from
+    ``config["runtime"]["data_root"]`` through DataLoaders. ``info`` has ``num_classes``,
+    ``in_channels``, ``input_shape`` and ``n_test``.
+    """
+    from .. import data as D
+
+    name = config["dataset"]
+    seed = derive_seed(config["seed"], "data")
+    runtime = config.get("runtime") or {}
+    if name in D.BUNDLED_DATASETS:
+        split = _bundled(name, config.get("image_size"), int(config.get("split_seed", 0)),
+                         float(config.get("test_fraction", 0.2)))
+        xtr, ytr = split.x_train.to(device), split.y_train.to(device)
+        xte, yte = split.x_test.to(device), split.y_test.to(device)
+        train = InMemoryBatches(
+            xtr, ytr, train_batch, seed=seed, drop_last=True,
+            crop_padding=int(config.get("crop_padding") or 0),
+            pad_value=split.background_value().to(device), hflip=bool(config.get("hflip")),
+        )
+        test = InMemoryBatches(xte, yte, int(config.get("eval_batch_size") or 500),
+                               shuffle=False, drop_last=False)
+        info = {"num_classes": split.num_classes, "in_channels": split.in_channels,
+                "input_shape": (split.in_channels, *split.image_size), "n_test": len(yte)}
+        return train, test, info
+    root = runtime.get("data_root")
+    if not root:
+        raise ValueError(f"dataset {name!r} needs a data root (--data-root)")
+    size = int(config.get("image_size") or 224)
+    if name == "cifar10":
+        train_ds = D.CIFAR10(root, train=True, transform=D.cifar_train_transform())
+        test_ds = D.CIFAR10(root, train=False, transform=D.cifar_eval_transform())
+        num_classes, shape = len(train_ds.classes), (3, 32, 32)
+    elif name in ("imagenet", "imagefolder"):
+        root_p = Path(root).expanduser()
+        val_dir = root_p / "val" if (root_p / "val").is_dir() else root_p / "test"
+        train_ds = D.ImageFolder(root_p / "train", transform=D.imagenet_train_transform(size))
+        test_ds = D.ImageFolder(
+            val_dir, transform=D.imagenet_eval_transform(size, resize=round(size * 256 / 224)))
+        if train_ds.classes != test_ds.classes:
+            raise ValueError(f"{root_p}: train and {val_dir.name} have different class folders")
+        num_classes, shape = len(train_ds.classes), (3, size, size)
+    else:
+        raise ValueError(f"unknown dataset {name!r}")
+    workers = int(runtime.get("loader_workers") or 0)
+    pin = device.type == "cuda"
+    train = LoaderBatches(train_ds, train_batch, seed=seed, num_workers=workers, pin_memory=pin)
+    test = LoaderBatches(test_ds, int(config.get("eval_batch_size") or 100), seed=seed,
+                         shuffle=False, drop_last=False, num_workers=workers, pin_memory=pin)
+    info = {"num_classes": num_classes, "in_channels": 3, "input_shape": shape,
+            "n_test": len(test_ds)}
+    return train, test, info
+
+
+def run_classify(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
+    """Train and evaluate one classification cell (all three tasks); see the module docstring.
+
+    Deterministic on CPU for a fixed config; resumes from ``ctx``'s checkpoint.
+    """
+    from ..models import build_model
+
+    device = ctx.device
+    spec = NormSpec.from_config(config)
+    train, test, info = load_classification_data(config, device, spec.total_batch)
+
+    def build(norm_layer):
+        return build_model(
+            config["model"], info["num_classes"], norm_layer, info["in_channels"],
+            zero_init_residual=bool(config.get("zero_init_residual")),
+            **dict(config.get("model_kwargs") or {}),
+        )
+
+    torch.manual_seed(derive_seed(config["seed"], "init"))
+    model, layers = build_normed_model(build, spec, info["input_shape"])
+    model.to(device)
+    recipe = ClassifyRecipe(
+        epochs=int(config["epochs"]),
+        lr=float(config["lr"]),
+        momentum=float(config["momentum"]),
+        weight_decay=float(config["weight_decay"]),
+        milestones=tuple(config["milestones"]),
+        gamma=float(config.get("lr_gamma", 0.1)),
+        warmup_epochs=float(config.get("warmup_epochs") or 0),
+        median_of=int(config["median_of"]),
+        check_every=1 if device.type == "cpu" else 50,
+    )
+    result = train_classifier(model, train, test, recipe, ctx, device, config.get("amp"))
+    result.update(
+        norm=spec.describe(),
+        n_test=info["n_test"],
+        params=sum(p.numel() for p in model.parameters()),
+        layers=[[l.channels, list(l.spatial), l.groups] for l in layers],
+        groups_adjusted=sum(l.adjusted for l in layers),
+    )
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------------
+
+
+def _n_test(records: Sequence[Record]) -> int:
+    ns = [int(r.result.get("n_test") or 0) for r in records if r.status == "ok"]
+    return min(ns) if ns else 0
+
+
+def _protocol(records: Sequence[Record]) -> str:
+    c = records[0].config
+    model = c["model"] + "".join(
+        f" {k}={v}" for k, v in sorted((c.get("model_kwargs") or {}).items()))
+    size = c.get("image_size") or "native"
+    seeds = sorted({r.config["seed"] for r in records})
+    ms = ", ".join(f"{m:g}" for m in c["milestones"])
+    return (
+        f"*Protocol:* {c['dataset']} ({size} px), {model}; {c['epochs']} epochs, SGD momentum "
+        f"{c['momentum']:g}, weight decay {c['weight_decay']:g}, lr {c['base_lr']:g} per "
+        f"{c['lr_reference_batch']} examples per step scaled linearly, decayed "
+        f"x{c.get('lr_gamma', 0.1):g} at {ms} of training; accuracy = median of the last "
+        f"{c['median_of']} epochs' test accuracies (top-1, %), mean over {len(seeds)} seed(s); "
+        f"amp: {c.get('amp') or 'none'}."
+    )
+
+
+def _covered(rec: Record) -> list[int]:
+    return list(rec.config.get("covers_batch_sizes") or [rec.config["batch_size"]])
+
+
+def _col_protocol(records: Sequence[Record], sizes: Sequence[int]) -> list[list[str]]:
+    """Rows "virtual workers", "examples/step", "lr" for a batch-size table."""
+    by_b: dict[int, dict[str, Any]] = {}
+    for r in records:
+        c = r.config
+        if c["norm"] not in PER_EXAMPLE:
+            by_b.setdefault(c["batch_size"], c)
+    for r in records:  # per-example cells know the total batch only
+        for b in _covered(r):
+            if b not in by_b:
+                c = r.config
+                by_b[b] = {**c, "batch_size": b, "workers": c["batch_size"] // b}
+    rows = [["*virtual workers W*"], ["*examples / step*"], ["*learning rate*"]]
+    for b in sizes:
+        c = by_b.get(b)
+        rows[0].append(str(c["workers"]) if c else "")
+        rows[1].append(str(c["workers"] * c["batch_size"]) if c else "")
+        rows[2].append(f"{c['lr']:g}" if c else "")
+    return rows
+
+
+def _fmt_delta(x: float) -> str:
+    return f"{x:+.2f}"
+
+
+def _batch_size_claims(acc: dict[tuple[str, int], Summary], sizes: list[int], n_test: int
+                       ) -> list[Claim]:
+    def get(norm: str, b: int) -> float | None:
+        s = acc.get((norm, b))
+        return s.mean if s is not None and s.ok else None
+
+    def diverged(norm: str, b: int) -> bool:
+        s = acc.get((norm, b))
+        return s is not None and not s.ok
+
+    claims = []
+    small = min(sizes)
+    tol, tol_txt = noise_level(acc.values(), n_test)
+
+    # 1. BN degrades at small batch.
+    bn = {b: get("bn", b) for b in sizes}
+    bn_ok = {b: v for b, v in bn.items() if v is not None}
+    if diverged("bn", small):
+        claims.append(Claim("BN degrades at small batch sizes", "held",
+                            f"BN diverged at batch {small}."))
+    elif len(bn_ok) >= 2 and bn_ok.get(small) is not None:
+        best_b = max(bn_ok, key=bn_ok.get)
+        drop = bn_ok[best_b] - bn_ok[small]
+        verdict = "held" if drop > tol else "did not hold"
+        claims.append(Claim(
+            "BN degrades at small batch sizes", verdict,
+            f"BN: {bn_ok[best_b]:.2f} at batch {best_b} (its best) vs {bn_ok[small]:.2f} at "
+            f"batch {small}, a drop of {drop:.2f} pp; {tol_txt}."))
+    else:
+        claims.append(Claim("BN degrades at small batch sizes", "not tested",
+                            "BN was not run at two or more batch sizes."))
+
+    # 2. BGN is stable across batch sizes.
+    bgn = {b: get("bgn", b) for b in sizes}
+    bgn_ok = {b: v for b, v in bgn.items() if v is not None}
+    if len(bgn_ok) >= 2:
+        spread = max(bgn_ok.values()) - min(bgn_ok.values())
+        bn_spread = (max(bn_ok.values()) - min(bn_ok.values())) if len(bn_ok) >= 2 else None
+        div = [b for b in sizes if diverged("bgn", b)]
+        verdict = "held" if spread <= tol and not div else "did not hold"
+        ev = (f"BGN ranges over {spread:.2f} pp ({min(bgn_ok.values()):.2f}-"
+              f"{max(bgn_ok.values()):.2f}) across batch sizes {', '.join(map(str, sizes))}")
+        if bn_spread is not None:
+            ev += f" (BN: {bn_spread:.2f} pp)"
+        if div:
+            ev += f"; diverged at {', '.join(map(str, div))}"
+        claims.append(Claim("BGN is stable across batch sizes", verdict, ev + f"; {tol_txt}."))
+    else:
+        claims.append(Claim("BGN is stable across batch sizes", "not tested",
+                            "BGN was not run at two or more batch sizes."))
+
+    # 3. BGN beats the others.
+    others = sorted({n for n, _ in acc if n != "bgn"})
+    rows, top, worse = [], [], []
+    for b in sizes:
+        v = get("bgn", b)
+        cand = [(get(n, b), n) for n in others if get(n, b) is not None]
+        if v is None or not cand:
+            continue
+        best_v, best_n = max(cand)
+        gap = v - best_v
+        rows.append(f"{b}: {gap:+.2f} vs {DISPLAY_NAMES.get(best_n, best_n)}")
+        if gap >= 0:
+            top.append(b)
+        elif -gap > tol:
+            worse.append(b)
+    if not rows:
+        claims.append(Claim("BGN beats the other norms", "not tested",
+                            "BGN and at least one other norm are needed at a common batch size."))
+    else:
+        n = len(rows)
+        if worse:
+            verdict = "did not hold"
+        elif len(top) == n:
+            verdict = "held"
+        else:
+            verdict = "inconclusive"
+        ev = (f"BGN was the best norm at {len(top)} of {n} batch sizes and significantly worse "
+              f"than the best other norm at {len(worse)}"
+              f"{' (' + ', '.join(map(str, worse)) + ')' if worse else ''}; BGN minus the best "
+              f"other norm per batch size: {'; '.join(rows)} (pp); {tol_txt}.")
+        claims.append(Claim("BGN beats the other norms at every batch size", verdict, ev))
+    return claims
+
+
+def report_batch_size(records: list[Record], out_dir: Path) -> str:
+    """BGN paper Table 2 (norm x batch size) + Fig. 1 (bottom) plot + claim checks."""
+    if not records:
+        return "## Accuracy vs batch size (BGN paper Table 2)\n\nNo results yet.\n"
+    sizes = sorted({b for r in records for b in _covered(r)}, reverse=True)
+    norms_present = {r.config["norm"] for r in records}
+    order = [n for n in ("bn", "in", "ln", "gn", "pn", "gbgn", "bgn", "none")
+             if n in norms_present]
+    order += sorted(norms_present - set(order))
+
+    def key(r: Record):
+        return [(r.config["norm"], b) for b in _covered(r)]
+
+    acc = summarize(records, key)
+    header = ["norm", *map(str, sizes)]
+    rows = [[DISPLAY_NAMES.get(n, n), *(fmt_summary(acc.get((n, b))) for b in sizes)]
+            for n in order]
+    rows += _col_protocol(records, sizes)
+    g_row = ["*BGN's G*"]
+    for b in sizes:
+        gs = {r.config.get("num_groups") for r in records
+              if r.config["norm"] == "bgn" and r.config["batch_size"] == b}
+        g_row.append(",".join(str(g) for g in sorted(gs)) if gs else "")
+    rows.append(g_row)
+    table = markdown_table(header, rows)
+    plot = line_plot(
+        out_dir / "batch-size.png",
+        {DISPLAY_NAMES.get(n, n): [(b, acc[(n, b)].mean if (n, b) in acc and acc[(n, b)].ok
+                                    else None) for b in sizes] for n in order},
+        xlabel="batch size (images per worker)", ylabel="top-1 accuracy (%)",
+        title="Accuracy vs batch size", descending_x=True,
+    )
+    notes = [_protocol(records)]
+    notes.append(
+        "*Virtual workers:* each column's batch is split into W slices of b examples; BN, GBGN "
+        "and BGN compute statistics per slice (running statistics averaged over the slices), "
+        "the optimizer steps on the whole W x b batch. IN, LN, GN and PN do not depend on the "
+        "split, so where two columns have the same examples per step one run fills both.")
+    gbgn = [r for r in records if r.config["norm"] == "gbgn"]
+    if gbgn:
+        es = sorted({r.config["gbgn_examples"] for r in gbgn})
+        notes.append(f"*GBGN:* batch groups of e = {', '.join(map(str, es))} examples "
+                     "(capped at b), G as BGN's.")
+    adjusted = _adjusted_note(records)
+    if adjusted:
+        notes.append(adjusted)
+    n_div = sum(r.status != "ok" for r in records)
+    if n_div:
+        notes.append(f"\"-\": diverged (non-finite loss), as in the paper ({n_div} run(s)).")
+    parts = ["## Accuracy vs batch size (BGN paper Table 2, Fig. 1 bottom)", "", table, ""]
+    parts += [" ".join(notes), ""]
+    if plot:
+        parts += [f"![accuracy vs batch size]({plot.name})", ""]
+    parts += ["### Claims checked", "",
+              render_claims(_batch_size_claims(acc, sizes, _n_test(records))), ""]
+    return "\n".join(parts)
+
+
+def _adjusted_note(records: Sequence[Record]) -> str:
+    """Which requested group counts did not fit some layers (see NormSpec.layer_groups)."""
+    seen: dict[tuple[str, int | None], set[int]] = {}
+    for r in records:
+        if r.status != "ok" or not r.result.get("groups_adjusted"):
+            continue
+        c = r.config
+        requested = c.get("num_groups") if c["norm"] in ("bgn", "gbgn") else c.get("gn_groups")
+        if requested is None and c.get("gn_channels_per_group"):
+            continue  # channels per group: G = C / k by construction
+        used = {int(l[2]) for l in r.result.get("layers", []) if l[2] != requested}
+        seen.setdefault((c["norm"], requested), set()).update(used)
+    if not seen:
+        return ""
+    items = [f"{DISPLAY_NAMES.get(n, n)} G={g} -> {', '.join(map(str, sorted(u)))}"
+             for (n, g), u in sorted(seen.items(), key=lambda kv: (kv[0][0], -(kv[0][1] or 0)))]
+    return ("*Group counts that did not fit a layer* (G must divide C·H·W for BGN, C for GN) "
+            "used the largest valid value below them in those layers: " + "; ".join(items) + ".")
+
+
+def report_g_sweep(records: list[Record], out_dir: Path) -> str:
+    """BGN paper Table 1 (batch size x G) + accuracy-vs-G plot + the G claim."""
+    title = "## BGN's G at the largest and smallest batch size (BGN paper Table 1)"
+    if not records:
+        return title + "\n\nNo results yet.\n"
+    acc = summarize(records, lambda r: (r.config["batch_size"], r.config["num_groups"]))
+    sizes = sorted({b for b, _ in acc}, reverse=True)
+    gs = sorted({g for _, g in acc}, reverse=True)
+    header = ["batch size \\ G", *map(str, gs)]
+    rows = []
+    for b in sizes:
+        row = [str(b)]
+        for g in gs:
+            cell = fmt_summary(acc.get((b, g)))
+            if g == bgnorm.paper_groups(b) and cell not in ("?",):
+                cell = f"**{cell}**"
+            row.append(cell)
+        rows.append(row)
+    table = markdown_table(header, rows)
+    plot = line_plot(
+        out_dir / "g-sweep.png",
+        {f"batch {b}": [(g, acc[(b, g)].mean if (b, g) in acc and acc[(b, g)].ok else None)
+                        for g in gs] for b in sizes},
+        xlabel="G (groups over C·H·W)", ylabel="top-1 accuracy (%)", title="BGN: accuracy vs G",
+    )
+    n_test = _n_test(records)
+    claims = _g_claims(acc, sizes, gs, n_test)
+    notes = [_protocol(records), "**Bold**: the G that `bgnorm.paper_groups` gives for that "
+             "batch size (the paper's choice)."]
+    adjusted = _adjusted_note(records)
+    if adjusted:
+        notes.append(adjusted)
+    parts = [title, "", table, "", " ".join(notes), ""]
+    if plot:
+        parts += [f"![accuracy vs G]({plot.name})", ""]
+    parts += ["### Claims checked", "", render_claims(claims), ""]
+    return "\n".join(parts)
+
+
+def _g_claims(acc: dict[Any, Summary], sizes: list[int], gs: list[int], n_test: int
+              ) -> list[Claim]:
+    claim = "Large G is best at large batch sizes, small G at small batch sizes"
+    if len(sizes) < 2 or len(gs) < 2:
+        return [Claim(claim, "not tested", "Needs G values at two batch sizes.")]
+    big, small = max(sizes), min(sizes)
+
+    def curve(b: int) -> dict[int, float]:
+        return {g: acc[(b, g)].mean for g in gs if (b, g) in acc and acc[(b, g)].ok}
+
+    cb, cs = curve(big), curve(small)
+    if len(cb) < 2 or len(cs) < 2:
+        return [Claim(claim, "not tested", "Too few finished G values at one batch size.")]
+    tol, tol_txt = noise_level(acc.values(), n_test)
+    best_big, best_small = max(cb, key=cb.get), max(cs, key=cs.get)
+    # The G values within noise of each batch size's best; the claim needs the large batch's
+    # near-best G to lie above the small batch's.
+    near_big = sorted(g for g, v in cb.items() if v >= cb[best_big] - tol)
+    near_small = sorted(g for g, v in cs.items() if v >= cs[best_small] - tol)
+    ev = (f"Best G at batch {big}: {best_big} ({cb[best_big]:.2f}), at batch {small}: "
+          f"{best_small} ({cs[best_small]:.2f}); G within noise of the best: "
+          f"{{{', '.join(map(str, near_big))}}} at batch {big}, "
+          f"{{{', '.join(map(str, near_small))}}} at batch {small}; {tol_txt}.")
+    if min(near_big) > max(near_small):
+        verdict = "held"
+    elif max(near_big) < min(near_small):
+        verdict = "did not hold"
+    else:
+        verdict = "inconclusive"
+        if best_big < best_small:
+            ev = "The best G grew as the batch shrank, within noise. " + ev
+        elif best_big == best_small:
+            ev = "The same G was best at both batch sizes. " + ev
+    claims = [Claim(claim, verdict, ev)]
+    g_max = max(set(cb) & set(cs)) if set(cb) & set(cs) else None
+    if g_max is not None and best_big in cs and g_max != best_big:
+        drop_max = cb[g_max] - cs[g_max]
+        drop_best = cb[best_big] - cs[best_big]
+        extra = drop_max - drop_best
+        verdict = "held" if extra > tol else "did not hold" if extra < -tol else "inconclusive"
+        claims.append(Claim(
+            "Large G suffers at small batch sizes (too few values per statistic)", verdict,
+            f"From batch {big} to batch {small}, G={g_max} loses {drop_max:+.2f} pp "
+            f"({cb[g_max]:.2f} -> {cs[g_max]:.2f}) and the best G at batch {big} (G={best_big}) "
+            f"loses {drop_best:+.2f} pp: {extra:+.2f} pp more at the large G; {tol_txt}."))
+    paper = []
+    for b, c in ((big, cb), (small, cs)):
+        g = bgnorm.paper_groups(b)
+        if g in c:
+            best = max(c, key=c.get)
+            paper.append(f"batch {b}: paper's G={g} {c[g]:.2f} vs best G={best} {c[best]:.2f} "
+                         f"({c[g] - c[best]:+.2f})")
+    if paper:
+        within = all(
+            max(c.values()) - c[bgnorm.paper_groups(b)] <= tol
+            for b, c in ((big, cb), (small, cs)) if bgnorm.paper_groups(b) in c
+        )
+        claims.append(Claim("The paper's G policy is (near) the best G",
+                            "held" if within else "did not hold", "; ".join(paper) + "."))
+    return claims
+
+
+def report_groups(records: list[Record], out_dir: Path) -> str:
+    """GN paper Table 3 (error by number of groups / channels per group) + baselines."""
+    title = "## GN's group division and a no-normalization baseline (GN paper Table 3)"
+    if not records:
+        return title + "\n\nNo results yet.\n"
+
+    def key(r: Record):
+        c = r.config
+        if c["norm"] == "gn" and c.get("gn_channels_per_group"):
+            return ("cpg", int(c["gn_channels_per_group"]))
+        if c["norm"] == "gn":
+            return ("G", int(c["gn_groups"]))
+        return ("base", c["norm"])
+
+    err = {k: Summary(tuple(100.0 - v for v in s.values), s.diverged)
+           for k, s in summarize(records, key).items()}
+    oks = [s.mean for s in err.values() if s.ok]
+    best = min(oks) if oks else float("nan")
+
+    def row(kind: str, label: str, values: list[int], last: str) -> list[list[str]]:
+        head = [label] + [f"{v}{last if v == 1 else ''}" for v in values]
+        e = ["top-1 error (%)"] + [fmt_summary(err.get((kind, v))) for v in values]
+        d = ["Δ to best"] + [
+            _fmt_delta(err[(kind, v)].mean - best) if (kind, v) in err and err[(kind, v)].ok
+            else "" for v in values]
+        return [head, e, d]
+
+    gs = sorted({k[1] for k in err if k[0] == "G"}, reverse=True)
+    ks = sorted({k[1] for k in err if k[0] == "cpg"}, reverse=True)
+    parts = [title, ""]
+    if gs:
+        t = row("G", "# groups (G)", gs, " (=LN)")
+        parts += [markdown_table(t[0], t[1:]), ""]
+    if ks:
+        t = row("cpg", "channels per group", ks, " (=IN)")
+        parts += [markdown_table(t[0], t[1:]), ""]
+    bases = sorted(k[1] for k in err if k[0] == "base")
+    if bases:
+        parts += [markdown_table(
+            ["baseline", "top-1 error (%)", "Δ to best"],
+            [[DISPLAY_NAMES.get(b, b), fmt_summary(err[("base", b)]),
+              _fmt_delta(err[("base", b)].mean - best) if err[("base", b)].ok else ""]
+             for b in bases]), ""]
+    b = records[0].config["batch_size"]
+    w = records[0].config["workers"]
+    notes = [_protocol(records),
+             f"All at {b} examples per worker step ({w} virtual worker(s) for BN)."
+             if records[0].config["norm"] != "bn" else "",
+             "GN's groups are capped per layer: G larger than a layer's channels means one "
+             "channel per group there (IN); channels per group larger than C means one group "
+             "(LN)."]
+    adjusted = _adjusted_note(records)
+    if adjusted:
+        notes.append(adjusted)
+    parts += [" ".join(n for n in notes if n), ""]
+    series = {}
+    if gs:
+        series["by number of groups G"] = [
+            (g, err[("G", g)].mean if err[("G", g)].ok else None) for g in gs]
+    if ks:
+        series["by channels per group"] = [
+            (k, err[("cpg", k)].mean if err[("cpg", k)].ok else None) for k in ks]
+    plot = line_plot(out_dir / "groups.png", series, xlabel="G  /  channels per group",
+                     ylabel="top-1 error (%)", title="GN: group division") if series else None
+    if plot:
+        parts += [f"![GN group division]({plot.name})", ""]
+    parts += ["### Claims checked", "", render_claims(_groups_claims(err, gs, ks,
+                                                                     _n_test(records))), ""]
+    return "\n".join(parts)
+
+
+def _groups_claims(err: dict[Any, Summary], gs: list[int], ks: list[int], n_test: int
+                   ) -> list[Claim]:
+    claims = []
+    ok = {k: s.mean for k, s in err.items() if s.ok}
+    tol, tol_txt = noise_level(
+        [Summary(tuple(100.0 - v for v in s.values), s.diverged) for s in err.values()], n_test)
+    gn = {k: v for k, v in ok.items() if k[0] in ("G", "cpg")}
+    ext = {}
+    if ("G", 1) in ok:
+        ext["LN (G=1)"] = ok[("G", 1)]
+    if ("cpg", 1) in ok:
+        ext["IN (1 channel/group)"] = ok[("cpg", 1)]
+    mid = {k: v for k, v in gn.items() if not (k[1] == 1)}
+    c1 = "Intermediate group counts beat both extremes, LN and IN"
+    if ext and mid:
+        best_k = min(mid, key=mid.get)
+        label = f"{'G' if best_k[0] == 'G' else 'channels/group'}={best_k[1]}"
+        gaps = {n: v - mid[best_k] for n, v in ext.items()}
+        verdict = ("held" if all(g > tol for g in gaps.values()) else
+                   "did not hold" if any(g < -tol for g in gaps.values()) else "inconclusive")
+        ev = (f"best intermediate GN ({label}) error {mid[best_k]:.2f}%; "
+              + "; ".join(f"{n}: {v:.2f}% ({gaps[n]:+.2f})" for n, v in ext.items())
+              + f"; {tol_txt}.")
+        claims.append(Claim(c1, verdict, ev))
+    else:
+        claims.append(Claim(c1, "not tested", "Needs G=1 or 1 channel/group, and another GN."))
+    c2 = "Normalization helps: no normalization is worse than GN and BN"
+    if ("base", "none") in ok and gn:
+        best_norm = min([v for v in gn.values()] + ([ok[("base", "bn")]]
+                                                     if ("base", "bn") in ok else []))
+        gap = ok[("base", "none")] - best_norm
+        verdict = "held" if gap > tol else "did not hold" if gap < -tol else "inconclusive"
+        claims.append(Claim(c2, verdict,
+                            f"no normalization: {ok[('base', 'none')]:.2f}% error vs best "
+                            f"normalized {best_norm:.2f}% ({gap:+.2f} pp); {tol_txt}."))
+    elif ("base", "none") in err and not err[("base", "none")].ok:
+        claims.append(Claim(c2, "held", "Training without normalization diverged."))
+    else:
+        claims.append(Claim(c2, "not tested", "The no-normalization baseline was not run."))
+    return claims
+
+
+# --------------------------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------------------------
+
+TASK_BATCH_SIZE = register_task(Task(
+    name="batch-size", presets=_PRESETS, cells=cells_batch_size, run=run_classify,
+    report=report_batch_size, title="Accuracy vs batch size (BGN paper Table 2, Fig. 1)",
+))
+TASK_G_SWEEP = register_task(Task(
+    name="g-sweep", presets=_PRESETS, cells=cells_g_sweep, run=run_classify,
+    report=report_g_sweep, title="BGN's G sweep (BGN paper Table 1)",
+))
+TASK_GROUPS = register_task(Task(
+    name="groups", presets=_PRESETS, cells=cells_groups, run=run_classify,
+    report=report_groups, title="GN group division (GN paper Table 3)",
+))

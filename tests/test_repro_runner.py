@@ -1,0 +1,200 @@
+"""Tests for bgnorm.repro.runner: planning, sharding, resuming, kill -9, diverged and failed
+cells."""
+
+from __future__ import annotations
+
+import doctest
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import bgnorm.repro.runner as RN
+from bgnorm.repro.runner import RunOptions, plan_cells, render_report, run_sweep, select_shard
+from bgnorm.repro.store import read_records
+from bgnorm.repro.tasks.base import TASKS, Diverged, Task
+
+# A tiny sweep: 2 batch-dependent norms x 2 batch sizes + 1 per-example norm (one run).
+SMALL = {"norms": ["bn", "bgn", "gn"], "batch_sizes": [8, 2], "set": {"epochs": 1,
+                                                                      "median_of": 1}}
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    prev = torch.get_num_threads()
+    yield
+    torch.set_num_threads(prev)
+
+
+def test_docstring_examples():
+    result = doctest.testmod(RN, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0 and result.attempted > 0
+
+
+def test_plan_cells_and_shards():
+    cells = plan_cells(["batch-size"], "smoke", SMALL)
+    assert len(cells) == 5  # bn x2, bgn x2, gn once for both batch sizes (64 examples/step)
+    gn = [c for _, c in cells if c["norm"] == "gn"]
+    assert gn[0]["covers_batch_sizes"] == [8, 2] and gn[0]["workers"] == 1
+    bn2 = next(c for _, c in cells if c["norm"] == "bn" and c["batch_size"] == 2)
+    assert bn2["workers"] == 32 and bn2["lr"] == pytest.approx(0.2)
+    shards = [select_shard(cells, (i, 3)) for i in (1, 2, 3)]
+    assert sorted(sum(shards, [])) == sorted(cells)
+    with pytest.raises(ValueError):
+        select_shard(cells, (4, 3))
+    with pytest.raises(ValueError, match="no preset"):
+        plan_cells(["batch-size"], "huge", {})
+
+
+def _run(out, **kw):
+    opts = RunOptions(tasks=["batch-size"], preset="smoke", out_dir=out,
+                      overrides=kw.pop("overrides", SMALL), jobs=1, threads=1, progress=False,
+                      **kw)
+    return run_sweep(opts)
+
+
+def _table(text):
+    """The accuracy table of a batch-size report."""
+    return text.split("## Accuracy vs batch size")[1].split("*Protocol")[0]
+
+
+def test_in_process_run_skip_and_shards_merge(tmp_path):
+    full = _run(tmp_path / "full")
+    assert (full.finished, full.skipped, full.failed) == (5, 0, [])
+    recs = read_records(tmp_path / "full")
+    assert len(recs) == 5 and all(r.status == "ok" for r in recs)
+    rec = recs[0]
+    for key in ("task", "seed", "norm", "batch_size", "workers", "lr", "epochs", "model",
+                "dataset", "momentum", "weight_decay", "milestones"):
+        assert key in rec.config  # every cell's full config is saved with its result
+    assert {"acc", "evals", "n_test", "layers"} <= set(rec.result)
+    assert "torch" in rec.meta and rec.seconds > 0
+    assert not (tmp_path / "full" / "cells").exists() or not any(
+        (tmp_path / "full" / "cells").iterdir())  # checkpoints of recorded cells are removed
+    again = _run(tmp_path / "full")
+    assert (again.finished, again.skipped) == (0, 5)
+    assert len((tmp_path / "full" / "results.jsonl").read_text().splitlines()) == 5
+
+    for i in (1, 2):
+        s = _run(tmp_path / "sharded", shard=(i, 2))
+        assert s.planned in (2, 3)
+    assert sorted(p.name for p in (tmp_path / "sharded").glob("results*.jsonl")) == [
+        "results-shard-1-of-2.jsonl", "results-shard-2-of-2.jsonl"]
+    assert _table(render_report(tmp_path / "sharded")) == _table(render_report(tmp_path / "full"))
+
+
+def _fake_run(config, ctx):
+    if config["mode"] == "diverge":
+        raise Diverged("non-finite training loss at step 3", {"step": 3})
+    if config["mode"] == "fail":
+        raise ValueError("boom")
+    return {"acc": 50.0}
+
+
+def _fake_cells(preset, overrides):
+    return [{"task": "fake-test", "seed": 0, "mode": m} for m in ("ok", "diverge", "fail")]
+
+
+def test_diverged_and_failed_cells(tmp_path):
+    TASKS["fake-test"] = Task("fake-test", ("smoke",), _fake_cells, _fake_run,
+                              lambda recs, out: "")
+    try:
+        s = run_sweep(RunOptions(tasks=["fake-test"], preset="smoke", out_dir=tmp_path, jobs=1,
+                                 threads=1, progress=False))
+    finally:
+        del TASKS["fake-test"]
+    assert (s.finished, s.diverged, len(s.failed)) == (1, 1, 1)
+    assert "ValueError: boom" in s.failed[0][1]
+    by_mode = {r.config["mode"]: r for r in read_records(tmp_path)}
+    assert set(by_mode) == {"ok", "diverge"}  # a failed cell is not recorded: it reruns
+    assert by_mode["diverge"].status == "diverged"
+    assert by_mode["diverge"].result == {"error": "non-finite training loss at step 3",
+                                         "step": 3}
+
+
+def test_real_divergence_is_recorded(tmp_path):
+    s = _run(tmp_path, overrides={"norms": ["none"], "batch_sizes": [8],
+                                  "set": {"epochs": 1, "median_of": 1, "base_lr": 1e12}})
+    assert s.diverged == 1
+    (rec,) = read_records(tmp_path)
+    assert rec.status == "diverged" and "non-finite" in rec.result["error"]
+    row = next(line for line in render_report(tmp_path).splitlines()
+               if line.startswith("| none"))
+    assert row.replace(" ", "") == "|none|-|"
+
+
+KILL_SWEEP = {"norms": ["bn", "bgn", "gn"], "batch_sizes": [8, 2], "epochs": 3}
+
+
+def _cli(out, *extra):
+    return [sys.executable, "-m", "bgnorm.cli", "reproduce", "--task", "batch-size", "--preset",
+            "smoke", "--out", str(out), "--norms", "bn,bgn,gn", "--batch-sizes", "8,2",
+            "--epochs", "3", "--jobs", "2", "--threads", "1", "--no-progress", *extra]
+
+
+def test_kill9_then_resume_gives_the_uninterrupted_table(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    ref = _run(tmp_path / "ref", overrides=KILL_SWEEP)  # uninterrupted, in this process
+    assert ref.finished == 5
+
+    out = tmp_path / "cut"
+    log = open(tmp_path / "cut.log", "w")
+    proc = subprocess.Popen(_cli(out, "--checkpoint-every", "0.05"), stdout=log, stderr=log,
+                            env=env, start_new_session=True)
+    killed_with_checkpoint = False
+    deadline = time.monotonic() + 240
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            store = out / "results.jsonl"
+            recorded = store.is_file() and store.read_text().count("\n") >= 1
+            ckpts = list(out.glob("cells/*/checkpoint.pt"))
+            if recorded and ckpts:
+                os.killpg(proc.pid, signal.SIGKILL)  # the runner and its workers, mid-cell
+                killed_with_checkpoint = True
+                break
+            time.sleep(0.01)
+    finally:
+        if proc.poll() is None and not killed_with_checkpoint:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        log.close()
+    assert killed_with_checkpoint, "the sweep finished before it could be killed"
+    n_before = len([line for line in (out / "results.jsonl").read_text().splitlines() if line])
+    assert 1 <= n_before < 5
+
+    resumed = subprocess.run(_cli(out), capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "already recorded" in resumed.stderr and "resumed at step" in resumed.stderr
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()
+             if line.strip()]
+    ids = [r["cell_id"] for r in lines]
+    assert len(ids) == len(set(ids)) == 5  # no duplicate, nothing lost
+    ref_acc = {r.cell_id: r.result["acc"] for r in read_records(tmp_path / "ref")}
+    cut_acc = {r.cell_id: r.result["acc"] for r in read_records(out)}
+    assert cut_acc == ref_acc  # the same numbers as the uninterrupted run
+    assert _table(render_report(out)) == _table(render_report(tmp_path / "ref"))
+
+
+def test_local_context_checkpoint_is_atomic(tmp_path):
+    ctx = RN.LocalCellContext("c", {}, torch.device("cpu"), tmp_path / "c",
+                              checkpoint_seconds=3600)
+    assert not ctx.checkpoint_due()
+    ctx.save_checkpoint({"w": torch.arange(3), "nested": {"k": [1, 2.5, "s"]}})
+    assert [p.name for p in Path(tmp_path / "c").iterdir()] == ["checkpoint.pt"]
+    state = ctx.load_checkpoint()
+    assert torch.equal(state["w"], torch.arange(3)) and state["nested"]["k"] == [1, 2.5, "s"]
+    events = []
+    ctx2 = RN.LocalCellContext("c", {}, torch.device("cpu"), tmp_path / "c",
+                               checkpoint_seconds=0, reporter=lambda *a: events.append(a))
+    assert ctx2.checkpoint_due()
+    ctx2.progress(1, 10, loss=1.0)
+    ctx2.progress(2, 10, loss=1.0)  # throttled
+    ctx2.progress(10, 10, loss=0.5)  # the last step always goes
+    ctx2.log("hello")
+    assert [e[0] for e in events] == ["progress", "progress", "log"]

@@ -1,0 +1,160 @@
+"""Tests for bgnorm.repro.train: schedules, batches with exact resume, the training loop."""
+
+from __future__ import annotations
+
+import doctest
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import bgnorm.repro.train as T
+from bgnorm.repro.models import build_model
+from bgnorm.repro.runner import LocalCellContext
+from bgnorm.repro.tasks.base import Diverged
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def test_docstring_examples():
+    result = doctest.testmod(T, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0 and result.attempted > 0
+
+
+def test_scaled_lr_is_the_papers_rule_with_eight_workers():
+    for b in (128, 64, 32, 16, 8, 4, 2):
+        assert T.scaled_lr(0.1, b, workers=8, reference_batch=256) == pytest.approx(0.1 * b / 32)
+    assert T.scaled_lr(0.1, 2, workers=64, reference_batch=32) == pytest.approx(0.4)
+    with pytest.raises(ValueError):
+        T.scaled_lr(0.1, 0)
+
+
+def test_step_schedule_decays_three_times_and_warms_up():
+    s = T.StepSchedule.from_epochs(1.0, epochs=10, steps_per_epoch=10, warmup_epochs=1)
+    assert s.milestones == (30, 60, 90)
+    assert s(0) == pytest.approx(0.1) and s(9) == pytest.approx(1.0)
+    assert [s(i) for i in (29, 30, 60, 90)] == pytest.approx([1.0, 0.1, 0.01, 0.001])
+    e = T.StepSchedule.from_epochs(1.0, epochs=100, steps_per_epoch=2, milestones=(30, 60, 90))
+    assert e.milestones == (60, 120, 180)  # values > 1 are epochs
+
+
+def _data(n=40):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+@pytest.mark.parametrize("aug", [{}, {"crop_padding": 1, "hflip": True}])
+def test_in_memory_batches_resume_at_any_batch(aug):
+    x, y = _data()
+    src = T.InMemoryBatches(x, y, 8, seed=3, **aug)
+    full = list(src.batches(2))
+    assert len(full) == len(src) == 5
+    for start in range(len(src)):
+        tail = list(T.InMemoryBatches(x, y, 8, seed=3, **aug).batches(2, start))
+        assert len(tail) == len(full) - start
+        for (a, b), (c, d) in zip(tail, full[start:]):
+            assert torch.equal(a, c) and torch.equal(b, d)
+    other = list(src.batches(3))
+    assert not torch.equal(other[0][1], full[0][1])  # each epoch has its own order
+
+
+def test_in_memory_batches_drop_last_and_eval_order():
+    x, y = _data(42)
+    assert len(T.InMemoryBatches(x, y, 8)) == 5
+    ev = T.InMemoryBatches(x, y, 8, shuffle=False, drop_last=False)
+    assert len(ev) == 6
+    assert torch.equal(torch.cat([b for _, b in ev.batches(0)]), y)
+    with pytest.raises(ValueError, match="larger than"):
+        T.InMemoryBatches(x, y, 64)
+
+
+def test_loader_batches_resume_order():
+    x, y = _data()
+    ds = torch.utils.data.TensorDataset(x, y)
+    src = T.LoaderBatches(ds, 8, seed=1)
+    full = [b for _, b in src.batches(1)]
+    tail = [b for _, b in src.batches(1, start=3)]
+    assert len(full) == 5 and len(tail) == 2
+    assert all(torch.equal(a, b) for a, b in zip(tail, full[3:]))
+
+
+def test_evaluate_and_median():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    x, y = _data()
+    m = T.evaluate(model, T.InMemoryBatches(x, y, 16, shuffle=False, drop_last=False),
+                   torch.device("cpu"))
+    assert 0 <= m["acc"] <= 100 and m["n"] == 40 and math.isfinite(m["loss"])
+    assert T.median([3.0, 1.0, 2.0]) == 2.0 and T.median([1.0, 2.0]) == 1.5
+    assert math.isnan(T.median([]))
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashingContext(LocalCellContext):
+    """Checkpoints at every step and dies (like kill -9, but catchable) at step ``crash_at``."""
+
+    def __init__(self, workdir, crash_at=None):
+        super().__init__("cell", {}, torch.device("cpu"), workdir, checkpoint_seconds=0.0)
+        self.crash_at = crash_at
+
+    def progress(self, done, total, **metrics):
+        if self.crash_at is not None and done >= self.crash_at:
+            raise _Crash
+
+
+def _train(workdir, crash_at=None, lr=0.05, epochs=3):
+    torch.manual_seed(0)
+    model = build_model("small_resnet", 10, nn.BatchNorm2d, in_channels=1, width=4,
+                        blocks_per_stage=(1, 1))
+    x, y = _data(48)
+    train = T.InMemoryBatches(x[:32], y[:32], 8, seed=0, crop_padding=1)
+    test = T.InMemoryBatches(x[32:], y[32:], 16, shuffle=False, drop_last=False)
+    recipe = T.ClassifyRecipe(epochs=epochs, lr=lr, median_of=2)
+    ctx = _CrashingContext(workdir, crash_at)
+    return T.train_classifier(model, train, test, recipe, ctx, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("crash_at", [3, 4, 9])  # mid-epoch, at an epoch's end, later epoch
+def test_train_classifier_resumes_bit_for_bit(tmp_path, crash_at):
+    ref = _train(tmp_path / "ref")
+    with pytest.raises(_Crash):
+        _train(tmp_path / "cut", crash_at=crash_at)
+    assert (tmp_path / "cut" / "checkpoint.pt").is_file()
+    resumed = _train(tmp_path / "cut")
+    for key in ("acc", "evals", "train_losses", "steps"):
+        assert resumed[key] == ref[key], key
+    assert len(ref["evals"]) == 2 and ref["steps"] == 12
+    # A finished cell's checkpoint returns the same result without training again.
+    again = _train(tmp_path / "cut")
+    assert again["acc"] == ref["acc"]
+
+
+def test_train_classifier_raises_diverged(tmp_path):
+    with pytest.raises(Diverged) as info:
+        _train(tmp_path, lr=1e12, epochs=2)
+    assert "non-finite" in str(info.value)
+    assert "step" in info.value.partial
+
+
+def test_check_finite_and_devices():
+    T.check_finite(1.0, "x")
+    with pytest.raises(Diverged):
+        T.check_finite(float("nan"), "x")
+    assert T.resolve_device("cpu").type == "cpu"
+    assert T.resolve_device("auto").type in ("cpu", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            T.resolve_device("cuda")
+    with T.autocast(torch.device("cpu"), "none"):
+        pass
+    with pytest.raises(ValueError, match="amp"):
+        T.autocast(torch.device("cpu"), "fp8")

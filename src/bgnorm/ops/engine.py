@@ -84,6 +84,23 @@ def unit_length(channels: int, spatial: int, num_groups: int) -> int:
     return math.gcd(spatial, channels * spatial // num_groups)
 
 
+def differentiable_grads(
+    x3: Tensor, weight: Tensor | None, bias: Tensor | None, view: View, eps: float, dy: Tensor
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(dx, dweight, dbias) of the grouped norm for ``create_graph=True`` backwards.
+
+    Recomputes the forward as a differentiable composition and differentiates it, so the
+    returned gradients carry their own graph (double backward). Every engine's Function uses it.
+    """
+    inputs = [t for t in (x3, weight, bias) if t is not None and t.requires_grad]
+    y = grouped_norm_reference(x3, view, weight, bias, eps)
+    grads = iter(torch.autograd.grad(y, inputs, dy.reshape(y.shape), create_graph=True,
+                                     allow_unused=True))
+    dx, dw, db = (next(grads) if t is not None and t.requires_grad else None
+                  for t in (x3, weight, bias))
+    return dx, dw, db
+
+
 class GroupedNormFunction(torch.autograd.Function):
     """BGN/GBGN as a pure composition of torch ops over the units view (the general engine).
 
@@ -123,13 +140,7 @@ class GroupedNormFunction(torch.autograd.Function):
         lay: _UnitsLayout = ctx.lay
         if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation
             view = (lay.p0, lay.e, lay.g, lay.c * lay.s // lay.g)
-            inputs = [t for t in (x3, weight, bias) if t is not None and t.requires_grad]
-            y = grouped_norm_reference(x3, view, weight, bias, ctx.eps)
-            grads = iter(torch.autograd.grad(y, inputs, dy.reshape(y.shape), create_graph=True,
-                                             allow_unused=True))
-            out = [next(grads) if t is not None and t.requires_grad else None
-                   for t in (x3, weight, bias)]
-            return out[0], out[1], out[2], None, None, None
+            return (*differentiable_grads(x3, weight, bias, view, ctx.eps, dy), None, None, None)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         cdt = mean.dtype
         n, u, l = lay.n, lay.u, lay.l

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .engine import compute_dtype, grouped_norm_reference, unit_length
+from .engine import compute_dtype, differentiable_grads, unit_length
 
 __all__ = [
     "native_grouped_norm", "NativeGroupedNormFunction", "channel_groups_norm",
@@ -194,7 +194,8 @@ class NativeGroupedNormFunction(torch.autograd.Function):
         lay: _Layout = ctx.lay
         eps = ctx.eps
         if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation
-            return _double_backward(ctx, x3, weight, bias, dy)
+            view = (lay.p0, lay.e, lay.g, lay.lg)
+            return (*differentiable_grads(x3, weight, bias, view, eps, dy), None, None, None)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         xv, dyv = lay.view(x3), lay.view(dy.contiguous())
         # per-unit sum(dy * xhat) and sum(dy) in one native reduction pass
@@ -222,18 +223,6 @@ class NativeGroupedNormFunction(torch.autograd.Function):
                               lay.per_unit(c_g), False, 0.0, 0.0)  # B_u * x + C_u in one pass
             dx = dx.addcmul_(dyv, lay.coef_view(a_u)).view(x3.shape)
         return dx, dw, db, None, None, None
-
-
-def _double_backward(ctx, x3: Tensor, weight: Tensor | None, bias: Tensor | None, dy: Tensor):
-    """Gradients as a differentiable recomputation (``create_graph=True``)."""
-    lay: _Layout = ctx.lay
-    view = (lay.p0, lay.e, lay.g, lay.lg)
-    inputs = [t for t in (x3, weight, bias) if t is not None and t.requires_grad]
-    y = grouped_norm_reference(x3, view, weight, bias, ctx.eps)
-    grads = iter(torch.autograd.grad(y, inputs, dy.reshape(y.shape), create_graph=True,
-                                     allow_unused=True))
-    out = [next(grads) if t is not None and t.requires_grad else None for t in (x3, weight, bias)]
-    return out[0], out[1], out[2], None, None, None
 
 
 def native_grouped_norm(
@@ -285,13 +274,9 @@ class ChannelGroupsFunction(torch.autograd.Function):
         n, c, s = x3.shape
         g = ctx.num_groups
         if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation
-            inputs = [t for t in (x3, weight, bias) if t is not None and t.requires_grad]
-            y = grouped_norm_reference(x3, (1, n, g, c * s // g), weight, bias, ctx.eps)
-            grads = iter(torch.autograd.grad(y, inputs, dy.reshape(y.shape), create_graph=True,
-                                             allow_unused=True))
-            out = [next(grads) if t is not None and t.requires_grad else None
-                   for t in (x3, weight, bias)]
-            return out[0], out[1], out[2], None, None, None, None, None
+            view = (1, n, g, c * s // g)
+            grads = differentiable_grads(x3, weight, bias, view, ctx.eps, dy)
+            return (*grads, None, None, None, None, None)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         cdt = compute_dtype(x3.dtype)  # half inputs: the backward runs in float32
         dy = dy.contiguous().view(n, c, s).to(cdt)

@@ -690,3 +690,24 @@ def test_exported():
 
     assert bgnorm.SyncBatchGroupNorm is SyncBatchGroupNorm
     assert "SyncBatchGroupNorm" in bgnorm.__all__
+
+
+def test_single_rank_group_output_allows_in_place_ops():
+    """The synchronized path's output is not a view made inside its autograd Function."""
+    import bgnorm.distributed as D
+
+    x3 = torch.randn(4, 6, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.ones(6, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+    if not dist.is_available():
+        pytest.skip("torch.distributed unavailable")
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        y = D._SyncBatchGroupNormFunction.apply(
+            x3, w, b, None, None, 3, 1e-5, 0.1, dist.group.WORLD
+        ).view(4, 6, 5)
+        torch.relu_(y).sum().backward()
+        assert torch.isfinite(x3.grad).all()
+    finally:
+        dist.destroy_process_group()

@@ -6,6 +6,8 @@
     Re-render the report from every results store in ``DIR`` (shards merged).
 ``bgnorm tasks``
     List the tasks and their presets.
+``torchrun --nproc-per-node=N -m bgnorm.cli reproduce ...``
+    The same sweep, each cell trained with DDP over N processes (see ``docs/distributed.md``).
 
 See ``docs/reproduction.md`` for the presets, the protocol and running on GPUs and your data.
 """
@@ -82,6 +84,16 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--no-report", action="store_true", help="do not render the report")
     g.add_argument("--list", action="store_true", help="list the cells and exit")
+    d = rp.add_argument_group("distributed (torchrun; see docs/distributed.md)")
+    d.add_argument("--distributed", action="store_true",
+                   help="train each cell with DDP over the ranks of the torch.distributed "
+                        "environment (automatic when launched by torchrun)")
+    d.add_argument("--sync-norm", action="store_true",
+                   help="statistics over the global batch: BGN -> SyncBatchGroupNorm, BN -> "
+                        "SyncBatchNorm (cells with one worker); default: per rank")
+    d.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="fail instead of waiting longer than this for another rank "
+                        "(default 300)")
     o = rp.add_argument_group("protocol overrides (defaults come from the preset)")
     o.add_argument("--dataset", default=None,
                    help="digits, mnist5k (bundled), cifar10, imagenet, imagefolder (yours)")
@@ -132,8 +144,8 @@ def _tasks(spec: str, preset: str | None) -> list[str]:
 def _reproduce(args: argparse.Namespace) -> int:
     import time
 
-    from .repro.presets import PRESETS, parse_set
-    from .repro.runner import RunOptions, plan_cells, render_report, run_sweep, select_shard
+    from .repro import dist as _dist
+    from .repro.presets import PRESETS
     from .repro.train import resolve_device
 
     t0 = time.perf_counter()
@@ -143,6 +155,25 @@ def _reproduce(args: argparse.Namespace) -> int:
         return 2
     tasks = _tasks(args.task, args.preset)
     device = resolve_device(args.device)
+    env = None
+    if args.distributed or _dist.launched_by_torchrun():
+        env, device = _dist.init_distributed(device, args.dist_timeout, args.sync_norm)
+    elif args.sync_norm:
+        print("bgnorm: --sync-norm has no effect without torchrun/--distributed",
+              file=sys.stderr)
+    try:
+        return _reproduce_in(args, tasks, device, env, t0)
+    finally:
+        _dist.shutdown()
+
+
+def _reproduce_in(args: argparse.Namespace, tasks: list[str], device, env, t0: float) -> int:
+    import time
+
+    from .repro.presets import parse_set
+    from .repro.runner import RunOptions, plan_cells, render_report, run_sweep, select_shard
+
+    main = env is None or env.is_main
     try:
         overrides = {
             "device": str(device), "dataset": args.dataset, "data_root": args.data_root,
@@ -152,6 +183,8 @@ def _reproduce(args: argparse.Namespace) -> int:
             "amp": args.amp, "set": parse_set(args.set),
         }
         if args.list:
+            if not main:
+                return 0
             cells = select_shard(plan_cells(tasks, args.preset, overrides), args.shard)
             for cid, cfg in cells:
                 from .repro.runner import _label
@@ -168,6 +201,8 @@ def _reproduce(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"bgnorm: {exc}", file=sys.stderr)
         return 2
+    if not main:  # rank 0 reports
+        return 1 if summary.failed else 0
     if not args.no_report:
         text = render_report(args.out, tasks)
         print(text)

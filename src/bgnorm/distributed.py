@@ -120,7 +120,8 @@ class _SyncBatchGroupNormFunction(torch.autograd.Function):
             running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
             running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
 
-        y = centered.mul_(rstd.view(1, 1, g, 1)).view(n, c, s)
+        y4 = centered.mul_(rstd.view(1, 1, g, 1))
+        y = y4.view(n, c, s)  # in-place affine through a view; y4 itself is returned
         if weight is not None:
             y.mul_(weight.to(cdt).view(1, c, 1))
         if bias is not None:
@@ -128,7 +129,8 @@ class _SyncBatchGroupNormFunction(torch.autograd.Function):
         ctx.save_for_backward(x3, weight, mean, rstd, total)
         ctx.num_groups = g
         ctx.group = group
-        return y.to(x3.dtype)
+        # Never return a view made here: in-place ops on it (ReLU(inplace=True)) would be refused.
+        return y4.to(x3.dtype)
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -146,7 +148,7 @@ class _SyncBatchGroupNormFunction(torch.autograd.Function):
         g = ctx.num_groups
         cdt = compute_dtype(x3.dtype)
         view = (1, n, g, c * s // g)
-        dyc = dy.contiguous().to(cdt)
+        dyc = dy.contiguous().view(n, c, s).to(cdt)
         xhat = (x3.view(view).to(cdt) - mean.view(1, 1, g, 1)).mul_(rstd.view(1, 1, g, 1))
         dx = dw = db = None
         # Local weight/bias gradients (zeros on an empty rank, so DDP sees every parameter).

@@ -17,6 +17,12 @@
   anything else is reported as failed at the end (exit status 1), and the rest of the sweep
   goes on.
 
+Distributed (``torchrun``, see :mod:`bgnorm.repro.dist`): when a process group was set up by
+:func:`bgnorm.repro.dist.init_distributed`, every rank runs the same cells one after the other in
+its own process (no worker pool), each cell trained with DDP over all ranks; only rank 0 writes
+the store, deletes checkpoints and prints progress; a failed cell stops the sweep (a rank that
+died leaves the process group unusable), and the same command resumes it.
+
 Shards: ``shard=(i, n)`` takes every n-th cell of the full grid (in grid order, starting at the
 i-th), writes ``results-shard-i-of-n.jsonl``, and skips cells any store in ``DIR`` already has;
 :func:`render_report` merges all stores.
@@ -40,6 +46,7 @@ from typing import Any
 
 import torch
 
+from . import dist as _dist
 from .report import write_report
 from .store import ResultStore, cell_id, read_records, run_meta, store_path
 from .tasks.base import TASKS, Diverged, Record, get_task
@@ -114,6 +121,8 @@ class LocalCellContext:
         self._last_progress = 0.0
         self._parent = os.getppid()
         self._watch_parent = False
+        #: False on the non-zero ranks of a distributed run: saving is a no-op there.
+        self.writable = True
 
     @property
     def checkpoint_path(self) -> Path:
@@ -122,6 +131,9 @@ class LocalCellContext:
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         """Atomically replace the checkpoint with ``state`` (temp file, fsync, os.replace)."""
+        if not self.writable:
+            self._last_save = time.monotonic()
+            return
         self.workdir.mkdir(parents=True, exist_ok=True)
         tmp = self.workdir / f".{CHECKPOINT_NAME}.{os.getpid()}.tmp"
         with open(tmp, "wb") as fh:
@@ -245,6 +257,8 @@ def _execute(job: dict[str, Any], reporter: Callable[[str, str, Any], None] | No
         job["checkpoint_seconds"], reporter,
     )
     ctx._watch_parent = watch_parent
+    env = _dist.active()
+    ctx.writable = env is None or env.is_main
     if reporter is not None:
         reporter("start", job["cell_id"], job.get("label", job["cell_id"]))
     t0 = time.perf_counter()
@@ -399,29 +413,39 @@ def run_sweep(options: RunOptions) -> RunSummary:
     once the cell is recorded unless ``keep_checkpoints``).
     """
     t_start = time.perf_counter()
+    env = _dist.active()
+    main = env is None or env.is_main
     out = Path(options.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:  # other ranks never write files
+        out.mkdir(parents=True, exist_ok=True)
     cells = plan_cells(options.tasks, options.preset, options.overrides)
     mine = select_shard(cells, options.shard)
-    done = {r.cell_id for r in read_records(out)}
+    done = {r.cell_id for r in read_records(out)} if main else set()
+    # Every rank must train the same cells: rank 0's view of the store decides.
+    done = _dist.broadcast_object(done, "planning the sweep") if env is not None else done
     todo = [(cid, cfg) for cid, cfg in mine if cid not in done]
     summary = RunSummary(planned=len(mine), skipped=len(mine) - len(todo))
     store = ResultStore(store_path(out, options.shard))
 
     device = torch.device(options.device)
     cores = available_cores()
-    if options.jobs:
+    if env is not None:  # one cell at a time, in this process, on all ranks together
+        jobs = 1
+    elif options.jobs:
         jobs = int(options.jobs)
     elif device.type == "cpu":
         jobs = max(1, min(cores, len(todo)))
     else:
         jobs = 1
     jobs = max(1, min(jobs, max(1, len(todo))))
-    threads = int(options.threads) if options.threads else max(1, cores // jobs)
+    per_machine = jobs
+    if env is not None:  # the ranks on this machine share its cores
+        per_machine = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))
+    threads = int(options.threads) if options.threads else max(1, cores // per_machine)
     summary.jobs, summary.threads = jobs, threads
 
-    display = _Display(len(todo), jobs, options.progress)
-    if summary.skipped:
+    display = _Display(len(todo), jobs, options.progress and main)
+    if summary.skipped and main:
         display.write(f"{summary.skipped} of {len(mine)} cells already recorded in {out}; "
                       f"running the other {len(todo)}")
     jobs_spec = {
@@ -441,7 +465,17 @@ def run_sweep(options: RunOptions) -> RunSummary:
         label = jobs_spec[cid]["label"]
         if outcome["status"] == "failed":
             summary.failed.append((label, outcome["error"]))
-            display.cell_done(f"FAILED {label}\n{outcome['error']}")
+            if env is not None and not main:
+                print(f"rank {env.rank}: FAILED {label}\n{outcome['error']}", file=sys.stderr,
+                      flush=True)
+            else:
+                display.cell_done(f"FAILED {label}\n{outcome['error']}")
+            return
+        if not main:
+            if outcome["status"] == "ok":
+                summary.finished += 1
+            else:
+                summary.diverged += 1
             return
         rec = Record(
             cell_id=cid, config=cfg, status=outcome["status"], result=outcome["result"],
@@ -449,6 +483,9 @@ def run_sweep(options: RunOptions) -> RunSummary:
             meta=run_meta(device=str(device), threads=outcome.get("threads", threads),
                           jobs=jobs, preset=options.preset, shard=options.shard),
         )
+        if env is not None:
+            rec.meta["world_size"] = env.world_size
+            rec.meta["sync_norm"] = env.sync_norm
         store.append(rec)
         if not options.keep_checkpoints:
             shutil.rmtree(out / "cells" / cid, ignore_errors=True)
@@ -466,10 +503,16 @@ def run_sweep(options: RunOptions) -> RunSummary:
             prev = torch.get_num_threads()
             torch.set_num_threads(threads)
             try:
+                reporter = ((lambda k, c, p: display.event(k, os.getpid(), c, p))
+                            if main else None)
                 for cid in jobs_spec:
-                    outcome = _execute(jobs_spec[cid], lambda k, c, p: display.event(
-                        k, os.getpid(), c, p), watch_parent=False)
+                    outcome = _execute(jobs_spec[cid], reporter, watch_parent=False)
                     record(cid, outcome)
+                    if env is not None and outcome["status"] == "failed":
+                        print(f"rank {env.rank}: stopping the sweep after a failed cell (if a "
+                              "rank died, the process group is unusable); run the same command "
+                              "again to resume", file=sys.stderr, flush=True)
+                        break
             finally:
                 torch.set_num_threads(prev)
         elif jobs_spec:

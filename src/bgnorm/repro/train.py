@@ -15,10 +15,12 @@ device, independent of what it trains:
 * :func:`train_classifier`: the supervised loop of the classification tasks, checkpointing
   through a :class:`~bgnorm.repro.tasks.base.CellContext` and resuming from it bit for bit on CPU.
 
-Distributed training (torchrun/DDP, a later step) fits in without changing these signatures: a
-rank would take its own slice of each batch (``InMemoryBatches``/``LoaderBatches`` produce the
-global batch deterministically from the seed), wrap the model in DDP, and only rank 0 would call
-``ctx.save_checkpoint``.
+Distributed training (torchrun/DDP, :mod:`bgnorm.repro.dist`): given a
+:class:`~bgnorm.repro.dist.DistEnv`, :func:`train_classifier` wraps the model in DDP (optionally
+with synchronized norms), every rank draws the same global batch (``InMemoryBatches`` and
+``LoaderBatches`` produce it deterministically from the seed) and keeps its own contiguous slice,
+the loss is scaled so that DDP's averaged gradient is the single-process gradient of the global
+batch, and only rank 0 calls ``ctx.save_checkpoint`` (every rank loads it).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from . import dist as _dist
 from .data import random_crop_batch, seed_worker
 from .tasks.base import CellContext, Diverged
 
@@ -486,6 +489,8 @@ def train_classifier(
     ctx: CellContext,
     device: torch.device,
     amp: str | None = None,
+    env: _dist.DistEnv | None = None,
+    sync_norm: bool = False,
 ) -> dict[str, Any]:
     """Train ``model`` with cross-entropy and SGD; checkpoint through ``ctx``; resume from it.
 
@@ -502,16 +507,29 @@ def train_classifier(
     ``final_acc``, ``evals`` (``[epoch, acc, loss]``), ``train_loss`` (mean of the last epoch),
     ``train_losses``, ``steps``, ``steps_per_epoch``, ``examples_per_step``, ``lr``, ``recipe``.
 
+    Distributed (``env``, by default :func:`bgnorm.repro.dist.active`): the model is wrapped in
+    DDP (after converting BN/BGN to their synchronized versions when ``sync_norm``); each rank
+    trains on its contiguous slice of every global batch with the loss
+    ``sum over the slice * world_size / global batch``, so DDP's averaged gradient equals the
+    single-process gradient; the reported losses are all-reduced; running statistics are
+    averaged over the ranks before every evaluation and checkpoint; every rank evaluates the
+    whole test set; only rank 0 saves checkpoints (the others wait at a barrier) and checkpoint
+    times are rank 0's decision, so every rank resumes from the same step.
+
     Raises:
         Diverged: the training loss became NaN or infinite.
     """
+    env = env if env is not None else _dist.active()
+    distributed = env is not None
+    net = _dist.wrap_model(model, env, sync_norm) if distributed else model
+    module = _dist.unwrap(net)
     spe = len(train)
     if spe < 1:
         raise ValueError("the training set yields no batch per epoch")
     total = recipe.epochs * spe
     schedule = StepSchedule.from_epochs(
         recipe.lr, recipe.epochs, spe, recipe.milestones, recipe.gamma, recipe.warmup_epochs)
-    optimizer = make_sgd(model, recipe.lr, recipe.momentum, recipe.weight_decay, recipe.nesterov)
+    optimizer = make_sgd(module, recipe.lr, recipe.momentum, recipe.weight_decay, recipe.nesterov)
     eval_epochs = recipe.eval_epochs()
     state = _TrainState()
 
@@ -522,7 +540,7 @@ def train_classifier(
                 f"checkpoint in {ctx.workdir} does not match this cell (version/steps differ); "
                 "delete it to restart the cell"
             )
-        model.load_state_dict(saved["model"])
+        module.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"])
         state = _TrainState(
@@ -535,10 +553,15 @@ def train_classifier(
         ctx.log(f"resumed at step {state.step}/{total}")
 
     def save() -> None:
+        if distributed:
+            _dist.average_buffers(net)
+            if not env.is_main:
+                _dist.barrier("the checkpoint barrier")
+                return
         ctx.save_checkpoint({
             "version": CHECKPOINT_VERSION,
             "total": total,
-            "model": model.state_dict(),
+            "model": module.state_dict(),
             "optimizer": optimizer.state_dict(),
             "rng": torch.get_rng_state(),
             "step": state.step,
@@ -547,6 +570,8 @@ def train_classifier(
             "train_losses": state.train_losses,
             "seconds": state.seconds + (time.perf_counter() - t0),
         })
+        if distributed:
+            _dist.barrier("the checkpoint barrier")
 
     def partial() -> dict[str, Any]:
         return {"step": state.step, "evals": state.evals, "train_losses": state.train_losses}
@@ -556,12 +581,14 @@ def train_classifier(
         state.train_losses.append(s / c if c else float("nan"))
         state.epoch_loss = [0.0, 0.0]
         if epoch in eval_epochs and not any(int(e[0]) == epoch for e in state.evals):
-            m = evaluate(model, test, device, amp)
+            if distributed:
+                _dist.average_buffers(net)
+            m = evaluate(module, test, device, amp)
             check_finite(m["loss"], f"test loss after epoch {epoch + 1}", partial())
             state.evals.append([epoch, m["acc"], m["loss"]])
 
     t0 = time.perf_counter()
-    model.train()
+    net.train()
     # A checkpoint taken right after an epoch's last step but before its end-of-epoch work.
     if state.step and state.step % spe == 0 and len(state.train_losses) < state.step // spe:
         finish_epoch(state.step // spe - 1)
@@ -572,19 +599,43 @@ def train_classifier(
         epoch, start = divmod(state.step, spe)
         for xb, yb in train.batches(epoch, start):
             set_lr(optimizer, schedule(state.step))
+            if distributed:
+                n_global = len(yb)
+                xb, yb = _dist.shard_batch(xb, yb, env)
             xb = standard_layout(xb.to(device, non_blocking=True))
             yb = yb.to(device, non_blocking=True)
             with autocast(device, amp):
-                out = model(xb)
-            loss = F.cross_entropy(out.float(), yb)
+                out = net(xb)
+            if distributed:
+                # DDP averages the ranks' gradients: sum * R / N gives the global batch's mean.
+                loss = F.cross_entropy(out.float(), yb, reduction="sum") * (
+                    env.world_size / n_global)
+            else:
+                loss = F.cross_entropy(out.float(), yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             state.step += 1
-            pending += loss.detach().double()
+            # Distributed: this rank's share of the global batch's mean loss (summed below).
+            pending += loss.detach().double() / (env.world_size if distributed else 1)
             pending_n += 1
             at_end = state.step % spe == 0
-            if pending_n >= recipe.check_every or at_end or ctx.checkpoint_due():
+            if distributed:
+                check = pending_n >= recipe.check_every or at_end
+                due = False
+                if check:  # the same steps on every rank: one all-reduce of (loss, due)
+                    flags = torch.stack([
+                        pending.detach().to(torch.float64),
+                        torch.tensor(float(env.is_main and ctx.checkpoint_due()),
+                                     dtype=torch.float64, device=pending.device),
+                    ])
+                    _dist.all_reduce_sum(flags, f"the loss all-reduce at step {state.step}")
+                    pending.copy_(flags[0])
+                    due = bool(flags[1] > 0)
+            else:
+                due = ctx.checkpoint_due()
+                check = pending_n >= recipe.check_every or at_end or due
+            if check:
                 loss_sum = float(pending)
                 check_finite(loss_sum, f"training loss at step {state.step}", partial())
                 state.epoch_loss[0] += loss_sum
@@ -595,7 +646,7 @@ def train_classifier(
                 ctx.progress(state.step, total, loss=last_loss, lr=schedule(state.step - 1))
                 if at_end:
                     finish_epoch(epoch)
-                if ctx.checkpoint_due():
+                if due:
                     save()
     save()  # final state: a rerun after a crash before the record is written returns at once
     accs = [e[1] for e in state.evals if int(e[0]) >= recipe.epochs - recipe.median_of]

@@ -19,6 +19,7 @@ the last epochs' test accuracies. Presets: :mod:`bgnorm.repro.presets`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -260,11 +261,29 @@ def run_classify(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
 
     Deterministic on CPU for a fixed config; resumes from ``ctx``'s checkpoint.
     """
+    from .. import dist as _dist
     from ..models import build_model
 
     device = ctx.device
     spec = NormSpec.from_config(config)
     train, test, info = load_classification_data(config, device, spec.total_batch)
+    env = _dist.active()
+    model_spec = spec
+    layout: dict[str, Any] | None = None
+    sync_norm = False
+    if env is not None:
+        # Each rank holds W/R of the W virtual workers (see bgnorm.repro.dist); the batch
+        # sources still produce the global batch, of which each rank keeps its slice.
+        local = _dist.local_workers(spec.workers, env)
+        sync_norm = env.sync_norm and spec.workers == 1 and spec.name in ("bn", "bgn")
+        lo, hi = _dist.shard_bounds(spec.total_batch, env)
+        if local != spec.workers:
+            model_spec = dataclasses.replace(spec, workers=local)
+        layout = {"world_size": env.world_size, "workers_per_rank": local,
+                  "sync_norm": sync_norm, "examples_per_rank": hi - lo}
+        if spec.workers == 1 and env.world_size > 1 and spec.batch_dependent and not sync_norm:
+            ctx.log(f"one worker per rank: statistics over {hi - lo} examples per rank instead "
+                    f"of the cell's {spec.batch_size} (use --sync-norm for the cell's)")
 
     def build(norm_layer):
         return build_model(
@@ -274,7 +293,7 @@ def run_classify(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
         )
 
     torch.manual_seed(derive_seed(config["seed"], "init"))
-    model, layers = build_normed_model(build, spec, info["input_shape"])
+    model, layers = build_normed_model(build, model_spec, info["input_shape"])
     model.to(device)
     recipe = ClassifyRecipe(
         epochs=int(config["epochs"]),
@@ -287,7 +306,10 @@ def run_classify(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
         median_of=int(config["median_of"]),
         check_every=1 if device.type == "cpu" else 50,
     )
-    result = train_classifier(model, train, test, recipe, ctx, device, config.get("amp"))
+    result = train_classifier(model, train, test, recipe, ctx, device, config.get("amp"),
+                              env=env, sync_norm=sync_norm)
+    if layout is not None:
+        result["distributed"] = layout
     result.update(
         norm=spec.describe(),
         n_test=info["n_test"],

@@ -418,7 +418,7 @@ def evaluate(
 def check_finite(value: float | torch.Tensor, what: str, partial: Mapping[str, Any] | None = None
                  ) -> None:
     """Raise :class:`Diverged` (recorded as "-" in the tables) if ``value`` is NaN or infinite."""
-    v = float(value)
+    v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
     if not math.isfinite(v):
         raise Diverged(f"non-finite {what} ({v})", partial)
 

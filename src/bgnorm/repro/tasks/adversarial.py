@@ -5,190 +5,40 @@ against a 4-step L-infinity PGD attack (step 2/255, radius 0.0157 in [0, 1] pixe
 Adam (lr 0.01); the report gives clean and robust (PGD) test accuracy per norm. Building blocks:
 :mod:`bgnorm.repro.adversarial`.
 
-This module also holds the small helpers the other tasks of the paper's Tables 3-7 share
-(:func:`task_preset`, :func:`norm_cell`, :func:`build_with_norm`, :func:`step_batch`,
-:func:`resume_state`), so that all of them resolve presets, norms and checkpoints the same way.
+Helpers shared with the other tasks of Tables 3-7 live in :mod:`.common`.
 """
 
 from __future__ import annotations
 
-import copy
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-
-import bgnorm
 
 from ..adversarial import PAPER_ADV, WideResNet, adversarial_train_step, robust_accuracy
-from ..norms import DISPLAY_NAMES, NormSpec, build_normed_model
+from ..norms import DISPLAY_NAMES
 from ..report import Claim, fmt_summary, markdown_table, render_claims, summarize
-from ..train import InMemoryBatches, check_finite, derive_seed, standard_layout
+from ..train import InMemoryBatches, check_finite, derive_seed
 from .base import CellContext, Record, Task, register_task
+from .common import (
+    NORMS,
+    build_with_norm,
+    diverged_note,
+    load_tensors,
+    norm_cell,
+    norm_order,
+    resume_state,
+    save_state,
+    step_batch,
+    task_preset,
+)
 
-__all__ = [
-    "ADV_PRESETS",
-    "NORMS",
-    "TASK_ADVERSARIAL",
-    "build_with_norm",
-    "cells_adversarial",
-    "norm_cell",
-    "norm_order",
-    "report_adversarial",
-    "resume_state",
-    "run_adversarial",
-    "step_batch",
-    "task_preset",
-]
+__all__ = ["ADV_PRESETS", "TASK_ADVERSARIAL", "cells_adversarial", "report_adversarial",
+           "run_adversarial"]
 
-#: The norms of the BGN paper's Tables 3-7, in its order.
-NORMS = ["bn", "in", "ln", "gn", "pn", "bgn"]
 _PRESETS = ("smoke", "quick", "paper")
-CHECKPOINT_VERSION = 1
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers shared by the tasks of Tables 3-7
-# --------------------------------------------------------------------------------------------
-
-
-def task_preset(presets: Mapping[str, Mapping[str, Any]], preset: str,
-                overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """A deep copy of ``presets[preset]`` with the CLI overrides applied.
-
-    Understood: ``norms``, ``seeds``, ``dataset``, ``data_root``, ``image_size``,
-    ``loader_workers`` and ``set`` (``--set key=value``, applied last); other keys are ignored.
-    """
-    if preset not in presets:
-        raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(presets)}")
-    cfg = copy.deepcopy(dict(presets[preset]))
-    for key in ("norms", "seeds", "dataset", "data_root", "image_size", "loader_workers"):
-        if overrides.get(key) is not None:
-            cfg[key] = overrides[key]
-    for key, value in (overrides.get("set") or {}).items():
-        cfg[key] = value
-    return cfg
-
-
-def norm_cell(task: str, cfg: Mapping[str, Any], seed: int, norm: str, keys: Sequence[str],
-              **extra: Any) -> dict[str, Any]:
-    """One cell config: ``keys`` of ``cfg``, the norm and its group count, as classify does.
-
-    BGN's G is :func:`bgnorm.paper_groups` of the batch size (the paper's policy) unless the
-    preset sets ``num_groups``; GN uses 32 groups (capped per layer, see
-    :class:`~bgnorm.repro.norms.NormSpec`).
-    """
-    name = bgnorm.canonical_name(norm)
-    cell: dict[str, Any] = {"task": task, "seed": int(seed), "norm": name}
-    cell.update({k: copy.deepcopy(cfg.get(k)) for k in keys})
-    cell["batch_size"] = int(cfg["batch_size"])
-    cell["workers"] = 1
-    if name in ("bgn", "gbgn"):
-        cell["num_groups"] = int(cfg.get("num_groups") or bgnorm.paper_groups(cell["batch_size"]))
-    if name == "gn":
-        cell["gn_groups"] = int(cfg.get("gn_groups") or bgnorm.DEFAULT_NUM_GROUPS)
-    cell.update(extra)
-    runtime = {k: cfg.get(k) for k in ("data_root", "loader_workers") if cfg.get(k) is not None}
-    if runtime:
-        cell["runtime"] = runtime
-    return cell
-
-
-def build_with_norm(build: Callable[[Callable[[int], nn.Module]], nn.Module],
-                    config: Mapping[str, Any], input_shape: Sequence[int], seed_tag: str = "init"
-                    ) -> tuple[nn.Module, NormSpec, list]:
-    """``build(norm_layer)`` with the cell's norm (seeded from the cell), on CPU."""
-    spec = NormSpec.from_config(config)
-    torch.manual_seed(derive_seed(config["seed"], seed_tag))
-    model, layers = build_normed_model(build, spec, tuple(input_shape))
-    return model, spec, layers
-
-
-def step_batch(source: InMemoryBatches, step: int, device: torch.device
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch number ``step`` of an endless sequence of epochs (a pure function of the step)."""
-    epoch, index = divmod(step, len(source))
-    xb, yb = next(source.batches(epoch, index))
-    return standard_layout(xb.to(device)), yb.to(device)
-
-
-def resume_state(ctx: CellContext, modules: Mapping[str, Any], total: int) -> dict[str, Any]:
-    """Load ``ctx``'s checkpoint into ``modules`` (state_dict objects); returns its extra state
-    (``{"step": 0}`` for a fresh cell)."""
-    saved = ctx.load_checkpoint()
-    if saved is None:
-        return {"step": 0}
-    if saved.get("version") != CHECKPOINT_VERSION or saved.get("total") != total:
-        raise RuntimeError(f"checkpoint in {ctx.workdir} does not match this cell; delete it "
-                           "to restart the cell")
-    for name, obj in modules.items():
-        obj.load_state_dict(saved["modules"][name])
-    torch.set_rng_state(saved["rng"])
-    ctx.log(f"resumed at step {saved['state']['step']}/{total}")
-    return dict(saved["state"])
-
-
-def save_state(ctx: CellContext, modules: Mapping[str, Any], total: int,
-               state: Mapping[str, Any]) -> None:
-    """Checkpoint ``modules`` (model, optimizers), torch's RNG and ``state``."""
-    ctx.save_checkpoint({
-        "version": CHECKPOINT_VERSION, "total": total,
-        "modules": {k: v.state_dict() for k, v in modules.items()},
-        "rng": torch.get_rng_state(), "state": dict(state),
-    })
-
-
-def norm_order(records: Sequence[Record]) -> list[str]:
-    """The norms present, in the paper's order."""
-    present = {r.config["norm"] for r in records}
-    order = [n for n in NORMS if n in present]
-    return order + sorted(present - set(order))
-
-
-def norm_label(config: Mapping[str, Any]) -> str:
-    """``BN``, ``GN``, ``BGN`` ... as the tables name them."""
-    return DISPLAY_NAMES.get(config["norm"], config["norm"])
-
-
-def diverged_note(records: Sequence[Record]) -> str:
-    n = sum(r.status != "ok" for r in records)
-    return f"\"-\": diverged (non-finite loss), as in the paper ({n} run(s))." if n else ""
-
-
-def load_tensors(config: Mapping[str, Any]) -> tuple[Any, str]:
-    """``(TensorSplit, kind)`` of a cell's dataset: bundled digits in memory, or the user's
-    CIFAR-10 copy (``runtime.data_root``) loaded into memory as standardized tensors."""
-    from .. import data as D
-
-    name = config["dataset"]
-    if name in D.BUNDLED_DATASETS:
-        return D.bundled_dataset(name, seed=int(config.get("split_seed", 0)),
-                                 size=config.get("image_size")), "bundled"
-    if name == "cifar10":
-        root = (config.get("runtime") or {}).get("data_root")
-        if not root:
-            raise ValueError("dataset 'cifar10' is read from your own copy: pass --data-root")
-
-        def stack(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-            ds = D.CIFAR10(root, train=train, transform=None)
-            xs, ys = zip(*(ds[i] for i in range(len(ds))), strict=True)
-            return torch.stack(xs).float(), torch.tensor(ys)
-
-        xtr, ytr = stack(True)
-        xte, yte = stack(False)
-        if xtr.max() > 1.5:
-            xtr, xte = xtr / 255.0, xte / 255.0
-        mean, std = torch.tensor(D.CIFAR10_MEAN), torch.tensor(D.CIFAR10_STD)
-        sh = (1, 3, 1, 1)
-        return D.TensorSplit(
-            (xtr - mean.view(sh)) / std.view(sh), ytr, (xte - mean.view(sh)) / std.view(sh), yte,
-            10, 3, "cifar10", tuple(D.CIFAR10_MEAN), tuple(D.CIFAR10_STD)), "cifar10"
-    raise ValueError(f"unknown dataset {name!r} for this task (bundled: "
-                     f"{', '.join(D.BUNDLED_DATASETS)}; or cifar10 with --data-root)")
-
 
 # --------------------------------------------------------------------------------------------
 # Presets and cells

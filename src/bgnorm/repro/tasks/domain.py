@@ -24,7 +24,8 @@ from ..domain import PAPER_CAN, cdd_loss, class_aware_sample, cluster_target
 from ..norms import DISPLAY_NAMES
 from ..report import fmt_summary, markdown_table, summarize
 from ..train import InMemoryBatches, check_finite, derive_seed, standard_layout
-from .adversarial import (
+from .base import CellContext, Record, Task, register_task
+from .common import (
     NORMS,
     build_with_norm,
     diverged_note,
@@ -35,7 +36,6 @@ from .adversarial import (
     step_batch,
     task_preset,
 )
-from .base import CellContext, Record, Task, register_task
 
 __all__ = ["DOMAIN_PRESETS", "TASK_DOMAIN", "cells_domain", "report_domain", "run_domain"]
 

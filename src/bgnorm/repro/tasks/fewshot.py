@@ -30,7 +30,8 @@ from ..fewshot import (
 from ..norms import DISPLAY_NAMES
 from ..report import markdown_table
 from ..train import InMemoryBatches, check_finite, derive_seed
-from .adversarial import (
+from .base import CellContext, Record, Task, register_task
+from .common import (
     NORMS,
     build_with_norm,
     diverged_note,
@@ -41,7 +42,6 @@ from .adversarial import (
     step_batch,
     task_preset,
 )
-from .base import CellContext, Record, Task, register_task
 
 __all__ = ["FEWSHOT_PRESETS", "TASK_FEWSHOT", "cells_fewshot", "report_fewshot", "run_fewshot"]
 

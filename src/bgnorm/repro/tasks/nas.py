@@ -34,7 +34,8 @@ from ..nas import (
 from ..norms import DISPLAY_NAMES
 from ..report import fmt_summary, markdown_table, summarize
 from ..train import InMemoryBatches, check_finite, derive_seed, standard_layout
-from .adversarial import (
+from .base import CellContext, Record, Task, register_task
+from .common import (
     CHECKPOINT_VERSION,
     NORMS,
     build_with_norm,
@@ -45,7 +46,6 @@ from .adversarial import (
     step_batch,
     task_preset,
 )
-from .base import CellContext, Record, Task, register_task
 
 __all__ = ["NAS_PRESETS", "TASK_NAS", "cells_nas", "report_nas", "run_nas"]
 

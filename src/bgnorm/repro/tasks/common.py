@@ -34,6 +34,7 @@ __all__ = [
     "task_preset",
 ]
 
+#: The norms of the BGN paper's Tables 3-7, in its order.
 NORMS = ["bn", "in", "ln", "gn", "pn", "bgn"]
 CHECKPOINT_VERSION = 1
 

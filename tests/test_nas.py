@@ -42,13 +42,7 @@ NORMS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_search(norm="bn", C=4, layers=3, classes=5, in_channels=1) -> SearchNetwork:

@@ -49,13 +49,7 @@ MODEL_CASES: list[tuple[str, dict, tuple[int, ...]]] = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _n_params(model: nn.Module) -> int:

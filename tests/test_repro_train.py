@@ -14,13 +14,7 @@ from bgnorm.repro.models import build_model
 from bgnorm.repro.runner import LocalCellContext
 from bgnorm.repro.tasks.base import Diverged
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_docstring_examples():

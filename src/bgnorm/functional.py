@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks
-from .ops.engine import grouped_norm
-from .ops.native import _Layout, channel_groups_norm, native_grouped_norm
+from .ops.engine import UnitsPlan, grouped_norm, units_plan, update_running
+from .ops.native import channel_groups_norm, native_grouped_norm
 
 #: Which training engine BGN/GBGN use: "auto" (below), or one forced for tests and benchmarks:
 #: "batchnorm" (few native batch-norm calls; only for G = C, G a multiple of C, or C a multiple
@@ -43,23 +43,45 @@ SMALL_NUMEL = 1 << 18
 __all__ = ["batch_group_norm", "general_batch_group_norm", "positional_norm"]
 
 
-def _update_running(
-    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, n: int,
-    momentum: float,
+def _plan(n: int, c: int, s: int, g: int, p0: int) -> UnitsPlan:
+    """The units plan of these sizes: cached in eager mode, built afresh while tracing."""
+    if torch.compiler.is_compiling():
+        return UnitsPlan(n, c, s, g, p0)
+    return units_plan(n, c, s, g, p0)
+
+
+def _validate(
+    fn: str, input: Tensor, num_groups: int, examples_per_group: int | None,
+    running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
+    bias: Tensor | None, training: bool,
 ) -> None:
-    """BatchNorm's update from (P0, G) statistics: averaged over the batch groups, the variance
-    stored unbiased (n / (n - 1)): ``running = (1 - momentum) * running + momentum * stat``."""
-    with torch.no_grad():
-        if mean.shape[0] > 1:
-            mean, var = mean.mean(0), var.mean(0)
-        running_mean.mul_(1 - momentum).add_(mean.view(-1).to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_(
-            var.view(-1).to(running_var.dtype), alpha=momentum * n / (n - 1)
-        )
+    """Every check of BGN/GBGN's arguments, with messages that name the problem and the fix."""
+    _checks.check_num_groups(num_groups)
+    _checks.check_input(fn, input)
+    c = input.shape[1]
+    _checks.check_groups_divide(fn, input, num_groups)
+    _checks.check_vector(fn, "weight", weight, c, "one gamma per channel")
+    _checks.check_vector(fn, "bias", bias, c, "one beta per channel")
+    _checks.check_vector(fn, "running_mean", running_mean, num_groups, "one per group")
+    _checks.check_vector(fn, "running_var", running_var, num_groups, "one per group")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{fn}: pass both running_mean and running_var, or neither")
+    if not training:
+        if running_mean is None:
+            raise ValueError(
+                f"{fn}: training=False normalizes with running statistics, but running_mean "
+                "and running_var are None; pass them, or use training=True for batch statistics"
+            )
+        return
+    e = input.shape[0]
+    if examples_per_group is not None:
+        _checks.check_batch_groups(fn, input, examples_per_group)
+        e = examples_per_group
+    count = e * (math.prod(input.shape[1:]) // num_groups)
+    _checks.check_values_per_group(fn, input, count, num_groups)
 
 
 def _grouped_batch_norm(
-    fn: str,
     input: Tensor,
     num_groups: int,
     examples_per_group: int | None,
@@ -71,54 +93,34 @@ def _grouped_batch_norm(
     momentum: float,
     eps: float,
 ) -> Tensor:
-    """BGN (``examples_per_group=None``: one batch group) and GBGN through one code path."""
-    _checks.check_num_groups(num_groups)
-    _checks.check_input(fn, input)
-    c = input.shape[1]
-    _checks.check_groups_divide(fn, input, num_groups)
-    _checks.check_vector(fn, "weight", weight, c, "one gamma per channel")
-    _checks.check_vector(fn, "bias", bias, c, "one beta per channel")
-    _checks.check_vector(fn, "running_mean", running_mean, num_groups, "one per group")
-    _checks.check_vector(fn, "running_var", running_var, num_groups, "one per group")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{fn}: pass both running_mean and running_var, or neither")
-    if not training and running_mean is None:
-        raise ValueError(
-            f"{fn}: training=False normalizes with running statistics, but running_mean and "
-            "running_var are None; pass them, or use training=True for batch statistics"
-        )
-
-    n = input.shape[0]
-    s = math.prod(input.shape[2:])
-    group_size = c * s // num_groups
-    x3 = input.reshape(n, c, s)
-
+    """BGN (``examples_per_group=None``: one batch group) and GBGN on validated arguments."""
+    n, c = input.shape[:2]
     if not training:
         # Constant statistics: one native eval-mode batch-norm pass.
         if c % num_groups == 0:  # whole channels (G = C is BatchNorm): per-channel statistics
-            k = c // num_groups
-            if k > 1:
-                running_mean = running_mean.view(-1, 1).expand(-1, k).reshape(c).contiguous()
-                running_var = running_var.view(-1, 1).expand(-1, k).reshape(c).contiguous()
-            return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
+            if num_groups != c:
+                plan = _plan(n, c, math.prod(input.shape[2:]), num_groups, 1)
+                running_mean = plan.groups_to_rows(running_mean)
+                running_var = plan.groups_to_rows(running_var)
+            return torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0,
+                                    eps, torch.backends.cudnn.enabled)
         # bands or straddling groups: the units view (runs sharing a channel and a group)
-        lay = _Layout(x3, num_groups, 1)
+        plan = _plan(n, c, math.prod(input.shape[2:]), num_groups, 1)
         pdt = running_mean.dtype if weight is None else weight.dtype
-        return F.batch_norm(
-            lay.view(x3.contiguous()), lay.per_unit(running_mean.view(1, -1)).to(pdt),
-            lay.per_unit(running_var.view(1, -1)).to(pdt), lay.channel_to_unit(weight),
-            lay.channel_to_unit(bias), False, 0.0, eps,
-        ).view(input.shape)
-
-    e = n if examples_per_group is None else examples_per_group
-    if examples_per_group is not None:
-        _checks.check_batch_groups(fn, input, examples_per_group)
-    _checks.check_values_per_group(fn, input, e * group_size, num_groups)
+        rm = plan.groups_to_rows(running_mean.to(pdt))
+        rv = plan.groups_to_rows(running_var.to(pdt))
+        w_r = None if weight is None else plan.channels_to_rows(weight)
+        b_r = None if bias is None else plan.channels_to_rows(bias)
+        y = torch.batch_norm(plan.view(input.contiguous()), w_r, b_r, rm, rv, False, 0.0, eps,
+                             torch.backends.cudnn.enabled)
+        return y.view(input.shape)
 
     if examples_per_group is None and num_groups == c:
         # G = C is BatchNorm: torch's own kernel, bit for bit.
         return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
 
+    s = math.prod(input.shape[2:])
+    e = n if examples_per_group is None else examples_per_group
     p0 = n // e
     engine = ENGINE
     if engine == "auto":
@@ -129,11 +131,12 @@ def _grouped_batch_norm(
         else:
             engine = "units"
     if engine == "batchnorm" and p0 == 1:
+        x3 = input.reshape(n, c, s)
         if num_groups % c == 0:
             # bands: native batch norm on the (N, G, D/G) view with gamma/beta per band
             k = num_groups // c
             return F.batch_norm(
-                x3.reshape(n, num_groups, group_size), running_mean, running_var,
+                x3.reshape(n, num_groups, -1), running_mean, running_var,
                 None if weight is None else weight.repeat_interleave(k),
                 None if bias is None else bias.repeat_interleave(k), True, momentum, eps,
             ).view(input.shape)
@@ -142,13 +145,15 @@ def _grouped_batch_norm(
                 x3, num_groups, weight, bias, running_mean, running_var, momentum, eps
             ).view(input.shape)
         engine = "units"  # straddling groups
+    running = None if running_mean is None else (running_mean, running_var)
     if engine == "general":
-        y, mean, var = grouped_norm(x3, num_groups, p0, weight, bias, eps)
-    else:
-        y, mean, var = native_grouped_norm(x3, num_groups, p0, weight, bias, eps)
-    if running_mean is not None:
-        _update_running(running_mean, running_var, mean, var, e * group_size, momentum)
-    return y.view(input.shape)
+        y, mean, var = grouped_norm(input.reshape(n, c, s), num_groups, p0, weight, bias, eps)
+        if running is not None:
+            with torch.no_grad():
+                update_running(*running, mean, var, p0, e * (c * s // num_groups), momentum)
+        return y.view(input.shape)
+    plan = units_plan(n, c, s, num_groups, p0)
+    return native_grouped_norm(input, plan, weight, bias, running, momentum, eps)
 
 
 def batch_group_norm(
@@ -189,9 +194,10 @@ def batch_group_norm(
         >>> y.shape
         torch.Size([8, 64, 7, 7])
     """
+    fn = "batch_group_norm"
+    _validate(fn, input, num_groups, None, running_mean, running_var, weight, bias, training)
     return _grouped_batch_norm(
-        "batch_group_norm", input, num_groups, None, running_mean, running_var, weight, bias,
-        training, momentum, eps,
+        input, num_groups, None, running_mean, running_var, weight, bias, training, momentum, eps
     )
 
 
@@ -222,9 +228,12 @@ def general_batch_group_norm(
         torch.Size([8, 32, 4, 4])
     """
     _checks.check_num_groups(examples_per_group, "examples_per_group")
+    fn = "general_batch_group_norm"
+    _validate(fn, input, num_groups, examples_per_group, running_mean, running_var, weight, bias,
+              training)
     return _grouped_batch_norm(
-        "general_batch_group_norm", input, num_groups, examples_per_group, running_mean,
-        running_var, weight, bias, training, momentum, eps,
+        input, num_groups, examples_per_group, running_mean, running_var, weight, bias,
+        training, momentum, eps,
     )
 
 

@@ -26,6 +26,7 @@ composition, so double backward is exact.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -74,6 +75,24 @@ def grouped_norm_reference(
     return y.to(x3.dtype)
 
 
+def update_running(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, batch_groups: int,
+    count: int, momentum: float,
+) -> None:
+    """BatchNorm's running-statistics update from the batch statistics, in place.
+
+    ``mean``/``var`` hold P0 * G biased statistics of ``count`` elements each (any shape); they
+    are averaged over the P0 batch groups and the variance is stored unbiased
+    (``count / (count - 1)``): ``running = (1 - momentum) * running + momentum * stat``.
+    Call it without grad mode (the buffers are not differentiated).
+    """
+    if batch_groups > 1:
+        mean = mean.reshape(batch_groups, -1).mean(0)
+        var = var.reshape(batch_groups, -1).mean(0)
+    running_mean.lerp_(mean.view(-1).to(running_mean.dtype), momentum)
+    running_var.lerp_(var.view(-1).to(running_var.dtype) * (count / (count - 1)), momentum)
+
+
 def unit_length(channels: int, spatial: int, num_groups: int) -> int:
     """L = gcd(S, D/G): the longest run of elements sharing one channel and one group.
 
@@ -120,7 +139,7 @@ class GroupedNormFunction(torch.autograd.Function):
     def forward(ctx, x3, weight, bias, num_groups, batch_groups, eps):  # type: ignore[override]
         n, c, s = x3.shape
         cdt = compute_dtype(x3.dtype)
-        lay = _UnitsLayout(n, c, s, num_groups, batch_groups)
+        lay = UnitsPlan(n, c, s, num_groups, batch_groups)
         xu = x3.reshape(n, lay.u, lay.l).to(cdt)
         var_r, mean_r = torch.var_mean(xu, dim=2, correction=0)  # (N, U)
         g4 = (batch_groups, lay.e, num_groups, lay.upg)
@@ -137,7 +156,7 @@ class GroupedNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):  # type: ignore[override]
         x3, weight, bias, mean, rstd = ctx.saved_tensors
-        lay: _UnitsLayout = ctx.lay
+        lay: UnitsPlan = ctx.lay
         if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation
             view = (lay.p0, lay.e, lay.g, lay.c * lay.s // lay.g)
             return (*differentiable_grads(x3, weight, bias, view, ctx.eps, dy), None, None, None)
@@ -166,18 +185,34 @@ class GroupedNormFunction(torch.autograd.Function):
         return dx, dw, db, None, None, None
 
 
-class _UnitsLayout:
-    """Shapes of the units view (N, U, L) and broadcasting helpers for small vectors."""
+class UnitsPlan:
+    """The units view of one (N, C, S, G, P0) and the maps between its per-unit vectors and
+    per-channel / per-group ones: the shape arithmetic both engines share.
+
+    A *unit* is a run of L = gcd(S, D/G) consecutive elements of one example that lies in one
+    channel and one group (U = D/L units per example): units are channels when G divides C,
+    bands when C divides G, and finer pieces when groups straddle channels. Per unit, the
+    statistics and the affine are constants, so every pass is a per-unit broadcast. ``rows`` is
+    the number of per-unit coefficients a pass needs: U for BGN, N*U for GBGN (P0 > 1), whose
+    batch groups have their own statistics.
+
+    Build one with :func:`units_plan` (cached) for concrete sizes; the general engine builds its
+    own under torch.compile, where sizes may be symbolic.
+    """
 
     def __init__(self, n: int, c: int, s: int, g: int, p0: int) -> None:
         self.n, self.c, self.s, self.g, self.p0 = n, c, s, g, p0
-        self.e = n // p0
+        self.e = n // p0  # examples per batch group
+        self.lg = c * s // g  # elements of one example in one group
         self.l = unit_length(c, s, g)
         self.u = c * s // self.l
-        self.upg = c * s // g // self.l  # units per group
+        self.upg = self.lg // self.l  # units per group
         self.upc = s // self.l  # units per channel
-        self.count = self.e * (c * s // g)  # elements per statistic
+        self.count = self.e * self.lg  # elements per statistic
+        self.rows = self.u if p0 == 1 else n * self.u
+        self._indices: dict[tuple[str, torch.device], Tensor | None] = {}
 
+    # --- broadcast views (no copies): the general engine, fused by inductor ------------------
     def per_unit(self, stat: Tensor) -> Tensor:
         """(P0, G) -> broadcastable (N or 1, U, 1) without copies."""
         p0, g, upg = self.p0, self.g, self.upg
@@ -207,6 +242,68 @@ class _UnitsLayout:
     def to_channels(self, t: Tensor) -> Tensor:
         """Per-(n, unit) sums (N, U) -> per-channel sums (C,)."""
         return t.view(self.n, self.c, self.upc).sum(dim=(0, 2))
+
+    # --- native kernels: the units view and contiguous per-unit coefficient rows -------------
+    def view(self, t: Tensor) -> Tensor:
+        """The units view of a contiguous tensor of N*D elements, laid out for native kernels
+        whose "channels" are the coefficient rows: (N, U, L), (N, U) when L = 1 (their fast 2D
+        layout), or (1, N*U, L) for GBGN."""
+        if self.p0 == 1:
+            return t.view(self.n, self.u) if self.l == 1 else t.view(self.n, self.u, self.l)
+        return t.view(1, self.rows, self.l)
+
+    def coef_shape(self) -> tuple[int, ...]:
+        """Shape that broadcasts one coefficient row against :meth:`view`."""
+        return (1, self.rows) if (self.p0 == 1 and self.l == 1) else (1, self.rows, 1)
+
+    def _index(self, kind: str, device: torch.device) -> Tensor | None:
+        """Cached (rows,) index from each coefficient row to its statistic (``"group"``) or its
+        channel (``"channel"``); None where that map is the identity."""
+        key = (kind, device)
+        idx = self._indices.get(key)
+        if idx is None and key not in self._indices:
+            with torch.inference_mode(False), torch.no_grad():
+                r = torch.arange(self.rows, device=device)
+                unit, example = r % self.u, r // self.u
+                if kind == "group":
+                    idx = unit // self.upg
+                    if self.p0 > 1:
+                        idx = idx + (example // self.e) * self.g
+                else:
+                    idx = unit // self.upc
+            if torch.equal(idx, torch.arange(idx.numel(), device=device)):
+                idx = None
+            self._indices[key] = idx
+        return idx
+
+    def groups_to_rows(self, t: Tensor) -> Tensor:
+        """Per-statistic vectors (..., P0*G) -> per-row vectors (..., rows), one gather."""
+        idx = self._index("group", t.device)
+        return t if idx is None else t.index_select(-1, idx)
+
+    def channels_to_rows(self, t: Tensor) -> Tensor:
+        """Per-channel vectors (..., C) -> per-row vectors (..., rows), one gather."""
+        idx = self._index("channel", t.device)
+        return t if idx is None else t.index_select(-1, idx)
+
+    def rows_to_channels(self, t: Tensor) -> Tensor:
+        """Per-row sums (K, rows) -> per-channel sums (K, C)."""
+        if self.p0 == 1 and self.upc == 1:
+            return t
+        return t.view(t.shape[0], -1, self.c, self.upc).sum(dim=(1, 3))
+
+    def rows_to_groups(self, t: Tensor) -> Tensor:
+        """Per-row sums (K, rows) -> per-statistic sums (K, P0*G)."""
+        k = t.shape[0]
+        if self.p0 == 1 and self.upg == 1:
+            return t
+        return t.view(k, self.p0, -1, self.g, self.upg).sum(dim=(2, 4)).view(k, -1)
+
+
+@functools.lru_cache(maxsize=1024)
+def units_plan(n: int, c: int, s: int, g: int, p0: int) -> UnitsPlan:
+    """The cached :class:`UnitsPlan` of concrete sizes (eager mode)."""
+    return UnitsPlan(n, c, s, g, p0)
 
 
 def grouped_norm(

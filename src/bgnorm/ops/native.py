@@ -30,81 +30,14 @@ differentiable composition (see :func:`bgnorm.ops.engine.grouped_norm_reference`
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .engine import compute_dtype, differentiable_grads, unit_length
+from .engine import UnitsPlan, compute_dtype, differentiable_grads, update_running
 
 __all__ = [
     "native_grouped_norm", "NativeGroupedNormFunction", "channel_groups_norm",
     "ChannelGroupsFunction",
 ]
-
-
-class _Layout:
-    """Index maps of the units view for one (N, C, S, G, P0).
-
-    Small per-unit vectors are built with ``expand`` + ``reshape`` and reductions of size-1 axes
-    are skipped: on small activations the layer's cost is its count of tiny ops.
-    """
-
-    def __init__(self, x3: Tensor, num_groups: int, batch_groups: int) -> None:
-        n, c, s = x3.shape
-        self.n, self.c, self.s, self.g, self.p0 = n, c, s, num_groups, batch_groups
-        self.e = n // batch_groups
-        self.lg = c * s // num_groups
-        self.l = unit_length(c, s, num_groups)
-        self.u = c * s // self.l
-        self.units_per_channel = s // self.l
-        self.units_per_group = self.lg // self.l
-        self.count = self.e * self.lg  # elements per statistic
-
-    def view(self, t: Tensor) -> Tensor:
-        """(N, U, L) for BGN ((N, U) when L = 1, the native kernels' fast 2D layout);
-        (1, N*U, L) when batch groups have their own statistics."""
-        if self.p0 == 1:
-            return t.view(self.n, self.u) if self.l == 1 else t.view(self.n, self.u, self.l)
-        return t.view(1, self.n * self.u, self.l)
-
-    def coef_view(self, t: Tensor) -> Tensor:
-        """A per-unit vector shaped to broadcast against :meth:`view`."""
-        return t.view(1, -1) if (self.p0 == 1 and self.l == 1) else t.view(1, -1, 1)
-
-    def per_unit(self, stat: Tensor) -> Tensor:
-        """(..., P0, G) group statistics -> (..., U) or (..., N*U) per channel of the view."""
-        lead = stat.shape[:-2]
-        k = self.units_per_group
-        if self.p0 == 1:
-            if k == 1:
-                return stat.reshape(*lead, self.u)
-            s = stat.reshape(*lead, self.g, 1).expand(*lead, self.g, k)
-            return s.reshape(*lead, self.u).contiguous()  # native kernels need real strides
-        s = stat.reshape(*lead, self.p0, 1, self.g, 1).expand(*lead, self.p0, self.e, self.g, k)
-        return s.reshape(*lead, self.n * self.u).contiguous()
-
-    def channel_to_unit(self, t: Tensor | None) -> Tensor | None:
-        """(C,) per-channel tensor -> per channel of the units view."""
-        if t is None:
-            return None
-        k = self.units_per_channel
-        if k > 1:
-            t = t.view(self.c, 1).expand(self.c, k).reshape(self.u).contiguous()
-        if self.p0 == 1:
-            return t
-        return t.view(1, self.u).expand(self.n, self.u).reshape(-1).contiguous()
-
-    def unit_sums_to_channels(self, t: Tensor) -> Tensor:
-        """Per-unit sums (..., U) or (..., N*U) -> per-channel sums (..., C)."""
-        lead = t.shape[:-1]
-        if self.p0 == 1 and self.units_per_channel == 1:
-            return t
-        v = t.view(*lead, -1, self.c, self.units_per_channel)
-        return v.sum(dim=(-3, -1))
-
-    def unit_sums_to_groups(self, t: Tensor) -> Tensor:
-        """Per-unit sums (..., U) or (..., N*U) -> per-statistic sums (..., P0, G)."""
-        lead = t.shape[:-1]
-        return t.view(*lead, self.p0, -1, self.g, self.units_per_group).sum(dim=(-3, -1))
 
 
 #: Groups shorter than this get their BGN statistics from the native batch-norm statistics
@@ -113,127 +46,129 @@ class _Layout:
 #: rows). Both kernels are numerically stable; measured on CPU with benchmarks/bench_norms.py.
 SHORT_GROUP = 32
 
+_unsafe_view = torch.ops.aten._unsafe_view.default  # a reshape that autograd sees as a new tensor
 
-_SCRATCH: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
+def _spread(m: Tensor, v: Tensor, parts: int, last: bool) -> tuple[Tensor, Tensor]:
+    """Merge equal-size parts: ``m``/``v`` hold the parts' means and biased variances as a
+    contiguous 2D tensor with the parts along dim 1 (``last``, shape (K, parts)) or dim 0
+    (shape (parts, K)). Returns the (K,) mean and biased variance by the law of total variance.
 
-def _discard_buffer(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A reusable CPU buffer of ``n`` elements for the group-norm kernel's unused output.
-
-    A fresh full-size allocation per call costs page faults on CPU (glibc returns large blocks
-    to the OS); the values written here are never read, so one buffer per dtype, as large as
-    the largest input seen, serves every layer and thread. CUDA's caching allocator needs none.
+    The spread of the part means comes from native moment kernels (torch.var_mean over a
+    small dim is ~10x slower on CPU): group-norm rows for dim 1, batch-norm columns for dim 0.
     """
-    key = (dtype, device)
-    buf = _SCRATCH.get(key)
-    if buf is None or buf.numel() < n:
-        with torch.inference_mode(False):
-            buf = torch.empty(n, dtype=dtype, device=device)
-        _SCRATCH[key] = buf
-    return buf[:n]
+    # centred on the first part: the spread of large means (inputs like 1e4 + N(0, 1)) is then
+    # computed from small differences (exact subtractions), as precisely as var_mean
+    if last:
+        k = m.shape[0]
+        ref = m[:, :1]
+        _, mean, rstd = torch.native_group_norm((m - ref).view(1, k, parts), None, None, 1, k,
+                                                parts, k, 0.0)
+        return mean.view(k).add_(ref.view(k)), v.mean(dim=1).add_(rstd.view(k).pow(-2))
+    ref = m[0]
+    mean, var_m = torch.batch_norm_update_stats(m - ref, None, None, 0.0)
+    return mean.add_(ref), v.mean(dim=0).add_(var_m)
 
 
-def _moments(x3: Tensor, lay: _Layout) -> tuple[Tensor, Tensor]:
-    """(P0, G) mean and biased variance in compute precision, from native per-row moments.
+def _moments(x: Tensor, plan: UnitsPlan, cdt: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(P0*G,) mean and biased variance in ``cdt`` from native per-row moments.
 
-    Parts of equal size are merged by the law of total variance, with the stable ``var_mean``
-    for the spread of the part means.
+    BGN with groups shorter than :data:`SHORT_GROUP`: per-unit moments over (N, L) from the
+    batch-norm statistics kernel, merged over the units of each group. Otherwise per-(n, g)
+    moments from the group-norm kernel (eps = 0, output discarded), merged over the examples of
+    each batch group. Both merges are exact (parts of equal size).
     """
-    cdt = compute_dtype(x3.dtype)
-    xs = x3 if x3.dtype == cdt else x3.to(cdt)
-    if lay.p0 == 1 and lay.lg < SHORT_GROUP:
-        # per-unit moments over (N, L), merged over the units of each group
-        m, v = torch.batch_norm_update_stats(lay.view(xs), None, None, 0.0)
-        if lay.units_per_group == 1:
-            return m.view(1, lay.g), v.view(1, lay.g)
-        shape = (1, lay.g, lay.units_per_group)
-        dim = 2
-    else:
-        xg = xs.view(lay.n, lay.g, lay.lg)
-        if xs.device.type == "cpu":
-            m = xs.new_empty((lay.n, lay.g))
-            rstd = xs.new_empty((lay.n, lay.g))
-            torch.ops.aten.native_group_norm.out(
-                xg, None, None, lay.n, lay.g, lay.lg, lay.g, 0.0,
-                out0=_discard_buffer(xs.numel(), xs.dtype, xs.device).view(xg.shape),
-                out1=m, out2=rstd,
-            )
-        else:
-            _, m, rstd = torch.native_group_norm(xg, None, None, lay.n, lay.g, lay.lg, lay.g, 0.0)
-        v = rstd.pow(-2)  # eps = 0: rstd = 1/sqrt(var); a constant row gives inf, i.e. var 0
-        shape = (lay.p0, lay.e, lay.g)
-        dim = 1
-    var_m, mean = torch.var_mean(m.view(shape), dim=dim, correction=0)
-    return mean, v.view(shape).mean(dim=dim).add_(var_m)
+    xs = x if x.dtype == cdt else x.to(cdt)
+    if plan.p0 == 1 and plan.lg < SHORT_GROUP:
+        m, v = torch.batch_norm_update_stats(plan.view(xs), None, None, 0.0)  # (U,)
+        if plan.upg == 1:
+            return m, v
+        return _spread(m.view(plan.g, plan.upg), v.view(plan.g, plan.upg), plan.upg, True)
+    n, g, lg = plan.n, plan.g, plan.lg
+    _, m, rstd = torch.native_group_norm(xs.view(n, g, lg), None, None, n, g, lg, g, 0.0)
+    v = rstd.pow(-2)  # eps = 0: rstd = 1/sqrt(var); a constant row gives inf, i.e. var 0
+    if n == 1:
+        return m.view(g), v.view(g)
+    if plan.p0 > 1:  # (P0, e, G) -> (e, P0*G): the examples of each batch group along dim 0
+        m = m.view(plan.p0, plan.e, g).transpose(0, 1).reshape(plan.e, plan.p0 * g)
+        v = v.view(plan.p0, plan.e, g).transpose(0, 1).reshape(plan.e, plan.p0 * g)
+    return _spread(m, v, plan.e, False)
+
+
+def _cudnn() -> bool:
+    return torch.backends.cudnn.enabled
 
 
 class NativeGroupedNormFunction(torch.autograd.Function):
     """BGN/GBGN over native kernels; see the module docstring for the math.
 
-    Inputs: ``x3`` contiguous (N, C, S); ``weight``/``bias`` (C,) or None; ``num_groups``;
-    ``batch_groups`` (P0); ``eps``. Outputs: y in the units-view shape and the input dtype, and
-    the non-differentiable (P0, G) mean and biased variance in compute precision.
+    Inputs: ``x`` contiguous (N, C, *); ``weight``/``bias`` (C,) or None; ``plan`` its
+    :class:`~bgnorm.ops.engine.UnitsPlan`; ``running`` the (running_mean, running_var) buffers
+    to update in place, or None; ``momentum``; ``eps``. Output: y like ``x``. Saves ``x`` and
+    per-unit copies of the (P0*G,) statistics.
     """
 
     @staticmethod
-    def forward(ctx, x3, weight, bias, num_groups, batch_groups, eps):  # type: ignore[override]
-        lay = _Layout(x3, num_groups, batch_groups)
-        mean, var = _moments(x3, lay)
-        pdt = mean.dtype if weight is None else weight.dtype
-        mean_u, var_u = lay.per_unit(mean.to(pdt)), lay.per_unit(var.to(pdt))
-        y = F.batch_norm(lay.view(x3), mean_u, var_u, lay.channel_to_unit(weight),
-                         lay.channel_to_unit(bias), False, 0.0, eps)
-        ctx.save_for_backward(x3, weight, bias, mean, var, mean_u, var_u)
-        ctx.lay, ctx.eps = lay, eps
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var  # y in the units-view shape: never a view made here
+    def forward(ctx, x, weight, bias, plan, running, momentum, eps):  # type: ignore[override]
+        cdt = compute_dtype(x.dtype)
+        mean, var = _moments(x, plan, cdt)
+        if running is not None:
+            update_running(*running, mean, var, plan.p0, plan.count, momentum)
+        pdt = cdt if weight is None else weight.dtype
+        mean_r = plan.groups_to_rows(mean.to(pdt))
+        var_r = plan.groups_to_rows(var.to(pdt))
+        w_r = None if weight is None else plan.channels_to_rows(weight)
+        b_r = None if bias is None else plan.channels_to_rows(bias)
+        y = torch.batch_norm(plan.view(x), w_r, b_r, mean_r, var_r, False, 0.0, eps, _cudnn())
+        ctx.save_for_backward(x, weight, bias, var, mean_r, var_r, w_r)
+        ctx.plan, ctx.eps = plan, eps
+        return _unsafe_view(y, x.shape)
 
     @staticmethod
-    def backward(ctx, dy, _dmean, _dvar):  # type: ignore[override]
-        x3, weight, bias, mean, var, mean_u, var_u = ctx.saved_tensors
-        lay: _Layout = ctx.lay
+    def backward(ctx, dy):  # type: ignore[override]
+        x, weight, bias, var, mean_r, var_r, w_r = ctx.saved_tensors
+        plan: UnitsPlan = ctx.plan
         eps = ctx.eps
         if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation
-            view = (lay.p0, lay.e, lay.g, lay.lg)
-            return (*differentiable_grads(x3, weight, bias, view, eps, dy), None, None, None)
+            view = (plan.p0, plan.e, plan.g, plan.lg)
+            x3 = x.view(plan.n, plan.c, plan.s)
+            dx, dw, db = differentiable_grads(x3, weight, bias, view, eps, dy)
+            dx = None if dx is None else dx.reshape(x.shape)
+            return dx, dw, db, None, None, None, None
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        xv, dyv = lay.view(x3), lay.view(dy.contiguous())
-        # per-unit sum(dy * xhat) and sum(dy) in one native reduction pass
+        xv, dyv = plan.view(x), plan.view(dy.contiguous())
+        # per-row sum(dy * xhat) and sum(dy) in one native reduction pass
         _, s_dyx, s_dy = torch.ops.aten.native_batch_norm_backward(
-            dyv, xv, None, mean_u, var_u, None, None, False, eps, [False, True, True]
+            dyv, xv, None, mean_r, var_r, None, None, False, eps, [False, True, True]
         )
-        dw = lay.unit_sums_to_channels(s_dyx).to(weight.dtype) if need_w else None
-        db = lay.unit_sums_to_channels(s_dy).to(bias.dtype) if need_b else None
-        dx = None
+        sums = torch.stack((s_dy, s_dyx))  # (2, rows)
+        dw = db = dx = None
+        if need_w or need_b:
+            db, dw = plan.rows_to_channels(sums)
+            dw = dw.to(weight.dtype) if need_w else None
+            db = db.to(bias.dtype) if need_b else None
         if need_x:
-            w_u = lay.channel_to_unit(weight)
-            if w_u is not None:
-                w_u = w_u.to(mean.dtype)
-                s_dy, s_dyx = s_dy * w_u, s_dyx * w_u
-            m1 = lay.unit_sums_to_groups(s_dy).div_(lay.count)
-            m2 = lay.unit_sums_to_groups(s_dyx).div_(lay.count)
-            rstd = torch.rsqrt(var + eps)
-            b_g = rstd.square().mul_(m2).neg_()
-            c_g = torch.addcmul(rstd * m1, b_g, mean).neg_()
-            a_u = lay.per_unit(rstd)
-            if w_u is not None:
-                a_u = a_u * w_u
-            ones = torch.ones_like(a_u)
-            dx = F.batch_norm(xv, torch.zeros_like(a_u), ones, lay.per_unit(b_g),
-                              lay.per_unit(c_g), False, 0.0, 0.0)  # B_u * x + C_u in one pass
-            dx = dx.addcmul_(dyv, lay.coef_view(a_u)).view(x3.shape)
-        return dx, dw, db, None, None, None
+            if w_r is not None:
+                sums = sums * w_r
+            # dx = A*dy + (-rstd m2)*xhat + (-rstd m1): A = gamma rstd, m1 = mean_R(gamma dy),
+            # m2 = mean_R(gamma dy xhat); xhat recomputed by the kernel from the saved stats
+            rstd = (var + eps).rsqrt()
+            coef = plan.rows_to_groups(sums).mul(rstd * (-1.0 / plan.count))  # (2, P0*G)
+            coef = plan.groups_to_rows(torch.cat((coef, rstd.view(1, -1))).to(mean_r.dtype))
+            a_r = coef[2] if w_r is None else coef[2] * w_r
+            dx = torch.batch_norm(xv, coef[1], coef[0], mean_r, var_r, False, 0.0, eps, _cudnn())
+            dx = dx.addcmul_(dyv, a_r.view(plan.coef_shape())).view(x.shape)
+        return dx, dw, db, None, None, None, None
 
 
 def native_grouped_norm(
-    x3: Tensor, num_groups: int, batch_groups: int,
-    weight: Tensor | None, bias: Tensor | None, eps: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Apply :class:`NativeGroupedNormFunction` to (N, C, S) ``x3`` (made contiguous)."""
-    y, mean, var = NativeGroupedNormFunction.apply(
-        x3.contiguous(), weight, bias, num_groups, batch_groups, eps
+    x: Tensor, plan: UnitsPlan, weight: Tensor | None, bias: Tensor | None,
+    running: tuple[Tensor, Tensor] | None, momentum: float, eps: float,
+) -> Tensor:
+    """Apply :class:`NativeGroupedNormFunction` to ``x`` (N, C, *) (made contiguous)."""
+    return NativeGroupedNormFunction.apply(
+        x.contiguous(), weight, bias, plan, running, momentum, eps
     )
-    return y.view(x3.shape), mean, var
 
 
 class ChannelGroupsFunction(torch.autograd.Function):

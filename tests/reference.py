@@ -46,3 +46,22 @@ def pn_ref(x, weight=None, bias=None, eps=1e-5):
 
 def divisors(d: int) -> list[int]:
     return [g for g in range(1, d + 1) if d % g == 0]
+
+
+#: Every training engine and layout the tests run each case through: the few-calls batch-norm
+#: engine, the units engine with each statistics kernel and with the columns layout, and the
+#: closed-form general engine (the torch.compile path).
+ENGINES = ["batchnorm", "units-bnstats", "units-gnstats", "units-columns", "general"]
+
+
+def set_engine(monkeypatch, name: str) -> str:
+    """Force the engine ``name`` (one of :data:`ENGINES`) for the rest of a test."""
+    from bgnorm import functional as BF
+    from bgnorm.ops import native
+
+    monkeypatch.setattr(BF, "ENGINE", name.split("-")[0])
+    monkeypatch.setattr(native, "SHORT_GROUP", 10**9 if name == "units-bnstats" else 0)
+    columns = name == "units-columns"
+    monkeypatch.setattr(native, "SHORT_UNIT", 10**9 if columns else 0)
+    monkeypatch.setattr(native, "COLUMNS_MIN_BATCH", 1 if columns else 10**9)
+    return name

@@ -5,19 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import bgn_eval_ref, bgn_ref, divisors, gbgn_ref, pn_ref
+from reference import ENGINES, bgn_eval_ref, bgn_ref, divisors, gbgn_ref, pn_ref, set_engine
 
 from bgnorm import functional as BF
-from bgnorm.ops import native
 
 
-@pytest.fixture(autouse=True, params=["batchnorm", "units-bnstats", "units-gnstats", "general"])
+@pytest.fixture(autouse=True, params=ENGINES)
 def engine(request, monkeypatch):
-    """Run every test through each training engine: few native batch-norm calls, the units
-    engine with either statistics kernel, and the closed-form general engine (torch.compile)."""
-    monkeypatch.setattr(BF, "ENGINE", request.param.split("-")[0])
-    monkeypatch.setattr(native, "SHORT_GROUP", 10**9 if request.param == "units-bnstats" else 0)
-    return request.param
+    """Run every test through each training engine and layout (see reference.ENGINES)."""
+    return set_engine(monkeypatch, request.param)
 
 SHAPES = [(5, 6), (3, 6, 4), (2, 4, 3, 4), (3, 2, 2, 3, 2)]
 CASES = [
@@ -73,12 +69,12 @@ def test_gradcheck_and_gradgradcheck(shape, g, engine):
         return BF.batch_group_norm(x, g, None, None, w, b, training=True)
 
     assert torch.autograd.gradcheck(fn, (x, w, b))
-    if engine != "units-bnstats":  # same double-backward code as units-gnstats
+    if engine not in ("units-bnstats", "units-columns"):  # double backward as units-gnstats
         assert torch.autograd.gradgradcheck(fn, (x, w, b))
 
 
 def test_gradgradcheck_general_and_positional(engine):
-    if engine == "units-bnstats":
+    if engine in ("units-bnstats", "units-columns"):
         pytest.skip("same double-backward code as units-gnstats")
     x = torch.randn(4, 6, 2, 2, dtype=torch.float64, requires_grad=True)
     w, b = _params(6)

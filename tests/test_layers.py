@@ -7,10 +7,9 @@ import io
 
 import pytest
 import torch
-from reference import bgn_eval_ref, bgn_ref, gbgn_ref
+from reference import ENGINES, bgn_eval_ref, bgn_ref, gbgn_ref, set_engine
 from torch import nn
 
-import bgnorm.functional as BF
 from bgnorm import (
     BatchGroupNorm1d,
     BatchGroupNorm2d,
@@ -18,16 +17,12 @@ from bgnorm import (
     GeneralBatchGroupNorm2d,
     PositionalNorm,
 )
-from bgnorm.ops import native
 
 
-@pytest.fixture(autouse=True, params=["batchnorm", "units-bnstats", "units-gnstats", "general"])
+@pytest.fixture(autouse=True, params=ENGINES)
 def engine(request, monkeypatch):
-    """Run every test through each training engine: few native batch-norm calls, the units
-    engine with either statistics kernel, and the closed-form general engine (torch.compile)."""
-    monkeypatch.setattr(BF, "ENGINE", request.param.split("-")[0])
-    monkeypatch.setattr(native, "SHORT_GROUP", 10**9 if request.param == "units-bnstats" else 0)
-    return request.param
+    """Run every test through each training engine and layout (see reference.ENGINES)."""
+    return set_engine(monkeypatch, request.param)
 
 
 BN_PAIRS = [

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from . import _checks
 from .ops.engine import UnitsPlan, grouped_norm, units_plan, update_running
-from .ops.native import channel_groups_norm, native_grouped_norm
+from .ops.native import channel_groups_norm, native_eval_norm, native_grouped_norm, native_plan
 
 #: Which training engine BGN/GBGN use: "auto" (below), or one forced for tests and benchmarks:
 #: "batchnorm" (few native batch-norm calls; only for G = C, G a multiple of C, or C a multiple
@@ -105,15 +105,12 @@ def _grouped_batch_norm(
             return torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0,
                                     eps, torch.backends.cudnn.enabled)
         # bands or straddling groups: the units view (runs sharing a channel and a group)
-        plan = _plan(n, c, math.prod(input.shape[2:]), num_groups, 1)
-        pdt = running_mean.dtype if weight is None else weight.dtype
-        rm = plan.groups_to_rows(running_mean.to(pdt))
-        rv = plan.groups_to_rows(running_var.to(pdt))
-        w_r = None if weight is None else plan.channels_to_rows(weight)
-        b_r = None if bias is None else plan.channels_to_rows(bias)
-        y = torch.batch_norm(plan.view(input.contiguous()), w_r, b_r, rm, rv, False, 0.0, eps,
-                             torch.backends.cudnn.enabled)
-        return y.view(input.shape)
+        s = math.prod(input.shape[2:])
+        if torch.compiler.is_compiling():
+            plan = UnitsPlan(n, c, s, num_groups, 1)
+        else:
+            plan = native_plan(n, c, s, num_groups, 1)
+        return native_eval_norm(input, plan, running_mean, running_var, weight, bias, eps)
 
     if examples_per_group is None and num_groups == c:
         # G = C is BatchNorm: torch's own kernel, bit for bit.
@@ -152,8 +149,7 @@ def _grouped_batch_norm(
             with torch.no_grad():
                 update_running(*running, mean, var, p0, e * (c * s // num_groups), momentum)
         return y.view(input.shape)
-    plan = units_plan(n, c, s, num_groups, p0)
-    return native_grouped_norm(input, plan, weight, bias, running, momentum, eps)
+    return native_grouped_norm(input, num_groups, p0, weight, bias, running, momentum, eps)
 
 
 def batch_group_norm(

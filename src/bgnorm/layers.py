@@ -73,6 +73,8 @@ class _BatchGroupNorm(nn.Module):
             self.register_buffer("num_batches_tracked", None)
         # Spatial shape the group layout was fixed at; only used when groups straddle channels.
         self.layout_shape: tuple[int, ...] | None = None
+        # the last input configuration that passed every check (see _validated)
+        self._checked: tuple[Any, ...] | None = None
         self.reset_parameters()
 
     # -- state ---------------------------------------------------------------------------------
@@ -106,6 +108,7 @@ class _BatchGroupNorm(nn.Module):
     def set_extra_state(self, state: Any) -> None:
         shape = state.get("layout_shape") if isinstance(state, dict) else None
         self.layout_shape = None if shape is None else tuple(int(s) for s in shape)
+        self._checked = None
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -178,6 +181,25 @@ class _BatchGroupNorm(nn.Module):
         _checks.check_channels(type(self).__name__, input, self.num_features)
         self._check_layout(input)
 
+    def _check_key(self, input: Tensor) -> tuple[Any, ...]:
+        return (input.shape, input.dtype, self.training, self.num_groups, self.num_features,
+                getattr(self, "examples_per_group", None))
+
+    def _validated(self, input: Tensor) -> bool:
+        """Whether an input of this configuration already passed every check in this layer.
+
+        The checks cost as much as a small layer's kernels, so a layer runs them once per input
+        configuration (shape, dtype, mode, hyper-parameters) and skips them after that. Never
+        under torch.compile, where they are free and guards decide recompilation.
+        """
+        if torch.compiler.is_compiling():
+            return False
+        return getattr(self, "_checked", None) == self._check_key(input)
+
+    def _mark_validated(self, input: Tensor) -> None:
+        if not torch.compiler.is_compiling():
+            self._checked = self._check_key(input)
+
 
 class _BatchGroupNormNd(_BatchGroupNorm):
     r"""Batch Group Normalization (Zhou et al., AAAI 2021).
@@ -220,11 +242,19 @@ class _BatchGroupNormNd(_BatchGroupNorm):
     """
 
     def forward(self, input: Tensor) -> Tensor:
+        if self._validated(input):
+            rm, rv, use_batch, factor = self._batch_norm_args()
+            return BF._grouped_batch_norm(
+                input, self.num_groups, None, rm, rv, self.weight, self.bias, use_batch, factor,
+                self.eps,
+            )
         self._common_checks(input)
         rm, rv, use_batch, factor = self._batch_norm_args()
-        return BF.batch_group_norm(
+        y = BF.batch_group_norm(
             input, self.num_groups, rm, rv, self.weight, self.bias, use_batch, factor, self.eps
         )
+        self._mark_validated(input)
+        return y
 
 
 class BatchGroupNorm1d(_BatchGroupNormNd):
@@ -315,12 +345,20 @@ class GeneralBatchGroupNorm2d(_BatchGroupNorm):
         )
 
     def forward(self, input: Tensor) -> Tensor:
+        if self._validated(input):
+            rm, rv, use_batch, factor = self._batch_norm_args()
+            return BF._grouped_batch_norm(
+                input, self.num_groups, self.examples_per_group, rm, rv, self.weight, self.bias,
+                use_batch, factor, self.eps,
+            )
         self._common_checks(input)
         rm, rv, use_batch, factor = self._batch_norm_args()
-        return BF.general_batch_group_norm(
+        y = BF.general_batch_group_norm(
             input, self.num_groups, self.examples_per_group, rm, rv, self.weight, self.bias,
             use_batch, factor, self.eps,
         )
+        self._mark_validated(input)
+        return y
 
 
 class PositionalNorm(nn.Module):

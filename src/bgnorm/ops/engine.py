@@ -200,11 +200,11 @@ class UnitsPlan:
     own under torch.compile, where sizes may be symbolic.
     """
 
-    def __init__(self, n: int, c: int, s: int, g: int, p0: int) -> None:
+    def __init__(self, n: int, c: int, s: int, g: int, p0: int, columns: bool = False) -> None:
         self.n, self.c, self.s, self.g, self.p0 = n, c, s, g, p0
         self.e = n // p0  # examples per batch group
         self.lg = c * s // g  # elements of one example in one group
-        self.l = unit_length(c, s, g)
+        self.l = 1 if columns else unit_length(c, s, g)
         self.u = c * s // self.l
         self.upg = self.lg // self.l  # units per group
         self.upc = s // self.l  # units per channel
@@ -256,24 +256,28 @@ class UnitsPlan:
         """Shape that broadcasts one coefficient row against :meth:`view`."""
         return (1, self.rows) if (self.p0 == 1 and self.l == 1) else (1, self.rows, 1)
 
+    def _make_index(self, kind: str, device: torch.device) -> Tensor:
+        r = torch.arange(self.rows, device=device)
+        unit = r % self.u
+        if kind == "channel":
+            return unit // self.upc
+        idx = unit // self.upg
+        if self.p0 > 1:
+            idx = idx + (r // self.u // self.e) * self.g
+        return idx
+
     def _index(self, kind: str, device: torch.device) -> Tensor | None:
-        """Cached (rows,) index from each coefficient row to its statistic (``"group"``) or its
-        channel (``"channel"``); None where that map is the identity."""
+        """(rows,) index from each coefficient row to its statistic (``"group"``) or channel
+        (``"channel"``), cached per device; None where that map is the identity."""
+        if self.p0 == 1 and (self.upg if kind == "group" else self.upc) == 1:
+            return None
+        if torch.compiler.is_compiling():
+            return self._make_index(kind, device)
         key = (kind, device)
         idx = self._indices.get(key)
-        if idx is None and key not in self._indices:
+        if idx is None:
             with torch.inference_mode(False), torch.no_grad():
-                r = torch.arange(self.rows, device=device)
-                unit, example = r % self.u, r // self.u
-                if kind == "group":
-                    idx = unit // self.upg
-                    if self.p0 > 1:
-                        idx = idx + (example // self.e) * self.g
-                else:
-                    idx = unit // self.upc
-            if torch.equal(idx, torch.arange(idx.numel(), device=device)):
-                idx = None
-            self._indices[key] = idx
+                idx = self._indices[key] = self._make_index(kind, device)
         return idx
 
     def groups_to_rows(self, t: Tensor) -> Tensor:
@@ -301,9 +305,9 @@ class UnitsPlan:
 
 
 @functools.lru_cache(maxsize=1024)
-def units_plan(n: int, c: int, s: int, g: int, p0: int) -> UnitsPlan:
+def units_plan(n: int, c: int, s: int, g: int, p0: int, columns: bool = False) -> UnitsPlan:
     """The cached :class:`UnitsPlan` of concrete sizes (eager mode)."""
-    return UnitsPlan(n, c, s, g, p0)
+    return UnitsPlan(n, c, s, g, p0, columns)
 
 
 def grouped_norm(

@@ -29,10 +29,19 @@ differentiable composition (see :func:`bgnorm.ops.engine.grouped_norm_reference`
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from .engine import UnitsPlan, compute_dtype, differentiable_grads, update_running
+from .engine import (
+    UnitsPlan,
+    compute_dtype,
+    differentiable_grads,
+    unit_length,
+    units_plan,
+    update_running,
+)
 
 __all__ = [
     "native_grouped_norm", "NativeGroupedNormFunction", "channel_groups_norm",
@@ -45,6 +54,15 @@ __all__ = [
 #: ones from per-(n, g) native group-norm moments merged over the batch (faster for long
 #: rows). Both kernels are numerically stable; measured on CPU with benchmarks/bench_norms.py.
 SHORT_GROUP = 32
+
+#: BGN inputs whose units are shorter than this many elements, with at least
+#: :data:`COLUMNS_MIN_BATCH` examples, use the *columns* layout: every element of an example is
+#: its own unit (L = 1), so every pass runs over the 2D (N, C*S) view with per-column
+#: coefficients (batch-norm statistics and reductions over N, TensorIterator affines), where
+#: torch's CPU kernels are fast; on short rows (bands of 32, 2x2 maps) the group-norm and
+#: batch-norm kernels pay a per-row cost. Measured with benchmarks/bench_norms.py.
+SHORT_UNIT = 48
+COLUMNS_MIN_BATCH = 4
 
 _unsafe_view = torch.ops.aten._unsafe_view.default  # a reshape that autograd sees as a new tensor
 
@@ -70,33 +88,70 @@ def _spread(m: Tensor, v: Tensor, parts: int, last: bool) -> tuple[Tensor, Tenso
     return mean.add_(ref), v.mean(dim=0).add_(var_m)
 
 
-def _moments(x: Tensor, plan: UnitsPlan, cdt: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(P0*G,) mean and biased variance in ``cdt`` from native per-row moments.
+def _moments(
+    x: Tensor, plan: UnitsPlan, cdt: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(P0*G,) mean and biased variance in ``cdt`` from native per-row moments, and the
+    group-norm kernel's output buffer (x's size, contents unused) when there is one.
 
     BGN with groups shorter than :data:`SHORT_GROUP`: per-unit moments over (N, L) from the
     batch-norm statistics kernel, merged over the units of each group. Otherwise per-(n, g)
     moments from the group-norm kernel (eps = 0, output discarded), merged over the examples of
-    each batch group. Both merges are exact (parts of equal size).
+    each batch group. Both merges are exact (parts of equal size). The output buffer is
+    returned for reuse as the layer's output: a fresh full-size allocation costs page faults
+    on CPU, as much as a pass over the data.
     """
     xs = x if x.dtype == cdt else x.to(cdt)
-    if plan.p0 == 1 and plan.lg < SHORT_GROUP:
+    if plan.p0 == 1 and (plan.lg < SHORT_GROUP or plan.l == 1):
         m, v = torch.batch_norm_update_stats(plan.view(xs), None, None, 0.0)  # (U,)
         if plan.upg == 1:
-            return m, v
-        return _spread(m.view(plan.g, plan.upg), v.view(plan.g, plan.upg), plan.upg, True)
+            return m, v, None
+        mean, var = _spread(m.view(plan.g, plan.upg), v.view(plan.g, plan.upg), plan.upg, True)
+        return mean, var, None
     n, g, lg = plan.n, plan.g, plan.lg
-    _, m, rstd = torch.native_group_norm(xs.view(n, g, lg), None, None, n, g, lg, g, 0.0)
+    buf, m, rstd = torch.native_group_norm(xs.view(n, g, lg), None, None, n, g, lg, g, 0.0)
+    if buf.dtype != x.dtype:
+        buf = None
     v = rstd.pow(-2)  # eps = 0: rstd = 1/sqrt(var); a constant row gives inf, i.e. var 0
     if n == 1:
-        return m.view(g), v.view(g)
+        return m.view(g), v.view(g), buf
     if plan.p0 > 1:  # (P0, e, G) -> (e, P0*G): the examples of each batch group along dim 0
         m = m.view(plan.p0, plan.e, g).transpose(0, 1).reshape(plan.e, plan.p0 * g)
         v = v.view(plan.p0, plan.e, g).transpose(0, 1).reshape(plan.e, plan.p0 * g)
-    return _spread(m, v, plan.e, False)
+    return (*_spread(m, v, plan.e, False), buf)
 
 
 def _cudnn() -> bool:
     return torch.backends.cudnn.enabled
+
+
+def _affine(
+    xv: Tensor, mean_r: Tensor, var_r: Tensor, w_r: Tensor | None, b_r: Tensor | None,
+    eps: float, out: Tensor | None = None,
+) -> Tensor:
+    """``(x - mean) * rsqrt(var + eps) * w + b`` per coefficient row of the units view ``xv``.
+
+    Torch's eval-mode batch norm does it in one pass; on CPU its kernel for the 2D (N, U)
+    layout (L = 1, e.g. 1d layers) is ~3x slower than TensorIterator's, so there the same fold
+    (scale = w rsqrt(var + eps), shift = b - mean scale, as the batch-norm kernel computes it)
+    feeds one addcmul. ``out`` (a buffer of xv's size, or None) receives the result.
+    """
+    if xv.dim() == 2 and xv.device.type == "cpu" and xv.dtype == mean_r.dtype:
+        scale = (var_r + eps).rsqrt_()
+        if w_r is not None:
+            scale = scale.mul_(w_r)
+        shift = mean_r * scale if b_r is None else torch.addcmul(b_r, mean_r, scale, value=-1)
+        if b_r is None:
+            shift = shift.neg_()
+        if out is None:
+            return torch.addcmul(shift, xv, scale)
+        return torch.addcmul(shift, xv, scale, out=out.view(xv.shape))
+    if out is None:
+        return torch.batch_norm(xv, w_r, b_r, mean_r, var_r, False, 0.0, eps, _cudnn())
+    return torch.ops.aten.native_batch_norm.out(
+        xv, w_r, b_r, mean_r, var_r, False, 0.0, eps, out=out.view(xv.shape),
+        save_mean=xv.new_empty(0), save_invstd=xv.new_empty(0),
+    )[0]
 
 
 class NativeGroupedNormFunction(torch.autograd.Function):
@@ -111,7 +166,7 @@ class NativeGroupedNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, plan, running, momentum, eps):  # type: ignore[override]
         cdt = compute_dtype(x.dtype)
-        mean, var = _moments(x, plan, cdt)
+        mean, var, buf = _moments(x, plan, cdt)
         if running is not None:
             update_running(*running, mean, var, plan.p0, plan.count, momentum)
         pdt = cdt if weight is None else weight.dtype
@@ -119,7 +174,7 @@ class NativeGroupedNormFunction(torch.autograd.Function):
         var_r = plan.groups_to_rows(var.to(pdt))
         w_r = None if weight is None else plan.channels_to_rows(weight)
         b_r = None if bias is None else plan.channels_to_rows(bias)
-        y = torch.batch_norm(plan.view(x), w_r, b_r, mean_r, var_r, False, 0.0, eps, _cudnn())
+        y = _affine(plan.view(x), mean_r, var_r, w_r, b_r, eps, buf)
         ctx.save_for_backward(x, weight, bias, var, mean_r, var_r, w_r)
         ctx.plan, ctx.eps = plan, eps
         return _unsafe_view(y, x.shape)
@@ -156,16 +211,41 @@ class NativeGroupedNormFunction(torch.autograd.Function):
             coef = plan.rows_to_groups(sums).mul(rstd * (-1.0 / plan.count))  # (2, P0*G)
             coef = plan.groups_to_rows(torch.cat((coef, rstd.view(1, -1))).to(mean_r.dtype))
             a_r = coef[2] if w_r is None else coef[2] * w_r
-            dx = torch.batch_norm(xv, coef[1], coef[0], mean_r, var_r, False, 0.0, eps, _cudnn())
+            dx = _affine(xv, mean_r, var_r, coef[1], coef[0], eps)
             dx = dx.addcmul_(dyv, a_r.view(plan.coef_shape())).view(x.shape)
         return dx, dw, db, None, None, None, None
 
 
+def native_plan(n: int, c: int, s: int, g: int, p0: int) -> UnitsPlan:
+    """The units plan the native engine runs (N, C, S, G, P0) with: columns for short units."""
+    columns = p0 == 1 and n >= COLUMNS_MIN_BATCH and unit_length(c, s, g) < SHORT_UNIT
+    return units_plan(n, c, s, g, p0, columns)
+
+
+def native_eval_norm(
+    x: Tensor, plan: UnitsPlan, running_mean: Tensor, running_var: Tensor,
+    weight: Tensor | None, bias: Tensor | None, eps: float,
+) -> Tensor:
+    """Eval-mode BGN of ``x`` (N, C, *) with its (G,) running statistics over ``plan``'s units
+    view: one native pass (see :func:`_affine`)."""
+    pdt = running_mean.dtype if weight is None else weight.dtype
+    y = _affine(
+        plan.view(x.contiguous()), plan.groups_to_rows(running_mean.to(pdt)),
+        plan.groups_to_rows(running_var.to(pdt)),
+        None if weight is None else plan.channels_to_rows(weight),
+        None if bias is None else plan.channels_to_rows(bias), eps,
+    )
+    return y.view(x.shape)
+
+
 def native_grouped_norm(
-    x: Tensor, plan: UnitsPlan, weight: Tensor | None, bias: Tensor | None,
+    x: Tensor, num_groups: int, batch_groups: int, weight: Tensor | None, bias: Tensor | None,
     running: tuple[Tensor, Tensor] | None, momentum: float, eps: float,
 ) -> Tensor:
-    """Apply :class:`NativeGroupedNormFunction` to ``x`` (N, C, *) (made contiguous)."""
+    """Apply :class:`NativeGroupedNormFunction` to ``x`` (N, C, *) (made contiguous), updating
+    ``running`` (running_mean, running_var) in place when given."""
+    n, c = x.shape[:2]
+    plan = native_plan(n, c, math.prod(x.shape[2:]), num_groups, batch_groups)
     return NativeGroupedNormFunction.apply(
         x.contiguous(), weight, bias, plan, running, momentum, eps
     )

@@ -154,13 +154,25 @@ def _affine(
     )[0]
 
 
+def _rows(
+    plan: UnitsPlan, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Per-row mean, variance (in the parameters' dtype), weight and bias for the units view."""
+    pdt = mean.dtype if weight is None else weight.dtype
+    return (
+        plan.groups_to_rows(mean.to(pdt)), plan.groups_to_rows(var.to(pdt)),
+        None if weight is None else plan.channels_to_rows(weight),
+        None if bias is None else plan.channels_to_rows(bias),
+    )
+
+
 class NativeGroupedNormFunction(torch.autograd.Function):
     """BGN/GBGN over native kernels; see the module docstring for the math.
 
     Inputs: ``x`` contiguous (N, C, *); ``weight``/``bias`` (C,) or None; ``plan`` its
     :class:`~bgnorm.ops.engine.UnitsPlan`; ``running`` the (running_mean, running_var) buffers
     to update in place, or None; ``momentum``; ``eps``. Output: y like ``x``. Saves ``x`` and
-    per-unit copies of the (P0*G,) statistics.
+    the (P0*G,) statistics.
     """
 
     @staticmethod
@@ -169,19 +181,17 @@ class NativeGroupedNormFunction(torch.autograd.Function):
         mean, var, buf = _moments(x, plan, cdt)
         if running is not None:
             update_running(*running, mean, var, plan.p0, plan.count, momentum)
-        pdt = cdt if weight is None else weight.dtype
-        mean_r = plan.groups_to_rows(mean.to(pdt))
-        var_r = plan.groups_to_rows(var.to(pdt))
-        w_r = None if weight is None else plan.channels_to_rows(weight)
-        b_r = None if bias is None else plan.channels_to_rows(bias)
+        mean_r, var_r, w_r, b_r = _rows(plan, mean, var, weight, bias)
         y = _affine(plan.view(x), mean_r, var_r, w_r, b_r, eps, buf)
-        ctx.save_for_backward(x, weight, bias, var, mean_r, var_r, w_r)
+        # only x and the (P0*G,) statistics are kept: the per-row vectors are rebuilt in
+        # backward (a few small gathers; they are as long as C*S in the columns layout)
+        ctx.save_for_backward(x, weight, bias, mean, var)
         ctx.plan, ctx.eps = plan, eps
         return _unsafe_view(y, x.shape)
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        x, weight, bias, var, mean_r, var_r, w_r = ctx.saved_tensors
+        x, weight, bias, mean, var = ctx.saved_tensors
         plan: UnitsPlan = ctx.plan
         eps = ctx.eps
         if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation
@@ -191,6 +201,7 @@ class NativeGroupedNormFunction(torch.autograd.Function):
             dx = None if dx is None else dx.reshape(x.shape)
             return dx, dw, db, None, None, None, None
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        mean_r, var_r, w_r, _ = _rows(plan, mean, var, weight, None)
         xv, dyv = plan.view(x), plan.view(dy.contiguous())
         # per-row sum(dy * xhat) and sum(dy) in one native reduction pass
         _, s_dyx, s_dy = torch.ops.aten.native_batch_norm_backward(
@@ -228,13 +239,8 @@ def native_eval_norm(
 ) -> Tensor:
     """Eval-mode BGN of ``x`` (N, C, *) with its (G,) running statistics over ``plan``'s units
     view: one native pass (see :func:`_affine`)."""
-    pdt = running_mean.dtype if weight is None else weight.dtype
-    y = _affine(
-        plan.view(x.contiguous()), plan.groups_to_rows(running_mean.to(pdt)),
-        plan.groups_to_rows(running_var.to(pdt)),
-        None if weight is None else plan.channels_to_rows(weight),
-        None if bias is None else plan.channels_to_rows(bias), eps,
-    )
+    rows = _rows(plan, running_mean, running_var, weight, bias)
+    y = _affine(plan.view(x.contiguous()), *rows, eps)
     return y.view(x.shape)
 
 

@@ -181,6 +181,52 @@ def test_straddling_groups_raise_at_another_size_even_after_reload():
     fresh(torch.randn(1, 4, 3, 3))
 
 
+def test_checks_run_again_for_a_new_configuration_after_a_validated_one():
+    """Layers skip re-validating an input configuration they have checked; anything that
+    changes the configuration (dtype, shape, mode, a loaded layout) is checked again."""
+    m = BatchGroupNorm2d(4, num_groups=6)
+    x = torch.randn(4, 4, 3, 3)
+    m(x)
+    m(x)  # validated configuration
+    with pytest.raises(TypeError, match="expected a floating-point input"):
+        m(x.long())
+    with pytest.raises(ValueError, match="expected input with 4 channels"):
+        m(torch.randn(4, 5, 3, 3))
+    with pytest.raises(ValueError, match="expected more than 1 value per group"):
+        BatchGroupNorm2d(4, num_groups=36)(torch.randn(1, 4, 3, 3))
+    # a fresh layer that validated 6x6 inputs, then loads a layout recorded at 3x3
+    other = BatchGroupNorm2d(4, num_groups=6)
+    other(torch.randn(4, 4, 6, 6))
+    other(torch.randn(4, 4, 6, 6))
+    other.load_state_dict(m.state_dict())
+    with pytest.raises(ValueError, match=r"laid out for spatial size \(3, 3\)"):
+        other(torch.randn(4, 4, 6, 6))
+
+
+@pytest.mark.parametrize("shape,g", [((8, 16, 6, 6), 4), ((8, 16, 6, 6), 64), ((8, 12, 6, 6), 8),
+                                     ((16, 8, 2, 2), 16)])
+def test_saved_bytes_do_not_exceed_native_batch_norm(shape, g, engine):
+    """Autograd keeps no more for BGN's backward than for BatchNorm2d's: the input and small
+    statistics, with G-long vectors instead of C-long ones when G > C (as torch's batch norm
+    keeps five: weight, running and saved statistics)."""
+
+    def saved(m):
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        x = torch.randn(shape, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m(x)
+        return sum(seen.values())
+
+    extra = 5 * 4 * max(g - shape[1], 0)
+    ours, native = saved(BatchGroupNorm2d(shape[1], num_groups=g)), saved(nn.BatchNorm2d(shape[1]))
+    assert ours <= native + extra, (ours, native)
+
+
 # ---- state dicts ---------------------------------------------------------------------------
 
 

@@ -4,27 +4,35 @@ Let x be (N, C, S) contiguous, D = C*S, G groups of Lg = D/G elements, and batch
 examples (P0 = N/e; BGN is P0 = 1). Cut D into *units* of L = gcd(S, Lg) elements: a unit lies in
 one channel and one group, so per unit the statistics and the affine are constants. Units are
 channels when G divides C (L = S), bands when C divides G (L = S*C/G), and finer pieces when
-groups straddle channels.
+groups straddle channels. The passes run over the units view, whose coefficient rows are the
+units (:class:`~bgnorm.ops.engine.UnitsPlan`). BGN inputs with short units (L <
+:data:`SHORT_UNIT`, e.g. bands of 32 or 2x2 maps) use the *columns* layout instead: every
+element of an example is its own unit (L = 1) and every pass runs over the 2D (N, D) view, where
+torch's CPU kernels have no per-row cost.
 
 Forward (two passes over x):
-  1. per-(n, g) mean and biased variance from the native group-norm kernel on the (N, G, Lg)
-     view (eps = 0, its normalized output is discarded), merged over each batch group by the law
-     of total variance in float64 (tiny (N, G) tensors); for short groups in BGN, per-unit
-     moments from the native batch-norm statistics kernel, merged over each group's units;
-  2. one native eval-mode batch-norm pass over the units view with the group statistics and
-     gamma/beta expanded per unit: y = (x - mean_g) * rsqrt(var_g + eps) * gamma_c + beta_c.
+  1. statistics: per-(n, g) mean and biased variance from the native group-norm kernel on the
+     (N, G, Lg) view (eps = 0), merged over each batch group by the law of total variance; or,
+     for short groups and the columns layout, per-unit moments over (N, L) from the native
+     batch-norm statistics kernel, merged over each group's units. Merges are exact (equal
+     parts) and centred, so inputs like 1e4 + N(0, 1) keep float32 round-off accuracy;
+  2. one native pass over the units view with the group statistics and gamma/beta gathered per
+     row: y = (x - mean_g) * rsqrt(var_g + eps) * gamma_c + beta_c (eval-mode batch norm, or
+     an addcmul with the folded scale/shift on 2D views), written into the group-norm kernel's
+     output buffer when there is one (a fresh full-size CPU allocation costs page faults).
 
 Backward (three passes): the native eval-mode batch-norm backward with only the weight/bias
-gradients requested yields per-unit sum(dy) and sum(dy * xhat); gamma's and beta's gradients
+gradients requested yields per-row sum(dy) and sum(dy * xhat); gamma's and beta's gradients
 and the group terms are small reductions of those; then
 
-  dx = A_u * dy + B_u * x + C_u,  A_u = gamma_c rstd_g,  B_u = -rstd_g^2 m2_g,
-  C_u = -rstd_g m1_g + rstd_g^2 m2_g mean_g,
+  dx = A_u * dy + B'_u * xhat + C'_u,  A_u = gamma_c rstd_g,
+  B'_u = -rstd_g m2_g,  C'_u = -rstd_g m1_g,
   m1_g = mean_R(gamma_c dy),  m2_g = mean_R(gamma_c dy xhat),
 
-as one native eval batch-norm pass (B_u * x + C_u) and one in-place addcmul. Only x and the
-(P0, G) statistics are saved. Every op used exists on CPU and CUDA. Double backward recomputes a
-differentiable composition (see :func:`bgnorm.ops.engine.grouped_norm_reference`).
+as one pass of the forward's kind (B'_u * xhat + C'_u, xhat recomputed from the saved
+statistics) and one in-place addcmul. Only x and the (P0*G,) statistics are saved. Every op used
+exists on CPU and CUDA. Double backward recomputes a differentiable composition (see
+:func:`bgnorm.ops.engine.grouped_norm_reference`).
 """
 
 from __future__ import annotations
@@ -311,9 +319,8 @@ class ChannelGroupsFunction(torch.autograd.Function):
                 ctx.eps, [True, False, False],
             )[0].view(n, c, s).to(x3.dtype)
         if need_w or need_b:
-            k = c // g
-            mean_c = mean.view(g, 1).expand(g, k).reshape(c).contiguous()
-            var_c = invstd.pow(-2).view(g, 1).expand(g, k).reshape(c).contiguous()
+            plan = units_plan(n, c, s, g, 1)  # whole channels: rows are channels
+            mean_c, var_c = plan.groups_to_rows(torch.stack((mean, invstd.pow(-2))))
             _, s_dyx, s_dy = torch.ops.aten.native_batch_norm_backward(
                 dy, xc, None, mean_c, var_c, None, None, False, 0.0, [False, True, True]
             )

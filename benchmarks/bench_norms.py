@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    reps = args.reps or (3 if args.quick else 15)
+    reps = args.reps or (3 if args.quick else 25)
     tags = {"timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "machine": _machine(), "torch": torch.__version__, "commit": _commit(),
             "threads": torch.get_num_threads()}

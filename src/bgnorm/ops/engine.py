@@ -22,6 +22,9 @@ saving only ``x`` and the ``(P0, P1)`` statistics. Statistics are accumulated in
 half-precision inputs (float64 stays float64); the output keeps the input dtype. When the backward
 is itself differentiated (``create_graph=True``) it recomputes the forward as a differentiable
 composition, so double backward is exact.
+
+:class:`UnitsPlan` holds the shape arithmetic of the units view (runs of elements sharing one
+channel and one group) that this engine and the native one (:mod:`bgnorm.ops.native`) share.
 """
 
 from __future__ import annotations

@@ -52,8 +52,8 @@ from .engine import (
 )
 
 __all__ = [
-    "native_grouped_norm", "NativeGroupedNormFunction", "channel_groups_norm",
-    "ChannelGroupsFunction",
+    "native_grouped_norm", "native_eval_norm", "native_plan", "NativeGroupedNormFunction",
+    "channel_groups_norm", "ChannelGroupsFunction",
 ]
 
 

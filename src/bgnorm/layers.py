@@ -33,6 +33,8 @@ class _BatchGroupNorm(nn.Module):
 
     _version = 1
     _input_dims: tuple[int, ...] = ()  # accepted input.dim() values; empty: any (N, C, *)
+    _functional = "batch_group_norm"  # the function named in argument errors
+    examples_per_group: int | None = None  # GBGN's e; None: one batch group (BGN)
 
     def __init__(
         self,
@@ -183,7 +185,7 @@ class _BatchGroupNorm(nn.Module):
 
     def _check_key(self, input: Tensor) -> tuple[Any, ...]:
         return (input.shape, input.dtype, self.training, self.num_groups, self.num_features,
-                getattr(self, "examples_per_group", None))
+                self.examples_per_group)
 
     def _validated(self, input: Tensor) -> bool:
         """Whether an input of this configuration already passed every check in this layer.
@@ -199,6 +201,21 @@ class _BatchGroupNorm(nn.Module):
     def _mark_validated(self, input: Tensor) -> None:
         if not torch.compiler.is_compiling():
             self._checked = self._check_key(input)
+
+    def forward(self, input: Tensor) -> Tensor:
+        checked = self._validated(input)
+        if not checked:
+            self._common_checks(input)
+        rm, rv, use_batch, factor = self._batch_norm_args()
+        e = self.examples_per_group
+        if not checked:
+            BF._validate(self._functional, input, self.num_groups, e, rm, rv, self.weight,
+                         self.bias, use_batch)
+        y = BF._grouped_batch_norm(input, self.num_groups, e, rm, rv, self.weight, self.bias,
+                                   use_batch, factor, self.eps)
+        if not checked:
+            self._mark_validated(input)
+        return y
 
 
 class _BatchGroupNormNd(_BatchGroupNorm):
@@ -240,21 +257,6 @@ class _BatchGroupNormNd(_BatchGroupNorm):
     Shape:
         - Input: see the subclass; Output: same shape.
     """
-
-    def forward(self, input: Tensor) -> Tensor:
-        if self._validated(input):
-            rm, rv, use_batch, factor = self._batch_norm_args()
-            return BF._grouped_batch_norm(
-                input, self.num_groups, None, rm, rv, self.weight, self.bias, use_batch, factor,
-                self.eps,
-            )
-        self._common_checks(input)
-        rm, rv, use_batch, factor = self._batch_norm_args()
-        y = BF.batch_group_norm(
-            input, self.num_groups, rm, rv, self.weight, self.bias, use_batch, factor, self.eps
-        )
-        self._mark_validated(input)
-        return y
 
 
 class BatchGroupNorm1d(_BatchGroupNormNd):
@@ -318,6 +320,8 @@ class GeneralBatchGroupNorm2d(_BatchGroupNorm):
         torch.Size([16, 32, 5, 5])
     """
 
+    _functional = "general_batch_group_norm"
+
     _input_dims = (4,)
 
     def __init__(
@@ -343,22 +347,6 @@ class GeneralBatchGroupNorm2d(_BatchGroupNorm):
             f"num_groups={self.num_groups}",
             f"num_groups={self.num_groups}, examples_per_group={self.examples_per_group}",
         )
-
-    def forward(self, input: Tensor) -> Tensor:
-        if self._validated(input):
-            rm, rv, use_batch, factor = self._batch_norm_args()
-            return BF._grouped_batch_norm(
-                input, self.num_groups, self.examples_per_group, rm, rv, self.weight, self.bias,
-                use_batch, factor, self.eps,
-            )
-        self._common_checks(input)
-        rm, rv, use_batch, factor = self._batch_norm_args()
-        y = BF.general_batch_group_norm(
-            input, self.num_groups, self.examples_per_group, rm, rv, self.weight, self.bias,
-            use_batch, factor, self.eps,
-        )
-        self._mark_validated(input)
-        return y
 
 
 class PositionalNorm(nn.Module):

@@ -96,17 +96,8 @@ def _grouped_batch_norm(
     """BGN (``examples_per_group=None``: one batch group) and GBGN on validated arguments."""
     n, c = input.shape[:2]
     if not training:
-        # Constant statistics: one native eval-mode batch-norm pass.
-        if c % num_groups == 0:  # whole channels (G = C is BatchNorm): per-channel statistics
-            if num_groups != c:
-                plan = _plan(n, c, math.prod(input.shape[2:]), num_groups, 1)
-                running_mean = plan.groups_to_rows(running_mean)
-                running_var = plan.groups_to_rows(running_var)
-            return torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0,
-                                    eps, torch.backends.cudnn.enabled)
-        # bands or straddling groups: the units view (runs sharing a channel and a group)
-        s = math.prod(input.shape[2:])
-        plan = _plan(n, c, s, num_groups, 1)  # (the columns layout measured no faster here)
+        # constant statistics: one native pass (the columns layout measured no faster here)
+        plan = _plan(n, c, math.prod(input.shape[2:]), num_groups, 1)
         return native_eval_norm(input, plan, running_mean, running_var, weight, bias, eps)
 
     if examples_per_group is None and num_groups == c:

@@ -76,7 +76,7 @@ COLUMNS_MIN_BATCH = 4
 _unsafe_view = torch.ops.aten._unsafe_view.default  # a reshape that autograd sees as a new tensor
 
 
-def _spread(m: Tensor, v: Tensor, parts: int, last: bool) -> tuple[Tensor, Tensor]:
+def _spread(m: Tensor, v: Tensor, last: bool) -> tuple[Tensor, Tensor]:
     """Merge equal-size parts: ``m``/``v`` hold the parts' means and biased variances as a
     contiguous 2D tensor with the parts along dim 1 (``last``, shape (K, parts)) or dim 0
     (shape (parts, K)). Returns the (K,) mean and biased variance by the law of total variance.
@@ -87,7 +87,7 @@ def _spread(m: Tensor, v: Tensor, parts: int, last: bool) -> tuple[Tensor, Tenso
     # centred on the first part: the spread of large means (inputs like 1e4 + N(0, 1)) is then
     # computed from small differences (exact subtractions), as precisely as var_mean
     if last:
-        k = m.shape[0]
+        k, parts = m.shape
         ref = m[:, :1]
         _, mean, rstd = torch.native_group_norm((m - ref).view(1, k, parts), None, None, 1, k,
                                                 parts, k, 0.0)
@@ -115,7 +115,7 @@ def _moments(
         m, v = torch.batch_norm_update_stats(plan.view(xs), None, None, 0.0)  # (U,)
         if plan.upg == 1:
             return m, v, None
-        mean, var = _spread(m.view(plan.g, plan.upg), v.view(plan.g, plan.upg), plan.upg, True)
+        mean, var = _spread(m.view(plan.g, plan.upg), v.view(plan.g, plan.upg), True)
         return mean, var, None
     n, g, lg = plan.n, plan.g, plan.lg
     buf, m, rstd = torch.native_group_norm(xs.view(n, g, lg), None, None, n, g, lg, g, 0.0)
@@ -127,7 +127,7 @@ def _moments(
     if plan.p0 > 1:  # (P0, e, G) -> (e, P0*G): the examples of each batch group along dim 0
         m = m.view(plan.p0, plan.e, g).transpose(0, 1).reshape(plan.e, plan.p0 * g)
         v = v.view(plan.p0, plan.e, g).transpose(0, 1).reshape(plan.e, plan.p0 * g)
-    return (*_spread(m, v, plan.e, False), buf)
+    return (*_spread(m, v, False), buf)
 
 
 def _cudnn() -> bool:
@@ -247,7 +247,12 @@ def native_eval_norm(
     weight: Tensor | None, bias: Tensor | None, eps: float,
 ) -> Tensor:
     """Eval-mode BGN of ``x`` (N, C, *) with its (G,) running statistics over ``plan``'s units
-    view: one native pass (see :func:`_affine`)."""
+    view: one native pass (see :func:`_affine`). When the units are channels (G divides C; G = C
+    is BatchNorm) the rows are x's own channels: torch's batch norm takes x as it is, in any
+    memory format, with the statistics gathered per channel."""
+    if plan.l == plan.s:
+        return torch.batch_norm(x, weight, bias, plan.groups_to_rows(running_mean),
+                                plan.groups_to_rows(running_var), False, 0.0, eps, _cudnn())
     rows = _rows(plan, running_mean, running_var, weight, bias)
     y = _affine(plan.view(x.contiguous()), *rows, eps)
     return y.view(x.shape)

@@ -23,7 +23,6 @@ from bgnorm.repro.data import (
     RandomHorizontalFlip,
     RandomResizedCrop,
     Resize,
-    TensorBatches,
     bundled_dataset,
     cifar_eval_transform,
     cifar_train_transform,
@@ -503,52 +502,6 @@ def test_make_loader_workers_seeded():
     assert len(set(a[0][:, 1].tolist())) == 10
 
 
-def test_tensor_batches():
-    x = torch.arange(10, dtype=torch.float32).view(10, 1, 1, 1).expand(10, 1, 4, 4).contiguous()
-    y = torch.arange(10)
-    tb = TensorBatches(x, y, batch_size=4, shuffle=True, seed=0)
-    assert len(tb) == 3
-    e1 = [yb.clone() for _, yb in tb]
-    e2 = [yb.clone() for _, yb in tb]
-    assert [len(b) for b in e1] == [4, 4, 2]
-    assert sorted(torch.cat(e1).tolist()) == list(range(10))
-    assert not torch.equal(torch.cat(e1), torch.cat(e2))  # reshuffled every epoch
-    for xb, yb in tb:
-        assert torch.equal(xb[:, 0, 0, 0], yb.float())
-    tb2 = TensorBatches(x, y, batch_size=4, shuffle=True, seed=0)
-    assert all(torch.equal(a, b) for a, b in zip(e1, [yb for _, yb in tb2]))
-    dl = TensorBatches(x, y, batch_size=4, drop_last=True, shuffle=False)
-    assert len(dl) == 2 and [yb.tolist() for _, yb in dl] == [[0, 1, 2, 3], [4, 5, 6, 7]]
-
-
-def test_tensor_batches_augmentation():
-    n = 64
-    x = torch.rand(n, 2, 8, 8)
-    y = torch.arange(n)
-    tb = TensorBatches(x, y, batch_size=16, seed=0, crop_padding=2, pad_value=-5.0, hflip=True)
-    shifted = flipped = 0
-    for xb, yb in tb:
-        assert xb.shape == (16, 2, 8, 8)
-        padded = torch.nn.functional.pad(x[yb], (2, 2, 2, 2), value=-5.0)
-        for k in range(len(yb)):
-            matches = [
-                (i, j, f)
-                for i in range(5)
-                for j in range(5)
-                for f in (False, True)
-                if torch.equal(
-                    xb[k], (padded[k].flip(-1) if f else padded[k])[:, i : i + 8, j : j + 8]
-                )
-            ]
-            assert matches, "each image must be a (flipped) window of its padded original"
-            shifted += matches[0][:2] != (2, 2)
-            flipped += matches[0][2]
-    assert shifted > n // 2 and 10 < flipped < n - 10
-    a = torch.cat([xb for xb, _ in TensorBatches(x, y, 16, seed=3, crop_padding=2)])
-    b = torch.cat([xb for xb, _ in TensorBatches(x, y, 16, seed=3, crop_padding=2)])
-    assert torch.equal(a, b)
-
-
 def test_random_crop_batch_per_channel_fill():
     x = torch.zeros(50, 2, 3, 3)
     out = random_crop_batch(x, 1, _gen(0), fill=torch.tensor([1.0, 2.0]))
@@ -556,16 +509,3 @@ def test_random_crop_batch_per_channel_fill():
     assert set(out[:, 0].unique().tolist()) <= {0.0, 1.0}
     assert set(out[:, 1].unique().tolist()) <= {0.0, 2.0}
     assert (out != 0).any()
-
-
-def test_tensor_batches_from_split():
-    s = bundled_dataset("digits", seed=0)
-    tb = TensorBatches.from_split(s, 64, crop_padding=1, drop_last=True, seed=0)
-    assert len(tb) == len(s.x_train) // 64
-    xb, yb = next(iter(tb))
-    assert xb.shape == (64, 1, 8, 8) and yb.dtype == torch.int64
-    # Padding uses the background (raw 0) value, which is also the data's minimum.
-    assert xb.min() >= s.x_train.min() - 1e-6
-    assert torch.allclose(torch.as_tensor(tb.pad_value), s.background_value())
-    test_tb = TensorBatches.from_split(s, 100, train=False, shuffle=False)
-    assert torch.equal(torch.cat([yb for _, yb in test_tb]), s.y_test)

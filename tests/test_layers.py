@@ -203,6 +203,69 @@ def test_checks_run_again_for_a_new_configuration_after_a_validated_one():
         other(torch.randn(4, 4, 6, 6))
 
 
+class _Doubled(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+@pytest.mark.parametrize("shape,g", [((8, 16, 3, 3), 4), ((8, 16, 4, 4), 64), ((8, 12, 6, 6), 8),
+                                     ((16, 8, 2, 2), 16)])
+def test_kept_eval_pass_follows_every_change_of_state(shape, g):
+    """A layer keeps the eval pass of a validated configuration; every later change of its
+    state (in-place edits of the running statistics or parameters, a loaded state dict, a
+    dtype or memory-format change, replaced parameters, removed statistics) shows in the
+    output exactly as in a fresh layer's."""
+    c = shape[1]
+    m = BatchGroupNorm2d(c, num_groups=g).eval()
+
+    def check(x):
+        for _ in range(2):  # the first call validates, the second takes the kept pass
+            fresh = BatchGroupNorm2d(c, num_groups=g, dtype=m.weight.dtype).eval()
+            fresh.load_state_dict(m.state_dict())
+            fresh.running_mean, fresh.running_var = m.running_mean, m.running_var
+            y = m(x)
+            torch.testing.assert_close(y, fresh(x), rtol=0, atol=0)
+            assert y.dtype == x.dtype and y.shape == x.shape
+        return y
+
+    x = torch.randn(shape)
+    y0 = check(x)
+    with torch.no_grad():
+        m.running_mean.add_(1.0)
+        m.running_var.mul_(2.0)
+        m.weight.mul_(3.0)
+        m.bias.sub_(1.0)
+    y1 = check(x)
+    torch.testing.assert_close(y1, bgn_eval_ref(x.double(), g, m.running_mean.double(),
+                                                m.running_var.double(), m.weight.double(),
+                                                m.bias.double()).float())
+    assert not torch.allclose(y0, y1)
+    other = BatchGroupNorm2d(c, num_groups=g)
+    with torch.no_grad():
+        other.running_mean.normal_()
+        other.weight.normal_()
+    m.load_state_dict(other.state_dict())
+    check(x)
+    check(x.to(memory_format=torch.channels_last))
+    m.double()
+    check(x.double())
+    m.float()
+    m.weight = nn.Parameter(torch.randn(c))  # new parameter objects
+    m.bias = nn.Parameter(torch.randn(c))
+    check(x)
+    y = m(x)
+    torch.nn.utils.parametrize.register_parametrization(m, "weight", _Doubled())
+    torch.testing.assert_close(m(x), m(x))
+    assert not torch.allclose(m(x), y)  # the parametrized weight is used
+    torch.nn.utils.parametrize.remove_parametrizations(m, "weight")
+    check(x)
+    m.running_mean = m.running_var = None  # batch statistics from now on
+    with torch.no_grad():
+        y = m(x)
+    torch.testing.assert_close(y, bgn_ref(x.double(), g, m.weight.double(),
+                                          m.bias.double())[0].float())
+
+
 @pytest.mark.parametrize("shape,g", [((8, 16, 6, 6), 4), ((8, 16, 6, 6), 64), ((8, 12, 6, 6), 8),
                                      ((16, 8, 2, 2), 16)])
 def test_saved_bytes_do_not_exceed_native_batch_norm(shape, g, engine):

@@ -26,7 +26,12 @@ from torch import Tensor
 
 from . import _checks
 from .ops.engine import UnitsPlan, grouped_norm, units_plan, update_running
-from .ops.native import channel_groups_norm, native_eval_norm, native_grouped_norm
+from .ops.native import (
+    EvalKernel,
+    channel_groups_norm,
+    native_eval_kernel,
+    native_grouped_norm,
+)
 
 #: Which training engine BGN/GBGN use: "auto" (below), or one forced for tests and benchmarks:
 #: "batchnorm" (few native batch-norm calls; only for G = C, G a multiple of C, or C a multiple
@@ -48,6 +53,19 @@ def _plan(n: int, c: int, s: int, g: int, p0: int) -> UnitsPlan:
     if torch.compiler.is_compiling():
         return UnitsPlan(n, c, s, g, p0)
     return units_plan(n, c, s, g, p0)
+
+
+def eval_kernel(
+    input: Tensor, num_groups: int, running_mean: Tensor, weight: Tensor | None
+) -> tuple[EvalKernel, UnitsPlan]:
+    """The eval pass of BGN/GBGN for inputs like ``input`` and its units plan: call it as
+    ``kernel(input, plan, running_mean, running_var, weight, bias, eps)``. Both depend only on
+    the configuration (sizes, dtypes, device, memory format), so layers keep them for the
+    inputs they validated (see :mod:`bgnorm.ops.native`)."""
+    n, c = input.shape[:2]
+    plan = _plan(n, c, math.prod(input.shape[2:]), num_groups, 1)
+    pdt = running_mean.dtype if weight is None else weight.dtype
+    return native_eval_kernel(input, plan, pdt), plan
 
 
 def _validate(
@@ -95,10 +113,9 @@ def _grouped_batch_norm(
 ) -> Tensor:
     """BGN (``examples_per_group=None``: one batch group) and GBGN on validated arguments."""
     n, c = input.shape[:2]
-    if not training:
-        # constant statistics: one native pass (the columns layout measured no faster here)
-        plan = _plan(n, c, math.prod(input.shape[2:]), num_groups, 1)
-        return native_eval_norm(input, plan, running_mean, running_var, weight, bias, eps)
+    if not training:  # constant statistics: one native pass
+        kernel, plan = eval_kernel(input, num_groups, running_mean, weight)
+        return kernel(input, plan, running_mean, running_var, weight, bias, eps)
 
     if examples_per_group is None and num_groups == c:
         # G = C is BatchNorm: torch's own kernel, bit for bit.

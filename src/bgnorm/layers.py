@@ -184,37 +184,53 @@ class _BatchGroupNorm(nn.Module):
         self._check_layout(input)
 
     def _check_key(self, input: Tensor) -> tuple[Any, ...]:
-        return (input.shape, input.dtype, self.training, self.num_groups, self.num_features,
-                self.examples_per_group)
+        return (input.shape, input.dtype, input.device, input.is_contiguous(), self.training,
+                self.num_groups, self.num_features, self.examples_per_group, type(self))
 
-    def _validated(self, input: Tensor) -> bool:
-        """Whether an input of this configuration already passed every check in this layer.
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        self._checked = None  # parameters may change dtype or device
+        return super()._apply(fn, recurse)
 
-        The checks cost as much as a small layer's kernels, so a layer runs them once per input
-        configuration (shape, dtype, mode, hyper-parameters) and skips them after that. Never
-        under torch.compile, where they are free and guards decide recompilation.
-        """
-        if torch.compiler.is_compiling():
-            return False
-        return getattr(self, "_checked", None) == self._check_key(input)
-
-    def _mark_validated(self, input: Tensor) -> None:
-        if not torch.compiler.is_compiling():
-            self._checked = self._check_key(input)
+    def _eval_state(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """(running_mean, running_var, weight, bias), read from the module's dicts (a quarter of
+        the cost of four attribute lookups); parametrized tensors are looked up as attributes."""
+        try:
+            bufs, params = self._buffers, self._parameters
+            return bufs["running_mean"], bufs["running_var"], params["weight"], params["bias"]
+        except KeyError:
+            return self.running_mean, self.running_var, self.weight, self.bias
 
     def forward(self, input: Tensor) -> Tensor:
-        checked = self._validated(input)
-        if not checked:
+        # ``_checked`` is (key, eval kernel or None, its plan) for the last input configuration
+        # that passed every check. The checks cost as much as a small layer's kernels and an
+        # eval pass needs only its kernel, so a layer runs them once per configuration (shape,
+        # dtype, device, mode, hyper-parameters). Never under torch.compile, where the checks
+        # are free and guards decide recompilation.
+        compiling = torch.compiler.is_compiling()
+        checked = None if compiling else self._checked
+        key = None if compiling else self._check_key(input)
+        if checked is not None and checked[0] == key:
+            if checked[1] is not None:  # eval with running statistics: the kept pass
+                rm, rv, w, b = self._eval_state()
+                if rm is not None and rv is not None:
+                    return checked[1](input, checked[2], rm, rv, w, b, self.eps)
+                checked = None  # the running statistics were removed since: check again
+        else:
+            checked = None
+        if checked is None:
             self._common_checks(input)
         rm, rv, use_batch, factor = self._batch_norm_args()
         e = self.examples_per_group
-        if not checked:
+        if checked is None:
             BF._validate(self._functional, input, self.num_groups, e, rm, rv, self.weight,
                          self.bias, use_batch)
         y = BF._grouped_batch_norm(input, self.num_groups, e, rm, rv, self.weight, self.bias,
                                    use_batch, factor, self.eps)
-        if not checked:
-            self._mark_validated(input)
+        if checked is None and not compiling:
+            kernel = plan = None
+            if not use_batch:
+                kernel, plan = BF.eval_kernel(input, self.num_groups, rm, self.weight)
+            self._checked = (key, kernel, plan)
         return y
 
 

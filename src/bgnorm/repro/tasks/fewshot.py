@@ -151,8 +151,8 @@ def run_fewshot(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
         loss.backward()
         optimizer.step()
         state["step"] += 1
-        state["losses"].append(float(loss))
-        ctx.progress(state["step"], total, loss=float(loss))
+        state["losses"].append(float(loss.detach()))
+        ctx.progress(state["step"], total, loss=state["losses"][-1])
         if ctx.checkpoint_due():
             save_state(ctx, modules, total, {**state, "seconds": state["seconds"]
                                              + time.perf_counter() - t0})

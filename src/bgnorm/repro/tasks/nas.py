@@ -198,8 +198,8 @@ def run_nas(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
         nn.utils.clip_grad_norm_(net.parameters(), _E["grad_clip"])
         opt.step()
         state["step"] += 1
-        state["losses"].append(float(loss))
-        ctx.progress(state["step"], total, loss=float(loss))
+        state["losses"].append(float(loss.detach()))
+        ctx.progress(state["step"], total, loss=state["losses"][-1])
         if ctx.checkpoint_due():
             save(modules)
     save(modules)

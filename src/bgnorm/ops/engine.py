@@ -92,8 +92,13 @@ def update_running(
     if batch_groups > 1:
         mean = mean.reshape(batch_groups, -1).mean(0)
         var = var.reshape(batch_groups, -1).mean(0)
-    running_mean.lerp_(mean.view(-1).to(running_mean.dtype), momentum)
-    running_var.lerp_(var.view(-1).to(running_var.dtype) * (count / (count - 1)), momentum)
+    # no view or cast op unless needed: each costs microseconds next to a (G,) lerp
+    if mean.dim() != 1:
+        mean, var = mean.reshape(-1), var.reshape(-1)
+    if mean.dtype != running_mean.dtype:
+        mean, var = mean.to(running_mean.dtype), var.to(running_var.dtype)
+    running_mean.lerp_(mean, momentum)
+    running_var.lerp_(var * (count / (count - 1)), momentum)
 
 
 def unit_length(channels: int, spatial: int, num_groups: int) -> int:

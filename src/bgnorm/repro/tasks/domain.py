@@ -180,7 +180,7 @@ def run_domain(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
             cdd = (cdd_loss(fs, ys, ft, yt, ncls, **kw)
                    + cdd_loss(F.softmax(model.fc(fs), 1), ys, F.softmax(model.fc(ft), 1), yt,
                               ncls, **kw))
-            cdd_value = float(cdd)
+            cdd_value = float(cdd.detach())
             loss = loss + float(config["cdd_weight"]) * cdd
         check_finite(loss, f"training loss at step {step + 1}", {"step": step})
         optimizer.zero_grad(set_to_none=True)

@@ -379,7 +379,7 @@ class ChannelGroupsFunction(torch.autograd.Function):
             b = bias.view(shape) if bias is not None else None
             y = torch.addcmul(b, xh3, w) if (w is not None and b is not None) else (
                 xh3 * w if w is not None else xh3 + b)
-            y = y.to(x3.dtype)
+            y = _cast(y, x3)
         ctx.save_for_backward(x3, weight, bias, mean, invstd)
         ctx.eps, ctx.num_groups = eps, num_groups
         return y
@@ -394,25 +394,32 @@ class ChannelGroupsFunction(torch.autograd.Function):
             grads = differentiable_grads(x3, weight, bias, view, ctx.eps, dy)
             return (*grads, None, None, None, None, None)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        cdt = compute_dtype(x3.dtype)  # half inputs: the backward runs in float32
-        dy = dy.contiguous().view(n, c, s).to(cdt)
-        xc = x3.to(cdt)
-        mean, invstd = mean.to(cdt), invstd.to(cdt)
+        # half inputs: the backward runs in float32 (no cast op calls otherwise: each costs
+        # microseconds, as much as these small layers' kernels)
+        cdt = compute_dtype(x3.dtype)
+        dy = (dy if dy.is_contiguous() else dy.contiguous()).view(n, c, s)
+        if dy.dtype != cdt:
+            dy, x3 = dy.to(cdt), x3.to(cdt)
+        if mean.dtype != cdt:
+            mean, invstd = mean.to(cdt), invstd.to(cdt)
         dx = dw = db = None
         if need_x:
-            dxh = dy * weight.view(1, c, 1).to(cdt) if weight is not None else dy
+            dxh = dy * weight.view(1, c, 1) if weight is not None else dy
             dx = torch.ops.aten.native_batch_norm_backward(
-                dxh.view(n, g, -1), xc.view(n, g, -1), None, None, None, mean, invstd, True,
+                dxh.view(n, g, -1), x3.view(n, g, -1), None, None, None, mean, invstd, True,
                 ctx.eps, [True, False, False],
-            )[0].view(n, c, s).to(x3.dtype)
+            )[0].view(n, c, s)
+            dx = _cast(dx, ctx.saved_tensors[0])
         if need_w or need_b:
+            # sum(dy * xhat) and sum(dy) per channel: the training-mode reduction with the
+            # saved (mean, invstd) of each channel's group
             plan = units_plan(n, c, s, g, 1)  # whole channels: rows are channels
-            mean_c, var_c = plan.groups_to_rows(torch.stack((mean, invstd.pow(-2))))
+            mean_c, invstd_c = plan.groups_to_rows(torch.stack((mean, invstd))).unbind(0)
             _, s_dyx, s_dy = torch.ops.aten.native_batch_norm_backward(
-                dy, xc, None, mean_c, var_c, None, None, False, 0.0, [False, True, True]
+                dy, x3, None, None, None, mean_c, invstd_c, True, 0.0, [False, True, True]
             )
-            dw = s_dyx.to(weight.dtype) if need_w else None
-            db = s_dy.to(bias.dtype) if need_b else None
+            dw = _cast(s_dyx, weight) if need_w else None
+            db = _cast(s_dy, bias) if need_b else None
         return dx, dw, db, None, None, None, None, None
 
 

@@ -33,7 +33,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import _checks
-from . import functional as BF
 from .layers import DEFAULT_NUM_GROUPS, _BatchGroupNorm, _BatchGroupNormNd
 from .ops.engine import compute_dtype
 
@@ -260,14 +259,11 @@ class SyncBatchGroupNorm(_BatchGroupNorm):
         return group if dist.get_world_size(group) > 1 else None
 
     def forward(self, input: Tensor) -> Tensor:
-        self._common_checks(input)
-        rm, rv, use_batch, factor = self._batch_norm_args()
         group = self._sync_group()
-        if group is None:
-            return BF.batch_group_norm(
-                input, self.num_groups, rm, rv, self.weight, self.bias, use_batch, factor,
-                self.eps,
-            )
+        if group is None:  # no communication: a local BatchGroupNorm (checks kept per input)
+            return super().forward(input)
+        self._common_checks(input)
+        rm, rv, _, factor = self._batch_norm_args()
         _checks.check_input(_NAME, input)
         _checks.check_groups_divide(_NAME, input, self.num_groups)
         n, c = input.shape[0], input.shape[1]

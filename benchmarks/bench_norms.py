@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_e2e:
         e2e = [bench_end_to_end(8, 32, 2)] if args.quick else [
-            bench_end_to_end(16, 64, 8), bench_end_to_end(32, 64, 5)]
+            bench_end_to_end(16, 64, 20), bench_end_to_end(32, 64, 12)]
         print("\n## End to end: ResNet-18 training step, BGN vs BatchNorm2d (target >= 0.97x)\n")
         _print_table(e2e, [("batch", "batch", ""), ("size", "size", ""), ("G", "G", ""),
                            ("BN img/s", "bn_img_s", ".1f"), ("BGN img/s", "bgn_img_s", ".1f"),

@@ -152,6 +152,21 @@ def test_large_offset_float32(g):
     assert (dx.double() - dxr).abs().max() / dxr.abs().max() < 1e-3
 
 
+@pytest.mark.parametrize("g", [4, 16, 64, 6])
+def test_large_offset_float32_in_eval(g):
+    """Eval with running statistics near 1e4 stays at float32 round-off on every eval pass
+    (channels, units, and the columns pass under the "units-columns" variant)."""
+    x32 = 1e4 + torch.randn(8, 16, 6, 6)
+    w, b = (p.detach() for p in _params(16))
+    rm = 1e4 + torch.randn(g, dtype=torch.float64) * 0.1
+    rv = torch.rand(g, dtype=torch.float64) + 0.5
+    y = BF.batch_group_norm(x32, g, rm.float(), rv.float(), w.float(), b.float(), False)
+    yr = bgn_eval_ref(x32.double(), g, rm.float().double(), rv.float().double(), w.float().double(),
+                      b.float().double())
+    bound = 2 * torch.finfo(torch.float32).eps * 1e4 * float(w.abs().max() / rv.min().sqrt())
+    assert (y.double() - yr).abs().max() < bound
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("g", [4, 16, 64, 6])
 def test_half_precision(dtype, g):

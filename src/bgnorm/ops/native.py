@@ -310,6 +310,7 @@ def native_eval_kernel(x: Tensor, plan: UnitsPlan, param_dtype: torch.dtype) -> 
     the inputs they have validated."""
     if (
         x.device.type == "cpu" and x.dtype == param_dtype and plan.p0 == 1 and x.dim() > 2
+        and x.dtype in (torch.float32, torch.float64)  # half: the kernels fold in float32
         and plan.l <= EVAL_SHORT_UNIT and plan.n * plan.u >= EVAL_COLUMNS_MIN_ROWS
         and x.is_contiguous()
     ):

@@ -133,19 +133,18 @@ def _grouped_batch_norm(
         else:
             engine = "units"
     if engine == "batchnorm" and p0 == 1:
-        x3 = input.reshape(n, c, s)
         if num_groups % c == 0:
             # bands: native batch norm on the (N, G, D/G) view with gamma/beta per band
             k = num_groups // c
             return F.batch_norm(
-                x3.reshape(n, num_groups, -1), running_mean, running_var,
+                input.reshape(n, num_groups, -1), running_mean, running_var,
                 None if weight is None else weight.repeat_interleave(k),
                 None if bias is None else bias.repeat_interleave(k), True, momentum, eps,
             ).view(input.shape)
         if c % num_groups == 0:
             return channel_groups_norm(
-                x3, num_groups, weight, bias, running_mean, running_var, momentum, eps
-            ).view(input.shape)
+                input, num_groups, weight, bias, running_mean, running_var, momentum, eps
+            )
         engine = "units"  # straddling groups
     running = None if running_mean is None else (running_mean, running_var)
     if engine == "general":

@@ -358,66 +358,77 @@ class ChannelGroupsFunction(torch.autograd.Function):
 
     On the (N, G, k*S) view each group is one "channel" of torch's batch norm, so
     ``native_batch_norm`` in training mode (no affine) gives x-hat, the (G,) statistics and the
-    running-statistics update (unbiased, n = N*D/G) exactly; the per-channel affine is one more
-    pass. Backward: dx from ``native_batch_norm_backward`` in training mode on the same view with
-    grad ``dy * gamma_c``; gamma's and beta's gradients from its eval-mode reduction on the
-    (N, C, S) view. Saves x and the (G,) statistics. Fewer, heavier kernels than
-    :class:`NativeGroupedNormFunction`: the faster choice when per-call overhead dominates.
+    running-statistics update (unbiased, n = N*D/G) exactly; the per-channel affine follows in
+    place. Backward: dx from ``native_batch_norm_backward`` in training mode on the same view
+    with grad ``dy * gamma_c``; gamma's and beta's gradients from its reduction on the (N, C, S)
+    view with each channel's group statistics. Saves x and the (G,) statistics. Fewer, heavier
+    kernels than :class:`NativeGroupedNormFunction`: the faster choice when per-call overhead
+    dominates. Takes x (N, C, *) contiguous as it is and returns y of its shape, so autograd
+    records no view nodes around it (each costs as much as a small kernel).
     """
 
     @staticmethod
-    def forward(ctx, x3, weight, bias, running_mean, running_var, num_groups, momentum, eps):  # type: ignore[override]
-        n, c, s = x3.shape
-        xg = x3.view(n, num_groups, -1)
+    def forward(ctx, x, weight, bias, running_mean, running_var, num_groups, momentum, eps):  # type: ignore[override]
+        n, c = x.shape[:2]
+        s = x.numel() // (n * c) if n * c else 0
         xhat, mean, invstd = torch.native_batch_norm(
-            xg, None, None, running_mean, running_var, True, momentum, eps
+            x.view(n, num_groups, -1), None, None, running_mean, running_var, True, momentum,
+            eps,
         )
-        y = xhat  # returned as is (never a view made here) when there is no affine
-        if weight is not None or bias is not None:
+        y = xhat  # never a view made here: returned through _unsafe_view
+        if weight is not None and bias is not None and xhat.dtype == weight.dtype:
+            # the affine in place over x-hat (a fresh buffer that backward does not keep): no
+            # second full-size allocation
+            xh3 = xhat.view(n, c, s)
+            torch.addcmul(bias.view(1, c, 1), xh3, weight.view(1, c, 1), out=xh3)
+        elif weight is not None or bias is not None:
             shape = (1, c, 1)
             xh3 = xhat.view(n, c, s)
             w = weight.view(shape) if weight is not None else None
             b = bias.view(shape) if bias is not None else None
             y = torch.addcmul(b, xh3, w) if (w is not None and b is not None) else (
                 xh3 * w if w is not None else xh3 + b)
-            y = _cast(y, x3)
-        ctx.save_for_backward(x3, weight, bias, mean, invstd)
+            y = _cast(y, x)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps, ctx.num_groups = eps, num_groups
-        return y
+        return _unsafe_view(y, x.shape)
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        x3, weight, bias, mean, invstd = ctx.saved_tensors
-        n, c, s = x3.shape
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        n, c = x.shape[:2]
+        s = x.numel() // (n * c) if n * c else 0
         g = ctx.num_groups
         if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation
             view = (1, n, g, c * s // g)
-            grads = differentiable_grads(x3, weight, bias, view, ctx.eps, dy)
-            return (*grads, None, None, None, None, None)
+            dx, dw, db = differentiable_grads(x.view(n, c, s), weight, bias, view, ctx.eps, dy)
+            dx = None if dx is None else dx.reshape(x.shape)
+            return dx, dw, db, None, None, None, None, None
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         # half inputs: the backward runs in float32 (no cast op calls otherwise: each costs
         # microseconds, as much as these small layers' kernels)
-        cdt = compute_dtype(x3.dtype)
-        dy = (dy if dy.is_contiguous() else dy.contiguous()).view(n, c, s)
-        if dy.dtype != cdt:
-            dy, x3 = dy.to(cdt), x3.to(cdt)
+        cdt = compute_dtype(x.dtype)
+        dy3 = (dy if dy.is_contiguous() else dy.contiguous()).view(n, c, s)
+        x3 = x.view(n, c, s)
+        if dy3.dtype != cdt:
+            dy3, x3 = dy3.to(cdt), x3.to(cdt)
         if mean.dtype != cdt:
             mean, invstd = mean.to(cdt), invstd.to(cdt)
         dx = dw = db = None
         if need_x:
-            dxh = dy * weight.view(1, c, 1) if weight is not None else dy
+            dxh = dy3 * weight.view(1, c, 1) if weight is not None else dy3
             dx = torch.ops.aten.native_batch_norm_backward(
                 dxh.view(n, g, -1), x3.view(n, g, -1), None, None, None, mean, invstd, True,
                 ctx.eps, [True, False, False],
-            )[0].view(n, c, s)
-            dx = _cast(dx, ctx.saved_tensors[0])
+            )[0].view(x.shape)
+            dx = _cast(dx, x)
         if need_w or need_b:
             # sum(dy * xhat) and sum(dy) per channel: the training-mode reduction with the
             # saved (mean, invstd) of each channel's group
             plan = units_plan(n, c, s, g, 1)  # whole channels: rows are channels
             mean_c, invstd_c = plan.groups_to_rows(torch.stack((mean, invstd))).unbind(0)
             _, s_dyx, s_dy = torch.ops.aten.native_batch_norm_backward(
-                dy, x3, None, None, None, mean_c, invstd_c, True, 0.0, [False, True, True]
+                dy3, x3, None, None, None, mean_c, invstd_c, True, 0.0, [False, True, True]
             )
             dw = _cast(s_dyx, weight) if need_w else None
             db = _cast(s_dy, bias) if need_b else None
@@ -425,11 +436,12 @@ class ChannelGroupsFunction(torch.autograd.Function):
 
 
 def channel_groups_norm(
-    x3: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
+    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
     running_mean: Tensor | None, running_var: Tensor | None, momentum: float, eps: float,
 ) -> Tensor:
-    """Apply :class:`ChannelGroupsFunction` (C divisible by G) to (N, C, S) ``x3``; updates the
-    running statistics in place like torch's batch norm."""
+    """Apply :class:`ChannelGroupsFunction` (C divisible by G) to ``x`` (N, C, *) (made
+    contiguous); returns y of x's shape and updates the running statistics in place like
+    torch's batch norm."""
     return ChannelGroupsFunction.apply(
-        x3.contiguous(), weight, bias, running_mean, running_var, num_groups, momentum, eps
+        x.contiguous(), weight, bias, running_mean, running_var, num_groups, momentum, eps
     )

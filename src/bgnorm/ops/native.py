@@ -53,7 +53,7 @@ from .engine import (
 )
 
 __all__ = [
-    "native_grouped_norm", "native_eval_norm", "native_eval_kernel", "native_plan",
+    "native_grouped_norm", "native_eval_kernel", "native_plan",
     "NativeGroupedNormFunction", "channel_groups_norm", "ChannelGroupsFunction",
 ]
 
@@ -305,9 +305,20 @@ EvalKernel = Callable[
 
 
 def native_eval_kernel(x: Tensor, plan: UnitsPlan, param_dtype: torch.dtype) -> EvalKernel:
-    """The eval pass for inputs like ``x`` over ``plan`` (see :func:`native_eval_norm`); it
-    depends only on the configuration (sizes, layout, dtypes, device), so layers keep it for
-    the inputs they have validated."""
+    """The eval pass of BGN/GBGN for inputs like ``x`` (N, C, *) over ``plan``'s units view:
+    one native pass with the (G,) running statistics. Call it as ``kernel(x, plan,
+    running_mean, running_var, weight, bias, eps)``; it depends only on the configuration
+    (sizes, layout, dtypes, device, memory format), so layers keep it for the inputs they
+    validated.
+
+    * Many short units (L <= :data:`EVAL_SHORT_UNIT`, at least :data:`EVAL_COLUMNS_MIN_ROWS`
+      rows, spatial axes, float32/float64 on CPU): the per-unit scale and shift are spread over
+      the D columns of an example and one addcmul runs over the 2D (N, D) view (torch's
+      batch-norm kernel pays a per-row cost: 6x slower on 2x2 maps here).
+    * Units that are channels (G divides C; G = C is BatchNorm): torch's batch norm on x as it
+      is, in any memory format, with the statistics gathered per channel.
+    * Otherwise (bands, straddling groups): the batch-norm pass over the units view.
+    """
     if (
         x.device.type == "cpu" and x.dtype == param_dtype and plan.p0 == 1 and x.dim() > 2
         and x.dtype in (torch.float32, torch.float64)  # half: the kernels fold in float32
@@ -318,26 +329,6 @@ def native_eval_kernel(x: Tensor, plan: UnitsPlan, param_dtype: torch.dtype) -> 
     if plan.l == plan.s:
         return _eval_channels
     return _eval_units
-
-
-def native_eval_norm(
-    x: Tensor, plan: UnitsPlan, running_mean: Tensor, running_var: Tensor,
-    weight: Tensor | None, bias: Tensor | None, eps: float,
-) -> Tensor:
-    """Eval-mode BGN of ``x`` (N, C, *) with its (G,) running statistics over ``plan``'s units
-    view: one native pass.
-
-    * Many short units (L <= :data:`EVAL_SHORT_UNIT`, at least :data:`EVAL_COLUMNS_MIN_ROWS`
-      rows, spatial axes, CPU): the per-unit scale and shift are spread over the D columns of
-      an example and one addcmul runs over the 2D (N, D) view (torch's batch-norm kernel pays
-      a per-row cost: 6x slower on 2x2 maps here).
-    * Units that are channels (G divides C; G = C is BatchNorm): torch's batch norm on x as it
-      is, in any memory format, with the statistics gathered per channel.
-    * Otherwise (bands, straddling groups): the batch-norm pass over the units view.
-    """
-    pdt = running_mean.dtype if weight is None else weight.dtype
-    kernel = native_eval_kernel(x, plan, pdt)
-    return kernel(x, plan, running_mean, running_var, weight, bias, eps)
 
 
 def native_grouped_norm(

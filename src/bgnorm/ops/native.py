@@ -33,6 +33,9 @@ as one pass of the forward's kind (B'_u * xhat + C'_u, xhat recomputed from the 
 statistics) and one in-place addcmul. Only x and the (P0*G,) statistics are saved. Every op used
 exists on CPU and CUDA. Double backward recomputes a differentiable composition (see
 :func:`bgnorm.ops.engine.grouped_norm_reference`).
+
+Eval is one pass with the running statistics (:func:`native_eval_kernel`), and small inputs
+with groups of whole channels take :class:`ChannelGroupsFunction` (fewer, heavier kernels).
 """
 
 from __future__ import annotations

@@ -228,7 +228,10 @@ class NativeGroupedNormFunction(torch.autograd.Function):
         sums = torch.stack((s_dy, s_dyx))  # (2, rows)
         dw = db = dx = None
         if need_w or need_b:
-            db, dw = plan.rows_to_channels(sums).unbind(0)
+            if plan.p0 == 1 and plan.upc == 1:  # rows are channels
+                db, dw = s_dy, s_dyx
+            else:
+                db, dw = plan.rows_to_channels(sums).unbind(0)
             dw = _cast(dw, weight) if need_w else None
             db = _cast(db, bias) if need_b else None
         if need_x:
@@ -238,10 +241,20 @@ class NativeGroupedNormFunction(torch.autograd.Function):
             # m2 = mean_R(gamma dy xhat); xhat recomputed by the kernel from the saved stats
             rstd = (var + eps).rsqrt()
             coef = plan.rows_to_groups(sums).mul(rstd * (-1.0 / plan.count))  # (2, P0*G)
-            coef = plan.groups_to_rows(_cast(torch.cat((coef, rstd.view(1, -1))), mean_r))
-            a_r = coef[2] if w_r is None else coef[2] * w_r
-            dx = _affine(xv, mean_r, var_r, coef[1], coef[0], eps)
-            dx = dx.addcmul_(dyv, a_r.view(plan.coef_shape())).view(x.shape)
+            c1_r, c2_r, rstd_r = plan.groups_to_rows(
+                _cast(torch.cat((coef, rstd.view(1, -1))), mean_r)).unbind(0)
+            a_r = rstd_r if w_r is None else rstd_r * w_r
+            if xv.dim() == 2 and xv.device.type == "cpu" and xv.dtype == mean_r.dtype:
+                # 2D views: B'*xhat + C' = scale*x + shift with the gathered rstd (the fold of
+                # _affine without recomputing it); rows broadcast along dim 1 as they are
+                scale = c2_r * rstd_r
+                dx = torch.addcmul(torch.addcmul(c1_r, mean_r, scale, value=-1), xv, scale)
+                dx = dx.addcmul_(dyv, a_r)
+            else:
+                dx = _affine(xv, mean_r, var_r, c2_r, c1_r, eps)
+                dx = dx.addcmul_(dyv, a_r.view(plan.coef_shape()))
+            if dx.shape != x.shape:
+                dx = dx.view(x.shape)
         return dx, dw, db, None, None, None, None
 
 

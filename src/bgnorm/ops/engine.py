@@ -132,7 +132,8 @@ class GroupedNormFunction(torch.autograd.Function):
     """BGN/GBGN as a pure composition of torch ops over the units view (the general engine).
 
     ``x3`` (N, C, S) is viewed as (N, U, L), units of L = gcd(S, D/G) elements that share one
-    channel and one group (U = D/L). Statistics: per-(n, u) ``var_mean`` over the contiguous L,
+    channel and one group (U = D/L). Statistics: per-(n, u) mean and biased variance over the
+    contiguous L (mean, then mean squared deviation: inductor reads each row twice from cache),
     merged by the law of total variance over the e examples of a batch group and the D/G/L units
     of a group. Backward: per-(n, u) sums of dy and dy*xhat in one pass over (dy, x), the small
     group terms, then one elementwise pass for dx. Two passes forward, two backward: the shape
@@ -149,7 +150,12 @@ class GroupedNormFunction(torch.autograd.Function):
         cdt = compute_dtype(x3.dtype)
         lay = UnitsPlan(n, c, s, num_groups, batch_groups)
         xu = x3.reshape(n, lay.u, lay.l).to(cdt)
-        var_r, mean_r = torch.var_mean(xu, dim=2, correction=0)  # (N, U)
+        # per-(n, u) moments in two plain passes over each row (mean, then the mean square of
+        # the deviations): exact like Welford's update, and inductor runs the second pass over
+        # a row still in cache with vectorized adds instead of Welford's divisions
+        mean_r = xu.mean(dim=2)
+        dev = xu - mean_r.unsqueeze(2)
+        var_r = (dev * dev).mean(dim=2)  # (N, U)
         g4 = (batch_groups, lay.e, num_groups, lay.upg)
         var_m, mean = torch.var_mean(mean_r.view(g4), dim=(1, 3), correction=0)
         var = var_r.view(g4).mean(dim=(1, 3)) + var_m  # (P0, G)

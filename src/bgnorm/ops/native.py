@@ -84,8 +84,8 @@ def _spread(m: Tensor, v: Tensor, last: bool) -> tuple[Tensor, Tensor]:
     """Merge equal-size parts: ``m``/``v`` hold the parts' means and biased variances as a
     contiguous 2D tensor with the parts along dim 1 (``last``, shape (K, parts)) or dim 0
     (shape (parts, K)). Returns the (K,) mean and biased variance by the law of total variance,
-    ``var = mean(v) + mean((m - mean)^2)``, in seven small ops (each costs tens of microseconds
-    on a CPU whose caches a big kernel has just flushed, whatever its size).
+    ``var = mean(v) + mean((m - mean)^2)``, in a few plain small ops (each costs tens of
+    microseconds on a CPU whose caches a big kernel has just flushed, whatever its size).
     """
     d = 1 if last else 0
     # centred on the first part: the spread of large means (inputs like 1e4 + N(0, 1)) is then
@@ -134,24 +134,38 @@ def _cudnn() -> bool:
     return torch.backends.cudnn.enabled
 
 
+def _fold(
+    mean_r: Tensor, var_r: Tensor, w_r: Tensor | None, b_r: Tensor | None, eps: float,
+    rstd_r: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-row ``scale = w rsqrt(var + eps)`` and ``shift = b - mean * scale``, folded as torch's
+    batch-norm kernel folds them, so that ``y = x * scale + shift``. ``rstd_r`` replaces
+    ``rsqrt(var + eps)`` when the caller already has it."""
+    if rstd_r is None:
+        scale = (var_r + eps).rsqrt_()
+        if w_r is not None:
+            scale = scale.mul_(w_r)
+    else:
+        scale = rstd_r if w_r is None else rstd_r * w_r
+    if b_r is None:
+        return scale, (mean_r * scale).neg_()
+    return scale, torch.addcmul(b_r, mean_r, scale, value=-1)
+
+
 def _affine(
     xv: Tensor, mean_r: Tensor, var_r: Tensor, w_r: Tensor | None, b_r: Tensor | None,
-    eps: float, out: Tensor | None = None,
+    eps: float, out: Tensor | None = None, rstd_r: Tensor | None = None,
 ) -> Tensor:
     """``(x - mean) * rsqrt(var + eps) * w + b`` per coefficient row of the units view ``xv``.
 
     Torch's eval-mode batch norm does it in one pass; on CPU its kernel for the 2D (N, U)
     layout (L = 1, e.g. 1d layers) is ~3x slower than TensorIterator's, so there the same fold
     (scale = w rsqrt(var + eps), shift = b - mean scale, as the batch-norm kernel computes it)
-    feeds one addcmul. ``out`` (a buffer of xv's size, or None) receives the result.
+    (:func:`_fold`) feeds one addcmul. ``out`` (a buffer of xv's size, or None) receives the
+    result; ``rstd_r``, when given, is the per-row ``rsqrt(var + eps)`` (used on 2D views).
     """
     if xv.dim() == 2 and xv.device.type == "cpu" and xv.dtype == mean_r.dtype:
-        scale = (var_r + eps).rsqrt_()
-        if w_r is not None:
-            scale = scale.mul_(w_r)
-        shift = mean_r * scale if b_r is None else torch.addcmul(b_r, mean_r, scale, value=-1)
-        if b_r is None:
-            shift = shift.neg_()
+        scale, shift = _fold(mean_r, var_r, w_r, b_r, eps, rstd_r)
         if out is None:
             return torch.addcmul(shift, xv, scale)
         return torch.addcmul(shift, xv, scale, out=out.view(xv.shape))
@@ -244,15 +258,8 @@ class NativeGroupedNormFunction(torch.autograd.Function):
             c1_r, c2_r, rstd_r = plan.groups_to_rows(
                 _cast(torch.cat((coef, rstd.view(1, -1))), mean_r)).unbind(0)
             a_r = rstd_r if w_r is None else rstd_r * w_r
-            if xv.dim() == 2 and xv.device.type == "cpu" and xv.dtype == mean_r.dtype:
-                # 2D views: B'*xhat + C' = scale*x + shift with the gathered rstd (the fold of
-                # _affine without recomputing it); rows broadcast along dim 1 as they are
-                scale = c2_r * rstd_r
-                dx = torch.addcmul(torch.addcmul(c1_r, mean_r, scale, value=-1), xv, scale)
-                dx = dx.addcmul_(dyv, a_r)
-            else:
-                dx = _affine(xv, mean_r, var_r, c2_r, c1_r, eps)
-                dx = dx.addcmul_(dyv, a_r.view(plan.coef_shape()))
+            dx = _affine(xv, mean_r, var_r, c2_r, c1_r, eps, rstd_r=rstd_r)
+            dx = dx.addcmul_(dyv, a_r.view(plan.coef_shape()))
             if dx.shape != x.shape:
                 dx = dx.view(x.shape)
         return dx, dw, db, None, None, None, None
@@ -283,14 +290,7 @@ def _eval_columns(
     mean_r, var_r, w_r, b_r = _rows(plan, running_mean, running_var, weight, bias)
     if mean_r.dtype != x.dtype:  # parameters replaced by ones of another dtype since
         return _eval_units(x, plan, running_mean, running_var, weight, bias, eps)
-    scale = (var_r + eps).rsqrt_()
-    if w_r is not None:
-        scale = scale.mul_(w_r)
-    if b_r is None:
-        shift = (mean_r * scale).neg_()
-    else:
-        shift = torch.addcmul(b_r, mean_r, scale, value=-1)
-    coef = torch.stack((scale, shift))  # (2, U)
+    coef = torch.stack(_fold(mean_r, var_r, w_r, b_r, eps))  # (2, U): scale, shift
     if plan.l > 1:
         coef = coef.view(2, plan.u, 1).expand(2, plan.u, plan.l).reshape(2, -1)
     return torch.addcmul(coef[1], x.view(plan.n, coef.shape[1]), coef[0]).view(x.shape)
@@ -383,19 +383,18 @@ class ChannelGroupsFunction(torch.autograd.Function):
             eps,
         )
         y = xhat  # never a view made here: returned through _unsafe_view
-        if weight is not None and bias is not None and xhat.dtype == weight.dtype:
-            # the affine in place over x-hat (a fresh buffer that backward does not keep): no
-            # second full-size allocation
+        if weight is not None or bias is not None:
             xh3 = xhat.view(n, c, s)
-            torch.addcmul(bias.view(1, c, 1), xh3, weight.view(1, c, 1), out=xh3)
-        elif weight is not None or bias is not None:
-            shape = (1, c, 1)
-            xh3 = xhat.view(n, c, s)
-            w = weight.view(shape) if weight is not None else None
-            b = bias.view(shape) if bias is not None else None
-            y = torch.addcmul(b, xh3, w) if (w is not None and b is not None) else (
-                xh3 * w if w is not None else xh3 + b)
-            y = _cast(y, x)
+            w = weight.view(1, c, 1) if weight is not None else None
+            b = bias.view(1, c, 1) if bias is not None else None
+            if w is not None and b is not None and xhat.dtype == w.dtype:
+                # in place over x-hat (a fresh buffer that backward does not keep): no second
+                # full-size allocation
+                torch.addcmul(b, xh3, w, out=xh3)
+            else:
+                y = torch.addcmul(b, xh3, w) if (w is not None and b is not None) else (
+                    xh3 * w if w is not None else xh3 + b)
+                y = _cast(y, x)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps, ctx.num_groups = eps, num_groups
         return _unsafe_view(y, x.shape)

@@ -17,6 +17,14 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=[(*case, columns) for case in CASES for columns in (False, True)
+                        if not (columns and case[4] > 1)],  # the columns layout is for BGN
+                ids=lambda p: "-".join(map(str, p)))
+def case(request):
+    """(N, C, S, G, P0, columns) and its plan, for every case in each layout it can take."""
+    return request.param, UnitsPlan(*request.param)
+
+
 def _element_maps(n, c, s, g, p0):
     """For every element of the (N, C*S) input: its channel and its statistic index."""
     d = c * s
@@ -27,12 +35,8 @@ def _element_maps(n, c, s, g, p0):
     return channel, stat
 
 
-@pytest.mark.parametrize("columns", [False, True])
-@pytest.mark.parametrize("n,c,s,g,p0", CASES)
-def test_rows_share_one_channel_and_one_statistic(n, c, s, g, p0, columns):
-    if columns and p0 > 1:
-        pytest.skip("the columns layout is for BGN")
-    plan = UnitsPlan(n, c, s, g, p0, columns)
+def test_rows_share_one_channel_and_one_statistic(case):
+    (n, c, s, g, p0, columns), plan = case
     assert plan.l == (1 if columns else unit_length(c, s, g))
     channel, stat = _element_maps(n, c, s, g, p0)
     # each row of the units view holds elements of one channel and one statistic
@@ -50,12 +54,8 @@ def test_rows_share_one_channel_and_one_statistic(n, c, s, g, p0, columns):
         torch.testing.assert_close(plan.groups_to_rows(s_vec)[0], rows_s.reshape(-1)[::plan.l])
 
 
-@pytest.mark.parametrize("columns", [False, True])
-@pytest.mark.parametrize("n,c,s,g,p0", CASES)
-def test_row_sums_reduce_to_channels_and_statistics(n, c, s, g, p0, columns):
-    if columns and p0 > 1:
-        pytest.skip("the columns layout is for BGN")
-    plan = UnitsPlan(n, c, s, g, p0, columns)
+def test_row_sums_reduce_to_channels_and_statistics(case):
+    (n, c, s, g, p0, _), plan = case
     x = torch.randn(n, c * s, dtype=torch.float64)
     # per-row sums of the units view, as the native reductions produce them
     v = plan.view(x).reshape(-1, plan.rows, plan.l)

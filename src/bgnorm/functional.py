@@ -57,15 +57,15 @@ def _plan(n: int, c: int, s: int, g: int, p0: int) -> UnitsPlan:
 
 def eval_kernel(
     input: Tensor, num_groups: int, running_mean: Tensor, weight: Tensor | None
-) -> tuple[EvalKernel, UnitsPlan]:
-    """The eval pass of BGN/GBGN for inputs like ``input`` and its units plan: call it as
-    ``kernel(input, plan, running_mean, running_var, weight, bias, eps)``. Both depend only on
-    the configuration (sizes, dtypes, device, memory format), so layers keep them for the
-    inputs they validated (see :mod:`bgnorm.ops.native`)."""
+) -> EvalKernel:
+    """The eval pass of BGN/GBGN for inputs like ``input``, bound to their configuration
+    (sizes, dtypes, device, memory format): call it as ``kernel(input, running_mean,
+    running_var, weight, bias, eps)``. Layers keep it for the inputs they validated (see
+    :func:`bgnorm.ops.native.native_eval_kernel`)."""
     n, c = input.shape[:2]
     plan = _plan(n, c, math.prod(input.shape[2:]), num_groups, 1)
     pdt = running_mean.dtype if weight is None else weight.dtype
-    return native_eval_kernel(input, plan, pdt), plan
+    return native_eval_kernel(input, plan, pdt)
 
 
 def _validate(
@@ -114,8 +114,8 @@ def _grouped_batch_norm(
     """BGN (``examples_per_group=None``: one batch group) and GBGN on validated arguments."""
     n, c = input.shape[:2]
     if not training:  # constant statistics: one native pass
-        kernel, plan = eval_kernel(input, num_groups, running_mean, weight)
-        return kernel(input, plan, running_mean, running_var, weight, bias, eps)
+        kernel = eval_kernel(input, num_groups, running_mean, weight)
+        return kernel(input, running_mean, running_var, weight, bias, eps)
 
     if examples_per_group is None and num_groups == c:
         # G = C is BatchNorm: torch's own kernel, bit for bit.

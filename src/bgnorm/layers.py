@@ -201,36 +201,43 @@ class _BatchGroupNorm(nn.Module):
             return self.running_mean, self.running_var, self.weight, self.bias
 
     def forward(self, input: Tensor) -> Tensor:
-        # ``_checked`` is (key, eval kernel or None, its plan) for the last input configuration
-        # that passed every check. The checks cost as much as a small layer's kernels and an
-        # eval pass needs only its kernel, so a layer runs them once per configuration (shape,
-        # dtype, device, mode, hyper-parameters). Never under torch.compile, where the checks
-        # are free and guards decide recompilation.
-        compiling = torch.compiler.is_compiling()
-        checked = None if compiling else self._checked
-        key = None if compiling else self._check_key(input)
-        if checked is not None and checked[0] == key:
-            if checked[1] is not None:  # eval with running statistics: the kept pass
-                rm, rv, w, b = self._eval_state()
-                if rm is not None and rv is not None:
-                    return checked[1](input, checked[2], rm, rv, w, b, self.eps)
-                checked = None  # the running statistics were removed since: check again
-        else:
-            checked = None
-        if checked is None:
+        # ``_checked`` is (key, eval pass or None) for the last input configuration that passed
+        # every check. The checks cost as much as a small layer's kernels and an eval pass
+        # needs only its kernel, bound to the configuration (shape, dtype, device, memory
+        # format, mode, hyper-parameters), so a layer checks once per configuration; in eval
+        # the hot path is the key, four dict lookups and the kernel (each Python call here
+        # costs as much as a few percent of a large pass when caches are cold). Never under
+        # torch.compile, where the checks are free and guards decide recompilation.
+        if torch.compiler.is_compiling():
+            return self._checked_forward(input, None, False)
+        key = self._check_key(input)
+        checked = self._checked
+        if checked is None or checked[0] != key:
+            return self._checked_forward(input, key, False)
+        kernel = checked[1]
+        if kernel is not None:  # eval with running statistics: the kept pass
+            rm, rv, w, b = self._eval_state()
+            if rm is not None and rv is not None:
+                return kernel(input, rm, rv, w, b, self.eps)
+            return self._checked_forward(input, key, False)  # statistics removed since
+        return self._checked_forward(input, key, True)
+
+    def _checked_forward(self, input: Tensor, key: tuple[Any, ...] | None, valid: bool) -> Tensor:
+        """Forward that runs the checks unless ``valid``, and keeps the configuration's
+        ``(key, eval pass or None)`` when ``key`` is given (None: compiling)."""
+        if not valid:
             self._common_checks(input)
         rm, rv, use_batch, factor = self._batch_norm_args()
         e = self.examples_per_group
-        if checked is None:
+        if not valid:
             BF._validate(self._functional, input, self.num_groups, e, rm, rv, self.weight,
                          self.bias, use_batch)
         y = BF._grouped_batch_norm(input, self.num_groups, e, rm, rv, self.weight, self.bias,
                                    use_batch, factor, self.eps)
-        if checked is None and not compiling:
-            kernel = plan = None
-            if not use_batch:
-                kernel, plan = BF.eval_kernel(input, self.num_groups, rm, self.weight)
-            self._checked = (key, kernel, plan)
+        if key is not None and not valid:
+            kernel = None if use_batch else BF.eval_kernel(input, self.num_groups, rm,
+                                                             self.weight)
+            self._checked = (key, kernel)
         return y
 
 

@@ -40,6 +40,7 @@ with groups of whole channels take :class:`ChannelGroupsFunction` (fewer, heavie
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -282,14 +283,14 @@ EVAL_COLUMNS_MIN_ROWS = 1 << 15
 
 
 def _eval_columns(
-    x: Tensor, plan: UnitsPlan, running_mean: Tensor, running_var: Tensor,
+    plan: UnitsPlan, x: Tensor, running_mean: Tensor, running_var: Tensor,
     weight: Tensor | None, bias: Tensor | None, eps: float,
 ) -> Tensor:
     """Eval over the 2D (N, D) view: scale = w rsqrt(var + eps) and shift = b - mean * scale
     folded per unit, spread over the D columns of an example, applied by one addcmul."""
     mean_r, var_r, w_r, b_r = _rows(plan, running_mean, running_var, weight, bias)
     if mean_r.dtype != x.dtype:  # parameters replaced by ones of another dtype since
-        return _eval_units(x, plan, running_mean, running_var, weight, bias, eps)
+        return _eval_units(plan, x, running_mean, running_var, weight, bias, eps)
     coef = torch.stack(_fold(mean_r, var_r, w_r, b_r, eps))  # (2, U): scale, shift
     if plan.l > 1:
         coef = coef.view(2, plan.u, 1).expand(2, plan.u, plan.l).reshape(2, -1)
@@ -297,17 +298,22 @@ def _eval_columns(
 
 
 def _eval_channels(
-    x: Tensor, plan: UnitsPlan, running_mean: Tensor, running_var: Tensor,
+    index: Tensor | None, on_cuda: bool, x: Tensor, running_mean: Tensor, running_var: Tensor,
     weight: Tensor | None, bias: Tensor | None, eps: float,
 ) -> Tensor:
     """Eval when the units are channels (G divides C): torch's batch norm on x as it is, in
-    any memory format, with the statistics gathered per channel."""
-    return torch.batch_norm(x, weight, bias, plan.groups_to_rows(running_mean),
-                            plan.groups_to_rows(running_var), False, 0.0, eps, _cudnn())
+    any memory format, with the statistics gathered per channel by ``index`` (None: G = C).
+    The layer's hot path in eval, so its arguments are bound once (``index`` for x's device;
+    cuDNN's switch is read per call on CUDA only, where it matters)."""
+    if index is not None:
+        running_mean = running_mean.index_select(0, index)
+        running_var = running_var.index_select(0, index)
+    return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps,
+                            on_cuda and _cudnn())
 
 
 def _eval_units(
-    x: Tensor, plan: UnitsPlan, running_mean: Tensor, running_var: Tensor,
+    plan: UnitsPlan, x: Tensor, running_mean: Tensor, running_var: Tensor,
     weight: Tensor | None, bias: Tensor | None, eps: float,
 ) -> Tensor:
     """Eval over the units view (bands, straddling groups): one pass of :func:`_affine`."""
@@ -315,17 +321,16 @@ def _eval_units(
     return _affine(plan.view(x.contiguous()), *rows, eps).view(x.shape)
 
 
-EvalKernel = Callable[
-    [Tensor, UnitsPlan, Tensor, Tensor, "Tensor | None", "Tensor | None", float], Tensor
-]
+#: An eval pass bound to one configuration: ``kernel(x, running_mean, running_var, weight,
+#: bias, eps)``.
+EvalKernel = Callable[[Tensor, Tensor, Tensor, "Tensor | None", "Tensor | None", float], Tensor]
 
 
 def native_eval_kernel(x: Tensor, plan: UnitsPlan, param_dtype: torch.dtype) -> EvalKernel:
     """The eval pass of BGN/GBGN for inputs like ``x`` (N, C, *) over ``plan``'s units view:
-    one native pass with the (G,) running statistics. Call it as ``kernel(x, plan,
-    running_mean, running_var, weight, bias, eps)``; it depends only on the configuration
-    (sizes, layout, dtypes, device, memory format), so layers keep it for the inputs they
-    validated.
+    one native pass with the (G,) running statistics, bound to the configuration (sizes,
+    layout, dtypes, device, memory format). Call it as ``kernel(x, running_mean, running_var,
+    weight, bias, eps)``; layers keep it for the inputs they validated.
 
     * Many short units (L <= :data:`EVAL_SHORT_UNIT`, at least :data:`EVAL_COLUMNS_MIN_ROWS`
       rows, spatial axes, float32/float64 on CPU): the per-unit scale and shift are spread over
@@ -341,10 +346,12 @@ def native_eval_kernel(x: Tensor, plan: UnitsPlan, param_dtype: torch.dtype) -> 
         and plan.l <= EVAL_SHORT_UNIT and plan.n * plan.u >= EVAL_COLUMNS_MIN_ROWS
         and x.is_contiguous()
     ):
-        return _eval_columns
+        return functools.partial(_eval_columns, plan)
     if plan.l == plan.s:
-        return _eval_channels
-    return _eval_units
+        return functools.partial(
+            _eval_channels, plan.group_index(x.device), x.device.type == "cuda"
+        )
+    return functools.partial(_eval_units, plan)
 
 
 def native_grouped_norm(

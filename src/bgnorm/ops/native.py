@@ -367,6 +367,21 @@ def native_grouped_norm(
     )
 
 
+#: :class:`ChannelGroupsFunction` applies gamma/beta with torch's eval-mode batch-norm kernel
+#: when maps have at least this many elements (2-3x faster than a broadcast addcmul on CPU at
+#: 8x8, 4x4 and 3x3 maps), with an addcmul below (the kernel's per-row cost: 2x slower at 2x2).
+AFFINE_MIN_SPATIAL = 8
+
+
+@functools.lru_cache(maxsize=32)
+def _identity_stats(c: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(C,) zeros and ones: running statistics with which torch's eval-mode batch norm (eps =
+    0) is the per-channel affine ``y = x * weight + bias``. Never written to."""
+    with torch.inference_mode(False), torch.no_grad():
+        return (torch.zeros(c, dtype=dtype, device=device),
+                torch.ones(c, dtype=dtype, device=device))
+
+
 class ChannelGroupsFunction(torch.autograd.Function):
     """BGN with groups of k = C/G whole channels in few native calls (the small-tensor path).
 
@@ -392,16 +407,24 @@ class ChannelGroupsFunction(torch.autograd.Function):
         y = xhat  # never a view made here: returned through _unsafe_view
         if weight is not None or bias is not None:
             xh3 = xhat.view(n, c, s)
-            w = weight.view(1, c, 1) if weight is not None else None
-            b = bias.view(1, c, 1) if bias is not None else None
-            if w is not None and b is not None and xhat.dtype == w.dtype:
-                # in place over x-hat (a fresh buffer that backward does not keep): no second
-                # full-size allocation
-                torch.addcmul(b, xh3, w, out=xh3)
+            same = (weight is None or weight.dtype == xhat.dtype) and (
+                bias is None or bias.dtype == xhat.dtype)
+            if same and s >= AFFINE_MIN_SPATIAL:
+                # y = xhat * gamma_c + beta_c by torch's eval-mode batch norm with zero means
+                # and unit variances (eps = 0: its scale is gamma, its shift beta, exactly):
+                # its per-channel kernel is 2-3x faster on CPU than a broadcast addcmul
+                zeros, ones = _identity_stats(c, xhat.dtype, xhat.device)
+                y = torch.batch_norm(xh3, weight, bias, zeros, ones, False, 0.0, 0.0, False)
             else:
-                y = torch.addcmul(b, xh3, w) if (w is not None and b is not None) else (
-                    xh3 * w if w is not None else xh3 + b)
-                y = _cast(y, x)
+                w = weight.view(1, c, 1) if weight is not None else None
+                b = bias.view(1, c, 1) if bias is not None else None
+                if same and w is not None and b is not None:
+                    # in place over x-hat (a fresh buffer that backward does not keep)
+                    y = torch.addcmul(b, xh3, w, out=xh3)
+                else:  # e.g. half input, float parameters
+                    y = torch.addcmul(b, xh3, w) if (w is not None and b is not None) else (
+                        xh3 * w if w is not None else xh3 + b)
+                    y = _cast(y, x)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps, ctx.num_groups = eps, num_groups
         return _unsafe_view(y, x.shape)

@@ -104,8 +104,18 @@ def update_running(
 def unit_length(channels: int, spatial: int, num_groups: int) -> int:
     """L = gcd(S, D/G): the longest run of elements sharing one channel and one group.
 
-    Falls back to 1 (every element its own unit) for symbolic sizes under torch.compile.
+    Groups of whole channels give L = S and bands (k = G/C per channel) L = S/k, in forms
+    that stay symbolic when torch.compile makes the spatial size dynamic (a new image size).
+    Straddling groups (whose membership depends on the size) take the gcd of the concrete
+    sizes: under dynamo this specializes the graph on S; symbolic sizes outside dynamo
+    (which ``isinstance`` can tell apart) fall back to 1, every element its own unit.
     """
+    if channels % num_groups == 0:
+        return spatial
+    if num_groups % channels == 0:
+        return spatial // (num_groups // channels)
+    if torch.compiler.is_compiling():
+        return math.gcd(int(spatial), int(channels) * int(spatial) // int(num_groups))
     if not all(isinstance(v, int) for v in (channels, spatial, num_groups)):
         return 1
     return math.gcd(spatial, channels * spatial // num_groups)

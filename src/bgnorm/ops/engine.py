@@ -308,6 +308,10 @@ class UnitsPlan:
         """(rows,) index from each coefficient row to its statistic; None for the identity."""
         return self._index("group", device)
 
+    def channel_index(self, device: torch.device) -> Tensor | None:
+        """(rows,) index from each coefficient row to its channel; None for the identity."""
+        return self._index("channel", device)
+
     def groups_to_rows(self, t: Tensor) -> Tensor:
         """Per-statistic vectors (..., P0*G) -> per-row vectors (..., rows), one gather."""
         idx = self._index("group", t.device)

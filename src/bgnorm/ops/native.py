@@ -183,18 +183,29 @@ def _cast(t: Tensor, like: Tensor) -> Tensor:
     return t if t.dtype == like.dtype else t.to(like.dtype)
 
 
+def _gather_rows(
+    group_index: Tensor | None, channel_index: Tensor | None, mean: Tensor, var: Tensor,
+    weight: Tensor | None, bias: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Per-row mean, variance (in the parameters' dtype), weight and bias, gathered by a plan's
+    row indices (None: the identity)."""
+    pdt = mean.dtype if weight is None else weight.dtype
+    if mean.dtype != pdt:
+        mean, var = mean.to(pdt), var.to(pdt)
+    if group_index is not None:
+        mean, var = mean.index_select(-1, group_index), var.index_select(-1, group_index)
+    if channel_index is not None:
+        weight = None if weight is None else weight.index_select(-1, channel_index)
+        bias = None if bias is None else bias.index_select(-1, channel_index)
+    return mean, var, weight, bias
+
+
 def _rows(
     plan: UnitsPlan, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Per-row mean, variance (in the parameters' dtype), weight and bias for the units view."""
-    pdt = mean.dtype if weight is None else weight.dtype
-    if mean.dtype != pdt:
-        mean, var = mean.to(pdt), var.to(pdt)
-    return (
-        plan.groups_to_rows(mean), plan.groups_to_rows(var),
-        None if weight is None else plan.channels_to_rows(weight),
-        None if bias is None else plan.channels_to_rows(bias),
-    )
+    return _gather_rows(plan.group_index(mean.device), plan.channel_index(mean.device), mean,
+                        var, weight, bias)
 
 
 class NativeGroupedNormFunction(torch.autograd.Function):
@@ -290,7 +301,8 @@ def _eval_columns(
     folded per unit, spread over the D columns of an example, applied by one addcmul."""
     mean_r, var_r, w_r, b_r = _rows(plan, running_mean, running_var, weight, bias)
     if mean_r.dtype != x.dtype:  # parameters replaced by ones of another dtype since
-        return _eval_units(plan, x, running_mean, running_var, weight, bias, eps)
+        return _eval_units(plan, plan.group_index(x.device), plan.channel_index(x.device), x,
+                           running_mean, running_var, weight, bias, eps)
     coef = torch.stack(_fold(mean_r, var_r, w_r, b_r, eps))  # (2, U): scale, shift
     if plan.l > 1:
         coef = coef.view(2, plan.u, 1).expand(2, plan.u, plan.l).reshape(2, -1)
@@ -313,11 +325,13 @@ def _eval_channels(
 
 
 def _eval_units(
-    plan: UnitsPlan, x: Tensor, running_mean: Tensor, running_var: Tensor,
-    weight: Tensor | None, bias: Tensor | None, eps: float,
+    plan: UnitsPlan, group_index: Tensor | None, channel_index: Tensor | None, x: Tensor,
+    running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None,
+    eps: float,
 ) -> Tensor:
-    """Eval over the units view (bands, straddling groups): one pass of :func:`_affine`."""
-    rows = _rows(plan, running_mean, running_var, weight, bias)
+    """Eval over the units view (bands, straddling groups): one pass of :func:`_affine` with
+    the rows gathered by the plan's indices for x's device (bound once per configuration)."""
+    rows = _gather_rows(group_index, channel_index, running_mean, running_var, weight, bias)
     return _affine(plan.view(x.contiguous()), *rows, eps).view(x.shape)
 
 
@@ -351,7 +365,9 @@ def native_eval_kernel(x: Tensor, plan: UnitsPlan, param_dtype: torch.dtype) -> 
         return functools.partial(
             _eval_channels, plan.group_index(x.device), x.device.type == "cuda"
         )
-    return functools.partial(_eval_units, plan)
+    return functools.partial(
+        _eval_units, plan, plan.group_index(x.device), plan.channel_index(x.device)
+    )
 
 
 def native_grouped_norm(

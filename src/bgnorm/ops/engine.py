@@ -314,12 +314,7 @@ class UnitsPlan:
 
     def groups_to_rows(self, t: Tensor) -> Tensor:
         """Per-statistic vectors (..., P0*G) -> per-row vectors (..., rows), one gather."""
-        idx = self._index("group", t.device)
-        return t if idx is None else t.index_select(-1, idx)
-
-    def channels_to_rows(self, t: Tensor) -> Tensor:
-        """Per-channel vectors (..., C) -> per-row vectors (..., rows), one gather."""
-        idx = self._index("channel", t.device)
+        idx = self.group_index(t.device)
         return t if idx is None else t.index_select(-1, idx)
 
     def rows_to_channels(self, t: Tensor) -> Tensor:

@@ -294,16 +294,16 @@ EVAL_COLUMNS_MIN_ROWS = 1 << 15
 
 
 def _eval_columns(
-    plan: UnitsPlan, x: Tensor, running_mean: Tensor, running_var: Tensor,
-    weight: Tensor | None, bias: Tensor | None, eps: float,
+    plan: UnitsPlan, group_index: Tensor | None, channel_index: Tensor | None, x: Tensor,
+    running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None,
+    eps: float,
 ) -> Tensor:
     """Eval over the 2D (N, D) view: scale = w rsqrt(var + eps) and shift = b - mean * scale
     folded per unit, spread over the D columns of an example, applied by one addcmul."""
-    mean_r, var_r, w_r, b_r = _rows(plan, running_mean, running_var, weight, bias)
-    if mean_r.dtype != x.dtype:  # parameters replaced by ones of another dtype since
-        return _eval_units(plan, plan.group_index(x.device), plan.channel_index(x.device), x,
-                           running_mean, running_var, weight, bias, eps)
-    coef = torch.stack(_fold(mean_r, var_r, w_r, b_r, eps))  # (2, U): scale, shift
+    rows = _gather_rows(group_index, channel_index, running_mean, running_var, weight, bias)
+    if rows[0].dtype != x.dtype:  # parameters replaced by ones of another dtype since
+        return _affine(plan.view(x.contiguous()), *rows, eps).view(x.shape)  # as _eval_units
+    coef = torch.stack(_fold(*rows, eps))  # (2, U): scale, shift
     if plan.l > 1:
         coef = coef.view(2, plan.u, 1).expand(2, plan.u, plan.l).reshape(2, -1)
     return torch.addcmul(coef[1], x.view(plan.n, coef.shape[1]), coef[0]).view(x.shape)
@@ -354,20 +354,17 @@ def native_eval_kernel(x: Tensor, plan: UnitsPlan, param_dtype: torch.dtype) -> 
       is, in any memory format, with the statistics gathered per channel.
     * Otherwise (bands, straddling groups): the batch-norm pass over the units view.
     """
+    group_index = plan.group_index(x.device)
     if (
         x.device.type == "cpu" and x.dtype == param_dtype and plan.p0 == 1 and x.dim() > 2
         and x.dtype in (torch.float32, torch.float64)  # half: the kernels fold in float32
         and plan.l <= EVAL_SHORT_UNIT and plan.n * plan.u >= EVAL_COLUMNS_MIN_ROWS
         and x.is_contiguous()
     ):
-        return functools.partial(_eval_columns, plan)
+        return functools.partial(_eval_columns, plan, group_index, plan.channel_index(x.device))
     if plan.l == plan.s:
-        return functools.partial(
-            _eval_channels, plan.group_index(x.device), x.device.type == "cuda"
-        )
-    return functools.partial(
-        _eval_units, plan, plan.group_index(x.device), plan.channel_index(x.device)
-    )
+        return functools.partial(_eval_channels, group_index, x.device.type == "cuda")
+    return functools.partial(_eval_units, plan, group_index, plan.channel_index(x.device))
 
 
 def native_grouped_norm(
@@ -437,7 +434,7 @@ class ChannelGroupsFunction(torch.autograd.Function):
                 if same and w is not None and b is not None:
                     # in place over x-hat (a fresh buffer that backward does not keep)
                     y = torch.addcmul(b, xh3, w, out=xh3)
-                else:  # e.g. half input, float parameters
+                else:  # gamma or beta alone, or parameters of another dtype (half input)
                     y = torch.addcmul(b, xh3, w) if (w is not None and b is not None) else (
                         xh3 * w if w is not None else xh3 + b)
                     y = _cast(y, x)

@@ -132,7 +132,9 @@ def interleaved(
     from running after another gains as often as it loses). Returns each fn's median seconds and
     the median over reps of each fn's time divided by the first fn's time in the same rep: on a
     machine whose speed drifts by tens of percent within a second, a ratio of neighbours in
-    time is far steadier than a ratio of two medians."""
+    time is far steadier than a ratio of two medians. Balanced for two fns, as used here; with
+    three or more the middle ones never run first or last (measured ~5% apart on this VM), so
+    compare more variants in a random order per rep instead."""
     for _ in range(warmup):
         for f in fns:
             f()

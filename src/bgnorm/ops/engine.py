@@ -145,8 +145,9 @@ class GroupedNormFunction(torch.autograd.Function):
     channel and one group (U = D/L). Statistics: per-(n, u) mean and biased variance over the
     contiguous L (mean, then mean squared deviation: inductor reads each row twice from cache),
     merged by the law of total variance over the e examples of a batch group and the D/G/L units
-    of a group. Backward: per-(n, u) sums of dy and dy*xhat in one pass over (dy, x), the small
-    group terms, then one elementwise pass for dx. Two passes forward, two backward: the shape
+    of a group. Backward: per-(n, u) sums of dy and dy*xhat in one pass over (dy, x) (the
+    latter from sums shifted by the row's first element), the small group terms, then one
+    elementwise pass for dx. Two passes forward, two backward: the shape
     inductor turns into fused loops under torch.compile, and the fallback for every layout.
 
     Inputs: ``x3`` contiguous (N, C, S); ``weight``/``bias`` (C,) or None; ``num_groups`` G;
@@ -190,9 +191,16 @@ class GroupedNormFunction(torch.autograd.Function):
         xu = x3.reshape(n, u, l).to(cdt)
         dyu = dy.reshape(n, u, l).to(cdt)
         mean_u, rstd_u = lay.per_unit(mean), lay.per_unit(rstd)  # (N or 1, U, 1)
-        xhat = (xu - mean_u) * rstd_u
+        # per-(n, u) sum(dy) and sum(dy * xhat) = rstd * (sum(dy * (x - x0)) + (x0 - mean) *
+        # sum(dy)), x0 the row's first element: both reductions then index the row alone, and
+        # inductor computes them in one loop over (dy, x) (with xhat's per-group statistics in
+        # the reduction it split them and read dy twice). Shifted by an element of the row, the
+        # differences stay small (exact for inputs like 1e4 + N(0, 1)), as in centred sums.
+        x0 = xu[:, :, 0]
         s_dy = dyu.sum(dim=2)  # (N, U)
-        s_dyx = (dyu * xhat).sum(dim=2)
+        s_dyx = (dyu * (xu - x0.unsqueeze(2))).sum(dim=2)
+        s_dyx = (s_dyx + (x0 - mean_u.squeeze(2)) * s_dy) * rstd_u.squeeze(2)
+        xhat = (xu - mean_u) * rstd_u
         dw = lay.to_channels(s_dyx).to(weight.dtype) if need_w else None
         db = lay.to_channels(s_dy).to(bias.dtype) if need_b else None
         dx = None

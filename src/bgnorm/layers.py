@@ -184,8 +184,10 @@ class _BatchGroupNorm(nn.Module):
         self._check_layout(input)
 
     def _check_key(self, input: Tensor) -> tuple[Any, ...]:
+        # type(input): a pass bound for fake tensors (FakeTensorMode) holds fake indices
         return (input.shape, input.dtype, input.device, input.is_contiguous(), self.training,
-                self.num_groups, self.num_features, self.examples_per_group, type(self))
+                self.num_groups, self.num_features, self.examples_per_group, type(self),
+                type(input))
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         self._checked = None  # parameters may change dtype or device

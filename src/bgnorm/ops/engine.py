@@ -34,6 +34,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 View = tuple[int, int, int, int]
 
@@ -99,6 +100,12 @@ def update_running(
         mean, var = mean.to(running_mean.dtype), var.to(running_var.dtype)
     running_mean.lerp_(mean, momentum)
     running_var.lerp_(var * (count / (count - 1)), momentum)
+
+
+def is_fake(t: Tensor) -> bool:
+    """Whether ``t`` is a fake tensor (torch's FakeTensorMode: shapes without data, e.g. in
+    memory estimators). Caches never keep one: a real call would get it back and return fakes."""
+    return isinstance(t, FakeTensor)
 
 
 def unit_length(channels: int, spatial: int, num_groups: int) -> int:
@@ -309,7 +316,9 @@ class UnitsPlan:
         idx = self._indices.get(key)
         if idx is None:
             with torch.inference_mode(False), torch.no_grad():
-                idx = self._indices[key] = self._make_index(kind, device)
+                idx = self._make_index(kind, device)
+            if not is_fake(idx):  # made under FakeTensorMode: valid for that run only
+                self._indices[key] = idx
         return idx
 
     def group_index(self, device: torch.device) -> Tensor | None:

@@ -51,6 +51,7 @@ from .engine import (
     UnitsPlan,
     compute_dtype,
     differentiable_grads,
+    is_fake,
     unit_length,
     units_plan,
     update_running,
@@ -98,6 +99,20 @@ def _spread(m: Tensor, v: Tensor, last: bool) -> tuple[Tensor, Tensor]:
     return (mean_d + ref).view(-1), torch.addcmul(v, dev, dev).mean(d)
 
 
+def _unit_moments(xv: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row (dim 1) mean and biased variance of the units view ``xv`` (N, U) or (N, U, L).
+
+    Torch's batch-norm statistics kernel (CPU and CUDA) computes them; it has no meta or fake
+    implementation, so meta tensors (shape-only runs, deferred initialization) and fake tensors
+    (torch's FakeTensorMode, e.g. memory estimation on CUDA) get the same shapes from
+    ``var_mean``, which has both.
+    """
+    if xv.device.type == "meta" or is_fake(xv):
+        v, m = torch.var_mean(xv, dim=(0,) if xv.dim() == 2 else (0, 2), correction=0)
+        return m, v
+    return torch.batch_norm_update_stats(xv, None, None, 0.0)
+
+
 def _moments(
     x: Tensor, plan: UnitsPlan, cdt: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -113,7 +128,7 @@ def _moments(
     """
     xs = x if x.dtype == cdt else x.to(cdt)
     if plan.p0 == 1 and (plan.lg < SHORT_GROUP or plan.l == 1):
-        m, v = torch.batch_norm_update_stats(plan.view(xs), None, None, 0.0)  # (U,)
+        m, v = _unit_moments(plan.view(xs))  # (U,)
         if plan.upg == 1:
             return m, v, None
         mean, var = _spread(m.view(plan.g, plan.upg), v.view(plan.g, plan.upg), True)
@@ -386,13 +401,24 @@ def native_grouped_norm(
 AFFINE_MIN_SPATIAL = 8
 
 
-@functools.lru_cache(maxsize=32)
+_IDENTITY_STATS: dict[tuple[int, torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
+
+
 def _identity_stats(c: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     """(C,) zeros and ones: running statistics with which torch's eval-mode batch norm (eps =
-    0) is the per-channel affine ``y = x * weight + bias``. Never written to."""
-    with torch.inference_mode(False), torch.no_grad():
-        return (torch.zeros(c, dtype=dtype, device=device),
-                torch.ones(c, dtype=dtype, device=device))
+    0) is the per-channel affine ``y = x * weight + bias``. Cached (never written to), except
+    fake tensors made under FakeTensorMode."""
+    key = (c, dtype, device)
+    stats = _IDENTITY_STATS.get(key)
+    if stats is None:
+        with torch.inference_mode(False), torch.no_grad():
+            stats = (torch.zeros(c, dtype=dtype, device=device),
+                     torch.ones(c, dtype=dtype, device=device))
+        if not is_fake(stats[0]):
+            if len(_IDENTITY_STATS) >= 64:  # bounded: models have a few channel counts
+                _IDENTITY_STATS.clear()
+            _IDENTITY_STATS[key] = stats
+    return stats
 
 
 class ChannelGroupsFunction(torch.autograd.Function):

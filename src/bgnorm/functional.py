@@ -25,7 +25,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks
-from .ops.engine import UnitsPlan, grouped_norm, units_plan, update_running
+from .ops.engine import (
+    UnitsPlan,
+    grouped_norm,
+    grouped_norm_composed,
+    in_functorch_transform,
+    units_plan,
+    update_running,
+)
 from .ops.native import (
     EvalKernel,
     channel_groups_norm,
@@ -125,7 +132,11 @@ def _grouped_batch_norm(
     e = n if examples_per_group is None else examples_per_group
     p0 = n // e
     engine = ENGINE
-    if engine == "auto":
+    if in_functorch_transform():
+        # torch.func transforms run plain torch ops only (the engines' autograd.Functions have
+        # no setup_context, vmap or jvp rules): the differentiable composition, like BatchNorm
+        engine = "composed"
+    elif engine == "auto":
         if torch.compiler.is_compiling():
             engine = "general"
         elif p0 == 1 and input.numel() <= SMALL_NUMEL:
@@ -147,8 +158,13 @@ def _grouped_batch_norm(
             )
         engine = "units"  # straddling groups
     running = None if running_mean is None else (running_mean, running_var)
-    if engine == "general":
-        y, mean, var = grouped_norm(input.reshape(n, c, s), num_groups, p0, weight, bias, eps)
+    if engine in ("composed", "general"):
+        x3 = input.reshape(n, c, s)
+        if engine == "composed":
+            view = (p0, e, num_groups, c * s // num_groups)
+            y, mean, var = grouped_norm_composed(x3, view, weight, bias, eps)
+        else:
+            y, mean, var = grouped_norm(x3, num_groups, p0, weight, bias, eps)
         if running is not None:
             with torch.no_grad():
                 update_running(*running, mean, var, p0, e * (c * s // num_groups), momentum)
@@ -260,6 +276,7 @@ def positional_norm(
     # LayerNorm over C of the channels-last view is exactly PN: torch's own kernel, forward,
     # backward and double backward. The output keeps the input's memory format.
     y = F.layer_norm(input.movedim(1, -1), (c,), weight, bias, eps).movedim(-1, 1)
-    if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
+    if (input.dim() == 4 and not in_functorch_transform()  # vmap cannot query the format
+            and input.is_contiguous(memory_format=torch.channels_last)):
         return y
     return y.contiguous()

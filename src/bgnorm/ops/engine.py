@@ -64,10 +64,15 @@ def grouped_moments(x4: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var_r.mean(dim=1, keepdim=True) + var_m
 
 
-def grouped_norm_reference(
+def grouped_norm_composed(
     x3: Tensor, view: View, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> Tensor:
-    """Differentiable composition of the grouped norm (used for double backward)."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The grouped norm of ``x3`` (N, C, S) over ``view`` (P0, e, G, D/G) as a plain
+    composition of differentiable torch ops, with no autograd.Function: what double backward
+    differentiates, and what runs under torch.func transforms (grad, vmap, jvp), which cannot
+    run the engines' Functions. Returns y (N, C, S) in x's dtype and the (P0, 1, G, 1) mean and
+    biased variance in :func:`compute_dtype`.
+    """
     cdt = compute_dtype(x3.dtype)
     x4 = x3.reshape(view).to(cdt)
     mean, var = grouped_moments(x4)
@@ -76,7 +81,19 @@ def grouped_norm_reference(
         y = y * _channel_view(weight, cdt)
     if bias is not None:
         y = y + _channel_view(bias, cdt)
-    return y.to(x3.dtype)
+    return y.to(x3.dtype), mean, var
+
+
+def grouped_norm_reference(
+    x3: Tensor, view: View, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """Differentiable composition of the grouped norm (used for double backward)."""
+    return grouped_norm_composed(x3, view, weight, bias, eps)[0]
+
+
+def in_functorch_transform() -> bool:
+    """Whether a torch.func transform (grad, vjp, jvp, vmap, ...) is active."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def update_running(

@@ -362,16 +362,19 @@ def native_eval_kernel(x: Tensor, plan: UnitsPlan, param_dtype: torch.dtype) -> 
     weight, bias, eps)``; layers keep it for the inputs they validated.
 
     * Many short units (L <= :data:`EVAL_SHORT_UNIT`, at least :data:`EVAL_COLUMNS_MIN_ROWS`
-      rows, spatial axes, float32/float64 on CPU): the per-unit scale and shift are spread over
-      the D columns of an example and one addcmul runs over the 2D (N, D) view (torch's
-      batch-norm kernel pays a per-row cost: 6x slower on 2x2 maps here).
+      rows, spatial axes, float32/float64 on CPU, not traced): the per-unit scale and shift
+      are spread over the D columns of an example and one addcmul runs over the 2D (N, D)
+      view (torch's batch-norm kernel pays a per-row cost: 6x slower on 2x2 maps here).
     * Units that are channels (G divides C; G = C is BatchNorm): torch's batch norm on x as it
       is, in any memory format, with the statistics gathered per channel.
     * Otherwise (bands, straddling groups): the batch-norm pass over the units view.
     """
     group_index = plan.group_index(x.device)
     if (
-        x.device.type == "cpu" and x.dtype == param_dtype and plan.p0 == 1 and x.dim() > 2
+        # traced (torch.compile, torch.export): no choice by batch size, which would guard a
+        # dynamic batch dimension (and fail an export over a range crossing the threshold)
+        not torch.compiler.is_compiling()
+        and x.device.type == "cpu" and x.dtype == param_dtype and plan.p0 == 1 and x.dim() > 2
         and x.dtype in (torch.float32, torch.float64)  # half: the kernels fold in float32
         and plan.l <= EVAL_SHORT_UNIT and plan.n * plan.u >= EVAL_COLUMNS_MIN_ROWS
         and x.is_contiguous()

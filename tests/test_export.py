@@ -49,3 +49,22 @@ def test_export_matches_eager(case, mode, strict):
     assert {"running_mean", "running_var"} & want.keys() <= got.keys() <= want.keys()
     for name in got:
         torch.testing.assert_close(got[name], want[name], msg=f"buffer {name}")
+
+
+def test_compile_traces_the_engines_not_the_composition(monkeypatch):
+    """torch.compile's tracing reports functorch's interpreter as active: the layers must still
+    take their compiled path there (the fused general engine; PositionalNorm keeping
+    channels-last), not the plain composition meant for torch.func transforms."""
+    from bgnorm import functional as BF
+
+    def composed(*args, **kwargs):
+        raise AssertionError("the torch.func composition was traced under torch.compile")
+
+    monkeypatch.setattr(BF, "grouped_norm_composed", composed)
+    torch._dynamo.reset()
+    m = torch.compile(bgnorm.BatchGroupNorm2d(64, 16), fullgraph=True, backend="eager")
+    x = torch.randn(8, 64, 8, 8, requires_grad=True)
+    m(x).sum().backward()
+    pn = torch.compile(bgnorm.PositionalNorm(16), fullgraph=True, backend="eager")
+    xc = torch.randn(2, 16, 4, 4).to(memory_format=torch.channels_last)
+    assert pn(xc).is_contiguous(memory_format=torch.channels_last)

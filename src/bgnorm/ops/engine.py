@@ -92,8 +92,10 @@ def grouped_norm_reference(
 
 
 def in_functorch_transform() -> bool:
-    """Whether a torch.func transform (grad, vjp, jvp, vmap, ...) is active."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
+    """Whether a torch.func transform (grad, vjp, jvp, vmap, ...) is active, outside
+    torch.compile's tracing (which reports functorch's interpreter as active itself)."""
+    return (not torch.compiler.is_compiling()
+            and torch._C._functorch.peek_interpreter_stack() is not None)
 
 
 def update_running(

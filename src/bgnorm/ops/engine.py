@@ -226,7 +226,6 @@ class GroupedNormFunction(torch.autograd.Function):
         s_dy = dyu.sum(dim=2)  # (N, U)
         s_dyx = (dyu * (xu - x0.unsqueeze(2))).sum(dim=2)
         s_dyx = (s_dyx + (x0 - mean_u.squeeze(2)) * s_dy) * rstd_u.squeeze(2)
-        xhat = (xu - mean_u) * rstd_u
         dw = lay.to_channels(s_dyx).to(weight.dtype) if need_w else None
         db = lay.to_channels(s_dy).to(bias.dtype) if need_b else None
         dx = None
@@ -239,6 +238,7 @@ class GroupedNormFunction(torch.autograd.Function):
             m2 = s_dyx.view(g4).sum(dim=(1, 3)) / lay.count
             m1_u, m2_u = lay.per_unit(m1), lay.per_unit(m2)
             dxh = dyu * w_u.unsqueeze(-1) if w_u is not None else dyu
+            xhat = (xu - mean_u) * rstd_u
             dx = ((dxh - m1_u - xhat * m2_u) * rstd_u).to(x3.dtype).view(x3.shape)
         return dx, dw, db, None, None, None
 

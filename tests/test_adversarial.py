@@ -46,34 +46,48 @@ def _tiny_cnn(in_ch: int = 1) -> nn.Module:
     )
 
 
+def _centroid_cnn(x: torch.Tensor, y: torch.Tensor) -> nn.Module:
+    """A nearest-centroid classifier written as a CNN with a BatchNorm, its weights set in
+    closed form: conv k has the class-k mean image mu_k as kernel and bias -|mu_k|^2 / 2, so
+    logit_k = x . mu_k - |mu_k|^2 / 2 ranks classes by distance to their centroid.
+
+    The model the attack tests need must not come out of a training run: a trained model's
+    accuracy moved by 4.5 points across ATEN_CPU_CAPABILITY (default/avx2/avx512) and thread
+    counts (0.770-0.815 against a 0.8 threshold). The centroids are float64 means cast once, so
+    every logit is the same function on every machine up to float32 round-off (~1e-6), three
+    orders of magnitude below the smallest top-2 logit gap on the test images (4.8e-3).
+    """
+    flat = x.double().flatten(1)
+    mu = torch.stack([flat[y == k].mean(0) for k in range(10)])
+    conv, bn = nn.Conv2d(1, 10, 8), nn.BatchNorm2d(10)
+    with torch.no_grad():
+        conv.weight.copy_(mu.view(10, 1, 8, 8))
+        conv.bias.copy_(-0.5 * mu.pow(2).sum(1))
+    return nn.Sequential(conv, bn, nn.Flatten()).eval()
+
+
 @pytest.fixture(scope="module")
 def trained():
-    """A tiny CNN trained a bit on 8x8 digits in [0, 1]; returns (model, x_test, y_test)."""
+    """A nearest-centroid CNN for 8x8 digits in [0, 1] (eval mode, BatchNorm included, weights
+    set in closed form from digits 0-1499); returns (model, x_test, y_test)."""
     from bgnorm.repro.data import load_digits8x8
 
-    torch.manual_seed(0)
     x, y = load_digits8x8()
-    model = _tiny_cnn()
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    g = _gen(0)
-    for _ in range(150):
-        idx = torch.randint(0, 1500, (64,), generator=g)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    model.eval()
-    return model, x[1500:1700], y[1500:1700]
+    return _centroid_cnn(x[:1500], y[:1500]), x[1500:1700], y[1500:1700]
 
 
 # ------------------------------------------------------------------------------------ PGD
 
 
-def test_trained_model_is_accurate(trained):
+def test_fixture_model_is_accurate_on_every_machine(trained):
     model, x, y = trained
     with torch.no_grad():
-        assert (model(x).argmax(1) == y).float().mean() > 0.8
+        logits = model(x)
+    # 167 of 200 right (83.5%); no prediction within float32 round-off of a tie, so the count
+    # cannot move with the CPU's vector width or the thread count.
+    assert (logits.argmax(1) == y).float().mean() > 0.8
+    top2 = logits.topk(2, dim=1).values
+    assert float((top2[:, 0] - top2[:, 1]).min()) > 1e-3
 
 
 @pytest.mark.parametrize("random_start", [False, True])
@@ -87,8 +101,9 @@ def test_attack_raises_the_loss(trained, random_start):
         adv = F.cross_entropy(model(x_adv), y)
         acc_clean = (model(x).argmax(1) == y).float().mean()
         acc_adv = (model(x_adv).argmax(1) == y).float().mean()
-    assert adv > clean * 2
-    assert acc_adv < acc_clean
+    # measured: clean 1.07, adversarial 1.57 (random start 1.5+), accuracy 0.835 -> 0.605
+    assert adv > clean * 1.25
+    assert acc_adv < acc_clean - 0.1
 
 
 def test_more_steps_raise_the_loss_more(trained):

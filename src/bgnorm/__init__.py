@@ -19,6 +19,10 @@ from .layers import (
 from .policy import PAPER_GROUPS, channel_groups, paper_groups
 from .registry import canonical_name, make_norm, norm_names
 
+# isort: split
+# -- inference folding, SWA statistics, frozen norms (issue 16) --
+from .fuse import FuseReport, fuse_conv_norm, fuse_conv_norm_pair
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -37,4 +41,8 @@ __all__ = [
     "make_norm",
     "norm_names",
     "paper_groups",
+    # -- inference folding, SWA statistics, frozen norms (issue 16) --
+    "FuseReport",
+    "fuse_conv_norm",
+    "fuse_conv_norm_pair",
 ]

@@ -22,6 +22,7 @@ from .registry import canonical_name, make_norm, norm_names
 # isort: split
 # -- inference folding, SWA statistics, frozen norms (issue 16) --
 from .fuse import FuseReport, fuse_conv_norm, fuse_conv_norm_pair
+from .swa import update_bn
 
 __version__ = "0.1.0"
 
@@ -45,4 +46,5 @@ __all__ = [
     "FuseReport",
     "fuse_conv_norm",
     "fuse_conv_norm_pair",
+    "update_bn",
 ]

@@ -21,6 +21,7 @@ from .registry import canonical_name, make_norm, norm_names
 
 # isort: split
 # -- inference folding, SWA statistics, frozen norms (issue 16) --
+from .frozen import FrozenBatchGroupNorm, FrozenBatchNorm, freeze_norms
 from .fuse import FuseReport, fuse_conv_norm, fuse_conv_norm_pair
 from .swa import update_bn
 
@@ -43,7 +44,10 @@ __all__ = [
     "norm_names",
     "paper_groups",
     # -- inference folding, SWA statistics, frozen norms (issue 16) --
+    "FrozenBatchGroupNorm",
+    "FrozenBatchNorm",
     "FuseReport",
+    "freeze_norms",
     "fuse_conv_norm",
     "fuse_conv_norm_pair",
     "update_bn",

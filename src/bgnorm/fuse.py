@@ -80,10 +80,7 @@ def _channel_affine(norm: nn.Module) -> tuple[Tensor, Tensor] | str:
     name = _describe(norm)
     frozen = _frozen_types()
     if isinstance(norm, frozen):
-        scale, shift = norm.channel_affine()  # type: ignore[operator]
-        if isinstance(scale, str):
-            return scale
-        return scale, shift
+        return norm.channel_affine()  # type: ignore[operator]
     if isinstance(norm, _PER_EXAMPLE):
         return (f"{name} normalizes each example with its own statistics, so it is not a fixed "
                 "affine map at inference")

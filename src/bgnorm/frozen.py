@@ -135,6 +135,8 @@ class FrozenBatchNorm(_FrozenNorm):
         True
     """
 
+    _abbr_ = "bn"  # the attribute name mmcv's build_norm_layer gives it (bn1, ...)
+
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True,
                  device: Any = None, dtype: Any = None) -> None:
         super().__init__(num_features, num_features, eps, affine, True, device, dtype)
@@ -201,6 +203,8 @@ class FrozenBatchGroupNorm(_FrozenNorm):
         >>> torch.equal(frozen(x), bgn(x))
         True
     """
+
+    _abbr_ = "bgn"
 
     def __init__(self, num_features: int, num_groups: int = DEFAULT_NUM_GROUPS,
                  eps: float = 1e-5, affine: bool = True, *, bias: bool = True,

@@ -1,0 +1,99 @@
+"""Register bgnorm's layers in mmengine's ``MODELS`` registry (OpenMMLab: mmdet, mmseg, ...).
+
+After :func:`register`, a config selects a norm by name like torch's (``"BN"``, ``"GN"``)::
+
+    norm_cfg = dict(type="BGN", num_groups=32)          # BatchGroupNorm2d
+    norm_cfg = dict(type="FrozenBGN", num_groups=32)    # FrozenBatchGroupNorm
+
+mmcv's ``build_norm_layer(cfg, num_features, postfix)`` looks the name up in ``MODELS``, calls
+``layer(num_features, eps=1e-5 unless given, **rest)`` and names the attribute from the class's
+``_abbr_`` plus the postfix (``bgn1``); every class registered here takes the channel count
+first and ``eps=`` like torch's BatchNorm, and carries an ``_abbr_``:
+
+=============  ==========================  ======
+name           class                       _abbr_
+=============  ==========================  ======
+BGN, BGN2d     BatchGroupNorm2d            bgn
+BGN1d          BatchGroupNorm1d            bgn
+BGN3d          BatchGroupNorm3d            bgn
+SyncBGN        SyncBatchGroupNorm          bgn
+GBGN           GeneralBatchGroupNorm2d     gbgn
+PN             PositionalNorm              pn
+FrozenBN       FrozenBatchNorm             bn
+FrozenBGN      FrozenBatchGroupNorm        bgn
+=============  ==========================  ======
+
+mmengine is imported only when :func:`register` runs; it is not a dependency of bgnorm.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..distributed import SyncBatchGroupNorm
+from ..frozen import FrozenBatchGroupNorm, FrozenBatchNorm
+from ..layers import (
+    BatchGroupNorm1d,
+    BatchGroupNorm2d,
+    BatchGroupNorm3d,
+    GeneralBatchGroupNorm2d,
+    PositionalNorm,
+)
+
+__all__ = ["LAYERS", "register"]
+
+#: registry name -> (class, abbreviation build_norm_layer names the attribute with)
+LAYERS: dict[str, tuple[type[nn.Module], str]] = {
+    "BGN": (BatchGroupNorm2d, "bgn"),
+    "BGN1d": (BatchGroupNorm1d, "bgn"),
+    "BGN2d": (BatchGroupNorm2d, "bgn"),
+    "BGN3d": (BatchGroupNorm3d, "bgn"),
+    "SyncBGN": (SyncBatchGroupNorm, "bgn"),
+    "GBGN": (GeneralBatchGroupNorm2d, "gbgn"),
+    "PN": (PositionalNorm, "pn"),
+    "FrozenBN": (FrozenBatchNorm, "bn"),
+    "FrozenBGN": (FrozenBatchGroupNorm, "bgn"),
+}
+
+
+def register(registry: Any = None, *, force: bool = False) -> Any:
+    """Register the layers of :data:`LAYERS` in ``registry`` (default:
+    ``mmengine.registry.MODELS``, which every OpenMMLab project's MODELS falls back to) and
+    set each class's ``_abbr_``. Calling it again is harmless; a name already taken by
+    another class raises unless ``force=True``.
+
+    Returns the registry.
+
+    Example (with mmengine installed)::
+
+        >>> from bgnorm.integrations import mmengine as bgn_mm
+        >>> MODELS = bgn_mm.register()
+        >>> MODELS.build(dict(type="BGN", num_features=64, num_groups=32))
+        BatchGroupNorm2d(64, num_groups=32, ...)
+    """
+    if registry is None:
+        try:
+            from mmengine.registry import MODELS
+        except ImportError as err:
+            raise ImportError(
+                "bgnorm.integrations.mmengine.register() needs mmengine (pip install mmengine), "
+                "or pass the registry to register the layers in"
+            ) from err
+        registry = MODELS
+    for name, (cls, abbr) in LAYERS.items():
+        if "_abbr_" not in cls.__dict__:
+            cls._abbr_ = abbr  # type: ignore[attr-defined]
+        existing = registry.module_dict.get(name)
+        if existing is cls:
+            continue
+        if existing is not None and not force:
+            raise KeyError(
+                f"bgnorm.integrations.mmengine.register: the name {name!r} is already "
+                f"registered in {registry.name!r} for {existing.__module__}."
+                f"{existing.__qualname__}; pass force=True to replace it with bgnorm's "
+                f"{cls.__name__}"
+            )
+        registry.register_module(name=name, module=cls, force=force)
+    return registry

@@ -1,0 +1,53 @@
+"""bgnorm.integrations.mmengine against the real mmengine package (pip install mmengine)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bgnorm
+
+pytestmark = pytest.mark.integration
+mmengine = pytest.importorskip(
+    "mmengine", reason="mmengine is not installed (pip install 'bgnorm[integrations]')")
+
+from mmengine.registry import MODELS, Registry  # noqa: E402
+
+from bgnorm.integrations import mmengine as bgn_mm  # noqa: E402
+
+
+def test_build_by_name_from_the_registry_and_a_child_scope():
+    bgn_mm.register()
+    bgn_mm.register()  # idempotent
+    layer = MODELS.build(dict(type="BGN", num_features=64, num_groups=32))
+    assert type(layer) is bgnorm.BatchGroupNorm2d and layer.num_groups == 32
+    # a downstream project's registry (mmdet, mmseg) falls back to mmengine's
+    child = Registry("model", parent=MODELS, scope="bgnorm_test_scope")
+    assert child.get("FrozenBGN") is bgnorm.FrozenBatchGroupNorm
+    assert child.build(dict(type="GBGN", num_features=8, num_groups=4,
+                            examples_per_group=2)).examples_per_group == 2
+
+
+@pytest.mark.parametrize("name", list(bgn_mm.LAYERS))
+def test_build_norm_layer_convention(name):
+    """What mmcv's build_norm_layer does with a registered name: num_features first, eps set
+    to 1e-5 unless given, the attribute named from the class's _abbr_."""
+    bgn_mm.register()
+    cls, abbr = bgn_mm.LAYERS[name]
+    assert MODELS.get(name) is cls and cls._abbr_ == abbr
+    kwargs = {"num_groups": 4} if "BGN" in name else {}
+    if name == "GBGN":
+        kwargs["examples_per_group"] = 2
+    layer = MODELS.get(name)(8, eps=1e-3, **kwargs)
+    assert layer.num_features == 8 and layer.eps == 1e-3
+    shape = (4, 8) if name == "BGN1d" else (4, 8, 3, 3, 3) if name == "BGN3d" else (4, 8, 3, 3)
+    assert layer(torch.randn(shape)).shape == shape
+
+
+def test_name_taken_by_another_class_is_refused():
+    registry = Registry("isolated_models")
+    registry.register_module(name="PN", module=torch.nn.Identity)
+    with pytest.raises(KeyError, match="'PN' is already registered.*force=True"):
+        bgn_mm.register(registry)
+    bgn_mm.register(registry, force=True)
+    assert registry.get("PN") is bgnorm.PositionalNorm

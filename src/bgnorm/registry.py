@@ -37,6 +37,7 @@ from .layers import (
     GeneralBatchGroupNorm2d,
     PositionalNorm,
 )
+from .policy import _as_int
 
 __all__ = ["make_norm", "norm_names", "canonical_name", "NORM_ALIASES"]
 
@@ -45,7 +46,8 @@ _BGN = {1: BatchGroupNorm1d, 2: BatchGroupNorm2d, 3: BatchGroupNorm3d}
 
 
 def _resolve(value: Any, num_features: int) -> Any:
-    return value(num_features) if callable(value) else value
+    # integers of other types (numpy.int64...) become ints, as torch's layers accept them
+    return _as_int(value(num_features) if callable(value) else value)
 
 
 def _pick_dim(name: str, kwargs: dict[str, Any]) -> int:
@@ -158,7 +160,8 @@ def make_norm(name: str, num_features: int, **kwargs: Any) -> nn.Module:
     Keyword arguments go to the layer (``num_groups``, ``eps``, ``momentum``, ``affine``,
     ``device``, ``dtype``...); ``dim`` (1, 2 or 3, default 2) picks the 1d/2d/3d class of bn and
     bgn. Any keyword value may be a callable of ``num_features`` (e.g.
-    ``num_groups=lambda c: c // 4``), resolved here.
+    ``num_groups=lambda c: c // 4``), resolved here. Integers of other types (``numpy.int64``)
+    are accepted like ints, as torch's layers accept them.
 
     Example:
         >>> import functools
@@ -167,6 +170,6 @@ def make_norm(name: str, num_features: int, **kwargs: Any) -> nn.Module:
         BatchGroupNorm2d(64, num_groups=16, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)
     """  # noqa: E501
     key = canonical_name(name)
-    check_num_features(num_features)
+    num_features = check_num_features(_as_int(num_features))
     kw = {k: _resolve(v, num_features) for k, v in kwargs.items()}
     return _FACTORIES[key](num_features, **kw)

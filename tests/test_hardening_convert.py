@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 import bgnorm
-from bgnorm import channel_groups, make_norm, paper_groups
+from bgnorm import channel_groups, convert_norm, make_norm, paper_groups
 
 
 # -- finding 13: numpy integers are accepted like ints -------------------------------------------
@@ -32,3 +35,108 @@ def test_numpy_integers_in_policies_and_registry():
         paper_groups(np.float64(16))
     with pytest.raises(TypeError, match=r"channels_per_group must be a positive int, got bool"):
         channel_groups(True)
+
+
+# -- finding 1: BatchNorm subclasses with their own forward are never replaced silently ----------
+class BatchNormAct2d(nn.BatchNorm2d):
+    """Stand-in for timm's timm.layers.norm_act.BatchNormAct2d (timm is not a dependency): a
+    BatchNorm2d subclass, so that checkpoints of BN + act models load, with ``drop`` and ``act``
+    submodules and its own forward: batch norm, then drop, then act."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, apply_act=True, act_layer=nn.ReLU, act_kwargs=None,
+                 inplace=True, drop_layer=None, device=None, dtype=None):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats, device=device, dtype=dtype)
+        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
+        act_kwargs = dict(act_kwargs or {})
+        if inplace:
+            act_kwargs["inplace"] = True
+        self.act = act_layer(**act_kwargs) if apply_act and act_layer else nn.Identity()
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None \
+                else self.momentum
+        use_batch = self.training or (self.running_mean is None and self.running_var is None)
+        keep = not self.training or self.track_running_stats
+        x = F.batch_norm(x, self.running_mean if keep else None,
+                         self.running_var if keep else None, self.weight, self.bias,
+                         use_batch, factor, self.eps)
+        return self.act(self.drop(x))
+
+
+class RenamedBatchNorm2d(nn.BatchNorm2d):
+    """A subclass that adds nothing: behaves exactly like BatchNorm2d."""
+
+
+class Stem(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.bn1 = BatchNormAct2d(8)
+        self.blocks = nn.Sequential(
+            nn.Sequential(nn.Conv2d(8, 8, 1), RenamedBatchNorm2d(8)),
+            nn.Sequential(nn.Conv2d(8, 8, 1), BatchNormAct2d(8, act_layer=nn.SiLU)),
+        )
+
+    def forward(self, x):
+        return self.blocks(self.bn1(self.bn0(self.conv(x))))
+
+
+def test_convert_refuses_batchnorm_subclass_with_own_forward():
+    net = Stem()
+    with pytest.raises(TypeError) as info:
+        convert_norm(net, "bgn", num_groups=4)
+    msg = str(info.value)
+    assert "2 BatchNorm layer(s)" in msg
+    assert "bn1: BatchNormAct2d, a subclass of torch.nn.BatchNorm2d with its own forward " \
+        "(from BatchNormAct2d) and submodules drop=Identity, act=ReLU" in msg
+    assert "blocks.1.1: BatchNormAct2d" in msg and "act=SiLU" in msg
+    assert "subclasses='skip'" in msg and "subclasses='convert'" in msg and "exclude=" in msg
+    # nothing was modified: the plain BatchNorm2d before the failing layer is still there
+    assert type(net.bn0) is nn.BatchNorm2d and type(net.blocks[0][1]) is RenamedBatchNorm2d
+    # the root itself
+    with pytest.raises(TypeError, match=r"\(the model itself\): BatchNormAct2d"):
+        convert_norm(BatchNormAct2d(8), "bgn", num_groups=4)
+
+
+def test_convert_subclasses_skip_convert_and_exclude():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    net = Stem().double()
+    act_layer, act_out = net.bn1, net.bn1(torch.randn(2, 8, 3, 3, dtype=torch.float64))
+    skipped = convert_norm(net, "bgn", num_groups=8, subclasses="skip")
+    assert skipped is net and net.bn1 is act_layer and type(net.blocks[1][1]) is BatchNormAct2d
+    assert type(net.bn0) is bgnorm.BatchGroupNorm2d
+    # a subclass that adds nothing behaves like BatchNorm2d and is converted
+    assert type(net.blocks[0][1]) is bgnorm.BatchGroupNorm2d
+    assert act_out.min() >= 0  # the kept layer still applies its ReLU
+    net(x).sum().backward()
+
+    net = Stem()
+    convert_norm(net, "bgn", num_groups=4, subclasses="convert")
+    assert type(net.bn1) is bgnorm.BatchGroupNorm2d and not hasattr(net.bn1, "act")
+
+    net = Stem()
+    convert_norm(net, "gn", num_groups=2, exclude=["bn1", BatchNormAct2d, "blocks.0.*"])
+    assert type(net.bn0) is nn.GroupNorm and type(net.bn1) is BatchNormAct2d
+    assert type(net.blocks[0][1]) is RenamedBatchNorm2d
+    net = Stem()
+    convert_norm(net, "gn", num_groups=2, exclude="blocks", subclasses="skip")
+    assert type(net.bn0) is nn.GroupNorm and type(net.blocks[0][1]) is RenamedBatchNorm2d
+    with pytest.raises(ValueError, match=r"exclude='block' matches no module of the Stem; .*"
+                                         r"\(top level: conv, bn0, bn1, blocks\)"):
+        convert_norm(Stem(), "gn", exclude=["block"])
+    with pytest.raises(TypeError, match=r"exclude= takes module names .* got int 3"):
+        convert_norm(Stem(), "gn", exclude=[3])
+    with pytest.raises(ValueError, match=r"subclasses must be one of 'error', 'skip', "
+                                         r"'convert', got 'keep'"):
+        convert_norm(Stem(), "gn", subclasses="keep")
+    with pytest.warns(UserWarning, match=r"no BatchNorm layer to convert to 'gn' \(4 excluded "
+                                         r"or skipped\)"):
+        convert_norm(Stem(), "gn", exclude=[nn.BatchNorm2d])

@@ -2,24 +2,112 @@
 
 from __future__ import annotations
 
+import fnmatch
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
 
 from .registry import canonical_name, make_norm
 
 __all__ = ["convert_norm"]
 
-_DIMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
+#: torch's own BatchNorm classes: what convert_norm replaces without asking.
+_TORCH_BATCHNORMS: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d,
+)
+_DIMS: dict[type[nn.Module], int] = {
+    nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3,
+    nn.LazyBatchNorm1d: 1, nn.LazyBatchNorm2d: 2, nn.LazyBatchNorm3d: 3,
+}
+_SUBCLASS_POLICIES = ("error", "skip", "convert")
+
+
+def _own_class(module: nn.Module) -> type[nn.Module]:
+    """The module's class, seen through the class torch.nn.utils.parametrize injects."""
+    cls = type(module)
+    if parametrize.is_parametrized(module):
+        cls = cls.__bases__[0]
+    return cls
+
+
+def _torch_base(cls: type[nn.Module]) -> type[nn.Module] | None:
+    """The nearest of torch's BatchNorm classes among ``cls``'s ancestors (itself included)."""
+    return next((k for k in cls.__mro__ if k in _TORCH_BATCHNORMS), None)
+
+
+def _what_it_adds(module: nn.Module) -> str | None:
+    """None for torch's own BatchNorms and for subclasses that behave exactly like them (the
+    forward is torch's and there are no submodules, e.g. a renamed class); otherwise what the
+    subclass adds, for the error message."""
+    cls = _own_class(module)
+    base = _torch_base(cls)
+    if cls is base:
+        return None
+    if base is None:
+        return f"a subclass of {_BatchNorm.__module__}._BatchNorm, not of torch's BatchNorm " \
+            "classes"
+    own = cls.__mro__[: cls.__mro__.index(base)]
+    adds = []
+    forward = next((k for k in own if "forward" in vars(k)), None)
+    if forward is not None:
+        adds.append(f"its own forward (from {forward.__qualname__})")
+    children = [f"{n}={type(c).__name__}" for n, c in module.named_children()
+                if n != "parametrizations"]
+    if children:
+        adds.append("submodules " + ", ".join(children))
+    if not adds:
+        return None
+    return f"a subclass of torch.nn.{base.__name__} with " + " and ".join(adds)
+
+
+def _matcher(
+    module: nn.Module, exclude: Iterable[str | type[nn.Module]]
+) -> tuple[list[str], tuple[type[nn.Module], ...]]:
+    """Split ``exclude`` into name patterns and classes; a pattern that names no module is an
+    error (a typo would otherwise convert what the user meant to keep)."""
+    if isinstance(exclude, (str, type)):
+        exclude = [exclude]
+    names: list[str] = []
+    classes: list[type[nn.Module]] = []
+    for item in exclude:
+        if isinstance(item, str):
+            names.append(item)
+        elif isinstance(item, type) and issubclass(item, nn.Module):
+            classes.append(item)
+        else:
+            raise TypeError(
+                "convert_norm: exclude= takes module names (qualified, as in "
+                "model.named_modules(), shell wildcards allowed) and nn.Module classes, got "
+                f"{type(item).__name__} {item!r}"
+            )
+    paths = [p for p, _ in module.named_modules() if p]
+    for pattern in names:
+        if not any(_name_matches(p, [pattern]) for p in paths):
+            near = [p for p in paths if "." not in p][:8]
+            raise ValueError(
+                f"convert_norm: exclude={pattern!r} matches no module of the "
+                f"{type(module).__name__}; names are qualified as in model.named_modules() "
+                f"(top level: {', '.join(near) or 'none'}), shell wildcards (*, ?) allowed"
+            )
+    return names, tuple(classes)
+
+
+def _name_matches(path: str, patterns: list[str]) -> bool:
+    """A pattern excludes the module it names and everything inside it."""
+    return any(fnmatch.fnmatchcase(path, p) or path.startswith(p + ".") for p in patterns)
 
 
 def _replacement(bn: _BatchNorm, key: str, kwargs: dict[str, Any]) -> nn.Module:
     kw = dict(kwargs)
+    base = _torch_base(_own_class(bn))
     if key in ("bn", "bgn"):
-        kw.setdefault("dim", next((d for cls, d in _DIMS.items() if isinstance(bn, cls)), 2))
+        kw.setdefault("dim", _DIMS.get(base, 2))  # type: ignore[arg-type]
     if key in ("bn", "bgn", "gbgn"):
         kw.setdefault("momentum", bn.momentum)
         kw.setdefault("track_running_stats", bn.track_running_stats)
@@ -47,7 +135,14 @@ def _replacement(bn: _BatchNorm, key: str, kwargs: dict[str, Any]) -> nn.Module:
     return new
 
 
-def convert_norm(module: nn.Module, name: str, **kwargs: Any) -> nn.Module:
+def convert_norm(
+    module: nn.Module,
+    name: str,
+    *,
+    subclasses: str = "error",
+    exclude: Iterable[str | type[nn.Module]] = (),
+    **kwargs: Any,
+) -> nn.Module:
     """Replace every BatchNorm (1d/2d/3d, SyncBatchNorm) in ``module`` by ``make_norm(name)``.
 
     gamma/beta are copied (with their ``requires_grad``), and the new layers get the old
@@ -57,8 +152,26 @@ def convert_norm(module: nn.Module, name: str, **kwargs: Any) -> nn.Module:
     callables of ``num_features`` (``num_groups=lambda c: c // 16``). SyncBatchNorm becomes the
     2d variant unless ``dim=`` says otherwise.
 
+    What is converted: torch's own ``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` and the lazy
+    variants, and subclasses of them that behave exactly like them (torch's forward, no
+    submodules: e.g. a class that only renames BatchNorm2d). A subclass with its own
+    ``forward`` or with submodules (timm's ``BatchNormAct2d``: BatchNorm, then dropout and
+    activation submodules) cannot be replaced by a plain norm without losing what it adds, so
+    ``subclasses`` decides:
+
+    * ``"error"`` (default): raise, listing every such layer with its class;
+    * ``"skip"``: leave them as they are (they keep BatchNorm's statistics);
+    * ``"convert"``: replace them by the plain norm anyway; what their forward added (e.g. an
+      activation) is lost, so add it back yourself.
+
+    ``exclude`` leaves modules alone: qualified names as in ``model.named_modules()`` (a name
+    excludes that module and everything inside it; shell wildcards such as ``"layer4.*"``
+    allowed; a name that matches no module raises) and ``nn.Module`` classes (any module that
+    is an instance).
+
     Returns the converted model: ``module`` itself, modified in place, or a new module when the
-    root is a BatchNorm. Warns when there is nothing to convert.
+    root is a BatchNorm. Warns when there is nothing to convert. Nothing is modified when an
+    error is raised.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
@@ -67,24 +180,63 @@ def convert_norm(module: nn.Module, name: str, **kwargs: Any) -> nn.Module:
         'BatchGroupNorm2d'
     """
     key = canonical_name(name)
-    count = 0
+    if subclasses not in _SUBCLASS_POLICIES:
+        raise ValueError(
+            f"convert_norm: subclasses must be one of {', '.join(map(repr, _SUBCLASS_POLICIES))},"
+            f" got {subclasses!r}"
+        )
+    names, classes = _matcher(module, exclude)
 
-    def walk(parent: nn.Module) -> None:
-        nonlocal count
-        for child_name, child in parent.named_children():
-            if isinstance(child, _BatchNorm):
-                setattr(parent, child_name, _replacement(child, key, kwargs))
-                count += 1
-            else:
-                walk(child)
+    # Plan first (which layers, each checked), build every replacement, then swap: an error
+    # leaves the model untouched.
+    targets: list[tuple[str, nn.Module | None, str, _BatchNorm]] = []
+    custom: list[tuple[str, _BatchNorm, str]] = []
+    left_alone = 0  # BatchNorms excluded or skipped
 
-    if isinstance(module, _BatchNorm):
-        return _replacement(module, key, kwargs)
-    walk(module)
-    if count == 0:
+    def visit(path: str, parent: nn.Module | None, attr: str, child: nn.Module) -> None:
+        nonlocal left_alone
+        if (path and _name_matches(path, names)) or isinstance(child, classes):
+            left_alone += sum(isinstance(m, _BatchNorm) for m in child.modules())
+            return
+        if isinstance(child, _BatchNorm):
+            adds = _what_it_adds(child)
+            if adds is not None:
+                if subclasses == "error":
+                    custom.append((path, child, adds))
+                if subclasses != "convert":
+                    left_alone += 1
+                    return
+            targets.append((path, parent, attr, child))
+            return
+        for child_name, grandchild in child.named_children():
+            visit(f"{path}.{child_name}" if path else child_name, child, child_name, grandchild)
+
+    visit("", None, "", module)
+    if custom:
+        lines = "\n".join(
+            f"  {path or '(the model itself)'}: {type(m).__name__}, {adds}"
+            for path, m, adds in custom
+        )
+        raise TypeError(
+            f"convert_norm: {len(custom)} BatchNorm layer(s) of another class than torch's "
+            f"would lose what their class adds if replaced by a plain {key!r} norm:\n{lines}\n"
+            "Pass subclasses='skip' to leave such layers as they are, subclasses='convert' to "
+            "replace them anyway (then add what they did, e.g. their activation, back "
+            "yourself), or exclude=[names or classes] to leave out some of them"
+        )
+    new_of: dict[int, nn.Module] = {}  # a layer shared by several parents stays shared
+    for _, _, _, bn in targets:
+        if id(bn) not in new_of:
+            new_of[id(bn)] = _replacement(bn, key, kwargs)
+    for _, parent, attr, bn in targets:
+        if parent is None:
+            return new_of[id(bn)]
+        setattr(parent, attr, new_of[id(bn)])
+    if not targets:
+        why = f" ({left_alone} excluded or skipped)" if left_alone else ""
         warnings.warn(
             f"convert_norm: {type(module).__name__} has no BatchNorm layer to convert to "
-            f"{key!r}; the model is returned unchanged",
+            f"{key!r}{why}; the model is returned unchanged",
             stacklevel=2,
         )
     return module

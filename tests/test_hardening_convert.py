@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize as P
 
 import bgnorm
 from bgnorm import channel_groups, convert_norm, make_norm, paper_groups
@@ -140,3 +141,66 @@ def test_convert_subclasses_skip_convert_and_exclude():
     with pytest.warns(UserWarning, match=r"no BatchNorm layer to convert to 'gn' \(4 excluded "
                                          r"or skipped\)"):
         convert_norm(Stem(), "gn", exclude=[nn.BatchNorm2d])
+
+
+# -- finding 2: parametrized gamma/beta keep their parametrization -------------------------------
+class Positive(nn.Module):
+    """gamma = exp(theta), with theta the unconstrained tensor the optimizer trains."""
+
+    def forward(self, theta):
+        return theta.exp()
+
+    def right_inverse(self, gamma):
+        return gamma.log()
+
+
+@pytest.mark.parametrize("groups", [8, 2])
+def test_convert_carries_parametrized_gamma_and_beta(groups):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).double()
+    bn = net[1]
+    P.register_parametrization(bn, "weight", Positive())
+    P.register_parametrization(bn, "bias", Positive())
+    P.register_parametrization(bn, "bias", Positive())  # a chain: beta = exp(exp(theta))
+    with torch.no_grad():
+        bn.weight = torch.linspace(0.5, 2.0, 8, dtype=torch.float64)
+        bn.bias = torch.linspace(1.5, 3.0, 8, dtype=torch.float64)
+    bn.parametrizations.bias.original.requires_grad_(False)
+    gamma, beta = bn.weight.detach().clone(), bn.bias.detach().clone()
+    theta = bn.parametrizations.weight.original.detach().clone()
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    if groups == 8:
+        net.eval()  # G = C: statistics carry over, so the eval outputs must be equal
+    before = net(x)
+    convert_norm(net, "bgn", num_groups=groups)
+    new = net[1]
+    assert isinstance(new, bgnorm.BatchGroupNorm2d) and P.is_parametrized(new, "weight")
+    assert [type(p) for p in new.parametrizations.bias] == [Positive, Positive]
+    torch.testing.assert_close(new.weight, gamma, rtol=1e-15, atol=0)
+    torch.testing.assert_close(new.bias, beta, rtol=1e-15, atol=0)
+    assert torch.equal(new.parametrizations.weight.original, theta)
+    assert not new.parametrizations.bias.original.requires_grad
+    # the parametrizations are copies: the old layer is independent of the new one
+    assert new.parametrizations.weight.original is not bn.parametrizations.weight.original
+    y = net(x)
+    if groups == 8:
+        torch.testing.assert_close(y, before, rtol=1e-12, atol=1e-12)
+    else:  # training mode: BGN of the conv output with the same effective gamma and beta
+        ref = bgnorm.functional.batch_group_norm(net[0](x), groups, weight=gamma, bias=beta,
+                                                 training=True)
+        torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    y.square().sum().backward()
+    assert new.parametrizations.weight.original.grad is not None
+
+
+def test_convert_carries_weight_norm_parametrization():
+    bn = nn.BatchNorm1d(6).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+    torch.nn.utils.parametrizations.weight_norm(bn, "weight", dim=None)
+    gamma = bn.weight.detach().clone()
+    new = convert_norm(nn.Sequential(bn), "bgn", num_groups=3)[0]
+    assert isinstance(new, bgnorm.BatchGroupNorm1d)
+    assert {n for n, _ in new.parametrizations.weight.named_parameters()} == \
+        {"original0", "original1"}
+    torch.testing.assert_close(new.weight, gamma, rtol=1e-14, atol=0)

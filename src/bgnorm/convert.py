@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import warnings
 from collections.abc import Iterable
@@ -131,8 +132,34 @@ def _replacement(bn: _BatchNorm, key: str, kwargs: dict[str, Any]) -> nn.Module:
                 old.shape == cur.shape
             ):
                 cur.copy_(old)
+    _carry_parametrizations(bn, new)
     new.train(bn.training)
     return new
+
+
+def _carry_parametrizations(bn: nn.Module, new: nn.Module) -> None:
+    """Re-register ``bn``'s parametrizations (torch.nn.utils.parametrize) on ``new``: a copy of
+    each parametrization list, with its unconstrained original tensor(s), so the effective
+    gamma/beta and what the optimizer trains stay the same."""
+    if not parametrize.is_parametrized(bn):
+        return
+    for tensor_name, plist in bn.parametrizations.items():  # type: ignore[union-attr]
+        current = getattr(new, tensor_name, None)
+        if current is None:
+            continue  # the new layer has no such tensor (asked for: affine=False, "none")
+        effective = getattr(bn, tensor_name)
+        if not isinstance(current, torch.Tensor) or current.shape != effective.shape:
+            raise ValueError(
+                f"the parametrization of {tensor_name!r} (shape {tuple(effective.shape)}) "
+                f"cannot carry over to the new {type(new).__name__}, whose {tensor_name} has "
+                f"shape {tuple(getattr(current, 'shape', ()))}; remove it first with "
+                f"torch.nn.utils.parametrize.remove_parametrizations(layer, {tensor_name!r})"
+            )
+        # Registering a no-op creates the machinery (parametrized class, property, the list);
+        # the copied list then replaces the no-op's.
+        parametrize.register_parametrization(new, tensor_name, nn.Identity(), unsafe=True)
+        carried = copy.deepcopy(plist).to(device=current.device, dtype=current.dtype)
+        new.parametrizations[tensor_name] = carried  # type: ignore[index]
 
 
 def convert_norm(
@@ -145,12 +172,13 @@ def convert_norm(
 ) -> nn.Module:
     """Replace every BatchNorm (1d/2d/3d, SyncBatchNorm) in ``module`` by ``make_norm(name)``.
 
-    gamma/beta are copied (with their ``requires_grad``), and the new layers get the old
-    layer's device, dtype, training mode, ``eps`` (and for bn/bgn/gbgn ``momentum`` and
-    ``track_running_stats``) unless given in ``kwargs``. Running statistics are copied only
-    when they keep their meaning (same shape, e.g. BGN with G = C). Keyword values may be
-    callables of ``num_features`` (``num_groups=lambda c: c // 16``). SyncBatchNorm becomes the
-    2d variant unless ``dim=`` says otherwise.
+    gamma/beta are copied (with their ``requires_grad``; a parametrized gamma or beta,
+    ``torch.nn.utils.parametrize``, keeps its parametrizations and unconstrained tensors), and
+    the new layers get the old layer's device, dtype, training mode, ``eps`` (and for
+    bn/bgn/gbgn ``momentum`` and ``track_running_stats``) unless given in ``kwargs``. Running
+    statistics are copied only when they keep their meaning (same shape, e.g. BGN with G = C).
+    Keyword values may be callables of ``num_features`` (``num_groups=lambda c: c // 16``).
+    SyncBatchNorm becomes the 2d variant unless ``dim=`` says otherwise.
 
     What is converted: torch's own ``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` and the lazy
     variants, and subclasses of them that behave exactly like them (torch's forward, no

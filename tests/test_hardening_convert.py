@@ -5,6 +5,8 @@ Each test names the finding it covers; every one of them failed before its fix.
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -204,3 +206,84 @@ def test_convert_carries_weight_norm_parametrization():
     assert {n for n, _ in new.parametrizations.weight.named_parameters()} == \
         {"original0", "original1"}
     torch.testing.assert_close(new.weight, gamma, rtol=1e-14, atol=0)
+
+
+# -- finding 3: bias=False (torch 2.13's keyword-only argument) ----------------------------------
+_BIAS_LAYERS = (bgnorm.BatchGroupNorm1d, bgnorm.BatchGroupNorm2d, bgnorm.BatchGroupNorm3d,
+                bgnorm.GeneralBatchGroupNorm2d, bgnorm.PositionalNorm, bgnorm.SyncBatchGroupNorm)
+
+
+def _layers_take_bias() -> bool:
+    """Whether every bgnorm layer takes torch's keyword-only ``bias=`` (a layer-side change)."""
+    return all("bias" in inspect.signature(cls.__init__).parameters for cls in _BIAS_LAYERS)
+
+
+def _layers_load_batchnorm_checkpoints() -> bool:
+    """Whether a BatchGroupNorm2d with G = C strict-loads a stock BatchNorm2d state dict (the
+    layer side of finding 9: the checkpoint has no ``_extra_state``)."""
+    try:
+        bgnorm.BatchGroupNorm2d(4, 4).load_state_dict(nn.BatchNorm2d(4).state_dict())
+    except RuntimeError:
+        return False
+    return True
+
+
+needs_layer_bias = pytest.mark.skipif(
+    not _layers_take_bias(), reason="the bgnorm layers do not take bias= yet (layer-side fix)")
+needs_batchnorm_checkpoints = pytest.mark.skipif(
+    not _layers_load_batchnorm_checkpoints(),
+    reason="BatchGroupNorm does not strict-load BatchNorm checkpoints yet (layer-side fix)")
+
+
+@pytest.mark.parametrize("name", ["bn", "gn", "ln", "in"])
+def test_convert_batchnorm_without_bias_to_torch_layers(name):
+    bn = nn.BatchNorm2d(8, bias=False).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+    bn(torch.randn(4, 8, 3, 3, dtype=torch.float64))
+    bn.eval()
+    net = nn.Sequential(nn.Identity(), bn)
+    checkpoint = {k: v.clone() for k, v in net.state_dict().items()}
+    convert_norm(net, name, **({"num_groups": 4} if name == "gn" else {}))
+    new = net[1]
+    assert new.bias is None and "1.bias" not in net.state_dict()
+    assert torch.equal(new.weight, bn.weight)
+    assert make_norm(name, 8, bias=False).bias is None
+    assert make_norm(name, 8).bias is not None
+    if name == "bn":
+        net.load_state_dict(checkpoint)  # strict
+        x = torch.randn(2, 8, 3, 3, dtype=torch.float64)
+        assert torch.equal(net(x), bn(x))
+
+
+@needs_layer_bias
+@pytest.mark.parametrize("name", ["bgn", "gbgn", "pn"])
+def test_registry_bias_false_for_bgnorm_layers(name):
+    kw = {"bgn": {"num_groups": 4}, "gbgn": {"num_groups": 4, "examples_per_group": 2}}
+    layer = make_norm(name, 8, bias=False, **kw.get(name, {}))
+    assert layer.bias is None and layer.weight is not None
+    assert "bias" not in layer.state_dict()
+    converted = convert_norm(nn.Sequential(nn.BatchNorm2d(8, bias=False)), name,
+                             **kw.get(name, {}))[0]
+    assert converted.bias is None and converted.weight is not None
+    if name == "bgn":
+        assert make_norm("bgn", 8, num_groups=4, sync=True, bias=False).bias is None
+
+
+@needs_layer_bias
+@needs_batchnorm_checkpoints
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_convert_batchnorm_without_bias_loads_its_checkpoint_at_g_equal_c(dim):
+    bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dim](6, bias=False).double()
+    x = torch.randn(4, 6, *[3] * (dim - 1), dtype=torch.float64)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+    bn(x)
+    bn.eval()
+    net = nn.Sequential(bn)
+    checkpoint = {k: v.clone() for k, v in net.state_dict().items()}
+    expected = bn(x)
+    convert_norm(net, "bgn", num_groups=6)
+    assert net[0].bias is None
+    net.load_state_dict(checkpoint)  # strict
+    torch.testing.assert_close(net(x), expected, rtol=1e-12, atol=1e-12)

@@ -115,6 +115,8 @@ def _replacement(bn: _BatchNorm, key: str, kwargs: dict[str, Any]) -> nn.Module:
     if key != "none":
         kw.setdefault("eps", bn.eps)
         kw.setdefault("affine", bn.affine)
+        if bn.affine and bn.bias is None:  # torch's BatchNorm(..., bias=False)
+            kw.setdefault("bias", False)
     ref = bn.weight if bn.weight is not None else bn.running_mean
     new = make_norm(key, bn.num_features, **kw)
     if ref is not None:
@@ -172,7 +174,8 @@ def convert_norm(
 ) -> nn.Module:
     """Replace every BatchNorm (1d/2d/3d, SyncBatchNorm) in ``module`` by ``make_norm(name)``.
 
-    gamma/beta are copied (with their ``requires_grad``; a parametrized gamma or beta,
+    gamma/beta are copied (a BatchNorm built with ``bias=False`` gives a layer without beta;
+    ``requires_grad`` kept; a parametrized gamma or beta,
     ``torch.nn.utils.parametrize``, keeps its parametrizations and unconstrained tensors), and
     the new layers get the old layer's device, dtype, training mode, ``eps`` (and for
     bn/bgn/gbgn ``momentum`` and ``track_running_stats``) unless given in ``kwargs``. Running

@@ -158,7 +158,7 @@ def make_norm(name: str, num_features: int, **kwargs: Any) -> nn.Module:
     """Build the norm layer called ``name`` for ``num_features`` channels.
 
     Keyword arguments go to the layer (``num_groups``, ``eps``, ``momentum``, ``affine``,
-    ``device``, ``dtype``...); ``dim`` (1, 2 or 3, default 2) picks the 1d/2d/3d class of bn and
+    ``bias`` (False: no beta, like torch's ``bias=False``), ``device``, ``dtype``...); ``dim`` (1, 2 or 3, default 2) picks the 1d/2d/3d class of bn and
     bgn. Any keyword value may be a callable of ``num_features`` (e.g.
     ``num_groups=lambda c: c // 4``), resolved here. Integers of other types (``numpy.int64``)
     are accepted like ints, as torch's layers accept them.

@@ -287,3 +287,74 @@ def test_convert_batchnorm_without_bias_loads_its_checkpoint_at_g_equal_c(dim):
     assert net[0].bias is None
     net.load_state_dict(checkpoint)  # strict
     torch.testing.assert_close(net(x), expected, rtol=1e-12, atol=1e-12)
+
+
+# -- finding 12: errors name the layer; converted layers know their path -------------------------
+class Trunk(nn.Module):
+    def __init__(self, lazy=False):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+        self.body = nn.ModuleDict({"conv": nn.Conv2d(8, 6, 1),
+                                   "norm": nn.LazyBatchNorm2d() if lazy else nn.BatchNorm2d(6)})
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.body["norm"](self.body["conv"](x))
+
+
+def _unchanged(net):
+    return type(net.stem[1]) is nn.BatchNorm2d
+
+
+def test_convert_errors_name_the_layer_class_and_fix():
+    net = Trunk()
+    with pytest.raises(ValueError) as info:
+        convert_norm(net, "bgn", num_groups=lambda c: c - 6)  # 0 groups for C = 6
+    msg = str(info.value)
+    assert msg.startswith("convert_norm: cannot convert layer 'body.norm' (BatchNorm2d with "
+                          "num_features=6) to 'bgn': num_groups must be a positive int, got 0")
+    assert "num_groups=0 was returned by the callable " \
+        "test_convert_errors_name_the_layer_class_and_fix.<locals>.<lambda>(6)" in msg
+    assert _unchanged(net)
+    with pytest.raises(TypeError, match=r"layer 'stem.1' \(BatchNorm2d with num_features=8\) "
+                                        r"to 'bgn': num_groups must be a positive int, got "
+                                        r"float 2.0.*returned by the callable"):
+        convert_norm(net, "bgn", num_groups=lambda c: c / 4)
+    with pytest.raises(ValueError, match=r"layer 'body.norm' .* to 'gn': make_norm\('gn'\): "
+                                         r"num_groups=4 must divide num_features=6 for "
+                                         r"GroupNorm; nearby valid values: 1, 2, 3, 6"):
+        convert_norm(net, "gn", num_groups=4)
+    with pytest.raises(ValueError, match=r"layer 'stem.1' .*num_groups must be a positive "
+                                         r"int, got 0"):
+        convert_norm(net, "gn", num_groups=0)  # was a ZeroDivisionError in the registry
+    with pytest.raises(ValueError, match=r"channels_per_group must be a positive int, got 0"):
+        make_norm("gn", 8, channels_per_group=0)
+    with pytest.raises(ValueError, match=r"the model itself \(BatchNorm1d with "
+                                         r"num_features=4\) to 'gbgn'"):
+        convert_norm(nn.BatchNorm1d(4), "gbgn", num_groups=2, examples_per_group=0)
+    assert _unchanged(net)
+
+
+def test_convert_lazy_batchnorm_needs_materializing_first():
+    net = Trunk(lazy=True)
+    with pytest.raises(ValueError) as info:
+        convert_norm(net, "bgn", num_groups=2)
+    assert str(info.value) == (
+        "convert_norm: layer 'body.norm' is a LazyBatchNorm2d that has not been materialized "
+        "yet, so its channel count is unknown; run one forward pass of the model first (e.g. "
+        "model(example_input)), which turns it into a BatchNorm with its channel count, or "
+        "build it as BatchNorm2d(num_features)")
+    assert _unchanged(net)
+    net(torch.randn(2, 3, 5, 5))
+    convert_norm(net, "bgn", num_groups=2)
+    assert type(net.body["norm"]) is bgnorm.BatchGroupNorm2d and net.body["norm"].num_groups == 2
+
+
+def test_converted_layers_record_their_path():
+    net = Trunk()
+    shared = net.stem[1]
+    net.body["again"] = shared  # one layer at two places stays one layer
+    convert_norm(net, "bgn", num_groups=2)
+    assert net.stem[1]._bgnorm_path == "stem.1" and net.body["norm"]._bgnorm_path == "body.norm"
+    assert net.body["again"] is net.stem[1]
+    assert not hasattr(convert_norm(nn.BatchNorm2d(4), "bgn", num_groups=2), "_bgnorm_path")

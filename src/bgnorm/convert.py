@@ -11,9 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
-from .registry import canonical_name, make_norm
+from .registry import canonical_name, make_norm, with_message
 
 __all__ = ["convert_norm"]
 
@@ -102,6 +103,29 @@ def _matcher(
 def _name_matches(path: str, patterns: list[str]) -> bool:
     """A pattern excludes the module it names and everything inside it."""
     return any(fnmatch.fnmatchcase(path, p) or path.startswith(p + ".") for p in patterns)
+
+
+def _build(path: str, bn: _BatchNorm, key: str, kwargs: dict[str, Any]) -> nn.Module:
+    """The replacement of the layer at ``path``; errors name the layer, its class and the fix."""
+    where = f"layer {path!r}" if path else "the model itself"
+    if isinstance(bn, LazyModuleMixin) and bn.has_uninitialized_params():
+        raise ValueError(
+            f"convert_norm: {where} is a {type(bn).__name__} that has not been materialized "
+            f"yet, so its channel count is unknown; run one forward pass of the model first "
+            "(e.g. model(example_input)), which turns it into a BatchNorm with its channel "
+            f"count, or build it as {type(bn).__name__.replace('Lazy', '')}(num_features)"
+        )
+    try:
+        new = _replacement(bn, key, kwargs)
+    except (TypeError, ValueError) as err:
+        raise with_message(
+            err, f"convert_norm: cannot convert {where} ({type(bn).__name__} with "
+            f"num_features={bn.num_features}) to {key!r}: {err}"
+        ) from err
+    if path:
+        # read by the bgnorm layers to name the layer in their errors
+        new._bgnorm_path = path  # type: ignore[assignment]
+    return new
 
 
 def _replacement(bn: _BatchNorm, key: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -201,8 +225,11 @@ def convert_norm(
     is an instance).
 
     Returns the converted model: ``module`` itself, modified in place, or a new module when the
-    root is a BatchNorm. Warns when there is nothing to convert. Nothing is modified when an
-    error is raised.
+    root is a BatchNorm. Warns when there is nothing to convert. Errors name the layer (its
+    qualified name and class) and the fix, and nothing is modified when one is raised. Each new
+    layer records its qualified name in the attribute ``_bgnorm_path``, which bgnorm's layers
+    use to name themselves in their errors. Lazy BatchNorms must be materialized first (one
+    forward pass).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
@@ -256,9 +283,9 @@ def convert_norm(
             "yourself), or exclude=[names or classes] to leave out some of them"
         )
     new_of: dict[int, nn.Module] = {}  # a layer shared by several parents stays shared
-    for _, _, _, bn in targets:
+    for path, _, _, bn in targets:
         if id(bn) not in new_of:
-            new_of[id(bn)] = _replacement(bn, key, kwargs)
+            new_of[id(bn)] = _build(path, bn, key, kwargs)
     for _, parent, attr, bn in targets:
         if parent is None:
             return new_of[id(bn)]

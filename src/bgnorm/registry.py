@@ -28,7 +28,7 @@ from typing import Any
 
 from torch import nn
 
-from ._checks import check_num_features, nearby_divisors
+from ._checks import check_num_features, check_num_groups, nearby_divisors
 from .layers import (
     DEFAULT_NUM_GROUPS,
     BatchGroupNorm1d,
@@ -80,7 +80,7 @@ def _gn_groups(c: int, kw: dict[str, Any]) -> int:
     if "channels_per_group" in kw:
         if "num_groups" in kw:
             raise TypeError("make_norm('gn'): pass num_groups or channels_per_group, not both")
-        cpg = kw.pop("channels_per_group")
+        cpg = check_num_groups(kw.pop("channels_per_group"), "channels_per_group")
         if c % cpg:
             raise ValueError(
                 f"make_norm('gn'): channels_per_group={cpg} must divide num_features={c}; "
@@ -91,7 +91,7 @@ def _gn_groups(c: int, kw: dict[str, Any]) -> int:
         # 32 groups as in the GN paper; layers with fewer channels (or C not divisible by 32)
         # use the largest divisor of C not above 32.
         return max(d for d in range(1, min(DEFAULT_NUM_GROUPS, c) + 1) if c % d == 0)
-    g = kw.pop("num_groups")
+    g = check_num_groups(kw.pop("num_groups"))
     if c % g:
         raise ValueError(
             f"make_norm('gn'): num_groups={g} must divide num_features={c} for GroupNorm; "
@@ -172,4 +172,25 @@ def make_norm(name: str, num_features: int, **kwargs: Any) -> nn.Module:
     key = canonical_name(name)
     num_features = check_num_features(_as_int(num_features))
     kw = {k: _resolve(v, num_features) for k, v in kwargs.items()}
-    return _FACTORIES[key](num_features, **kw)
+    try:
+        return _FACTORIES[key](num_features, **kw)
+    except (TypeError, ValueError) as err:
+        resolved = [k for k, v in kwargs.items() if callable(v)]
+        if not resolved:
+            raise
+        origin = ", ".join(
+            f"{k}={kw[k]!r} was returned by the callable "
+            f"{getattr(kwargs[k], '__qualname__', repr(kwargs[k]))}({num_features})"
+            for k in resolved
+        )
+        raise with_message(err, f"{err} ({origin})") from err
+
+
+def with_message(err: Exception, message: str) -> Exception:
+    """An exception of ``err``'s type with another message (for context added on the way up);
+    a ValueError or TypeError when that type cannot be built from a message."""
+    try:
+        new = type(err)(message)
+    except Exception:
+        new = (TypeError if isinstance(err, TypeError) else ValueError)(message)
+    return new

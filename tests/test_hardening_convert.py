@@ -358,3 +358,112 @@ def test_converted_layers_record_their_path():
     assert net.stem[1]._bgnorm_path == "stem.1" and net.body["norm"]._bgnorm_path == "body.norm"
     assert net.body["again"] is net.stem[1]
     assert not hasattr(convert_norm(nn.BatchNorm2d(4), "bgn", num_groups=2), "_bgnorm_path")
+
+
+# -- finding 15: SyncBatchNorm (any dimension) and 1d/3d GBGN ------------------------------------
+class Volume(nn.Module):
+    """A small 3D network: Conv3d + SyncBatchNorm, Conv3d + BatchNorm3d, a BatchNorm1d head."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv3d(2, 8, 3, padding=1), nn.SyncBatchNorm(8), nn.ReLU(),
+            nn.Conv3d(8, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU(),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 27, 4), nn.BatchNorm1d(4))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def _forward_backward(net, x):
+    y = net(x)
+    y.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    return y
+
+
+@pytest.mark.parametrize("groups", ["C", 2])
+def test_convert_3d_network_with_syncbatchnorm_to_bgn(groups):
+    torch.manual_seed(0)
+    net = Volume().double()
+    pg = object()  # stands for a process group: carried over, never used without torch.distributed
+    net.features[1].process_group = pg
+    x = torch.randn(4, 2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    reference = net(x)
+    convert_norm(net, "bgn", num_groups=(lambda c: c) if groups == "C" else groups)
+    sync, bgn3, bgn1 = net.features[1], net.features[4], net.head[2]
+    assert type(sync) is bgnorm.SyncBatchGroupNorm and sync.process_group is pg
+    assert type(bgn3) is bgnorm.BatchGroupNorm3d and type(bgn1) is bgnorm.BatchGroupNorm1d
+    y = _forward_backward(net, x)
+    if groups == "C":  # G = C is BatchNorm
+        torch.testing.assert_close(y, reference, rtol=1e-12, atol=1e-12)
+    net.eval()
+    net(x)
+
+
+def test_convert_syncbatchnorm_to_bn_and_per_worker_dims():
+    net = Volume()
+    convert_norm(net, "bn")
+    assert type(net.features[1]) is nn.SyncBatchNorm and type(net.features[4]) is nn.BatchNorm3d
+    # dim= makes SyncBatchNorm the per-worker layer of that dimension, and only SyncBatchNorm
+    net = Volume()
+    convert_norm(net, "bgn", num_groups=2, dim=3)
+    assert type(net.features[1]) is bgnorm.BatchGroupNorm3d
+    assert type(net.head[2]) is bgnorm.BatchGroupNorm1d
+    _forward_backward(net, torch.randn(4, 2, 3, 3, 3, requires_grad=True))
+    # sync=True: every bn/bgn layer synchronized
+    net = Volume()
+    convert_norm(net, "bgn", num_groups=2, sync=True)
+    assert all(type(net.features[i]) is bgnorm.SyncBatchGroupNorm for i in (1, 4))
+    assert type(net.head[2]) is bgnorm.SyncBatchGroupNorm
+    with pytest.raises(ValueError, match=r"layer 'features.1' \(SyncBatchNorm with "
+                                         r"num_features=8\) to 'bgn': SyncBatchNorm takes input "
+                                         r"of any dimension.*pass dim=1, 2 or 3"):
+        convert_norm(Volume(), "bgn", num_groups=2, sync=False)
+
+
+@pytest.mark.parametrize("dim", [1, 3])
+def test_convert_gbgn_from_batchnorm_1d_3d(dim):
+    torch.manual_seed(0)
+    net = Volume().double()
+    del net.features[1]  # leave BatchNorm3d and BatchNorm1d
+    x = torch.randn(4, 2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    convert_norm(net, "gbgn", num_groups=2, examples_per_group=2)
+    layer = net.features[3] if dim == 3 else net.head[2]
+    assert type(layer) is (bgnorm.GeneralBatchGroupNorm3d if dim == 3
+                           else bgnorm.GeneralBatchGroupNorm1d)
+    _forward_backward(net, x)
+    # against the functional GBGN on the layer's own input
+    inputs = []
+    layer.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+    y = net(x)
+    ref = bgnorm.functional.general_batch_group_norm(
+        inputs[0], 2, 2, weight=layer.weight, bias=layer.bias, training=True)
+    out = y if dim == 1 else net.features[3](inputs[0])
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"expected 4D input \(got 5D input\)"):
+        bgnorm.GeneralBatchGroupNorm2d(8, 2, 2)(torch.randn(4, 8, 3, 3, 3))
+    with pytest.raises(ValueError, match=r"gbgn has no synchronized variant.*pass dim=1, 2"):
+        convert_norm(Volume(), "gbgn", num_groups=2, examples_per_group=2)
+    vol = Volume()
+    convert_norm(vol, "gbgn", num_groups=2, examples_per_group=2, dim=3)
+    assert type(vol.features[1]) is bgnorm.GeneralBatchGroupNorm3d
+
+
+def test_registry_dims_and_sync():
+    assert type(make_norm("gbgn", 8, num_groups=2, examples_per_group=2, dim=1)) is \
+        bgnorm.GeneralBatchGroupNorm1d
+    assert type(make_norm("bgn", 8, num_groups=2, sync=True)) is bgnorm.SyncBatchGroupNorm
+    assert type(make_norm("bn", 8, sync=True)) is nn.SyncBatchNorm
+    assert type(make_norm("bn", 8, sync=False, dim=3)) is nn.BatchNorm3d
+    with pytest.raises(ValueError, match=r"make_norm\('gn'\): sync=True exists for bn "
+                                         r"\(torch.nn.SyncBatchNorm\) and bgn"):
+        make_norm("gn", 8, sync=True)
+    with pytest.raises(ValueError, match=r"gbgn's statistics are per batch group by design"):
+        make_norm("gbgn", 8, num_groups=2, examples_per_group=2, sync=True)
+    with pytest.raises(TypeError, match=r"takes input of any dimension \(N, C, \*\): drop "
+                                        r"dim=2"):
+        make_norm("bgn", 8, sync=True, dim=2)
+    with pytest.raises(ValueError, match=r"dim must be 1, 2 or 3, got True"):
+        make_norm("bgn", 8, dim=True)

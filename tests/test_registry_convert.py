@@ -106,7 +106,8 @@ def test_convert_multi_level_model():
     out = convert_norm(net, "bgn", num_groups=lambda c: c // 2)
     assert out is net
     assert isinstance(net.block.bn, bgnorm.BatchGroupNorm2d) and net.block.bn.num_groups == 4
-    assert isinstance(net.block.inner[1], bgnorm.BatchGroupNorm2d)
+    # SyncBatchNorm (any input dimension) becomes its synchronized counterpart
+    assert type(net.block.inner[1]) is bgnorm.SyncBatchGroupNorm
     assert isinstance(net.head[2], bgnorm.BatchGroupNorm1d) and net.head[2].num_groups == 3
     assert not net.block.bn.training and net.block.bn.weight.dtype == torch.float64
     assert not net.block.bn.weight.requires_grad

@@ -131,9 +131,8 @@ def _build(path: str, bn: _BatchNorm, key: str, kwargs: dict[str, Any]) -> nn.Mo
 def _replacement(bn: _BatchNorm, key: str, kwargs: dict[str, Any]) -> nn.Module:
     kw = dict(kwargs)
     base = _torch_base(_own_class(bn))
-    if key in ("bn", "bgn"):
-        kw.setdefault("dim", _DIMS.get(base, 2))  # type: ignore[arg-type]
     if key in ("bn", "bgn", "gbgn"):
+        _choose_class(bn, base, key, kw)
         kw.setdefault("momentum", bn.momentum)
         kw.setdefault("track_running_stats", bn.track_running_stats)
     if key != "none":
@@ -161,6 +160,28 @@ def _replacement(bn: _BatchNorm, key: str, kwargs: dict[str, Any]) -> nn.Module:
     _carry_parametrizations(bn, new)
     new.train(bn.training)
     return new
+
+
+def _choose_class(bn: _BatchNorm, base: type | None, key: str, kw: dict[str, Any]) -> None:
+    """Set ``dim``/``sync`` in ``kw``: BatchNorm1d/2d/3d keep their dimension; SyncBatchNorm,
+    which takes input of any dimension, becomes the synchronized layer of bn/bgn (that takes
+    any dimension too) with its process group, or the per-worker layer of the given ``dim``."""
+    if kw.get("sync"):
+        kw.pop("dim", None)  # the synchronized layers take any dimension
+    elif base in _DIMS:
+        kw["dim"] = _DIMS[base]
+    elif "dim" not in kw:  # SyncBatchNorm (or a class without a fixed dimension)
+        if key == "gbgn" or "sync" in kw:
+            raise ValueError(
+                f"{type(bn).__name__} takes input of any dimension, and the {key!r} layers "
+                "without synchronization have one class per dimension"
+                + (" (gbgn has no synchronized variant)" if key == "gbgn" else "")
+                + ": pass dim=1, 2 or 3 for the dimension of this layer's input (1: (N, C) "
+                "or (N, C, L); 2: (N, C, H, W); 3: (N, C, D, H, W))"
+            )
+        kw["sync"] = True
+    if kw.get("sync") and isinstance(bn, nn.SyncBatchNorm):
+        kw.setdefault("process_group", bn.process_group)
 
 
 def _carry_parametrizations(bn: nn.Module, new: nn.Module) -> None:
@@ -205,7 +226,14 @@ def convert_norm(
     bn/bgn/gbgn ``momentum`` and ``track_running_stats``) unless given in ``kwargs``. Running
     statistics are copied only when they keep their meaning (same shape, e.g. BGN with G = C).
     Keyword values may be callables of ``num_features`` (``num_groups=lambda c: c // 16``).
-    SyncBatchNorm becomes the 2d variant unless ``dim=`` says otherwise.
+
+    Dimensions: BatchNorm1d/2d/3d become the 1d/2d/3d class of bn/bgn/gbgn. SyncBatchNorm,
+    which takes input of any dimension, becomes for bn and bgn the synchronized layer
+    (``torch.nn.SyncBatchNorm``, :class:`bgnorm.SyncBatchGroupNorm`, with its process group),
+    which also takes any dimension; ``dim=1``, ``2`` or ``3`` makes it the per-worker layer of
+    that dimension instead (``dim=`` applies to SyncBatchNorm layers only; gbgn, which has no
+    synchronized variant, needs it). ``sync=True`` makes every converted bn/bgn layer
+    synchronized.
 
     What is converted: torch's own ``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` and the lazy
     variants, and subclasses of them that behave exactly like them (torch's forward, no

@@ -6,6 +6,7 @@ Each test names the finding it covers; every one of them failed before its fix.
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import numpy as np
 import pytest
@@ -467,3 +468,74 @@ def test_registry_dims_and_sync():
         make_norm("bgn", 8, sync=True, dim=2)
     with pytest.raises(ValueError, match=r"dim must be 1, 2 or 3, got True"):
         make_norm("bgn", 8, dim=True)
+
+
+# -- finding 5: eval-mode models with G != C: statistics derived, never reset silently ----------
+def _population_batchnorm(x):
+    """A BatchNorm2d in eval whose running statistics are the exact per-channel mean and
+    (biased) variance of the data ``x``: the statistics of a fully estimated population."""
+    bn = nn.BatchNorm2d(x.shape[1]).double()
+    with torch.no_grad():
+        bn.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        bn.running_var.copy_(x.var(dim=(0, 2, 3), unbiased=False))
+        bn.num_batches_tracked.fill_(500)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return bn.eval()
+
+
+def test_convert_eval_model_derives_group_statistics_and_warns():
+    torch.manual_seed(0)
+    # channels with different means and scales, so the spread of the means matters
+    x = torch.randn(16, 8, 5, 5, dtype=torch.float64) * torch.linspace(0.5, 3, 8).view(1, 8, 1, 1) \
+        + torch.linspace(-2, 2, 8, dtype=torch.float64).view(1, 8, 1, 1)
+    net = nn.Sequential(nn.Identity(), _population_batchnorm(x))
+    with pytest.warns(UserWarning) as record:
+        convert_norm(net, "bgn", num_groups=2)
+    msg = str(record[0].message)
+    assert "1 converted layer(s) are in eval mode with num_groups != num_features" in msg
+    assert "estimated from BatchNorm's (1): exact group means" in msg
+    assert "Re-estimate their statistics" in msg
+    layer = net[1]
+    # the group statistics of the data itself: groups of 4 whole channels
+    groups = x.reshape(16, 2, 4, 5, 5).transpose(0, 1).reshape(2, -1)
+    torch.testing.assert_close(layer.running_mean, groups.mean(dim=1), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(layer.running_var, groups.var(dim=1, unbiased=False),
+                               rtol=1e-13, atol=1e-13)
+    assert int(layer.num_batches_tracked) == 500
+    # so the eval output is BGN of x with the population's group statistics
+    mean, var = groups.mean(dim=1), groups.var(dim=1, unbiased=False)
+    expected = ((x.reshape(16, 2, -1) - mean.view(1, 2, 1))
+                / (var.view(1, 2, 1) + layer.eps).sqrt()).reshape(x.shape)
+    expected = expected * layer.weight.view(1, 8, 1, 1) + layer.bias.view(1, 8, 1, 1)
+    torch.testing.assert_close(net(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_convert_statistics_bands_straddling_reset_and_training():
+    torch.manual_seed(0)
+    x = torch.randn(4, 4, 6, 6, dtype=torch.float64) + torch.arange(4.0).view(1, 4, 1, 1)
+    bn = _population_batchnorm(x)
+    # bands: each of a channel's 3 bands gets the channel's statistics
+    with pytest.warns(UserWarning, match=r"estimated from BatchNorm's \(\(the model itself\)\)"):
+        bands = convert_norm(bn, "bgn", num_groups=12)
+    assert torch.equal(bands.running_mean, bn.running_mean.repeat_interleave(3))
+    assert torch.equal(bands.running_var, bn.running_var.repeat_interleave(3))
+    # straddling groups: no estimate is possible; reset, and said so
+    with pytest.warns(UserWarning, match=r"reset to mean 0, variance 1 \(0\): their groups "
+                                         r"straddle channels"):
+        straddle = convert_norm(nn.Sequential(bn), "bgn", num_groups=3)[0]
+    assert torch.equal(straddle.running_mean, torch.zeros(3, dtype=torch.float64))
+    assert int(straddle.num_batches_tracked) == 0
+    # asked for a reset: done, no warning; training mode: derived, no warning (batch statistics
+    # are used until eval, and the derived ones are where the running average starts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reset = convert_norm(bn, "bgn", num_groups=2, running_stats="reset")
+        assert torch.equal(reset.running_var, torch.ones(2, dtype=torch.float64))
+        assert int(reset.num_batches_tracked) == 0
+        trained = convert_norm(bn.train(), "gbgn", num_groups=2, examples_per_group=2)
+        assert not torch.equal(trained.running_mean, torch.zeros(2, dtype=torch.float64))
+        convert_norm(bn.eval(), "bgn", num_groups=4)  # G = C: copied
+    with pytest.raises(ValueError, match=r"running_stats must be one of 'derive', 'reset', "
+                                         r"got 'keep'"):
+        convert_norm(bn, "bgn", running_stats="keep")

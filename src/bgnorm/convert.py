@@ -28,6 +28,7 @@ _DIMS: dict[type[nn.Module], int] = {
     nn.LazyBatchNorm1d: 1, nn.LazyBatchNorm2d: 2, nn.LazyBatchNorm3d: 3,
 }
 _SUBCLASS_POLICIES = ("error", "skip", "convert")
+_RUNNING_STATS_POLICIES = ("derive", "reset")
 
 
 def _own_class(module: nn.Module) -> type[nn.Module]:
@@ -105,8 +106,11 @@ def _name_matches(path: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(path, p) or path.startswith(p + ".") for p in patterns)
 
 
-def _build(path: str, bn: _BatchNorm, key: str, kwargs: dict[str, Any]) -> nn.Module:
-    """The replacement of the layer at ``path``; errors name the layer, its class and the fix."""
+def _build(
+    path: str, bn: _BatchNorm, key: str, kwargs: dict[str, Any], running_stats: str
+) -> tuple[nn.Module, str | None]:
+    """The replacement of the layer at ``path`` and what happened to its running statistics
+    (see _carry_running_stats); errors name the layer, its class and the fix."""
     where = f"layer {path!r}" if path else "the model itself"
     if isinstance(bn, LazyModuleMixin) and bn.has_uninitialized_params():
         raise ValueError(
@@ -116,7 +120,7 @@ def _build(path: str, bn: _BatchNorm, key: str, kwargs: dict[str, Any]) -> nn.Mo
             f"count, or build it as {type(bn).__name__.replace('Lazy', '')}(num_features)"
         )
     try:
-        new = _replacement(bn, key, kwargs)
+        new, stats = _replacement(bn, key, kwargs, running_stats)
     except (TypeError, ValueError) as err:
         raise with_message(
             err, f"convert_norm: cannot convert {where} ({type(bn).__name__} with "
@@ -125,10 +129,12 @@ def _build(path: str, bn: _BatchNorm, key: str, kwargs: dict[str, Any]) -> nn.Mo
     if path:
         # read by the bgnorm layers to name the layer in their errors
         new._bgnorm_path = path  # type: ignore[assignment]
-    return new
+    return new, stats
 
 
-def _replacement(bn: _BatchNorm, key: str, kwargs: dict[str, Any]) -> nn.Module:
+def _replacement(
+    bn: _BatchNorm, key: str, kwargs: dict[str, Any], running_stats: str
+) -> tuple[nn.Module, str | None]:
     kw = dict(kwargs)
     base = _torch_base(_own_class(bn))
     if key in ("bn", "bgn", "gbgn"):
@@ -150,16 +156,70 @@ def _replacement(bn: _BatchNorm, key: str, kwargs: dict[str, Any]) -> nn.Module:
             if isinstance(old, nn.Parameter) and isinstance(cur, nn.Parameter):
                 cur.copy_(old)
                 cur.requires_grad_(old.requires_grad)
-        # Running statistics carry over only where they mean the same thing (G = C).
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            old, cur = getattr(bn, name, None), getattr(new, name, None)
-            if isinstance(old, torch.Tensor) and isinstance(cur, torch.Tensor) and (
-                old.shape == cur.shape
-            ):
-                cur.copy_(old)
+        stats = _carry_running_stats(bn, new, running_stats)
     _carry_parametrizations(bn, new)
     new.train(bn.training)
-    return new
+    return new, stats
+
+
+def _carry_running_stats(bn: _BatchNorm, new: nn.Module, policy: str) -> str | None:
+    """Give ``new`` running statistics from ``bn``'s. Copied where they mean the same thing
+    (same shape: G = C); otherwise, with ``policy="derive"``, estimated from the per-channel
+    ones where the groups allow it (returns "derived"), else left at mean 0 / variance 1
+    (returns "reset"). None: copied, or nothing to carry."""
+    old_mean, old_var = bn.running_mean, bn.running_var
+    mean, var = getattr(new, "running_mean", None), getattr(new, "running_var", None)
+    if not (isinstance(old_mean, torch.Tensor) and isinstance(old_var, torch.Tensor)
+            and isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor)):
+        return None  # one side keeps no statistics
+    if mean.shape == old_mean.shape:
+        stats: tuple[torch.Tensor, torch.Tensor] | None = (old_mean, old_var)
+        outcome = None
+    elif policy == "derive":
+        stats = _group_statistics(old_mean, old_var, mean.numel())
+        outcome = "reset" if stats is None else "derived"
+    else:
+        return None  # reset, as asked
+    if stats is not None:
+        mean.copy_(stats[0])
+        var.copy_(stats[1])
+        count = getattr(new, "num_batches_tracked", None)
+        if isinstance(count, torch.Tensor) and isinstance(bn.num_batches_tracked, torch.Tensor):
+            count.copy_(bn.num_batches_tracked)
+    return outcome
+
+
+def _group_statistics(
+    channel_mean: torch.Tensor, channel_var: torch.Tensor, groups: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    r"""Estimates of the running statistics of ``groups`` groups from per-channel ones.
+
+    Groups of k = C/G whole channels (every channel has the same count of values per batch):
+    :math:`\mu_g = \frac1k \sum_{c \in g} \mu_c` and
+    :math:`\sigma^2_g = \frac1k \sum_{c \in g} (\sigma^2_c + (\mu_c - \mu_g)^2)`, an identity
+    for the mean and variance of a population that is the union of the channels' populations
+    (exact for biased variances). As an estimate of BGN's running statistics it is exact for
+    the mean (the running mean is linear in the batch means), approximate for the variance:
+    BatchNorm's running variance is an average of unbiased batch variances (factor n/(n-1),
+    n unknown here), and the spread term uses the average channel means, so it leaves out the
+    batch-to-batch fluctuation of the channel means about their group mean.
+
+    Bands (G = kC, k contiguous bands per channel): each band gets its channel's statistics,
+    which assumes the statistics do not depend on the position within the channel.
+
+    None when groups straddle channels: which channels a group covers depends on the spatial
+    size, unknown here.
+    """
+    c = channel_mean.numel()
+    mean, var = channel_mean.double(), channel_var.double()
+    if c % groups == 0:
+        mean, var = mean.view(groups, c // groups), var.view(groups, c // groups)
+        group_mean = mean.mean(dim=1)
+        spread = (mean - group_mean[:, None]).square().mean(dim=1)
+        return group_mean, var.mean(dim=1) + spread
+    if groups % c == 0:
+        return mean.repeat_interleave(groups // c), var.repeat_interleave(groups // c)
+    return None
 
 
 def _choose_class(bn: _BatchNorm, base: type | None, key: str, kw: dict[str, Any]) -> None:
@@ -209,12 +269,41 @@ def _carry_parametrizations(bn: nn.Module, new: nn.Module) -> None:
         new.parametrizations[tensor_name] = carried  # type: ignore[index]
 
 
+def _warn_statistics(in_eval: dict[str, list[str]]) -> None:
+    """Eval-mode layers whose statistics could not be copied: their outputs change at once."""
+    derived, reset = in_eval["derived"], in_eval["reset"]
+    parts = []
+    if derived:
+        parts.append(
+            f"  estimated from BatchNorm's ({', '.join(derived)}): exact group means; group "
+            "variances approximated by the mean channel variance plus the spread of the "
+            "channel means"
+        )
+    if reset:
+        parts.append(
+            f"  reset to mean 0, variance 1 ({', '.join(reset)}): their groups straddle "
+            "channels, so which channels a group covers depends on the input size"
+        )
+    warnings.warn(
+        f"convert_norm: {len(derived) + len(reset)} converted layer(s) are in eval mode with "
+        "num_groups != num_features, where BatchNorm's per-channel running statistics cannot "
+        "be copied as they are. Their running statistics were:\n" + "\n".join(parts) + "\n"
+        "Eval outputs of these layers change at once. Re-estimate their statistics before "
+        "evaluating: model.train(), forward passes over some hundred training batches under "
+        "torch.no_grad() (momentum=None on these layers gives an exact average over those "
+        "batches), then model.eval()",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 def convert_norm(
     module: nn.Module,
     name: str,
     *,
     subclasses: str = "error",
     exclude: Iterable[str | type[nn.Module]] = (),
+    running_stats: str = "derive",
     **kwargs: Any,
 ) -> nn.Module:
     """Replace every BatchNorm (1d/2d/3d, SyncBatchNorm) in ``module`` by ``make_norm(name)``.
@@ -226,6 +315,17 @@ def convert_norm(
     bn/bgn/gbgn ``momentum`` and ``track_running_stats``) unless given in ``kwargs``. Running
     statistics are copied only when they keep their meaning (same shape, e.g. BGN with G = C).
     Keyword values may be callables of ``num_features`` (``num_groups=lambda c: c // 16``).
+
+    Running statistics with G != C (``running_stats``): BatchNorm's per-channel statistics
+    cannot be copied into (G,) statistics. ``"derive"`` (default) estimates them: for groups
+    of whole channels, the group mean is the mean of its channels' running means (exact) and
+    the group variance the mean of their running variances plus the spread of their means
+    (an approximation); bands inside a channel get that channel's statistics; groups that
+    straddle channels (their layout depends on the input size) start from mean 0 and
+    variance 1. ``"reset"``: every such layer starts from mean 0 and variance 1. Layers left in
+    eval mode with statistics other than copied ones make convert_norm warn, naming them:
+    their outputs change at once; re-estimate the statistics with training-mode forward passes
+    over some training batches before evaluating.
 
     Dimensions: BatchNorm1d/2d/3d become the 1d/2d/3d class of bn/bgn/gbgn. SyncBatchNorm,
     which takes input of any dimension, becomes for bn and bgn the synchronized layer
@@ -271,6 +371,11 @@ def convert_norm(
             f"convert_norm: subclasses must be one of {', '.join(map(repr, _SUBCLASS_POLICIES))},"
             f" got {subclasses!r}"
         )
+    if running_stats not in _RUNNING_STATS_POLICIES:
+        raise ValueError(
+            "convert_norm: running_stats must be one of "
+            f"{', '.join(map(repr, _RUNNING_STATS_POLICIES))}, got {running_stats!r}"
+        )
     names, classes = _matcher(module, exclude)
 
     # Plan first (which layers, each checked), build every replacement, then swap: an error
@@ -311,9 +416,15 @@ def convert_norm(
             "yourself), or exclude=[names or classes] to leave out some of them"
         )
     new_of: dict[int, nn.Module] = {}  # a layer shared by several parents stays shared
+    in_eval: dict[str, list[str]] = {"derived": [], "reset": []}
     for path, _, _, bn in targets:
         if id(bn) not in new_of:
-            new_of[id(bn)] = _build(path, bn, key, kwargs)
+            new, stats = _build(path, bn, key, kwargs, running_stats)
+            new_of[id(bn)] = new
+            if stats is not None and not new.training:
+                in_eval[stats].append(path or "(the model itself)")
+    if in_eval["derived"] or in_eval["reset"]:
+        _warn_statistics(in_eval)
     for _, parent, attr, bn in targets:
         if parent is None:
             return new_of[id(bn)]

@@ -276,7 +276,7 @@ def test_registry_bias_false_for_bgnorm_layers(name):
 @pytest.mark.parametrize("dim", [1, 2, 3])
 def test_convert_batchnorm_without_bias_loads_its_checkpoint_at_g_equal_c(dim):
     bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dim](6, bias=False).double()
-    x = torch.randn(4, 6, *[3] * (dim - 1), dtype=torch.float64)
+    x = torch.randn(4, 6, *[3] * dim, dtype=torch.float64)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
     bn(x)
@@ -539,3 +539,25 @@ def test_convert_statistics_bands_straddling_reset_and_training():
     with pytest.raises(ValueError, match=r"running_stats must be one of 'derive', 'reset', "
                                          r"got 'keep'"):
         convert_norm(bn, "bgn", running_stats="keep")
+
+
+# -- finding 9 (conversion side): a converted model strict-loads a stock BatchNorm checkpoint ----
+@needs_batchnorm_checkpoints
+def test_converted_model_at_g_equal_c_loads_stock_batchnorm_checkpoint():
+    torch.manual_seed(0)
+    pretrained = Volume().double()
+    with torch.no_grad():
+        for m in pretrained.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(4, 2, 3, 3, 3, dtype=torch.float64)
+    pretrained(x)  # running statistics of one batch
+    pretrained.eval()
+    checkpoint = {k: v.clone() for k, v in pretrained.state_dict().items()}
+    expected = pretrained(x)
+    # convert a freshly built model, then load the pretrained BatchNorm checkpoint into it
+    fresh = convert_norm(Volume().double(), "bgn", num_groups=lambda c: c)
+    fresh.load_state_dict(checkpoint)  # strict
+    fresh.eval()
+    torch.testing.assert_close(fresh(x), expected, rtol=1e-12, atol=1e-12)

@@ -561,3 +561,63 @@ def test_converted_model_at_g_equal_c_loads_stock_batchnorm_checkpoint():
     fresh.load_state_dict(checkpoint)  # strict
     fresh.eval()
     torch.testing.assert_close(fresh(x), expected, rtol=1e-12, atol=1e-12)
+
+
+# -- conversion keeps the layer's state around it: mode, device, dtype, requires_grad, hooks -----
+def test_convert_carries_forward_and_backward_hooks():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    seen = []
+    handles = [
+        net[1].register_forward_pre_hook(lambda m, args: seen.append(("pre", type(m).__name__))),
+        net[1].register_forward_hook(lambda m, args, out: seen.append(("post", out.shape))),
+        net[1].register_forward_hook(lambda m, args, kwargs, out: seen.append(("kw", len(kwargs))),
+                                     with_kwargs=True),
+        net[1].register_full_backward_hook(lambda m, gin, gout: seen.append(("bwd", len(gin)))),
+    ]
+    convert_norm(net, "bgn", num_groups=2)
+    net(torch.randn(2, 3, 5, 5, requires_grad=True)).sum().backward()
+    assert seen == [("pre", "BatchGroupNorm2d"), ("post", torch.Size([2, 8, 3, 3])), ("kw", 0),
+                    ("bwd", 1)]
+    for handle in handles:  # the handles still remove them
+        handle.remove()
+    seen.clear()
+    net(torch.randn(2, 3, 5, 5, requires_grad=True)).sum().backward()
+    assert seen == []
+
+
+def test_convert_refuses_hook_based_weight_norm_and_carries_state_dict_hooks():
+    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6))
+    with pytest.warns(FutureWarning):  # torch deprecates the hook-based weight_norm
+        torch.nn.utils.weight_norm(net[1], "weight")
+    with pytest.raises(ValueError, match=r"layer '1' .*'weight' is reparametrized by "
+                                         r"torch.nn.utils.weight_norm .*remove_weight_norm"
+                                         r".*parametrizations.weight_norm"):
+        convert_norm(net, "bgn", num_groups=3)
+    assert type(net[1]) is nn.BatchNorm1d
+    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6))
+    calls = []
+    net[1].register_load_state_dict_post_hook(lambda module, keys: calls.append(module))
+    net[1]._register_load_state_dict_pre_hook(lambda module, *args: calls.append(module),
+                                              with_module=True)
+    checkpoint = net.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert_norm(net, "bn")
+    net.load_state_dict(checkpoint)
+    assert calls == [net[1], net[1]] and type(net[1]) is nn.BatchNorm1d  # the new layer
+
+
+def test_convert_keeps_mode_device_dtype_and_requires_grad():
+    net = nn.Sequential(nn.BatchNorm2d(4), nn.BatchNorm1d(4, affine=False),
+                        nn.BatchNorm2d(4, device="meta", dtype=torch.float16))
+    net[0].double().bias.requires_grad_(False)
+    net[1].eval()
+    convert_norm(net, "bgn", num_groups=4)
+    assert net[0].weight.dtype == torch.float64 and net[0].weight.requires_grad
+    assert not net[0].bias.requires_grad and net[0].training
+    assert net[1].running_mean.dtype == torch.float32 and not net[1].training
+    assert net[2].weight.device.type == "meta" and net[2].running_var.dtype == torch.float16
+    # a dtype asked for is the dtype given (it was overridden by the old layer's)
+    asked = convert_norm(nn.Sequential(nn.BatchNorm2d(4)), "gn", num_groups=2,
+                        dtype=torch.float64)[0]
+    assert asked.weight.dtype == torch.float64

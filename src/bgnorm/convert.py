@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import warnings
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -13,6 +14,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .registry import canonical_name, make_norm, with_message
 
@@ -121,6 +124,7 @@ def _build(
         )
     try:
         new, stats = _replacement(bn, key, kwargs, running_stats)
+        _carry_hooks(bn, new)
     except (TypeError, ValueError) as err:
         raise with_message(
             err, f"convert_norm: cannot convert {where} ({type(bn).__name__} with "
@@ -147,9 +151,10 @@ def _replacement(
         if bn.affine and bn.bias is None:  # torch's BatchNorm(..., bias=False)
             kw.setdefault("bias", False)
     ref = bn.weight if bn.weight is not None else bn.running_mean
+    if ref is not None and key != "none":
+        kw.setdefault("device", ref.device)
+        kw.setdefault("dtype", ref.dtype)
     new = make_norm(key, bn.num_features, **kw)
-    if ref is not None:
-        new = new.to(device=ref.device, dtype=ref.dtype)
     with torch.no_grad():
         for name in ("weight", "bias"):
             old, cur = getattr(bn, name, None), getattr(new, name, None)
@@ -269,6 +274,37 @@ def _carry_parametrizations(bn: nn.Module, new: nn.Module) -> None:
         new.parametrizations[tensor_name] = carried  # type: ignore[index]
 
 
+#: The hook dicts of an nn.Module: carried over to the new layer.
+_HOOKS = (
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+    "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
+    "_backward_hooks", "_state_dict_pre_hooks", "_state_dict_hooks",
+    "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)
+
+
+def _carry_hooks(bn: nn.Module, new: nn.Module) -> None:
+    """Move ``bn``'s hooks (forward, backward, state dict) to ``new``: the dicts themselves, so
+    the handles returned when they were registered still remove them. Hooks that hold the old
+    layer (load-state-dict pre-hooks registered with the module) are pointed at the new one."""
+    for hook in bn._forward_pre_hooks.values():
+        if isinstance(hook, (WeightNorm, SpectralNorm)):
+            fn = "weight_norm" if isinstance(hook, WeightNorm) else "spectral_norm"
+            raise ValueError(
+                f"its {hook.name!r} is reparametrized by torch.nn.utils.{fn} (hooks that "
+                f"do not carry over); remove it first (torch.nn.utils.remove_{fn}(layer)), or "
+                f"use torch.nn.utils.parametrizations.{fn}, which convert_norm carries over"
+            )
+    if not any(getattr(bn, name) for name in _HOOKS):
+        return
+    for name in _HOOKS:
+        setattr(new, name, getattr(bn, name))
+    new._is_full_backward_hook = bn._is_full_backward_hook
+    for hook in new._load_state_dict_pre_hooks.values():
+        if getattr(hook, "with_module", False) and hook.module() is bn:
+            hook.module = weakref.ref(new)
+
+
 def _warn_statistics(in_eval: dict[str, list[str]]) -> None:
     """Eval-mode layers whose statistics could not be copied: their outputs change at once."""
     derived, reset = in_eval["derived"], in_eval["reset"]
@@ -306,58 +342,59 @@ def convert_norm(
     running_stats: str = "derive",
     **kwargs: Any,
 ) -> nn.Module:
-    """Replace every BatchNorm (1d/2d/3d, SyncBatchNorm) in ``module`` by ``make_norm(name)``.
+    r"""Replace every BatchNorm of ``module`` by ``make_norm(name, num_features, **kwargs)``.
 
-    gamma/beta are copied (a BatchNorm built with ``bias=False`` gives a layer without beta;
-    ``requires_grad`` kept; a parametrized gamma or beta,
-    ``torch.nn.utils.parametrize``, keeps its parametrizations and unconstrained tensors), and
-    the new layers get the old layer's device, dtype, training mode, ``eps`` (and for
-    bn/bgn/gbgn ``momentum`` and ``track_running_stats``) unless given in ``kwargs``. Running
-    statistics are copied only when they keep their meaning (same shape, e.g. BGN with G = C).
-    Keyword values may be callables of ``num_features`` (``num_groups=lambda c: c // 16``).
+    Keyword arguments go to :func:`bgnorm.make_norm` (``num_groups``, ``examples_per_group``,
+    ...); their values may be callables of ``num_features`` (``num_groups=lambda c: c // 16``,
+    :func:`bgnorm.channel_groups`). Unless given there, each new layer takes the old one's
+    ``eps``, ``affine``, ``bias=False`` (a BatchNorm without beta gives a layer without beta),
+    device and dtype, and for bn/bgn/gbgn its ``momentum`` and ``track_running_stats``. It keeps
+    the old layer's training mode, gamma and beta (values and ``requires_grad``; a gamma or beta
+    under ``torch.nn.utils.parametrize`` keeps its parametrizations and unconstrained tensors)
+    and hooks (forward, backward and state-dict hooks move over; their handles still remove
+    them). A BatchNorm under the hook-based ``torch.nn.utils.weight_norm``/``spectral_norm``
+    raises: remove it first or use ``torch.nn.utils.parametrizations``.
 
-    Running statistics with G != C (``running_stats``): BatchNorm's per-channel statistics
-    cannot be copied into (G,) statistics. ``"derive"`` (default) estimates them: for groups
-    of whole channels, the group mean is the mean of its channels' running means (exact) and
-    the group variance the mean of their running variances plus the spread of their means
-    (an approximation); bands inside a channel get that channel's statistics; groups that
-    straddle channels (their layout depends on the input size) start from mean 0 and
-    variance 1. ``"reset"``: every such layer starts from mean 0 and variance 1. Layers left in
-    eval mode with statistics other than copied ones make convert_norm warn, naming them:
-    their outputs change at once; re-estimate the statistics with training-mode forward passes
-    over some training batches before evaluating.
+    Which layers: torch's ``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` and the lazy variants (once
+    materialized by a forward pass), and subclasses that behave exactly like them (torch's
+    forward, no submodules: e.g. a class that only renames BatchNorm2d). A subclass with its
+    own ``forward`` or with submodules (timm's ``BatchNormAct2d``: BatchNorm, then dropout and
+    activation submodules) would lose what it adds, so ``subclasses`` decides:
 
-    Dimensions: BatchNorm1d/2d/3d become the 1d/2d/3d class of bn/bgn/gbgn. SyncBatchNorm,
-    which takes input of any dimension, becomes for bn and bgn the synchronized layer
-    (``torch.nn.SyncBatchNorm``, :class:`bgnorm.SyncBatchGroupNorm`, with its process group),
-    which also takes any dimension; ``dim=1``, ``2`` or ``3`` makes it the per-worker layer of
-    that dimension instead (``dim=`` applies to SyncBatchNorm layers only; gbgn, which has no
-    synchronized variant, needs it). ``sync=True`` makes every converted bn/bgn layer
-    synchronized.
-
-    What is converted: torch's own ``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` and the lazy
-    variants, and subclasses of them that behave exactly like them (torch's forward, no
-    submodules: e.g. a class that only renames BatchNorm2d). A subclass with its own
-    ``forward`` or with submodules (timm's ``BatchNormAct2d``: BatchNorm, then dropout and
-    activation submodules) cannot be replaced by a plain norm without losing what it adds, so
-    ``subclasses`` decides:
-
-    * ``"error"`` (default): raise, listing every such layer with its class;
+    * ``"error"`` (default): raise, listing every such layer with its path and class;
     * ``"skip"``: leave them as they are (they keep BatchNorm's statistics);
     * ``"convert"``: replace them by the plain norm anyway; what their forward added (e.g. an
       activation) is lost, so add it back yourself.
 
     ``exclude`` leaves modules alone: qualified names as in ``model.named_modules()`` (a name
     excludes that module and everything inside it; shell wildcards such as ``"layer4.*"``
-    allowed; a name that matches no module raises) and ``nn.Module`` classes (any module that
-    is an instance).
+    allowed; a name that matches no module raises) and ``nn.Module`` classes (any instance).
+
+    Dimensions: BatchNorm1d/2d/3d become the 1d/2d/3d class of bn/bgn/gbgn. SyncBatchNorm,
+    which takes input of any dimension, becomes the synchronized layer of bn and bgn
+    (``torch.nn.SyncBatchNorm``, :class:`bgnorm.SyncBatchGroupNorm`, with its process group),
+    which takes any dimension too; ``dim=1``, ``2`` or ``3`` makes it the per-worker layer of
+    that dimension instead (``dim=`` applies to SyncBatchNorm layers only; gbgn, which has no
+    synchronized variant, needs it). ``sync=True`` makes every converted bn/bgn synchronized.
+
+    Running statistics are copied where they keep their meaning (same shape: G = C). With
+    G != C, ``running_stats`` decides. ``"derive"`` (default) estimates the (G,) statistics from
+    the per-channel ones: a group of whole channels gets the mean of their running means
+    (exact) and the mean of their running variances plus the spread of their means,
+    :math:`\sigma^2_g = \frac1k \sum_{c \in g} (\sigma^2_c + (\mu_c - \mu_g)^2)` (an
+    approximation); a band inside a channel gets that channel's statistics; groups that
+    straddle channels (their layout depends on the input size) start from mean 0 and variance
+    1. ``"reset"``: every such layer starts from mean 0 and variance 1. Layers left in eval
+    mode with derived or reset statistics make convert_norm warn, naming them: their outputs
+    change at once; re-estimate the statistics with training-mode forward passes over some
+    training batches before evaluating.
 
     Returns the converted model: ``module`` itself, modified in place, or a new module when the
     root is a BatchNorm. Warns when there is nothing to convert. Errors name the layer (its
-    qualified name and class) and the fix, and nothing is modified when one is raised. Each new
-    layer records its qualified name in the attribute ``_bgnorm_path``, which bgnorm's layers
-    use to name themselves in their errors. Lazy BatchNorms must be materialized first (one
-    forward pass).
+    qualified name, class and channel count) and the fix, and leave the model untouched (every
+    replacement is built before any is swapped in). A layer shared by several parents stays one
+    layer. Each new layer records its qualified name in the attribute ``_bgnorm_path``, which
+    bgnorm's layers use to name themselves in their errors.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())

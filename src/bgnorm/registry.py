@@ -189,9 +189,10 @@ def make_norm(name: str, num_features: int, **kwargs: Any) -> nn.Module:
     ``bias`` (False: no beta, like torch's ``bias=False``), ``device``, ``dtype``,
     ``process_group``...); ``dim`` (1, 2 or 3, default 2) picks the 1d/2d/3d class of bn, bgn
     and gbgn; ``sync=True`` builds torch.nn.SyncBatchNorm (bn) or bgnorm.SyncBatchGroupNorm
-    (bgn), which take any input dimension. Any keyword value may be a callable of ``num_features`` (e.g.
-    ``num_groups=lambda c: c // 4``), resolved here. Integers of other types (``numpy.int64``)
-    are accepted like ints, as torch's layers accept them.
+    (bgn), which take any input dimension. Any keyword value may be a callable of
+    ``num_features`` (e.g. ``num_groups=lambda c: c // 4``), resolved here; an error of the
+    layer then says which callable returned the bad value. Integers of other types
+    (``numpy.int64``) are accepted like ints, as torch's layers accept them.
 
     Example:
         >>> import functools

@@ -419,8 +419,8 @@ def test_convert_syncbatchnorm_to_bn_and_per_worker_dims():
     assert all(type(net.features[i]) is bgnorm.SyncBatchGroupNorm for i in (1, 4))
     assert type(net.head[2]) is bgnorm.SyncBatchGroupNorm
     with pytest.raises(ValueError, match=r"layer 'features.1' \(SyncBatchNorm with "
-                                         r"num_features=8\) to 'bgn': SyncBatchNorm takes input "
-                                         r"of any dimension.*pass dim=1, 2 or 3"):
+                                         r"num_features=8\) to 'bgn': SyncBatchNorm has no fixed "
+                                         r"input dimension.*pass dim=1, 2 or 3"):
         convert_norm(Volume(), "bgn", num_groups=2, sync=False)
 
 
@@ -621,3 +621,22 @@ def test_convert_keeps_mode_device_dtype_and_requires_grad():
     asked = convert_norm(nn.Sequential(nn.BatchNorm2d(4)), "gn", num_groups=2,
                         dtype=torch.float64)[0]
     assert asked.weight.dtype == torch.float64
+
+
+class AnyDimBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """A BatchNorm of no fixed dimension that is not one of torch's classes."""
+
+    def _check_input_dim(self, input):
+        pass
+
+
+def test_convert_batchnorm_of_no_fixed_dimension_needs_dim():
+    net = nn.Sequential(AnyDimBatchNorm(4))
+    with pytest.raises(TypeError, match=r"layer\(s\) of another class"):
+        convert_norm(net, "bgn", num_groups=2)
+    # replaced only when asked, and never made synchronized behind the user's back
+    with pytest.raises(ValueError, match=r"AnyDimBatchNorm has no fixed input dimension.*"
+                                         r"pass dim=1, 2 or 3"):
+        convert_norm(net, "bgn", num_groups=2, subclasses="convert")
+    convert_norm(net, "bgn", num_groups=2, subclasses="convert", dim=3)
+    assert type(net[0]) is bgnorm.BatchGroupNorm3d

@@ -235,10 +235,10 @@ def _choose_class(bn: _BatchNorm, base: type | None, key: str, kw: dict[str, Any
         kw.pop("dim", None)  # the synchronized layers take any dimension
     elif base in _DIMS:
         kw["dim"] = _DIMS[base]
-    elif "dim" not in kw:  # SyncBatchNorm (or a class without a fixed dimension)
-        if key == "gbgn" or "sync" in kw:
+    elif "dim" not in kw:  # SyncBatchNorm, or a _BatchNorm subclass of no fixed dimension
+        if key == "gbgn" or "sync" in kw or not isinstance(bn, nn.SyncBatchNorm):
             raise ValueError(
-                f"{type(bn).__name__} takes input of any dimension, and the {key!r} layers "
+                f"{type(bn).__name__} has no fixed input dimension, and the {key!r} layers "
                 "without synchronization have one class per dimension"
                 + (" (gbgn has no synchronized variant)" if key == "gbgn" else "")
                 + ": pass dim=1, 2 or 3 for the dimension of this layer's input (1: (N, C) "

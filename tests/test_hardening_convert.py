@@ -251,6 +251,10 @@ def test_convert_batchnorm_without_bias_to_torch_layers(name):
     assert torch.equal(new.weight, bn.weight)
     assert make_norm(name, 8, bias=False).bias is None
     assert make_norm(name, 8).bias is not None
+    if name == "bn":  # torch's synchronized variant too
+        assert make_norm("bn", 8, sync=True, bias=False).bias is None
+        sync = convert_norm(nn.Sequential(nn.SyncBatchNorm(8, bias=False)), "bn")[0]
+        assert type(sync) is nn.SyncBatchNorm and sync.bias is None
     if name == "bn":
         net.load_state_dict(checkpoint)  # strict
         x = torch.randn(2, 8, 3, 3, dtype=torch.float64)

@@ -103,10 +103,12 @@ def test_convert_multi_level_model():
     net.block.bn.weight.requires_grad_(False)
     gamma, beta = net.block.bn.weight.clone(), net.head[2].bias.clone()
     net.eval()
-    out = convert_norm(net, "bgn", num_groups=lambda c: c // 2)
+    with pytest.warns(UserWarning, match=r"3 converted layer\(s\) are in eval mode"):
+        out = convert_norm(net, "bgn", num_groups=lambda c: c // 2)
     assert out is net
     assert isinstance(net.block.bn, bgnorm.BatchGroupNorm2d) and net.block.bn.num_groups == 4
-    assert isinstance(net.block.inner[1], bgnorm.BatchGroupNorm2d)
+    # SyncBatchNorm (any input dimension) becomes its synchronized counterpart
+    assert type(net.block.inner[1]) is bgnorm.SyncBatchGroupNorm
     assert isinstance(net.head[2], bgnorm.BatchGroupNorm1d) and net.head[2].num_groups == 3
     assert not net.block.bn.training and net.block.bn.weight.dtype == torch.float64
     assert not net.block.bn.weight.requires_grad
@@ -128,7 +130,7 @@ def test_convert_copies_gamma_beta_and_running_stats_when_meaningful():
     assert torch.equal(new.running_mean, bn.running_mean) and not new.training
     x = torch.randn(2, 4, 3, 3)
     assert torch.equal(new(x), bn(x))
-    other = convert_norm(nn.Sequential(bn), "bgn", num_groups=2)[0]
+    other = convert_norm(nn.Sequential(bn), "bgn", num_groups=2, running_stats="reset")[0]
     assert torch.equal(other.running_mean, torch.zeros(2))
     gn = convert_norm(nn.Sequential(nn.BatchNorm2d(4)), "gn", num_groups=2)[0]
     assert isinstance(gn, nn.GroupNorm) and gn.num_groups == 2

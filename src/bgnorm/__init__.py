@@ -1,6 +1,6 @@
 """bgnorm: Batch Group Normalization (Zhou et al., AAAI 2021) for PyTorch.
 
-Layers (``BatchGroupNorm1d/2d/3d``, ``GeneralBatchGroupNorm2d``, ``PositionalNorm``), the
+Layers (``BatchGroupNorm1d/2d/3d``, ``GeneralBatchGroupNorm1d/2d/3d``, ``PositionalNorm``), the
 functional API (:mod:`bgnorm.functional`), a norm registry (:func:`make_norm`), model conversion
 (:func:`convert_norm`) and the paper's G policy (:func:`paper_groups`).
 """
@@ -13,7 +13,9 @@ from .layers import (
     BatchGroupNorm1d,
     BatchGroupNorm2d,
     BatchGroupNorm3d,
+    GeneralBatchGroupNorm1d,
     GeneralBatchGroupNorm2d,
+    GeneralBatchGroupNorm3d,
     PositionalNorm,
 )
 from .policy import PAPER_GROUPS, channel_groups, paper_groups
@@ -32,7 +34,9 @@ __all__ = [
     "BatchGroupNorm2d",
     "BatchGroupNorm3d",
     "DEFAULT_NUM_GROUPS",
+    "GeneralBatchGroupNorm1d",
     "GeneralBatchGroupNorm2d",
+    "GeneralBatchGroupNorm3d",
     "PAPER_GROUPS",
     "PositionalNorm",
     "SyncBatchGroupNorm",

@@ -427,3 +427,44 @@ class PositionalNorm(nn.Module):
         _checks.check_input("PositionalNorm", input)
         _checks.check_channels("PositionalNorm", input, self.num_features)
         return BF.positional_norm(input, self.weight, self.bias, self.eps)
+
+
+class GeneralBatchGroupNorm1d(GeneralBatchGroupNorm2d):
+    r"""General Batch Group Normalization (GBGN) for (N, C) or (N, C, L) input.
+
+    :class:`GeneralBatchGroupNorm2d` for another input dimension (only the input check
+    differs): batch groups of ``examples_per_group`` = e examples, G groups of the D = C * L
+    values of each example, statistics of shape (N/e, G).
+
+    Shape:
+        - Input: (N, C) or (N, C, L) with N divisible by e in training; Output: same shape.
+
+    Example:
+        >>> m = GeneralBatchGroupNorm1d(16, num_groups=4, examples_per_group=2)
+        >>> m(torch.randn(8, 16, 10)).shape
+        torch.Size([8, 16, 10])
+    """
+
+    _input_dims = (2, 3)
+
+
+class GeneralBatchGroupNorm3d(GeneralBatchGroupNorm2d):
+    r"""General Batch Group Normalization (GBGN) for (N, C, D, H, W) input.
+
+    :class:`GeneralBatchGroupNorm2d` for volumes (only the input check differs): batch groups of
+    ``examples_per_group`` = e examples, G groups of the C * D * H * W values of each example,
+    statistics of shape (N/e, G).
+
+    Shape:
+        - Input: (N, C, D, H, W) with N divisible by e in training; Output: same shape.
+
+    Example:
+        >>> m = GeneralBatchGroupNorm3d(16, num_groups=4, examples_per_group=2)
+        >>> m(torch.randn(4, 16, 3, 4, 4)).shape
+        torch.Size([4, 16, 3, 4, 4])
+    """
+
+    _input_dims = (5,)
+
+
+__all__ += ["GeneralBatchGroupNorm1d", "GeneralBatchGroupNorm3d"]

@@ -14,7 +14,9 @@ rounding to a power of two (powers of two divide the D = C*H*W of typical CNN la
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
+from typing import Any
 
 from ._checks import check_num_groups
 
@@ -22,6 +24,15 @@ __all__ = ["PAPER_GROUPS", "paper_groups", "channel_groups"]
 
 #: The paper's (batch size -> G) table.
 PAPER_GROUPS: dict[int, int] = {128: 512, 64: 256, 32: 128, 16: 64, 8: 16, 4: 2, 2: 1}
+
+
+def _as_int(value: Any) -> Any:
+    """``value`` as a Python int when it is an integer of another type (``numpy.int64``...),
+    as torch's layers accept them; any other value (bool included) is returned unchanged for the
+    caller's own check to refuse."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return value
 
 
 def paper_groups(batch_size: int) -> int:
@@ -38,7 +49,7 @@ def paper_groups(batch_size: int) -> int:
         >>> [paper_groups(b) for b in (128, 64, 32, 16, 8, 4, 2, 1)]
         [512, 256, 128, 64, 16, 2, 1, 1]
     """
-    batch_size = check_num_groups(batch_size, "batch_size")
+    batch_size = check_num_groups(_as_int(batch_size), "batch_size")
     points = sorted((math.log2(b), math.log2(g)) for b, g in PAPER_GROUPS.items())
     b = math.log2(batch_size)
     if b <= points[0][0]:
@@ -63,9 +74,10 @@ def channel_groups(channels_per_group: int) -> Callable[[int], int]:
         >>> channel_groups(4)(64)
         16
     """
-    check_num_groups(channels_per_group, "channels_per_group")
+    channels_per_group = check_num_groups(_as_int(channels_per_group), "channels_per_group")
 
     def groups(num_features: int) -> int:
+        num_features = _as_int(num_features)
         if num_features % channels_per_group:
             raise ValueError(
                 f"channels_per_group={channels_per_group} does not divide num_features="

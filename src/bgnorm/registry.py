@@ -4,21 +4,24 @@
 ``functools.partial(make_norm, "bgn", num_groups=G)`` is a ``norm_layer`` for any model that calls
 ``norm_layer(channels)``.
 
-========  =====================================================  ============================
-name      layer                                                  statistics
-========  =====================================================  ============================
-bn        torch.nn.BatchNorm{dim}d                               (C,) over N, H, W
-bgn       bgnorm.BatchGroupNorm{dim}d(C, num_groups)             (G,) over N and D/G
-gbgn      bgnorm.GeneralBatchGroupNorm2d(C, G, examples_per_group)  (N/e, G)
-gn        torch.nn.GroupNorm(G, C), G = 32 by default            (N, G)
-ln        torch.nn.GroupNorm(1, C): one group over C, H, W        (N,)
-in        torch.nn.GroupNorm(C, C): one group per channel         (N, C)
-pn        bgnorm.PositionalNorm(C)                               (N, H*W) over C
-none      torch.nn.Identity()                                    -
-========  =====================================================  ============================
+========  ===========================================================  ====================
+name      layer                                                        statistics
+========  ===========================================================  ====================
+bn        torch.nn.BatchNorm{dim}d; sync=True: torch.nn.SyncBatchNorm  (C,) over N, H, W
+bgn       bgnorm.BatchGroupNorm{dim}d(C, num_groups);                  (G,) over N and D/G
+          sync=True: bgnorm.SyncBatchGroupNorm(C, num_groups)
+gbgn      bgnorm.GeneralBatchGroupNorm{dim}d(C, G, examples_per_group)  (N/e, G)
+gn        torch.nn.GroupNorm(G, C), G = 32 by default                  (N, G)
+ln        torch.nn.GroupNorm(1, C): one group over C, H, W              (N,)
+in        torch.nn.GroupNorm(C, C): one group per channel               (N, C)
+pn        bgnorm.PositionalNorm(C)                                     (N, H*W) over C
+none      torch.nn.Identity()                                          -
+========  ===========================================================  ====================
 
 bn, gn, ln and in are torch's own layers, configured as the GN and BGN papers use them in CNNs
-(per-channel affine everywhere).
+(per-channel affine everywhere). ``dim`` (1, 2 or 3; default 2) picks the class of bn, bgn and
+gbgn; ``sync=True`` gives the synchronized layers of bn and bgn, which take input of any
+dimension (statistics over the process group in training; without one, the per-worker layer).
 """
 
 from __future__ import annotations
@@ -28,29 +31,35 @@ from typing import Any
 
 from torch import nn
 
-from ._checks import check_num_features, nearby_divisors
+from ._checks import check_num_features, check_num_groups, nearby_divisors
+from .distributed import SyncBatchGroupNorm
 from .layers import (
     DEFAULT_NUM_GROUPS,
     BatchGroupNorm1d,
     BatchGroupNorm2d,
     BatchGroupNorm3d,
+    GeneralBatchGroupNorm1d,
     GeneralBatchGroupNorm2d,
+    GeneralBatchGroupNorm3d,
     PositionalNorm,
 )
+from .policy import _as_int
 
 __all__ = ["make_norm", "norm_names", "canonical_name", "NORM_ALIASES"]
 
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _BGN = {1: BatchGroupNorm1d, 2: BatchGroupNorm2d, 3: BatchGroupNorm3d}
+_GBGN = {1: GeneralBatchGroupNorm1d, 2: GeneralBatchGroupNorm2d, 3: GeneralBatchGroupNorm3d}
 
 
 def _resolve(value: Any, num_features: int) -> Any:
-    return value(num_features) if callable(value) else value
+    # integers of other types (numpy.int64...) become ints, as torch's layers accept them
+    return _as_int(value(num_features) if callable(value) else value)
 
 
 def _pick_dim(name: str, kwargs: dict[str, Any]) -> int:
     dim = kwargs.pop("dim", 2)
-    if dim not in (1, 2, 3):
+    if isinstance(dim, bool) or dim not in (1, 2, 3):
         raise ValueError(f"make_norm({name!r}): dim must be 1, 2 or 3, got {dim!r}")
     return dim
 
@@ -71,14 +80,34 @@ def _gbgn(c: int, **kw: Any) -> nn.Module:
             "e.g. make_norm('gbgn', C, num_groups=32, examples_per_group=4)"
         )
     kw.setdefault("num_groups", DEFAULT_NUM_GROUPS)
-    return GeneralBatchGroupNorm2d(c, **kw)
+    cls = _GBGN[_pick_dim("gbgn", kw)]
+    return cls(c, **kw)
+
+
+def _no_dim(name: str, layer: str, kw: dict[str, Any]) -> None:
+    if "dim" in kw:
+        raise TypeError(
+            f"make_norm({name!r}, sync=True) builds {layer}, which takes input of any dimension "
+            f"(N, C, *): drop dim={kw['dim']!r}, or pass sync=False for the per-worker layer of "
+            "that dimension"
+        )
+
+
+def _sync_bn(c: int, **kw: Any) -> nn.Module:
+    _no_dim("bn", "torch.nn.SyncBatchNorm", kw)
+    return nn.SyncBatchNorm(c, **kw)
+
+
+def _sync_bgn(c: int, **kw: Any) -> nn.Module:
+    _no_dim("bgn", "bgnorm.SyncBatchGroupNorm", kw)
+    return SyncBatchGroupNorm(c, **kw)
 
 
 def _gn_groups(c: int, kw: dict[str, Any]) -> int:
     if "channels_per_group" in kw:
         if "num_groups" in kw:
             raise TypeError("make_norm('gn'): pass num_groups or channels_per_group, not both")
-        cpg = kw.pop("channels_per_group")
+        cpg = check_num_groups(kw.pop("channels_per_group"), "channels_per_group")
         if c % cpg:
             raise ValueError(
                 f"make_norm('gn'): channels_per_group={cpg} must divide num_features={c}; "
@@ -89,7 +118,7 @@ def _gn_groups(c: int, kw: dict[str, Any]) -> int:
         # 32 groups as in the GN paper; layers with fewer channels (or C not divisible by 32)
         # use the largest divisor of C not above 32.
         return max(d for d in range(1, min(DEFAULT_NUM_GROUPS, c) + 1) if c % d == 0)
-    g = kw.pop("num_groups")
+    g = check_num_groups(kw.pop("num_groups"))
     if c % g:
         raise ValueError(
             f"make_norm('gn'): num_groups={g} must divide num_features={c} for GroupNorm; "
@@ -123,6 +152,7 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "bn": _bn, "bgn": _bgn, "gbgn": _gbgn, "gn": _gn, "ln": _ln, "in": _in, "pn": _pn,
     "none": _none,
 }
+_SYNC_FACTORIES: dict[str, Callable[..., nn.Module]] = {"bn": _sync_bn, "bgn": _sync_bgn}
 
 #: Readable aliases (matched after lower-casing and removing "_", "-" and spaces).
 NORM_ALIASES: dict[str, str] = {
@@ -156,9 +186,13 @@ def make_norm(name: str, num_features: int, **kwargs: Any) -> nn.Module:
     """Build the norm layer called ``name`` for ``num_features`` channels.
 
     Keyword arguments go to the layer (``num_groups``, ``eps``, ``momentum``, ``affine``,
-    ``device``, ``dtype``...); ``dim`` (1, 2 or 3, default 2) picks the 1d/2d/3d class of bn and
-    bgn. Any keyword value may be a callable of ``num_features`` (e.g.
-    ``num_groups=lambda c: c // 4``), resolved here.
+    ``bias`` (False: no beta, like torch's ``bias=False``), ``device``, ``dtype``,
+    ``process_group``...); ``dim`` (1, 2 or 3, default 2) picks the 1d/2d/3d class of bn, bgn
+    and gbgn; ``sync=True`` builds torch.nn.SyncBatchNorm (bn) or bgnorm.SyncBatchGroupNorm
+    (bgn), which take any input dimension. Any keyword value may be a callable of
+    ``num_features`` (e.g. ``num_groups=lambda c: c // 4``), resolved here; an error of the
+    layer then says which callable returned the bad value. Integers of other types
+    (``numpy.int64``) are accepted like ints, as torch's layers accept them.
 
     Example:
         >>> import functools
@@ -167,6 +201,38 @@ def make_norm(name: str, num_features: int, **kwargs: Any) -> nn.Module:
         BatchGroupNorm2d(64, num_groups=16, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)
     """  # noqa: E501
     key = canonical_name(name)
-    check_num_features(num_features)
+    num_features = check_num_features(_as_int(num_features))
     kw = {k: _resolve(v, num_features) for k, v in kwargs.items()}
-    return _FACTORIES[key](num_features, **kw)
+    sync = kw.pop("sync", False)
+    if not isinstance(sync, bool):
+        raise TypeError(f"make_norm({key!r}): sync must be True or False, got {sync!r}")
+    if sync and key not in _SYNC_FACTORIES:
+        raise ValueError(
+            f"make_norm({key!r}): sync=True exists for bn (torch.nn.SyncBatchNorm) and bgn "
+            "(bgnorm.SyncBatchGroupNorm) only; "
+            + ("gbgn's statistics are per batch group by design" if key == "gbgn" else
+               f"{key!r} has no batch statistics to synchronize")
+        )
+    factory = _SYNC_FACTORIES[key] if sync else _FACTORIES[key]
+    try:
+        return factory(num_features, **kw)
+    except (TypeError, ValueError) as err:
+        resolved = [k for k, v in kwargs.items() if callable(v)]
+        if not resolved:
+            raise
+        origin = ", ".join(
+            f"{k}={kw[k]!r} was returned by the callable "
+            f"{getattr(kwargs[k], '__qualname__', repr(kwargs[k]))}({num_features})"
+            for k in resolved
+        )
+        raise with_message(err, f"{err} ({origin})") from err
+
+
+def with_message(err: Exception, message: str) -> Exception:
+    """An exception of ``err``'s type with another message (for context added on the way up);
+    a ValueError or TypeError when that type cannot be built from a message."""
+    try:
+        new = type(err)(message)
+    except Exception:
+        new = (TypeError if isinstance(err, TypeError) else ValueError)(message)
+    return new

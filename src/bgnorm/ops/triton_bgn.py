@@ -57,12 +57,15 @@ MERGE_BLOCK = 512
 CL_CHANNELS = 64
 NUM_WARPS = 4
 
-_HALF = (torch.float16, torch.bfloat16, torch.float32)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
 def available() -> bool:
-    """Whether triton can be imported (without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether triton can be imported (checked once, without importing it)."""
+    return _AVAILABLE
 
 
 @functools.cache
@@ -71,16 +74,25 @@ def _kernels():
     return triton_kernels
 
 
+#: {"on": whether the kernels run under Triton's interpreter}, filled by the first check (a
+#: plain dict that torch.compile reads as a constant).
+_INTERPRETER: dict[str, bool] = {}
+
+
 def _interpreted() -> bool:
     """Whether the kernels were defined under Triton's interpreter (TRITON_INTERPRET=1 is read
     when a kernel is defined, i.e. when this engine's kernel module is first imported)."""
-    return type(_kernels().normalize_kernel).__name__ == "InterpretedFunction"
+    if "on" not in _INTERPRETER:
+        kind = type(_kernels().normalize_kernel).__name__
+        _INTERPRETER["on"] = kind == "InterpretedFunction"
+    return _INTERPRETER["on"]
 
 
 def supports(x: Tensor) -> bool:
     """Whether the Triton engine runs ``x``: float32/float16/bfloat16 with at least 2 dims, on
-    CUDA, or on CPU with the kernels under Triton's interpreter."""
-    if x.dtype not in _HALF or x.dim() < 2 or not available():
+    CUDA, or on CPU with the kernels under Triton's interpreter (whose first check imports the
+    kernels: do it eagerly before torch.compile traces a CPU call)."""
+    if x.dtype not in _DTYPES or x.dim() < 2 or not _AVAILABLE:
         return False
     if x.device.type == "cuda":
         return True

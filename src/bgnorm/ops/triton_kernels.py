@@ -17,7 +17,9 @@ The reductions split each unit's Lu elements into SPLIT segments of SEG elements
 loops over N_ITER blocks of BJ), so that the grid fills the GPU even with one group and two
 examples; they write per-(example, segment, unit) partials that a small merge kernel combines.
 Statistics and sums are float32 whatever the input dtype. Only APIs stable across Triton
-3.x are used (masked loads/stores, tl.sum, tl.where, constexpr power-of-two blocks).
+3.x are used (masked loads/stores, tl.sum, tl.where, constexpr power-of-two blocks). Grid and
+loop sizes are not specialized (one compiled kernel serves every batch size and G); the
+strides C, D and Lu are, so that aligned rows get vectorized loads.
 """
 
 import triton
@@ -41,7 +43,7 @@ def _columns(slot, C, LU, NS, U, CB, CHANNELS_LAST: tl.constexpr, BU: tl.constex
     return unit, col_mask, col_off
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["U", "CB", "NB", "SPLIT", "SEG", "N_ITER", "NS"])
 def stats_partials_kernel(
     x_ptr, pmean_ptr, pm2_ptr,
     C, D, LU, NS, U, CB, NB, SPLIT, SEG, N_ITER,
@@ -92,7 +94,7 @@ def stats_partials_kernel(
     tl.store(pm2_ptr + out, m2, mask=col_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["G", "U", "UPG", "E", "SPLIT", "SEG"])
 def stats_merge_kernel(
     pmean_ptr, pm2_ptr, mean_ptr, var_ptr, rstd_ptr,
     G, U, UPG, E, SPLIT, SEG, LU, inv_count, eps,
@@ -136,7 +138,7 @@ def stats_merge_kernel(
     tl.store(rstd_ptr + q, 1.0 / tl.sqrt(var + eps))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NS", "U", "CB", "NB", "JB", "G", "UPG", "E"])
 def normalize_kernel(
     x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr,
     C, D, LU, NS, U, CB, NB, JB, G, UPG, E,
@@ -172,7 +174,7 @@ def normalize_kernel(
     tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NS", "U", "CB", "NB", "SPLIT", "SEG", "N_ITER", "G", "UPG", "E"])
 def backward_partials_kernel(
     dy_ptr, x_ptr, mean_ptr, ps1_ptr, ps2_ptr,
     C, D, LU, NS, U, CB, NB, SPLIT, SEG, N_ITER, G, UPG, E,
@@ -209,7 +211,7 @@ def backward_partials_kernel(
     tl.store(ps2_ptr + out, tl.sum(s2, axis=0), mask=col_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "U", "NS", "SPLIT", "G", "UPG", "E"])
 def backward_channels_kernel(
     ps1_ptr, ps2_ptr, rstd_ptr, dw_ptr, db_ptr,
     N, U, NS, SPLIT, G, UPG, E,
@@ -235,7 +237,7 @@ def backward_channels_kernel(
     tl.store(dw_ptr + c, tl.sum(a2, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["G", "U", "UPG", "NS", "E", "SPLIT"])
 def backward_groups_kernel(
     ps1_ptr, ps2_ptr, rstd_ptr, w_ptr, m1_ptr, m2_ptr,
     G, U, UPG, NS, E, SPLIT, inv_count,
@@ -268,7 +270,7 @@ def backward_groups_kernel(
     tl.store(m2_ptr + q, tl.sum(a2, axis=0) * inv_count * rstd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NS", "U", "CB", "NB", "JB", "G", "UPG", "E"])
 def backward_dx_kernel(
     dy_ptr, x_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, m1_ptr, m2_ptr,
     C, D, LU, NS, U, CB, NB, JB, G, UPG, E,

@@ -60,3 +60,33 @@ def test_interleaved_runs_abba_and_pairs_neighbouring_times(bench, monkeypatch):
 def test_pin_allocator_reports_what_it_did(bench):
     note = bench.pin_allocator()
     assert note.startswith(("glibc malloc pinned", "default allocator", "mallopt failed"))
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """benchmarks/gpu_check.sh without CUDA: the dry mode (tiny shapes, Triton's interpreter)
+    runs every section of the GPU benchmark and writes its table, so the script the GPU run
+    depends on cannot rot. Timings are not checked, only that each part produced its rows."""
+    import csv
+    import os
+    import subprocess
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA the script runs the full GPU check")
+    pytest.importorskip("triton")
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (tmp_path / "log.txt").read_text()
+    assert "correctness: 8 cells checked, 0 above tolerance" in log, log[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "gpu_bench.csv")))
+    impls = {(r["section"], r["impl"]) for r in rows}
+    assert {("copy", "d2d copy"), ("layer", "bn"), ("layer", "bgn-triton"), ("layer", "gn"),
+            ("resnet50-step", "bn"), ("resnet50-step", "triton")} <= impls
+    assert all("failed" not in r["note"] for r in rows), [r for r in rows if "failed" in r["note"]]
+    triton_rows = [r for r in rows if r["impl"] == "bgn-triton"]
+    assert all(float(r["max_rel_err"]) < 2e-2 for r in triton_rows)
+    assert (tmp_path / "gpu_bench.md").read_text().count("| layer |") == sum(
+        r["section"] == "layer" for r in rows)

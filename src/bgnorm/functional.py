@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks
+from .ops import triton_bgn
 from .ops.engine import (
     UnitsPlan,
     grouped_norm,
@@ -43,7 +44,9 @@ from .ops.native import (
 #: Which training engine BGN/GBGN use: "auto" (below), or one forced for tests and benchmarks:
 #: "batchnorm" (few native batch-norm calls; only for G = C, G a multiple of C, or C a multiple
 #: of G in BGN), "units" (native per-row moments + units view, every layout) or "general" (the
-#: closed-form composition of bgnorm.ops.engine).
+#: closed-form composition of bgnorm.ops.engine), or "triton" (opt-in: the fused kernels of
+#: bgnorm.ops.triton_bgn where triton_bgn.supports(input), i.e. float32/16/bfloat16 on CUDA or
+#: under Triton's CPU interpreter; other inputs take "auto"; G = C stays torch's BatchNorm).
 ENGINE = "auto"
 
 #: "auto" takes the few-calls batch-norm engine for inputs up to this many elements (where
@@ -132,6 +135,8 @@ def _grouped_batch_norm(
     e = n if examples_per_group is None else examples_per_group
     p0 = n // e
     engine = ENGINE
+    if engine == "triton" and not triton_bgn.supports(input):
+        engine = "auto"
     if in_functorch_transform():
         # torch.func transforms run plain torch ops only (the engines' autograd.Functions have
         # no setup_context, vmap or jvp rules): the differentiable composition, like BatchNorm
@@ -158,6 +163,12 @@ def _grouped_batch_norm(
             )
         engine = "units"  # straddling groups
     running = None if running_mean is None else (running_mean, running_var)
+    if engine == "triton":
+        y, mean, var = triton_bgn.triton_grouped_norm(input, num_groups, p0, weight, bias, eps)
+        if running is not None:
+            with torch.no_grad():
+                update_running(*running, mean, var, p0, e * (c * s // num_groups), momentum)
+        return y
     if engine in ("composed", "general"):
         x3 = input.reshape(n, c, s)
         if engine == "composed":

@@ -1,0 +1,320 @@
+r"""BGN and GBGN training passes as fused Triton kernels, registered as ``torch.library`` ops.
+
+Opt-in: ``bgnorm.functional.ENGINE = "triton"`` routes BGN/GBGN training calls here when
+:func:`supports` accepts the input (float32/float16/bfloat16 on CUDA, or on CPU when the
+kernels run under Triton's interpreter, ``TRITON_INTERPRET=1`` set before this engine's first
+use); anything else (float64, a CPU without the interpreter, torch.func transforms) takes the
+other engines. Eval uses the native eval pass.
+
+Passes (see :mod:`bgnorm.ops.triton_kernels` for the tiling):
+
+forward
+  1. per-(example, segment, unit) mean and M2 of x (float32, Chan merges in registers);
+  2. one program per statistic (P0, G) merges them: mean, biased var, rstd;
+  3. y = (x - mean_q) * rstd_q * gamma_c + beta_c, in x's dtype and memory format.
+backward
+  1. per-(example, segment, unit) sum(dy) and sum(dy * (x - mean_q));
+  2. per channel: dbeta_c = sum(dy), dgamma_c = sum(rstd_q * sum(dy (x - mean_q)));
+     per statistic: m1_q = mean_q(gamma_c dy), m2_q = mean_q(gamma_c dy xhat);
+  3. dx = rstd_q * (gamma_c dy - m1_q - xhat m2_q).
+
+Full-size traffic: forward reads x twice and writes y, backward reads (x, dy) twice and writes
+dx. Inputs are NCHW-contiguous or channels-last (4D ``channels_last``, 5D
+``channels_last_3d``); other strides are made contiguous first. ``torch.ops.bgnorm.bgn_triton_fwd``
+and ``bgn_triton_bwd`` have fake implementations, so torch.compile(fullgraph=True) and
+torch.export see one op each; running statistics are updated by the caller from the returned
+batch statistics (:func:`bgnorm.ops.engine.update_running`).
+
+Example:
+    >>> import os; os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU: Triton's interpreter
+    '1'
+    >>> x = torch.randn(4, 8, 3, 3)
+    >>> y, mean, var = triton_grouped_norm(x, 4, 1, None, None, 1e-5)
+    >>> y.shape, mean.shape
+    (torch.Size([4, 8, 3, 3]), torch.Size([4]))
+"""
+
+import functools
+import importlib.util
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .engine import differentiable_grads, unit_length
+
+__all__ = ["supports", "triton_grouped_norm", "available"]
+
+#: Elements per tile of every pass (a power of two).
+TILE = 2048
+#: Programs the reductions aim for (each unit's elements are split into segments until the
+#: grid has about this many; an H200 has 132 SMs).
+TARGET_PROGRAMS = 1024
+#: Partials a merge program reads per step (a power of two).
+MERGE_BLOCK = 512
+#: Widest channel block of a channels-last tile (a power of two).
+CL_CHANNELS = 64
+NUM_WARPS = 4
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
+def available() -> bool:
+    """Whether triton can be imported (checked once, without importing it)."""
+    return _AVAILABLE
+
+
+@functools.cache
+def _kernels():
+    from . import triton_kernels
+    return triton_kernels
+
+
+#: {"on": whether the kernels run under Triton's interpreter}, filled by the first check (a
+#: plain dict that torch.compile reads as a constant).
+_INTERPRETER: dict[str, bool] = {}
+
+
+def _interpreted() -> bool:
+    """Whether the kernels were defined under Triton's interpreter (TRITON_INTERPRET=1 is read
+    when a kernel is defined, i.e. when this engine's kernel module is first imported)."""
+    if "on" not in _INTERPRETER:
+        kind = type(_kernels().normalize_kernel).__name__
+        _INTERPRETER["on"] = kind == "InterpretedFunction"
+    return _INTERPRETER["on"]
+
+
+def supports(x: Tensor) -> bool:
+    """Whether the Triton engine runs ``x``: float32/float16/bfloat16 with at least 2 dims, on
+    CUDA, or on CPU with the kernels under Triton's interpreter (whose first check imports the
+    kernels: do it eagerly before torch.compile traces a CPU call)."""
+    if x.dtype not in _DTYPES or x.dim() < 2 or not _AVAILABLE:
+        return False
+    if x.device.type == "cuda":
+        return True
+    return x.device.type == "cpu" and _interpreted()
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+def _channels_last(x: Tensor) -> bool:
+    """Whether ``x`` is laid out (N, *spatial, C) and not NCHW-contiguous."""
+    if x.is_contiguous():
+        return False
+    if x.dim() == 4:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    if x.dim() == 5:
+        return x.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if not _channels_last(x):
+        return torch.contiguous_format
+    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+
+
+class _Geometry:
+    """Tiles and grids of one (shape, G, P0, layout): see :mod:`bgnorm.ops.triton_kernels`."""
+
+    def __init__(self, shape: torch.Size, g: int, p0: int, channels_last: bool) -> None:
+        n, c = int(shape[0]), int(shape[1])
+        s = math.prod(int(v) for v in shape[2:])
+        self.n, self.c, self.s, self.d, self.g, self.p0 = n, c, s, c * s, g, p0
+        self.e = n // p0
+        self.lu = unit_length(c, s, g)
+        self.ns = s // self.lu
+        self.u = self.d // self.lu
+        self.upg = self.d // g // self.lu
+        self.count = self.e * (self.d // g)
+        self.channels_last = channels_last
+        lu2 = max(2, _next_pow2(self.lu))
+        if channels_last:  # columns: consecutive channels; rows: positions of the unit
+            self.bu = max(2, min(_next_pow2(c), CL_CHANNELS, TILE // 2))
+            self.bj = max(2, min(TILE // self.bu, lu2))
+            self.cb = -(-c // self.bu)
+            self.nb = self.ns * self.cb
+        else:  # columns: consecutive units; rows: elements of the unit
+            self.bj = max(2, min(lu2, TILE // 2))
+            self.bu = max(2, min(TILE // self.bj, _next_pow2(self.u)))
+            self.cb = 1
+            self.nb = -(-self.u // self.bu)
+        self.jb = -(-self.lu // self.bj)  # row blocks per unit
+        split = min(self.jb, max(1, -(-TARGET_PROGRAMS // (n * self.nb))))
+        self.n_iter = -(-self.jb // split)
+        self.split = -(-self.jb // self.n_iter)
+        self.seg = self.n_iter * self.bj
+
+    def unit_args(self) -> tuple[int, ...]:
+        return (self.c, self.d, self.lu, self.ns, self.u, self.cb, self.nb)
+
+
+def _check_sizes(x: Tensor, g: int, p0: int) -> None:
+    torch._check(x.dim() >= 2, lambda: "bgn_triton: expected an (N, C, *) input")
+    d = math.prod(x.shape[1:])
+    torch._check(d % g == 0, lambda: f"bgn_triton: {g} groups do not divide D = {d}")
+    torch._check(x.shape[0] % p0 == 0,
+                 lambda: f"bgn_triton: {p0} batch groups do not divide N = {x.shape[0]}")
+    torch._check(d < 2**31, lambda: "bgn_triton: D = C * prod(spatial) must be below 2^31")
+
+
+def _launch_device(x: Tensor):
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else _nullcontext()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _stats(x: Tensor, geo: _Geometry, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    k = _kernels()
+    f32 = dict(dtype=torch.float32, device=x.device)
+    parts = geo.n * geo.split * geo.u
+    pmean, pm2 = torch.empty(parts, **f32), torch.empty(parts, **f32)
+    k.stats_partials_kernel[(geo.n * geo.split * geo.nb,)](
+        x, pmean, pm2, *geo.unit_args(), geo.split, geo.seg, geo.n_iter,
+        CHANNELS_LAST=geo.channels_last, BJ=geo.bj, BU=geo.bu, num_warps=NUM_WARPS,
+    )
+    q = geo.p0 * geo.g
+    mean, var, rstd = (torch.empty(q, **f32) for _ in range(3))
+    k.stats_merge_kernel[(q,)](
+        pmean, pm2, mean, var, rstd, geo.g, geo.u, geo.upg, geo.e, geo.split, geo.seg, geo.lu,
+        1.0 / geo.count, float(eps), BK=MERGE_BLOCK, num_warps=NUM_WARPS,
+    )
+    return mean, var, rstd
+
+
+@torch.library.custom_op("bgnorm::bgn_triton_fwd", mutates_args=())
+def bgn_triton_fwd(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int,
+    batch_groups: int, eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """BGN/GBGN training forward: (y, mean, biased var, rstd), statistics (P0*G,) float32.
+    ``x`` must be NCHW-contiguous or channels-last (4D/5D); y has its dtype and layout."""
+    _check_sizes(x, num_groups, batch_groups)
+    geo = _Geometry(x.shape, num_groups, batch_groups, _channels_last(x))
+    y = torch.empty_like(x)
+    with _launch_device(x):
+        mean, var, rstd = _stats(x, geo, eps)
+        dummy = mean
+        _kernels().normalize_kernel[(geo.n * geo.jb * geo.nb,)](
+            x, y, mean, rstd, dummy if weight is None else weight,
+            dummy if bias is None else bias, *geo.unit_args(), geo.jb, geo.g, geo.upg, geo.e,
+            CHANNELS_LAST=geo.channels_last, HAS_W=weight is not None, HAS_B=bias is not None,
+            BJ=geo.bj, BU=geo.bu, num_warps=NUM_WARPS,
+        )
+    return y, mean, var, rstd
+
+
+@bgn_triton_fwd.register_fake
+def _(x, weight, bias, num_groups, batch_groups, eps):
+    _check_sizes(x, num_groups, batch_groups)
+    q = batch_groups * num_groups
+    stat = x.new_empty((q,), dtype=torch.float32)
+    return torch.empty_like(x), stat, torch.empty_like(stat), torch.empty_like(stat)
+
+
+@torch.library.custom_op("bgnorm::bgn_triton_bwd", mutates_args=())
+def bgn_triton_bwd(
+    dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+    num_groups: int, batch_groups: int, need_dx: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """BGN/GBGN backward: (dx or an empty tensor, dweight, dbias), the latter (C,) float32."""
+    channels_last = _channels_last(x)
+    dy = dy.contiguous(memory_format=_memory_format(x))
+    geo = _Geometry(x.shape, num_groups, batch_groups, channels_last)
+    k = _kernels()
+    f32 = dict(dtype=torch.float32, device=x.device)
+    parts = geo.n * geo.split * geo.u
+    ps1, ps2 = torch.empty(parts, **f32), torch.empty(parts, **f32)
+    dw, db = torch.empty(geo.c, **f32), torch.empty(geo.c, **f32)
+    q = geo.p0 * geo.g
+    common = dict(CHANNELS_LAST=channels_last, BJ=geo.bj, BU=geo.bu, num_warps=NUM_WARPS)
+    with _launch_device(x):
+        k.backward_partials_kernel[(geo.n * geo.split * geo.nb,)](
+            dy, x, mean, ps1, ps2, *geo.unit_args(), geo.split, geo.seg, geo.n_iter, geo.g,
+            geo.upg, geo.e, **common,
+        )
+        k.backward_channels_kernel[(geo.c,)](
+            ps1, ps2, rstd, dw, db, geo.n, geo.u, geo.ns, geo.split, geo.g, geo.upg, geo.e,
+            BK=MERGE_BLOCK, num_warps=NUM_WARPS,
+        )
+        if not need_dx:
+            return x.new_empty((0,)), dw, db
+        m1, m2 = torch.empty(q, **f32), torch.empty(q, **f32)
+        k.backward_groups_kernel[(q,)](
+            ps1, ps2, rstd, mean if weight is None else weight, m1, m2, geo.g, geo.u, geo.upg,
+            geo.ns, geo.e, geo.split, 1.0 / geo.count, HAS_W=weight is not None,
+            BK=MERGE_BLOCK, num_warps=NUM_WARPS,
+        )
+        dx = torch.empty_like(x)
+        k.backward_dx_kernel[(geo.n * geo.jb * geo.nb,)](
+            dy, x, dx, mean, rstd, mean if weight is None else weight, m1, m2,
+            *geo.unit_args(), geo.jb, geo.g, geo.upg, geo.e, HAS_W=weight is not None, **common,
+        )
+    return dx, dw, db
+
+
+@bgn_triton_bwd.register_fake
+def _(dy, x, weight, mean, rstd, num_groups, batch_groups, need_dx):
+    c = x.shape[1]
+    dx = torch.empty_like(x) if need_dx else x.new_empty((0,))
+    return dx, x.new_empty((c,), dtype=torch.float32), x.new_empty((c,), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, num_groups, batch_groups, eps = inputs
+    _, mean, var, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.num_groups, ctx.batch_groups, ctx.eps = num_groups, batch_groups, eps
+    ctx.mark_non_differentiable(mean, var, rstd)
+
+
+def _backward(ctx, dy, _dmean, _dvar, _drstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    g, p0 = ctx.num_groups, ctx.batch_groups
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    none = (None, None, None)
+    if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation
+        n, c = x.shape[:2]
+        x3 = x.reshape(n, c, -1)
+        view = (p0, n // p0, g, x3.shape[1] * x3.shape[2] // g)
+        dx, dw, db = differentiable_grads(x3, weight, bias, view, ctx.eps, dy)
+        return (None if dx is None else dx.view(x.shape)), dw, db, *none
+    dx, dw, db = torch.ops.bgnorm.bgn_triton_bwd(dy, x, weight, mean, rstd, g, p0, need_x)
+    return (
+        dx if need_x else None,
+        dw.to(weight.dtype) if need_w else None,
+        db.to(bias.dtype) if need_b else None,
+        *none,
+    )
+
+
+bgn_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_grouped_norm(
+    input: Tensor, num_groups: int, batch_groups: int, weight: Tensor | None,
+    bias: Tensor | None, eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """BGN (``batch_groups`` = 1) or GBGN training forward of ``input`` (N, C, \\*) on the
+    Triton kernels: returns ``(y, mean, var)``, y in the input's dtype and memory format, the
+    biased statistics of shape (P0 * G,) in float32. Inputs neither NCHW-contiguous nor
+    channels-last are made contiguous first. Differentiable (one custom op each way)."""
+    if input.is_contiguous() or _channels_last(input):
+        x = input
+    else:
+        x = input.contiguous()
+    y, mean, var, _ = torch.ops.bgnorm.bgn_triton_fwd(x, weight, bias, num_groups, batch_groups,
+                                                      float(eps))
+    return y, mean, var

@@ -31,8 +31,12 @@ run() {  # run SECONDS CMD...: logs the exit status, never stops the script
     if [ "$CUDA" = 1 ]; then
         section "CUDA tests"
         BGNORM_TEST_DEVICE=cuda run 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_triton.py
+        section "CUDA layer tests (float64 references on the GPU, every engine)"
+        BGNORM_TEST_DEVICE=cuda run "${GPU_CHECK_LAYER_TESTS:-120}" "$PY" -m pytest -q \
+            -p no:cacheprovider --tb=line -m "not slow" tests/test_functional.py tests/test_layers.py
         section "benchmark"
-        run 290 "$PY" benchmarks/bench_gpu.py --out "$OUT" --budget 240
+        BUDGET="${GPU_CHECK_BUDGET:-240}"  # seconds for the benchmark (it stops cleanly)
+        run $((BUDGET + 50)) "$PY" benchmarks/bench_gpu.py --out "$OUT" --budget "$BUDGET"
     else
         section "dry run (no CUDA): benchmark on CPU under TRITON_INTERPRET=1"
         TRITON_INTERPRET=1 run 120 "$PY" benchmarks/bench_gpu.py --out "$OUT" --dry --budget 50

@@ -20,6 +20,26 @@ def device() -> torch.device:
     return TEST_DEVICE
 
 
+#: Test modules of the layers that run unchanged on TEST_DEVICE: with BGNORM_TEST_DEVICE=cuda
+#: their tensors are created there (torch.set_default_device), float64 references included.
+DEVICE_MODULES = {"test_functional", "test_layers", "test_hardening_layers"}
+
+
+@pytest.fixture(autouse=True)
+def _default_device(request):
+    name = getattr(request.module, "__name__", "").rpartition(".")[2]
+    if TEST_DEVICE.type == "cpu" or name not in DEVICE_MODULES:
+        yield
+        return
+    if TEST_DEVICE.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("BGNORM_TEST_DEVICE=cuda but torch.cuda.is_available() is False")
+    torch.set_default_device(TEST_DEVICE)
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -215,6 +215,8 @@ class SyncBatchGroupNorm(_BatchGroupNorm):
         track_running_stats: keep running statistics for eval. Default: True.
         process_group: the group to synchronize over; None: the default (world) group.
         device, dtype: of the parameters and buffers.
+        bias (keyword-only): with ``affine=True``, learn beta too (``bias=False``: gamma only,
+            as in torch's SyncBatchNorm). Default: True.
 
     Shape:
         - Input: (N, C, \*) with N >= 0 on each rank; Output: same shape.
@@ -241,9 +243,12 @@ class SyncBatchGroupNorm(_BatchGroupNorm):
         process_group: Any = None,
         device: Any = None,
         dtype: Any = None,
+        *,
+        bias: bool = True,
     ) -> None:
         super().__init__(
-            num_features, num_groups, eps, momentum, affine, track_running_stats, device, dtype
+            num_features, num_groups, eps, momentum, affine, track_running_stats, device, dtype,
+            bias=bias,
         )
         self.process_group = process_group
 
@@ -300,6 +305,7 @@ class SyncBatchGroupNorm(_BatchGroupNorm):
             out = cls(
                 module.num_features, module.num_groups, module.eps, module.momentum,
                 module.affine, module.track_running_stats, process_group,
+                bias=module.bias is not None,
             )
             if module.affine:
                 out.weight = module.weight

@@ -28,6 +28,14 @@ __all__ = [
 DEFAULT_NUM_GROUPS = 32
 
 
+def _no_bias_repr(module: nn.Module) -> str:
+    """``"bias=False, "`` for a layer with gamma but no beta (``bias=False``), else ``""``.
+
+    torch's norms print ``bias=`` always; ours print it only when it is not the default, so
+    the reprs of every other layer (and the docs quoting them) stay as they were."""
+    return "bias=False, " if module.affine and module.bias is None else ""
+
+
 class _BatchGroupNorm(nn.Module):
     """Common state and forward of BGN and GBGN (a BatchNorm-like module with (G,) stats)."""
 
@@ -46,6 +54,8 @@ class _BatchGroupNorm(nn.Module):
         track_running_stats: bool = True,
         device: Any = None,
         dtype: Any = None,
+        *,
+        bias: bool = True,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
@@ -57,7 +67,10 @@ class _BatchGroupNorm(nn.Module):
         self.track_running_stats = track_running_stats
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            else:  # torch's BatchNorm(..., bias=False): gamma only, no "bias" in the state dict
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -90,7 +103,8 @@ class _BatchGroupNorm(nn.Module):
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     @property
     def straddles_channels(self) -> bool:
@@ -101,7 +115,8 @@ class _BatchGroupNorm(nn.Module):
     def extra_repr(self) -> str:
         return (
             "{num_features}, num_groups={num_groups}, eps={eps}, momentum={momentum}, "
-            "affine={affine}, track_running_stats={track_running_stats}".format(**self.__dict__)
+            "affine={affine}, {no_bias}track_running_stats={track_running_stats}".format(
+                **self.__dict__, no_bias=_no_bias_repr(self))
         )
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -278,6 +293,10 @@ class _BatchGroupNormNd(_BatchGroupNorm):
         momentum: running-average factor, or None for a cumulative average. Default: 0.1.
         affine: learn per-channel gamma and beta. Default: True.
         track_running_stats: keep running statistics for eval. Default: True.
+        device, dtype: of the parameters and buffers.
+        bias (keyword-only): with ``affine=True``, learn beta too; ``bias=False`` keeps gamma
+            only (``bias`` is None and not in the state dict), as in torch's BatchNorm.
+            Default: True.
 
     Shape:
         - Input: see the subclass; Output: same shape.
@@ -334,7 +353,8 @@ class GeneralBatchGroupNorm2d(_BatchGroupNorm):
         num_features: C.
         num_groups: G, any divisor of C*H*W.
         examples_per_group: e; the training batch size must be a multiple of it.
-        eps, momentum, affine, track_running_stats, device, dtype: as in BatchGroupNorm2d.
+        eps, momentum, affine, track_running_stats, device, dtype, bias (keyword-only): as in
+            BatchGroupNorm2d.
 
     Shape:
         - Input: (N, C, H, W) with N divisible by e in training; Output: same shape.
@@ -360,9 +380,12 @@ class GeneralBatchGroupNorm2d(_BatchGroupNorm):
         track_running_stats: bool = True,
         device: Any = None,
         dtype: Any = None,
+        *,
+        bias: bool = True,
     ) -> None:
         super().__init__(
-            num_features, num_groups, eps, momentum, affine, track_running_stats, device, dtype
+            num_features, num_groups, eps, momentum, affine, track_running_stats, device, dtype,
+            bias=bias,
         )
         self.examples_per_group = _checks.check_num_groups(examples_per_group,
                                                            "examples_per_group")
@@ -389,6 +412,9 @@ class PositionalNorm(nn.Module):
         num_features: C.
         eps: added to the variance. Default: 1e-5.
         affine: learn per-channel gamma and beta. Default: True.
+        device, dtype: of the parameters.
+        bias (keyword-only): with ``affine=True``, learn beta too (``bias=False``: gamma only,
+            as in torch's GroupNorm). Default: True.
 
     Shape:
         - Input: (N, C, \*); Output: same shape.
@@ -401,7 +427,7 @@ class PositionalNorm(nn.Module):
 
     def __init__(
         self, num_features: int, eps: float = 1e-5, affine: bool = True,
-        device: Any = None, dtype: Any = None,
+        device: Any = None, dtype: Any = None, *, bias: bool = True,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
@@ -410,7 +436,10 @@ class PositionalNorm(nn.Module):
         self.affine = affine
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features, **factory_kwargs))
-            self.bias = nn.Parameter(torch.zeros(num_features, **factory_kwargs))
+            if bias:
+                self.bias = nn.Parameter(torch.zeros(num_features, **factory_kwargs))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -418,10 +447,12 @@ class PositionalNorm(nn.Module):
     def reset_parameters(self) -> None:
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}" + (
+            ", bias=False" if _no_bias_repr(self) else "")
 
     def forward(self, input: Tensor) -> Tensor:
         _checks.check_input("PositionalNorm", input)

@@ -1,0 +1,94 @@
+"""Regression tests of issue 13 for the layers and the functional API: torch 2.13's ``bias=``,
+eps validation, strict loading of BatchNorm checkpoints, failed first calls, empty tensors,
+memory formats, errors that name the layer, numpy integers and huge ``num_groups``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import ENGINES, bgn_eval_ref, bgn_ref, set_engine
+from torch import nn
+
+from bgnorm import (
+    BatchGroupNorm1d,
+    BatchGroupNorm2d,
+    BatchGroupNorm3d,
+    GeneralBatchGroupNorm2d,
+    PositionalNorm,
+    SyncBatchGroupNorm,
+)
+
+F64 = torch.float64
+
+
+# ---- finding 3: torch 2.13's keyword-only bias= ---------------------------------------------
+
+BIAS_LAYERS = {
+    "bgn1d": lambda **kw: BatchGroupNorm1d(6, 3, **kw),
+    "bgn2d": lambda **kw: BatchGroupNorm2d(6, 3, **kw),
+    "bgn3d": lambda **kw: BatchGroupNorm3d(6, 3, **kw),
+    "gbgn": lambda **kw: GeneralBatchGroupNorm2d(6, 3, 2, **kw),
+    "sync": lambda **kw: SyncBatchGroupNorm(6, 3, **kw),
+    "pn": lambda **kw: PositionalNorm(6, **kw),
+}
+
+
+@pytest.mark.parametrize("make", BIAS_LAYERS.values(), ids=BIAS_LAYERS.keys())
+def test_bias_false_registers_no_bias_like_torch(make):
+    m = make(bias=False)
+    ref = nn.BatchNorm2d(6, bias=False)
+    assert m.bias is None and isinstance(m.weight, nn.Parameter)
+    assert "bias" not in m.state_dict() and "bias" not in dict(m.named_parameters())
+    assert "weight" in m.state_dict()
+    assert "bias=False" in repr(m) and "bias=False" in repr(ref)
+    assert "bias" not in repr(make())  # the default repr is unchanged
+    assert isinstance(make().bias, nn.Parameter)
+    # affine=False has neither parameter, whatever bias says (as torch)
+    off = make(affine=False, bias=True)
+    assert off.weight is None and off.bias is None
+    m.reset_parameters()  # no bias to reset
+    assert torch.equal(m.weight, torch.ones(6))
+
+
+def test_bias_is_keyword_only_like_torch():
+    with pytest.raises(TypeError):
+        nn.BatchNorm2d(6, 1e-5, 0.1, True, True, None, None, False)
+    with pytest.raises(TypeError):
+        BatchGroupNorm2d(6, 3, 1e-5, 0.1, True, True, None, None, False)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("g", [6, 3, 12, 4], ids=["G=C", "whole", "bands", "straddle"])
+def test_bias_false_forward_backward(g, engine, monkeypatch):
+    set_engine(monkeypatch, engine)
+    m = BatchGroupNorm2d(6, g, bias=False, dtype=F64)
+    with torch.no_grad():
+        m.weight.copy_(torch.linspace(0.5, 2, 6))
+    x = torch.randn(4, 6, 2, 3, dtype=F64, requires_grad=True)
+    y = m(x)
+    yr = bgn_ref(x, g, m.weight)[0]
+    torch.testing.assert_close(y, yr)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, m.weight), dy)
+    want = torch.autograd.grad(yr, (x, m.weight), dy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    m.eval()
+    torch.testing.assert_close(
+        m(x), bgn_eval_ref(x, g, m.running_mean, m.running_var, m.weight))
+
+
+def test_bias_false_at_g_equal_c_is_batchnorm_bit_for_bit():
+    bgn = BatchGroupNorm2d(5, 5, bias=False, dtype=F64)
+    bn = nn.BatchNorm2d(5, bias=False, dtype=F64)
+    x = torch.randn(4, 5, 3, 3, dtype=F64)
+    assert torch.equal(bgn(x), bn(x))
+    assert set(bgn.state_dict()) - {"_extra_state"} == set(bn.state_dict())
+
+
+def test_sync_conversion_keeps_bias_false():
+    net = nn.Sequential(BatchGroupNorm2d(6, 3, bias=False))
+    net = SyncBatchGroupNorm.convert_sync_batchgroupnorm(net)
+    assert isinstance(net[0], SyncBatchGroupNorm) and net[0].bias is None
+    assert "bias" not in net[0].state_dict()
+    net(torch.randn(2, 6, 2, 2))

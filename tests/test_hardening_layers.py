@@ -17,6 +17,7 @@ from bgnorm import (
     PositionalNorm,
     SyncBatchGroupNorm,
 )
+from bgnorm import functional as BF
 
 F64 = torch.float64
 
@@ -92,3 +93,55 @@ def test_sync_conversion_keeps_bias_false():
     assert isinstance(net[0], SyncBatchGroupNorm) and net[0].bias is None
     assert "bias" not in net[0].state_dict()
     net(torch.randn(2, 6, 2, 2))
+
+
+# ---- finding 4: eps validated as torch's batch_norm ------------------------------------------
+
+EPS_FUNCTIONS = {
+    "bgn": lambda x, **kw: BF.batch_group_norm(x, 3, torch.zeros(3), torch.ones(3), **kw),
+    "gbgn": lambda x, **kw: BF.general_batch_group_norm(x, 3, 2, torch.zeros(3), torch.ones(3),
+                                                        **kw),
+}
+
+
+@pytest.mark.parametrize("fn", EPS_FUNCTIONS.values(), ids=EPS_FUNCTIONS.keys())
+def test_functional_eps_is_validated_like_batch_norm(fn):
+    x = torch.randn(4, 6, 2, 2)
+    for eps in (0.0, -1e-5):
+        with pytest.raises(ValueError) as bn_err:
+            torch.nn.functional.batch_norm(x, None, None, training=True, eps=eps)
+        assert "eps must be positive during training" in str(bn_err.value)
+        with pytest.raises(ValueError, match=r"_norm: eps must be positive during training, "
+                                             rf"but got {eps}; .*e\.g\. eps=1e-5"):
+            fn(x, training=True, eps=eps)
+    with pytest.raises(ValueError, match=r"_norm: eps must be non-negative, but got -1\.0; "):
+        fn(x, training=False, eps=-1.0)
+    y = fn(x, training=False, eps=0.0)  # allowed in eval, as torch's batch_norm
+    torch.testing.assert_close(y, x)  # running statistics 0 and 1, eps = 0: the identity
+
+
+LAYERS_G3 = {
+    "bgn1d": lambda **kw: BatchGroupNorm1d(6, 3, **kw),
+    "bgn2d": lambda **kw: BatchGroupNorm2d(6, 3, **kw),
+    "bgn3d": lambda **kw: BatchGroupNorm3d(6, 3, **kw),
+    "gbgn": lambda **kw: GeneralBatchGroupNorm2d(6, 3, 2, **kw),
+    "sync": lambda **kw: SyncBatchGroupNorm(6, 3, **kw),
+}
+INPUT_G3 = {"bgn1d": (4, 6, 3), "bgn2d": (4, 6, 2, 2), "bgn3d": (4, 6, 2, 1, 2),
+            "gbgn": (4, 6, 2, 2), "sync": (4, 6, 2, 2)}
+
+
+@pytest.mark.parametrize("name", LAYERS_G3)
+def test_layer_eps_is_validated_like_batch_norm(name):
+    make, x = LAYERS_G3[name], torch.randn(INPUT_G3[name])
+    with pytest.raises(ValueError, match=r"eps must be positive during training, but got 0\.0"):
+        make(eps=0.0)(x)
+    m = make(eps=0.0).eval()
+    torch.testing.assert_close(m(x), x)  # eval: eps = 0 is valid
+    with pytest.raises(ValueError, match=r"eps must be positive during training"):
+        make(eps=0.0, track_running_stats=False).eval()(x)  # batch statistics in eval
+    m = make().eval()
+    m(x)
+    m.eps = -1.0  # after a validated call: checked again
+    with pytest.raises(ValueError, match=r"eps must be non-negative, but got -1\.0"):
+        m(x)

@@ -270,6 +270,7 @@ class SyncBatchGroupNorm(_BatchGroupNorm):
         self._common_checks(input)
         rm, rv, _, factor = self._batch_norm_args()
         _checks.check_input(_NAME, input)
+        _checks.check_eps(_NAME, self.eps, True)
         _checks.check_groups_divide(_NAME, input, self.num_groups)
         n, c = input.shape[0], input.shape[1]
         x3 = input.reshape(n, c, math.prod(input.shape[2:])).contiguous()

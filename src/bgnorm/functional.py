@@ -78,10 +78,11 @@ def eval_kernel(
 def _validate(
     fn: str, input: Tensor, num_groups: int, examples_per_group: int | None,
     running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
-    bias: Tensor | None, training: bool,
+    bias: Tensor | None, training: bool, eps: float,
 ) -> None:
     """Every check of BGN/GBGN's arguments, with messages that name the problem and the fix."""
     _checks.check_num_groups(num_groups)
+    _checks.check_eps(fn, eps, training)
     _checks.check_input(fn, input)
     c = input.shape[1]
     _checks.check_groups_divide(fn, input, num_groups)
@@ -198,7 +199,8 @@ def batch_group_norm(
         weight, bias: per-channel affine parameters of shape (C,), or None.
         training: use (and update) batch statistics.
         momentum: running-average factor.
-        eps: added to the variance.
+        eps: added to the variance; as in :func:`torch.nn.functional.batch_norm` it must be
+            positive in training and non-negative otherwise (ValueError).
 
     Returns:
         Tensor of the shape and dtype of ``input``. Statistics are computed in float32 for
@@ -211,7 +213,8 @@ def batch_group_norm(
         torch.Size([8, 64, 7, 7])
     """
     fn = "batch_group_norm"
-    _validate(fn, input, num_groups, None, running_mean, running_var, weight, bias, training)
+    _validate(fn, input, num_groups, None, running_mean, running_var, weight, bias, training,
+              eps)
     return _grouped_batch_norm(
         input, num_groups, None, running_mean, running_var, weight, bias, training, momentum, eps
     )
@@ -246,7 +249,7 @@ def general_batch_group_norm(
     _checks.check_num_groups(examples_per_group, "examples_per_group")
     fn = "general_batch_group_norm"
     _validate(fn, input, num_groups, examples_per_group, running_mean, running_var, weight, bias,
-              training)
+              training, eps)
     return _grouped_batch_norm(
         input, num_groups, examples_per_group, running_mean, running_var, weight, bias,
         training, momentum, eps,

@@ -201,7 +201,7 @@ class _BatchGroupNorm(nn.Module):
     def _check_key(self, input: Tensor) -> tuple[Any, ...]:
         # type(input): a pass bound for fake tensors (FakeTensorMode) holds fake indices
         return (input.shape, input.dtype, input.device, input.is_contiguous(), self.training,
-                self.num_groups, self.num_features, self.examples_per_group, type(self),
+                self.num_groups, self.num_features, self.examples_per_group, self.eps, type(self),
                 type(input))
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
@@ -248,7 +248,7 @@ class _BatchGroupNorm(nn.Module):
         e = self.examples_per_group
         if not valid:
             BF._validate(self._functional, input, self.num_groups, e, rm, rv, self.weight,
-                         self.bias, use_batch)
+                         self.bias, use_batch, self.eps)
         y = BF._grouped_batch_norm(input, self.num_groups, e, rm, rv, self.weight, self.bias,
                                    use_batch, factor, self.eps)
         if key is not None and not valid:

@@ -84,7 +84,7 @@ def test_bias_false_at_g_equal_c_is_batchnorm_bit_for_bit():
     bn = nn.BatchNorm2d(5, bias=False, dtype=F64)
     x = torch.randn(4, 5, 3, 3, dtype=F64)
     assert torch.equal(bgn(x), bn(x))
-    assert set(bgn.state_dict()) - {"_extra_state"} == set(bn.state_dict())
+    assert set(bgn.state_dict()) == set(bn.state_dict())
 
 
 def test_sync_conversion_keeps_bias_false():
@@ -145,3 +145,62 @@ def test_layer_eps_is_validated_like_batch_norm(name):
     m.eps = -1.0  # after a validated call: checked again
     with pytest.raises(ValueError, match=r"eps must be non-negative, but got -1\.0"):
         m(x)
+
+
+# ---- finding 9: strict loading of stock BatchNorm checkpoints --------------------------------
+
+BN_TWINS = [
+    (BatchGroupNorm1d, nn.BatchNorm1d, {}),
+    (BatchGroupNorm2d, nn.BatchNorm2d, {}),
+    (BatchGroupNorm3d, nn.BatchNorm3d, {}),
+    (BatchGroupNorm2d, nn.BatchNorm2d, {"bias": False}),
+    (BatchGroupNorm2d, nn.BatchNorm2d, {"affine": False}),
+    (BatchGroupNorm2d, nn.BatchNorm2d, {"affine": False, "track_running_stats": False}),
+]
+
+
+@pytest.mark.parametrize("bgn_cls,bn_cls,kw", BN_TWINS)
+def test_g_equal_c_strict_loads_a_batchnorm_checkpoint_and_back(bgn_cls, bn_cls, kw):
+    bn = bn_cls(6, **kw)
+    for t in bn.state_dict().values():
+        if t.is_floating_point():
+            t.uniform_(0.5, 1.5)
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.fill_(7)
+    net = nn.Sequential(nn.Identity(), bgn_cls(6, 6, **kw))
+    net.load_state_dict(nn.Sequential(nn.Identity(), bn).state_dict())  # strict
+    for name, t in bn.state_dict().items():
+        assert torch.equal(net[1].state_dict()[name], t), name
+    assert set(net[1].state_dict()) == set(bn.state_dict())
+    bn_cls(6, **kw).load_state_dict(net[1].state_dict())  # and back into torch's layer
+
+
+def test_extra_state_only_when_a_layout_is_recorded():
+    m = BatchGroupNorm2d(4, 6)  # straddling groups
+    assert "_extra_state" not in m.state_dict()
+    m(torch.randn(4, 4, 3, 3))
+    sd = m.state_dict()
+    assert sd["_extra_state"] == {"layout_shape": [3, 3]}
+    fresh = BatchGroupNorm2d(4, 6)
+    fresh.load_state_dict(sd)
+    assert fresh.layout_shape == (3, 3)
+    # a checkpoint without the key (saved before any input): no layout
+    fresh.load_state_dict(BatchGroupNorm2d(4, 6).state_dict())
+    assert fresh.layout_shape is None
+    # a strict=False load of another part of a model leaves the recorded layout alone
+    net = nn.Sequential(nn.Linear(2, 2), m)
+    net.load_state_dict({"0.weight": torch.ones(2, 2), "0.bias": torch.zeros(2)}, strict=False)
+    assert m.layout_shape == (3, 3)
+
+
+@pytest.mark.parametrize("layout", [None, [3, 3]])
+def test_checkpoints_of_version_1_still_load(layout):
+    """Before, every state dict had "_extra_state" (layout_shape None when nothing recorded)."""
+    src = BatchGroupNorm2d(4, 6)
+    sd = dict(src.state_dict())
+    sd["_extra_state"] = {"layout_shape": layout}
+    sd = type(src.state_dict())(sd)
+    sd._metadata = {"": {"version": 1}}
+    m = BatchGroupNorm2d(4, 6)
+    m.load_state_dict(sd)
+    assert m.layout_shape == (None if layout is None else tuple(layout))

@@ -23,6 +23,8 @@ __all__ = [
     "DEFAULT_NUM_GROUPS",
 ]
 
+_EXTRA_STATE = "_extra_state"  # torch's key for get_extra_state()
+
 #: Default G of the BatchGroupNorm layers (the GN paper's default group count). The BGN paper
 #: chooses G by batch size: see :func:`bgnorm.paper_groups`.
 DEFAULT_NUM_GROUPS = 32
@@ -119,6 +121,11 @@ class _BatchGroupNorm(nn.Module):
                 **self.__dict__, no_bias=_no_bias_repr(self))
         )
 
+    # The group layout recorded by straddling groups is the layer's extra state. It is saved
+    # only when there is one, so a layer without (any G that divides C or is a multiple of C,
+    # or straddling groups before their first input) has exactly BatchNorm's state dict keys:
+    # at G = C a stock BatchNorm checkpoint loads strictly, and back. A state dict without the
+    # key means "no layout recorded" (checkpoints of version 1 always have it).
     def get_extra_state(self) -> dict[str, Any]:
         return {"layout_shape": None if self.layout_shape is None else list(self.layout_shape)}
 
@@ -127,17 +134,28 @@ class _BatchGroupNorm(nn.Module):
         self.layout_shape = None if shape is None else tuple(int(s) for s in shape)
         self._checked = None
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout_shape is None:
+            destination.pop(prefix + _EXTRA_STATE, None)
+
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
         error_msgs,
     ):  # type: ignore[override]
+        own = [name for name, t in (*self._parameters.items(), *self._buffers.items())
+               if t is not None]
+        if not own or any(prefix + name in state_dict for name in own):
+            # this layer's entries without extra state (a BatchNorm checkpoint, or ours with
+            # no layout recorded): no layout. A dict with none of its entries (strict=False
+            # loads of another part of a model) leaves the recorded layout alone.
+            state_dict.setdefault(prefix + _EXTRA_STATE, {"layout_shape": None})
         version = local_metadata.get("version", None)
         if version is None:
             # A dict without our metadata (hand-made, or from an older format): fill in what the
             # current format adds, the way torch's BatchNorm migrates num_batches_tracked.
             if self.track_running_stats and prefix + "num_batches_tracked" not in state_dict:
                 state_dict[prefix + "num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
-            state_dict.setdefault(prefix + "_extra_state", {"layout_shape": None})
         key = prefix + "running_mean"
         if key in state_dict and self.running_mean is not None:
             saved = state_dict[key]

@@ -22,6 +22,22 @@ from bgnorm import functional as BF
 F64 = torch.float64
 
 
+@pytest.fixture
+def sync_path(tmp_path, monkeypatch):
+    """SyncBatchGroupNorm's synchronized path in this process: a gloo group of one rank, which
+    the layer is made to synchronize over (it runs locally on one rank otherwise)."""
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    monkeypatch.setattr(SyncBatchGroupNorm, "_sync_group",
+                        lambda self: dist.group.WORLD if self.training else None)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 # ---- finding 3: torch 2.13's keyword-only bias= ---------------------------------------------
 
 BIAS_LAYERS = {
@@ -131,6 +147,13 @@ INPUT_G3 = {"bgn1d": (4, 6, 3), "bgn2d": (4, 6, 2, 2), "bgn3d": (4, 6, 2, 1, 2),
             "gbgn": (4, 6, 2, 2), "sync": (4, 6, 2, 2)}
 
 
+def test_synchronized_eps_is_validated_like_batch_norm(sync_path):
+    m = SyncBatchGroupNorm(6, 3, eps=0.0)
+    with pytest.raises(ValueError, match=r"eps must be positive during training, but got 0\.0"):
+        m(torch.randn(4, 6, 2))
+    SyncBatchGroupNorm(6, 3)(torch.randn(4, 6, 2))  # the synchronized path runs
+
+
 @pytest.mark.parametrize("name", LAYERS_G3)
 def test_layer_eps_is_validated_like_batch_norm(name):
     make, x = LAYERS_G3[name], torch.randn(INPUT_G3[name])
@@ -204,3 +227,40 @@ def test_checkpoints_of_version_1_still_load(layout):
     m = BatchGroupNorm2d(4, 6)
     m.load_state_dict(sd)
     assert m.layout_shape == (None if layout is None else tuple(layout))
+
+
+# ---- finding 7: a failed first call does not fix a straddling layer's layout -----------------
+
+STRADDLING = {
+    "bgn2d": lambda: BatchGroupNorm2d(8, 6),
+    "gbgn": lambda: GeneralBatchGroupNorm2d(8, 6, 2),
+    "sync": lambda: SyncBatchGroupNorm(8, 6),
+}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("make", STRADDLING.values(), ids=STRADDLING.keys())
+def test_failed_first_call_does_not_record_the_layout(make, training):
+    _failed_first_call(make, training)
+
+
+def test_failed_first_call_does_not_record_the_layout_synchronized(sync_path):
+    _failed_first_call(STRADDLING["sync"], True)
+
+
+def _failed_first_call(make, training):
+    m = make().train(training)
+    with pytest.raises(ValueError, match=r"num_groups=6 must divide D = C\*H\*W = 8\*5\*5"):
+        m(torch.randn(4, 8, 5, 5))
+    assert m.layout_shape is None and "_extra_state" not in m.state_dict()
+    if training:  # a valid size, but one value per group
+        with pytest.raises(ValueError, match="expected more than 1 value per group"):
+            BatchGroupNorm2d(8, 6 * 8)(torch.randn(1, 8, 6, 1))
+    x = torch.randn(4, 8, 3, 3, dtype=F64)
+    y = m.double()(x)  # the valid size that follows works, and is the one recorded
+    assert m.layout_shape == (3, 3)
+    assert m.state_dict()["_extra_state"] == {"layout_shape": [3, 3]}
+    if training and not isinstance(m, GeneralBatchGroupNorm2d):
+        torch.testing.assert_close(y, bgn_ref(x, 6, m.weight, m.bias)[0])
+    with pytest.raises(ValueError, match=r"laid out for spatial size \(3, 3\)"):
+        m(torch.randn(4, 8, 6, 6, dtype=F64))

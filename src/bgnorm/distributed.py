@@ -277,6 +277,7 @@ class SyncBatchGroupNorm(_BatchGroupNorm):
         y = _SyncBatchGroupNormFunction.apply(
             x3, self.weight, self.bias, rm, rv, self.num_groups, self.eps, factor, group
         )
+        self._record_layout(input)
         return y.view(input.shape)
 
     @classmethod

@@ -177,12 +177,12 @@ class _BatchGroupNorm(nn.Module):
             raise ValueError(f"expected {want} input (got {input.dim()}D input)")
 
     def _check_layout(self, input: Tensor) -> None:
-        if not self.straddles_channels:
+        """Straddling groups: the input must have the recorded spatial size, if any (it is
+        recorded by :meth:`_record_layout` once a call has succeeded)."""
+        if not self.straddles_channels or self.layout_shape is None:
             return
         shape = tuple(int(s) for s in input.shape[2:])
-        if self.layout_shape is None:
-            self.layout_shape = shape
-        elif shape != self.layout_shape:
+        if shape != self.layout_shape:
             c, g = self.num_features, self.num_groups
             channel_groups = [d for d in _checks.nearby_divisors(c, g, 3)]
             raise ValueError(
@@ -194,6 +194,12 @@ class _BatchGroupNorm(nn.Module):
                 f"(e.g. {', '.join(map(str, channel_groups))}) or a multiple of C, which work at "
                 "any size"
             )
+
+    def _record_layout(self, input: Tensor) -> None:
+        """Straddling groups: fix the layout at the spatial size of the first input that
+        passed every check (never at a rejected one: it would refuse valid inputs after)."""
+        if self.layout_shape is None and self.straddles_channels:
+            self.layout_shape = tuple(int(s) for s in input.shape[2:])
 
     def _batch_norm_args(self) -> tuple[Tensor | None, Tensor | None, bool, float]:
         """(running_mean, running_var, use_batch_stats, momentum) as torch's _BatchNorm does."""
@@ -269,6 +275,8 @@ class _BatchGroupNorm(nn.Module):
                          self.bias, use_batch, self.eps)
         y = BF._grouped_batch_norm(input, self.num_groups, e, rm, rv, self.weight, self.bias,
                                    use_batch, factor, self.eps)
+        if not valid:
+            self._record_layout(input)
         if key is not None and not valid:
             kernel = None if use_batch else BF.eval_kernel(input, self.num_groups, rm,
                                                              self.weight)
@@ -298,7 +306,8 @@ class _BatchGroupNormNd(_BatchGroupNorm):
       spatial extent, e.g. horizontal strips of H/k rows): at another spatial size the bands
       are the same k equal fractions of each channel, so any size divisible by k works.
     * Otherwise groups straddle channel boundaries and their membership depends on the spatial
-      size: the layer records the size of its first input and raises on any other.
+      size: the layer records the size of its first valid input (saved in the state dict) and
+      raises on any other.
 
     Statistics are computed in float32 for float16/bfloat16 inputs; the output keeps the input
     dtype.

@@ -264,3 +264,88 @@ def _failed_first_call(make, training):
         torch.testing.assert_close(y, bgn_ref(x, 6, m.weight, m.bias)[0])
     with pytest.raises(ValueError, match=r"laid out for spatial size \(3, 3\)"):
         m(torch.randn(4, 8, 6, 6, dtype=F64))
+
+
+# ---- finding 8: empty tensors -----------------------------------------------------------------
+
+EMPTY_CASES = [  # (layer class, torch twin, input shape, groups: G = C, whole, bands, straddle)
+    (BatchGroupNorm1d, nn.BatchNorm1d, (0, 6), (6, 3, 2)),
+    (BatchGroupNorm1d, nn.BatchNorm1d, (0, 6, 4), (6, 3, 12, 4)),
+    (BatchGroupNorm2d, nn.BatchNorm2d, (0, 6, 2, 3), (6, 3, 12, 4)),
+    (BatchGroupNorm3d, nn.BatchNorm3d, (0, 6, 2, 1, 3), (6, 3, 12, 4)),
+    (BatchGroupNorm2d, nn.BatchNorm2d, (2, 6, 0, 0), (6, 3, 12, 4)),
+    (BatchGroupNorm2d, nn.BatchNorm2d, (2, 6, 3, 0), (6, 3, 12, 4)),
+    (BatchGroupNorm3d, nn.BatchNorm3d, (0, 6, 0, 2, 2), (6, 3, 12, 4)),
+]
+
+
+def _run_empty(m, shape, dtype=torch.float32):
+    with torch.no_grad():
+        if m.weight is not None:
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-1, 1)
+        if m.running_mean is not None:
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    before = {k: v.clone() for k, v in m.state_dict().items() if isinstance(v, torch.Tensor)}
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    y = m(x)
+    y.backward(torch.randn_like(y))
+    after = {k: v for k, v in m.state_dict().items() if isinstance(v, torch.Tensor)}
+    grads = (None if m.weight is None else m.weight.grad, None if m.bias is None else m.bias.grad)
+    return y, x.grad, grads, before, after
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("cls,bn_cls,shape,groups", EMPTY_CASES,
+                         ids=[str(c[2]) for c in EMPTY_CASES])
+def test_empty_input_behaves_as_batchnorm(cls, bn_cls, shape, groups, training, engine,
+                                          monkeypatch):
+    set_engine(monkeypatch, engine)
+    for momentum in (0.1, None):
+        bn = bn_cls(6, momentum=momentum).train(training)
+        yb, dxb, (dwb, dbb), before_b, after_b = _run_empty(bn, shape)
+        for g in groups:
+            m = cls(6, g, momentum=momentum).train(training)
+            y, dx, (dw, db), before, after = _run_empty(m, shape)
+            assert y.shape == yb.shape == shape and y.dtype == yb.dtype
+            assert dx.shape == dxb.shape == shape
+            assert torch.equal(dw, dwb) and torch.equal(db, dbb)  # zeros, as torch's
+            for name in ("running_mean", "running_var"):  # left alone, as torch's
+                assert torch.equal(after[name], before[name]), (g, name)
+                assert torch.equal(after_b[name], before_b[name])
+            assert int(after["num_batches_tracked"]) == int(after_b["num_batches_tracked"])
+            if m.straddles_channels and 0 not in shape[2:]:  # an empty batch of a valid size
+                assert m.layout_shape == shape[2:]
+            else:  # spatial size 0: no groups to lay out
+                assert m.layout_shape is None
+
+
+@pytest.mark.parametrize("g", [6, 3, 12, 4])
+def test_empty_batch_in_every_form(g):
+    """GBGN, the functional API, half precision, no affine, no running statistics."""
+    x = torch.randn(0, 6, 2, 3)
+    for m in (GeneralBatchGroupNorm2d(6, g, 2), BatchGroupNorm2d(6, g, affine=False),
+              BatchGroupNorm2d(6, g, track_running_stats=False),
+              BatchGroupNorm2d(6, g, bias=False), SyncBatchGroupNorm(6, g)):
+        for training in (True, False):
+            assert m.train(training)(x).shape == x.shape
+    assert BF.batch_group_norm(x, g, training=True).shape == x.shape
+    assert BF.general_batch_group_norm(x, g, 3, training=True).shape == x.shape
+    xh = torch.randn(0, 6, 2, 3, dtype=torch.bfloat16, requires_grad=True)
+    m = BatchGroupNorm2d(6, g)
+    y = m(xh)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and xh.grad.shape == xh.shape
+    assert torch.equal(m.weight.grad, torch.zeros(6))
+
+
+def test_straddling_layer_takes_empty_inputs_after_its_layout_is_recorded():
+    m = BatchGroupNorm2d(8, 6)
+    m(torch.randn(2, 8, 3, 3))
+    assert m(torch.randn(2, 8, 0, 0)).shape == (2, 8, 0, 0)
+    assert m(torch.randn(0, 8, 3, 3)).shape == (0, 8, 3, 3)
+    with pytest.raises(ValueError, match=r"laid out for spatial size \(3, 3\)"):
+        m(torch.randn(0, 8, 6, 6))  # a size it refuses at any batch size
+    assert m.layout_shape == (3, 3)

@@ -134,8 +134,10 @@ def check_vector(fn: str, name: str, t: Tensor | None, size: int, what: str) -> 
 
 
 def check_values_per_group(fn: str, input: Tensor, count: int, num_groups: int) -> None:
+    """As torch's batch_norm: one value per statistic is refused in training; none (an empty
+    batch or spatial size) is not, the output is then empty."""
     require(
-        count > 1, ValueError,
+        count != 1, ValueError,
         lambda: f"{fn}: expected more than 1 value per group when training, got input of shape "
         f"{_shape_str(input.shape)} with num_groups={num_groups} ({int(count)} value per group); "
         "use a larger batch, fewer groups, or eval mode",

@@ -62,6 +62,25 @@ def _plan(n: int, c: int, s: int, g: int, p0: int) -> UnitsPlan:
     return units_plan(n, c, s, g, p0)
 
 
+def _empty_norm(
+    input: Tensor, running_mean: Tensor | None = None, running_var: Tensor | None = None,
+    weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 0.0,
+) -> Tensor:
+    """The output for an empty ``input`` (N = 0 or a spatial size of 0), as torch's
+    BatchNorm gives it: an empty tensor of the input's shape, dtype and memory format, linked
+    to ``weight`` and ``bias`` so that their gradients are zeros (no statistics: running
+    statistics are left as they are). The signature of an eval kernel."""
+    y = input.clone()
+    if weight is not None or bias is not None:
+        shape = (1, -1) + (1,) * (input.dim() - 2)
+        if weight is not None:
+            y = y * weight.view(shape)
+        if bias is not None:
+            y = y + bias.view(shape)
+        y = y.to(input.dtype)
+    return y
+
+
 def eval_kernel(
     input: Tensor, num_groups: int, running_mean: Tensor, weight: Tensor | None
 ) -> EvalKernel:
@@ -69,6 +88,8 @@ def eval_kernel(
     (sizes, dtypes, device, memory format): call it as ``kernel(input, running_mean,
     running_var, weight, bias, eps)``. Layers keep it for the inputs they validated (see
     :func:`bgnorm.ops.native.native_eval_kernel`)."""
+    if input.numel() == 0:
+        return _empty_norm
     n, c = input.shape[:2]
     plan = _plan(n, c, math.prod(input.shape[2:]), num_groups, 1)
     pdt = running_mean.dtype if weight is None else weight.dtype
@@ -121,6 +142,8 @@ def _grouped_batch_norm(
 ) -> Tensor:
     """BGN (``examples_per_group=None``: one batch group) and GBGN on validated arguments."""
     n, c = input.shape[:2]
+    if input.numel() == 0:  # an empty batch or spatial size: an empty output, as BatchNorm's
+        return _empty_norm(input, None, None, weight, bias)
     if not training:  # constant statistics: one native pass
         kernel = eval_kernel(input, num_groups, running_mean, weight)
         return kernel(input, running_mean, running_var, weight, bias, eps)
@@ -204,7 +227,8 @@ def batch_group_norm(
 
     Returns:
         Tensor of the shape and dtype of ``input``. Statistics are computed in float32 for
-        float16/bfloat16 inputs.
+        float16/bfloat16 inputs. An empty ``input`` (N = 0 or a spatial size of 0) gives an
+        empty output and leaves the running statistics alone, as torch's batch_norm.
 
     Example:
         >>> x = torch.randn(8, 64, 7, 7)

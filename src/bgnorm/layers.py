@@ -6,6 +6,7 @@ validate shapes; the math lives in :mod:`bgnorm.functional`.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -182,7 +183,7 @@ class _BatchGroupNorm(nn.Module):
         if not self.straddles_channels or self.layout_shape is None:
             return
         shape = tuple(int(s) for s in input.shape[2:])
-        if shape != self.layout_shape:
+        if shape != self.layout_shape and math.prod(shape) != 0:  # spatial size 0: no groups
             c, g = self.num_features, self.num_groups
             channel_groups = [d for d in _checks.nearby_divisors(c, g, 3)]
             raise ValueError(
@@ -199,7 +200,9 @@ class _BatchGroupNorm(nn.Module):
         """Straddling groups: fix the layout at the spatial size of the first input that
         passed every check (never at a rejected one: it would refuse valid inputs after)."""
         if self.layout_shape is None and self.straddles_channels:
-            self.layout_shape = tuple(int(s) for s in input.shape[2:])
+            shape = tuple(int(s) for s in input.shape[2:])
+            if math.prod(shape) != 0:
+                self.layout_shape = shape
 
     def _batch_norm_args(self) -> tuple[Tensor | None, Tensor | None, bool, float]:
         """(running_mean, running_var, use_batch_stats, momentum) as torch's _BatchNorm does."""

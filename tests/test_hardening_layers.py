@@ -349,3 +349,134 @@ def test_straddling_layer_takes_empty_inputs_after_its_layout_is_recorded():
     with pytest.raises(ValueError, match=r"laid out for spatial size \(3, 3\)"):
         m(torch.randn(0, 8, 6, 6))  # a size it refuses at any batch size
     assert m.layout_shape == (3, 3)
+
+
+# ---- finding 14: y and dx keep the input's memory format ---------------------------------------
+
+FORMAT_LAYOUTS = {  # name: (make layer for C = 6, reference(x, layer) in float64)
+    "G=C": (lambda cls: cls(6, 6), None),
+    "whole": (lambda cls: cls(6, 3), None),
+    "bands": (lambda cls: cls(6, 12), None),
+    "straddle": (lambda cls: cls(6, 9), None),
+    "gbgn": (lambda cls: GeneralBatchGroupNorm2d(6, 9, 2), None),
+    "pn": (lambda cls: PositionalNorm(6), None),
+}
+FORMATS = {"4d": (BatchGroupNorm2d, (4, 6, 4, 3), torch.channels_last),
+           "5d": (BatchGroupNorm3d, (4, 6, 2, 2, 3), torch.channels_last_3d)}
+
+
+def _format_reference(m, x, training):
+    """y of layer ``m`` on float64 ``x`` from reference.py, and its per-layout G."""
+    w, b = m.weight, m.bias
+    if isinstance(m, PositionalNorm):
+        from reference import pn_ref
+        return pn_ref(x, w, b)
+    if not training:
+        return bgn_eval_ref(x, m.num_groups, m.running_mean, m.running_var, w, b)
+    if isinstance(m, GeneralBatchGroupNorm2d):
+        from reference import gbgn_ref
+        return gbgn_ref(x, m.num_groups, m.examples_per_group, w, b)[0]
+    return bgn_ref(x, m.num_groups, w, b)[0]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dims,layout", [(d, la) for d in FORMATS for la in FORMAT_LAYOUTS
+                                          if not (d == "5d" and la == "gbgn")])  # GBGN: 2D
+def test_output_and_input_gradient_keep_channels_last(dims, layout, training, engine,
+                                                      monkeypatch):
+    set_engine(monkeypatch, engine)
+    cls, shape, fmt = FORMATS[dims]
+    m = FORMAT_LAYOUTS[layout][0](cls).double().train(training)
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.uniform_(-1, 1)
+        if getattr(m, "running_mean", None) is not None:
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    leaf = torch.randn(shape, dtype=F64).to(memory_format=fmt).requires_grad_()
+    for _ in range(2):  # the first call validates, the second takes kept passes
+        x = leaf * 1  # a non-leaf input: its gradient is what the norm returns, as it is
+        assert x.is_contiguous(memory_format=fmt) and not x.is_contiguous()
+        y = m(x)
+        dy = torch.randn(shape, dtype=F64)
+        params = (x, m.weight, m.bias)
+        grads = torch.autograd.grad(y, params, dy)
+        assert y.is_contiguous(memory_format=fmt), "y lost the input's memory format"
+        assert grads[0].is_contiguous(memory_format=fmt), "dx lost the input's memory format"
+        ref = _format_reference(m, x, training)
+        torch.testing.assert_close(y, ref)
+        for got, want in zip(grads, torch.autograd.grad(ref, params, dy)):
+            torch.testing.assert_close(got, want)
+    # contiguous inputs stay contiguous (PositionalNorm's input gradient is channels-last,
+    # from torch's LayerNorm over C of the channels-last view: as it always was)
+    xc = torch.randn(shape, dtype=F64, requires_grad=True) * 1
+    yc = m(xc)
+    assert yc.is_contiguous()
+    dxc = torch.autograd.grad(yc, xc, torch.randn(shape, dtype=F64))[0]
+    assert dxc.is_contiguous() or isinstance(m, PositionalNorm)
+
+
+@pytest.mark.parametrize("g", [6, 3, 12, 9])
+def test_synchronized_layer_keeps_channels_last(g, sync_path):
+    m = SyncBatchGroupNorm(6, g, dtype=F64)
+    for shape, fmt in (((4, 6, 4, 3), torch.channels_last),
+                       ((4, 6, 2, 2, 3), torch.channels_last_3d)):
+        x = torch.randn(shape, dtype=F64).to(memory_format=fmt).requires_grad_() * 1
+        y = m(x)
+        (dx,) = torch.autograd.grad(y, x, torch.randn(shape, dtype=F64))
+        assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(y, bgn_ref(x, g, m.weight, m.bias)[0])
+        m.layout_shape = None  # the next shape (straddling groups)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_channels_last_double_backward(engine, monkeypatch):
+    set_engine(monkeypatch, engine)
+    m = BatchGroupNorm2d(6, 9).double()
+    x0 = torch.randn(4, 6, 4, 3, dtype=F64)
+    out = []
+    for x in (x0.clone(), x0.to(memory_format=torch.channels_last)):
+        x.requires_grad_()
+        (dx,) = torch.autograd.grad(m(x).pow(3).sum(), x, create_graph=True)
+        out.append((dx, torch.autograd.grad(dx.square().sum(), x)[0]))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b)
+
+
+def test_strides_like_channels_last_follow_torch():
+    """Sliced channels-last inputs (not dense) keep the format as torch's BatchNorm does."""
+    x = torch.randn(4, 6, 8, 6).to(memory_format=torch.channels_last)[:, :, ::2]
+    m, bn = BatchGroupNorm2d(6, 9), nn.BatchNorm2d(6)
+    assert bn(x).is_contiguous(memory_format=torch.channels_last)
+    assert m(x).is_contiguous(memory_format=torch.channels_last)
+    assert m.eval()(x).is_contiguous(memory_format=torch.channels_last)
+    # ambiguous (C = 1, 1x1 maps) or other strides: contiguous output, as torch's
+    ambiguous = [torch.randn(4, 1, 3, 3), torch.randn(4, 6, 1, 1)]
+    cases = [t.to(memory_format=torch.channels_last) for t in ambiguous] + [
+        torch.randn(4, 6, 4, 4)[..., ::2], torch.randn(4, 3, 6, 4).transpose(1, 2)]
+    for u in cases:
+        c = u.shape[1]
+        for g in (c, 2, 3, 3 * c, 4):  # G = C, whole channels, bands, straddling
+            for training in (True, False):
+                if u[0].numel() % g:
+                    continue
+                ours = BatchGroupNorm2d(c, g).train(training)
+                theirs = nn.BatchNorm2d(c).train(training)
+                assert ours(u).is_contiguous() and theirs(u).is_contiguous()
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("g", [4, 16, 6], ids=["whole", "bands", "straddle"])
+def test_compiled_layers_keep_channels_last(g, training):
+    """torch.compile(fullgraph=True) (the general engine) keeps the formats of eager mode."""
+    torch._dynamo.reset()
+    m = BatchGroupNorm2d(8, g).train(training)
+    cm = torch.compile(m, fullgraph=True, backend="aot_eager")
+    leaf = torch.randn(4, 8, 6, 6).to(memory_format=torch.channels_last).requires_grad_()
+    x = leaf * 1
+    y = cm(x)
+    (dx,) = torch.autograd.grad(y, x, torch.randn_like(y))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, m(x.detach()))

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from . import _checks
 from .layers import DEFAULT_NUM_GROUPS, _BatchGroupNorm, _BatchGroupNormNd
-from .ops.engine import compute_dtype
+from .ops.engine import compute_dtype, contiguous_for, memory_format_of
 
 __all__ = ["SyncBatchGroupNorm"]
 
@@ -273,12 +273,14 @@ class SyncBatchGroupNorm(_BatchGroupNorm):
         _checks.check_eps(_NAME, self.eps, True)
         _checks.check_groups_divide(_NAME, input, self.num_groups)
         n, c = input.shape[0], input.shape[1]
-        x3 = input.reshape(n, c, math.prod(input.shape[2:])).contiguous()
+        fmt = memory_format_of(input)  # y and dx keep a channels-last input's format
+        x3 = contiguous_for(input, fmt).view(n, c, math.prod(input.shape[2:]))
         y = _SyncBatchGroupNormFunction.apply(
             x3, self.weight, self.bias, rm, rv, self.num_groups, self.eps, factor, group
         )
         self._record_layout(input)
-        return y.view(input.shape)
+        y = y.view(input.shape)
+        return y if fmt is None else y.contiguous(memory_format=fmt)
 
     @classmethod
     def convert_sync_batchgroupnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:

@@ -27,9 +27,11 @@ from torch import Tensor
 from . import _checks
 from .ops.engine import (
     UnitsPlan,
+    contiguous_for,
     grouped_norm,
     grouped_norm_composed,
     in_functorch_transform,
+    memory_format_of,
     units_plan,
     update_running,
 )
@@ -152,6 +154,28 @@ def _grouped_batch_norm(
         # G = C is BatchNorm: torch's own kernel, bit for bit.
         return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
 
+    fmt = None if input.is_contiguous() else memory_format_of(input)
+    args = (num_groups, examples_per_group, running_mean, running_var, weight, bias, momentum, eps)
+    if fmt is None:
+        return _train(input, *args)
+    # the engines work on contiguous tensors: y and dx keep a channels-last input's memory
+    # format, as torch's norms do (a copy each way)
+    return _train(contiguous_for(input, fmt), *args).contiguous(memory_format=fmt)
+
+
+def _train(
+    input: Tensor,
+    num_groups: int,
+    examples_per_group: int | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """BGN/GBGN in training on one of the engines (see :data:`ENGINE`)."""
+    n, c = input.shape[:2]
     s = math.prod(input.shape[2:])
     e = n if examples_per_group is None else examples_per_group
     p0 = n // e
@@ -303,7 +327,6 @@ def positional_norm(
     # LayerNorm over C of the channels-last view is exactly PN: torch's own kernel, forward,
     # backward and double backward. The output keeps the input's memory format.
     y = F.layer_norm(input.movedim(1, -1), (c,), weight, bias, eps).movedim(-1, 1)
-    if (input.dim() == 4 and not in_functorch_transform()  # vmap cannot query the format
-            and input.is_contiguous(memory_format=torch.channels_last)):
-        return y
+    if memory_format_of(input) is not None:  # (never under torch.func: vmap cannot query it)
+        return y  # channels-last: y (and dx) already are
     return y.contiguous()

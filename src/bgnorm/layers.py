@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from . import _checks
 from . import functional as BF
+from .ops.engine import memory_format_of
 
 __all__ = [
     "BatchGroupNorm1d",
@@ -227,7 +228,9 @@ class _BatchGroupNorm(nn.Module):
 
     def _check_key(self, input: Tensor) -> tuple[Any, ...]:
         # type(input): a pass bound for fake tensors (FakeTensorMode) holds fake indices
-        return (input.shape, input.dtype, input.device, input.is_contiguous(), self.training,
+        # the memory format is part of it: the kept eval pass returns y in the input's
+        return (input.shape, input.dtype, input.device,
+                input.is_contiguous() or memory_format_of(input), self.training,
                 self.num_groups, self.num_features, self.examples_per_group, self.eps, type(self),
                 type(input))
 

@@ -72,6 +72,22 @@ def check_input(fn: str, input: Tensor) -> None:
     )
 
 
+def check_eps(fn: str, eps: float, training: bool) -> None:
+    """As torch's batch_norm: eps > 0 when normalizing with batch statistics (training), eps >= 0
+    with running statistics (a zero-variance group would otherwise divide by zero: NaN)."""
+    if training and eps <= 0.0:
+        raise ValueError(
+            f"{fn}: eps must be positive during training, but got {eps}; eps is added to the "
+            "batch variance, and a group of equal values has variance 0, so this would divide "
+            "by zero (NaN output). Pass a small positive eps, e.g. eps=1e-5 (the default)"
+        )
+    elif eps < 0.0:
+        raise ValueError(
+            f"{fn}: eps must be non-negative, but got {eps}; eps is added to the variance "
+            "before its square root. Pass eps >= 0, e.g. eps=1e-5 (the default)"
+        )
+
+
 def check_groups_divide(fn: str, input: Tensor, num_groups: int) -> None:
     """``num_groups`` must divide D = C * prod(spatial)."""
     c = input.shape[1]
@@ -118,8 +134,10 @@ def check_vector(fn: str, name: str, t: Tensor | None, size: int, what: str) -> 
 
 
 def check_values_per_group(fn: str, input: Tensor, count: int, num_groups: int) -> None:
+    """As torch's batch_norm: one value per statistic is refused in training; none (an empty
+    batch or spatial size) is not, the output is then empty."""
     require(
-        count > 1, ValueError,
+        count != 1, ValueError,
         lambda: f"{fn}: expected more than 1 value per group when training, got input of shape "
         f"{_shape_str(input.shape)} with num_groups={num_groups} ({int(count)} value per group); "
         "use a larger batch, fewer groups, or eval mode",

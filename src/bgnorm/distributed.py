@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from . import _checks
 from .layers import DEFAULT_NUM_GROUPS, _BatchGroupNorm, _BatchGroupNormNd
-from .ops.engine import compute_dtype
+from .ops.engine import compute_dtype, contiguous_for, memory_format_of
 
 __all__ = ["SyncBatchGroupNorm"]
 
@@ -215,6 +215,8 @@ class SyncBatchGroupNorm(_BatchGroupNorm):
         track_running_stats: keep running statistics for eval. Default: True.
         process_group: the group to synchronize over; None: the default (world) group.
         device, dtype: of the parameters and buffers.
+        bias (keyword-only): with ``affine=True``, learn beta too (``bias=False``: gamma only,
+            as in torch's SyncBatchNorm). Default: True.
 
     Shape:
         - Input: (N, C, \*) with N >= 0 on each rank; Output: same shape.
@@ -241,9 +243,12 @@ class SyncBatchGroupNorm(_BatchGroupNorm):
         process_group: Any = None,
         device: Any = None,
         dtype: Any = None,
+        *,
+        bias: bool = True,
     ) -> None:
         super().__init__(
-            num_features, num_groups, eps, momentum, affine, track_running_stats, device, dtype
+            num_features, num_groups, eps, momentum, affine, track_running_stats, device, dtype,
+            bias=bias,
         )
         self.process_group = process_group
 
@@ -265,13 +270,17 @@ class SyncBatchGroupNorm(_BatchGroupNorm):
         self._common_checks(input)
         rm, rv, _, factor = self._batch_norm_args()
         _checks.check_input(_NAME, input)
+        _checks.check_eps(_NAME, self.eps, True)
         _checks.check_groups_divide(_NAME, input, self.num_groups)
         n, c = input.shape[0], input.shape[1]
-        x3 = input.reshape(n, c, math.prod(input.shape[2:])).contiguous()
+        fmt = memory_format_of(input)  # y and dx keep a channels-last input's format
+        x3 = contiguous_for(input, fmt).view(n, c, math.prod(input.shape[2:]))
         y = _SyncBatchGroupNormFunction.apply(
             x3, self.weight, self.bias, rm, rv, self.num_groups, self.eps, factor, group
         )
-        return y.view(input.shape)
+        self._record_layout(input)
+        y = y.view(input.shape)
+        return y if fmt is None else y.contiguous(memory_format=fmt)
 
     @classmethod
     def convert_sync_batchgroupnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
@@ -300,6 +309,7 @@ class SyncBatchGroupNorm(_BatchGroupNorm):
             out = cls(
                 module.num_features, module.num_groups, module.eps, module.momentum,
                 module.affine, module.track_running_stats, process_group,
+                bias=module.bias is not None,
             )
             if module.affine:
                 out.weight = module.weight

@@ -28,9 +28,11 @@ from . import _checks
 from .ops import triton_bgn
 from .ops.engine import (
     UnitsPlan,
+    contiguous_for,
     grouped_norm,
     grouped_norm_composed,
     in_functorch_transform,
+    memory_format_of,
     units_plan,
     update_running,
 )
@@ -65,6 +67,25 @@ def _plan(n: int, c: int, s: int, g: int, p0: int) -> UnitsPlan:
     return units_plan(n, c, s, g, p0)
 
 
+def _empty_norm(
+    input: Tensor, running_mean: Tensor | None = None, running_var: Tensor | None = None,
+    weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 0.0,
+) -> Tensor:
+    """The output for an empty ``input`` (N = 0 or a spatial size of 0), as torch's
+    BatchNorm gives it: an empty tensor of the input's shape, dtype and memory format, linked
+    to ``weight`` and ``bias`` so that their gradients are zeros (no statistics: running
+    statistics are left as they are). The signature of an eval kernel."""
+    y = input.clone()
+    if weight is not None or bias is not None:
+        shape = (1, -1) + (1,) * (input.dim() - 2)
+        if weight is not None:
+            y = y * weight.view(shape)
+        if bias is not None:
+            y = y + bias.view(shape)
+        y = y.to(input.dtype)
+    return y
+
+
 def eval_kernel(
     input: Tensor, num_groups: int, running_mean: Tensor, weight: Tensor | None
 ) -> EvalKernel:
@@ -72,6 +93,8 @@ def eval_kernel(
     (sizes, dtypes, device, memory format): call it as ``kernel(input, running_mean,
     running_var, weight, bias, eps)``. Layers keep it for the inputs they validated (see
     :func:`bgnorm.ops.native.native_eval_kernel`)."""
+    if input.numel() == 0:
+        return _empty_norm
     n, c = input.shape[:2]
     plan = _plan(n, c, math.prod(input.shape[2:]), num_groups, 1)
     pdt = running_mean.dtype if weight is None else weight.dtype
@@ -81,10 +104,11 @@ def eval_kernel(
 def _validate(
     fn: str, input: Tensor, num_groups: int, examples_per_group: int | None,
     running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
-    bias: Tensor | None, training: bool,
+    bias: Tensor | None, training: bool, eps: float,
 ) -> None:
     """Every check of BGN/GBGN's arguments, with messages that name the problem and the fix."""
     _checks.check_num_groups(num_groups)
+    _checks.check_eps(fn, eps, training)
     _checks.check_input(fn, input)
     c = input.shape[1]
     _checks.check_groups_divide(fn, input, num_groups)
@@ -123,6 +147,8 @@ def _grouped_batch_norm(
 ) -> Tensor:
     """BGN (``examples_per_group=None``: one batch group) and GBGN on validated arguments."""
     n, c = input.shape[:2]
+    if input.numel() == 0:  # an empty batch or spatial size: an empty output, as BatchNorm's
+        return _empty_norm(input, None, None, weight, bias)
     if not training:  # constant statistics: one native pass
         kernel = eval_kernel(input, num_groups, running_mean, weight)
         return kernel(input, running_mean, running_var, weight, bias, eps)
@@ -131,6 +157,28 @@ def _grouped_batch_norm(
         # G = C is BatchNorm: torch's own kernel, bit for bit.
         return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
 
+    fmt = None if input.is_contiguous() else memory_format_of(input)
+    args = (num_groups, examples_per_group, running_mean, running_var, weight, bias, momentum, eps)
+    if fmt is None:
+        return _train(input, *args)
+    # the engines work on contiguous tensors: y and dx keep a channels-last input's memory
+    # format, as torch's norms do (a copy each way)
+    return _train(contiguous_for(input, fmt), *args).contiguous(memory_format=fmt)
+
+
+def _train(
+    input: Tensor,
+    num_groups: int,
+    examples_per_group: int | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """BGN/GBGN in training on one of the engines (see :data:`ENGINE`)."""
+    n, c = input.shape[:2]
     s = math.prod(input.shape[2:])
     e = n if examples_per_group is None else examples_per_group
     p0 = n // e
@@ -209,11 +257,13 @@ def batch_group_norm(
         weight, bias: per-channel affine parameters of shape (C,), or None.
         training: use (and update) batch statistics.
         momentum: running-average factor.
-        eps: added to the variance.
+        eps: added to the variance; as in :func:`torch.nn.functional.batch_norm` it must be
+            positive in training and non-negative otherwise (ValueError).
 
     Returns:
         Tensor of the shape and dtype of ``input``. Statistics are computed in float32 for
-        float16/bfloat16 inputs.
+        float16/bfloat16 inputs. An empty ``input`` (N = 0 or a spatial size of 0) gives an
+        empty output and leaves the running statistics alone, as torch's batch_norm.
 
     Example:
         >>> x = torch.randn(8, 64, 7, 7)
@@ -222,7 +272,8 @@ def batch_group_norm(
         torch.Size([8, 64, 7, 7])
     """
     fn = "batch_group_norm"
-    _validate(fn, input, num_groups, None, running_mean, running_var, weight, bias, training)
+    _validate(fn, input, num_groups, None, running_mean, running_var, weight, bias, training,
+              eps)
     return _grouped_batch_norm(
         input, num_groups, None, running_mean, running_var, weight, bias, training, momentum, eps
     )
@@ -257,7 +308,7 @@ def general_batch_group_norm(
     _checks.check_num_groups(examples_per_group, "examples_per_group")
     fn = "general_batch_group_norm"
     _validate(fn, input, num_groups, examples_per_group, running_mean, running_var, weight, bias,
-              training)
+              training, eps)
     return _grouped_batch_norm(
         input, num_groups, examples_per_group, running_mean, running_var, weight, bias,
         training, momentum, eps,
@@ -287,7 +338,6 @@ def positional_norm(
     # LayerNorm over C of the channels-last view is exactly PN: torch's own kernel, forward,
     # backward and double backward. The output keeps the input's memory format.
     y = F.layer_norm(input.movedim(1, -1), (c,), weight, bias, eps).movedim(-1, 1)
-    if (input.dim() == 4 and not in_functorch_transform()  # vmap cannot query the format
-            and input.is_contiguous(memory_format=torch.channels_last)):
-        return y
+    if memory_format_of(input) is not None:  # (never under torch.func: vmap cannot query it)
+        return y  # channels-last: y (and dx) already are
     return y.contiguous()

@@ -6,6 +6,7 @@ validate shapes; the math lives in :mod:`bgnorm.functional`.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 
 from . import _checks
 from . import functional as BF
+from .ops.engine import memory_format_of
 
 __all__ = [
     "BatchGroupNorm1d",
@@ -23,9 +25,19 @@ __all__ = [
     "DEFAULT_NUM_GROUPS",
 ]
 
+_EXTRA_STATE = "_extra_state"  # torch's key for get_extra_state()
+
 #: Default G of the BatchGroupNorm layers (the GN paper's default group count). The BGN paper
 #: chooses G by batch size: see :func:`bgnorm.paper_groups`.
 DEFAULT_NUM_GROUPS = 32
+
+
+def _no_bias_repr(module: nn.Module) -> str:
+    """``"bias=False, "`` for a layer with gamma but no beta (``bias=False``), else ``""``.
+
+    torch's norms print ``bias=`` always; ours print it only when it is not the default, so
+    the reprs of every other layer (and the docs quoting them) stay as they were."""
+    return "bias=False, " if module.affine and module.bias is None else ""
 
 
 class _BatchGroupNorm(nn.Module):
@@ -46,6 +58,8 @@ class _BatchGroupNorm(nn.Module):
         track_running_stats: bool = True,
         device: Any = None,
         dtype: Any = None,
+        *,
+        bias: bool = True,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
@@ -57,7 +71,10 @@ class _BatchGroupNorm(nn.Module):
         self.track_running_stats = track_running_stats
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            else:  # torch's BatchNorm(..., bias=False): gamma only, no "bias" in the state dict
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -90,7 +107,8 @@ class _BatchGroupNorm(nn.Module):
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     @property
     def straddles_channels(self) -> bool:
@@ -101,9 +119,15 @@ class _BatchGroupNorm(nn.Module):
     def extra_repr(self) -> str:
         return (
             "{num_features}, num_groups={num_groups}, eps={eps}, momentum={momentum}, "
-            "affine={affine}, track_running_stats={track_running_stats}".format(**self.__dict__)
+            "affine={affine}, {no_bias}track_running_stats={track_running_stats}".format(
+                **self.__dict__, no_bias=_no_bias_repr(self))
         )
 
+    # The group layout recorded by straddling groups is the layer's extra state. It is saved
+    # only when there is one, so a layer without (any G that divides C or is a multiple of C,
+    # or straddling groups before their first input) has exactly BatchNorm's state dict keys:
+    # at G = C a stock BatchNorm checkpoint loads strictly, and back. A state dict without the
+    # key means "no layout recorded" (checkpoints of version 1 always have it).
     def get_extra_state(self) -> dict[str, Any]:
         return {"layout_shape": None if self.layout_shape is None else list(self.layout_shape)}
 
@@ -112,17 +136,28 @@ class _BatchGroupNorm(nn.Module):
         self.layout_shape = None if shape is None else tuple(int(s) for s in shape)
         self._checked = None
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout_shape is None:
+            destination.pop(prefix + _EXTRA_STATE, None)
+
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
         error_msgs,
     ):  # type: ignore[override]
+        own = [name for name, t in (*self._parameters.items(), *self._buffers.items())
+               if t is not None]
+        if not own or any(prefix + name in state_dict for name in own):
+            # this layer's entries without extra state (a BatchNorm checkpoint, or ours with
+            # no layout recorded): no layout. A dict with none of its entries (strict=False
+            # loads of another part of a model) leaves the recorded layout alone.
+            state_dict.setdefault(prefix + _EXTRA_STATE, {"layout_shape": None})
         version = local_metadata.get("version", None)
         if version is None:
             # A dict without our metadata (hand-made, or from an older format): fill in what the
             # current format adds, the way torch's BatchNorm migrates num_batches_tracked.
             if self.track_running_stats and prefix + "num_batches_tracked" not in state_dict:
                 state_dict[prefix + "num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
-            state_dict.setdefault(prefix + "_extra_state", {"layout_shape": None})
         key = prefix + "running_mean"
         if key in state_dict and self.running_mean is not None:
             saved = state_dict[key]
@@ -144,12 +179,12 @@ class _BatchGroupNorm(nn.Module):
             raise ValueError(f"expected {want} input (got {input.dim()}D input)")
 
     def _check_layout(self, input: Tensor) -> None:
-        if not self.straddles_channels:
+        """Straddling groups: the input must have the recorded spatial size, if any (it is
+        recorded by :meth:`_record_layout` once a call has succeeded)."""
+        if not self.straddles_channels or self.layout_shape is None:
             return
         shape = tuple(int(s) for s in input.shape[2:])
-        if self.layout_shape is None:
-            self.layout_shape = shape
-        elif shape != self.layout_shape:
+        if shape != self.layout_shape and math.prod(shape) != 0:  # spatial size 0: no groups
             c, g = self.num_features, self.num_groups
             channel_groups = [d for d in _checks.nearby_divisors(c, g, 3)]
             raise ValueError(
@@ -161,6 +196,14 @@ class _BatchGroupNorm(nn.Module):
                 f"(e.g. {', '.join(map(str, channel_groups))}) or a multiple of C, which work at "
                 "any size"
             )
+
+    def _record_layout(self, input: Tensor) -> None:
+        """Straddling groups: fix the layout at the spatial size of the first input that
+        passed every check (never at a rejected one: it would refuse valid inputs after)."""
+        if self.layout_shape is None and self.straddles_channels:
+            shape = tuple(int(s) for s in input.shape[2:])
+            if math.prod(shape) != 0:
+                self.layout_shape = shape
 
     def _batch_norm_args(self) -> tuple[Tensor | None, Tensor | None, bool, float]:
         """(running_mean, running_var, use_batch_stats, momentum) as torch's _BatchNorm does."""
@@ -185,8 +228,10 @@ class _BatchGroupNorm(nn.Module):
 
     def _check_key(self, input: Tensor) -> tuple[Any, ...]:
         # type(input): a pass bound for fake tensors (FakeTensorMode) holds fake indices
-        return (input.shape, input.dtype, input.device, input.is_contiguous(), self.training,
-                self.num_groups, self.num_features, self.examples_per_group, type(self),
+        # the memory format is part of it: the kept eval pass returns y in the input's
+        return (input.shape, input.dtype, input.device,
+                input.is_contiguous() or memory_format_of(input), self.training,
+                self.num_groups, self.num_features, self.examples_per_group, self.eps, type(self),
                 type(input))
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
@@ -233,9 +278,11 @@ class _BatchGroupNorm(nn.Module):
         e = self.examples_per_group
         if not valid:
             BF._validate(self._functional, input, self.num_groups, e, rm, rv, self.weight,
-                         self.bias, use_batch)
+                         self.bias, use_batch, self.eps)
         y = BF._grouped_batch_norm(input, self.num_groups, e, rm, rv, self.weight, self.bias,
                                    use_batch, factor, self.eps)
+        if not valid:
+            self._record_layout(input)
         if key is not None and not valid:
             kernel = None if use_batch else BF.eval_kernel(input, self.num_groups, rm,
                                                              self.weight)
@@ -265,7 +312,8 @@ class _BatchGroupNormNd(_BatchGroupNorm):
       spatial extent, e.g. horizontal strips of H/k rows): at another spatial size the bands
       are the same k equal fractions of each channel, so any size divisible by k works.
     * Otherwise groups straddle channel boundaries and their membership depends on the spatial
-      size: the layer records the size of its first input and raises on any other.
+      size: the layer records the size of its first valid input (saved in the state dict) and
+      raises on any other.
 
     Statistics are computed in float32 for float16/bfloat16 inputs; the output keeps the input
     dtype.
@@ -278,6 +326,10 @@ class _BatchGroupNormNd(_BatchGroupNorm):
         momentum: running-average factor, or None for a cumulative average. Default: 0.1.
         affine: learn per-channel gamma and beta. Default: True.
         track_running_stats: keep running statistics for eval. Default: True.
+        device, dtype: of the parameters and buffers.
+        bias (keyword-only): with ``affine=True``, learn beta too; ``bias=False`` keeps gamma
+            only (``bias`` is None and not in the state dict), as in torch's BatchNorm.
+            Default: True.
 
     Shape:
         - Input: see the subclass; Output: same shape.
@@ -334,7 +386,8 @@ class GeneralBatchGroupNorm2d(_BatchGroupNorm):
         num_features: C.
         num_groups: G, any divisor of C*H*W.
         examples_per_group: e; the training batch size must be a multiple of it.
-        eps, momentum, affine, track_running_stats, device, dtype: as in BatchGroupNorm2d.
+        eps, momentum, affine, track_running_stats, device, dtype, bias (keyword-only): as in
+            BatchGroupNorm2d.
 
     Shape:
         - Input: (N, C, H, W) with N divisible by e in training; Output: same shape.
@@ -360,9 +413,12 @@ class GeneralBatchGroupNorm2d(_BatchGroupNorm):
         track_running_stats: bool = True,
         device: Any = None,
         dtype: Any = None,
+        *,
+        bias: bool = True,
     ) -> None:
         super().__init__(
-            num_features, num_groups, eps, momentum, affine, track_running_stats, device, dtype
+            num_features, num_groups, eps, momentum, affine, track_running_stats, device, dtype,
+            bias=bias,
         )
         self.examples_per_group = _checks.check_num_groups(examples_per_group,
                                                            "examples_per_group")
@@ -389,6 +445,9 @@ class PositionalNorm(nn.Module):
         num_features: C.
         eps: added to the variance. Default: 1e-5.
         affine: learn per-channel gamma and beta. Default: True.
+        device, dtype: of the parameters.
+        bias (keyword-only): with ``affine=True``, learn beta too (``bias=False``: gamma only,
+            as in torch's GroupNorm). Default: True.
 
     Shape:
         - Input: (N, C, \*); Output: same shape.
@@ -401,7 +460,7 @@ class PositionalNorm(nn.Module):
 
     def __init__(
         self, num_features: int, eps: float = 1e-5, affine: bool = True,
-        device: Any = None, dtype: Any = None,
+        device: Any = None, dtype: Any = None, *, bias: bool = True,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
@@ -410,7 +469,10 @@ class PositionalNorm(nn.Module):
         self.affine = affine
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features, **factory_kwargs))
-            self.bias = nn.Parameter(torch.zeros(num_features, **factory_kwargs))
+            if bias:
+                self.bias = nn.Parameter(torch.zeros(num_features, **factory_kwargs))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -418,10 +480,12 @@ class PositionalNorm(nn.Module):
     def reset_parameters(self) -> None:
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}" + (
+            ", bias=False" if _no_bias_repr(self) else "")
 
     def forward(self, input: Tensor) -> Tensor:
         _checks.check_input("PositionalNorm", input)

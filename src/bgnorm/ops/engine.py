@@ -121,6 +121,64 @@ def update_running(
     running_var.lerp_(var * (count / (count - 1)), momentum)
 
 
+def _strides_like_channels_last(sizes: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    """c10's rule for a 4D/5D tensor whose strides order its dimensions as channels-last does
+    (C fastest, then the spatial axes from last to first, then N), ambiguous cases (C with
+    stride 0, size-1 dimensions that order either way) counted as contiguous."""
+    if strides[1] == 0:
+        return False
+    smallest = 0
+    order = (1, 3, 2, 0) if len(sizes) == 4 else (1, 4, 3, 2, 0)
+    for d in order:
+        if sizes[d] == 0 or strides[d] < smallest:
+            return False
+        if d == 0 and smallest == strides[1]:
+            return False
+        smallest = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
+    return True
+
+
+def memory_format_of(x: Tensor) -> torch.memory_format | None:
+    """The memory format torch's norms give their output and input gradient for ``x`` when
+    it is not contiguous: ``torch.channels_last`` (4D) or ``torch.channels_last_3d`` (5D) for
+    inputs laid out so (torch's ``suggest_memory_format``), else None (contiguous). Also None
+    under torch.func transforms, whose wrapped tensors run the plain composition (no
+    autograd.Function keeps a format there)."""
+    if x.dim() == 4:
+        fmt = torch.channels_last
+    elif x.dim() == 5:
+        fmt = torch.channels_last_3d
+    else:
+        return None
+    if x.is_contiguous() or in_functorch_transform():
+        return None
+    if x.is_contiguous(memory_format=fmt):
+        return fmt
+    return fmt if _strides_like_channels_last(tuple(x.shape), tuple(x.stride())) else None
+
+
+class _ContiguousFor(torch.autograd.Function):
+    """``x.contiguous()`` whose gradient goes back in ``memory_format``: the engines work on
+    contiguous tensors, and the input gradient keeps the input's format as torch's norms."""
+
+    @staticmethod
+    def forward(ctx, x, memory_format):  # type: ignore[override]
+        ctx.memory_format = memory_format
+        return x.contiguous()
+
+    @staticmethod
+    def backward(ctx, dx):  # type: ignore[override]
+        return dx.contiguous(memory_format=ctx.memory_format), None
+
+
+def contiguous_for(x: Tensor, memory_format: torch.memory_format | None) -> Tensor:
+    """``x.contiguous()`` for an engine; with autograd, ``x``'s gradient comes back in
+    ``memory_format`` (x's, see :func:`memory_format_of`; None: as the engine gives it)."""
+    if memory_format is None or not (x.requires_grad and torch.is_grad_enabled()):
+        return x.contiguous()
+    return _ContiguousFor.apply(x, memory_format)
+
+
 def is_fake(t: Tensor) -> bool:
     """Whether ``t`` is a fake tensor (torch's FakeTensorMode: shapes without data, e.g. in
     memory estimators). Caches never keep one: a real call would get it back and return fakes."""

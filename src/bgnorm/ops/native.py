@@ -50,8 +50,10 @@ from torch import Tensor
 from .engine import (
     UnitsPlan,
     compute_dtype,
+    contiguous_for,
     differentiable_grads,
     is_fake,
+    memory_format_of,
     unit_length,
     units_plan,
     update_running,
@@ -340,14 +342,18 @@ def _eval_channels(
 
 
 def _eval_units(
-    plan: UnitsPlan, group_index: Tensor | None, channel_index: Tensor | None, x: Tensor,
-    running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None,
-    eps: float,
+    plan: UnitsPlan, group_index: Tensor | None, channel_index: Tensor | None,
+    memory_format: torch.memory_format | None, x: Tensor, running_mean: Tensor,
+    running_var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
 ) -> Tensor:
     """Eval over the units view (bands, straddling groups): one pass of :func:`_affine` with
-    the rows gathered by the plan's indices for x's device (bound once per configuration)."""
+    the rows gathered by the plan's indices for x's device (bound once per configuration).
+    A channels-last x (``memory_format``) gets y and dx in its format, as torch's norms."""
     rows = _gather_rows(group_index, channel_index, running_mean, running_var, weight, bias)
-    return _affine(plan.view(x.contiguous()), *rows, eps).view(x.shape)
+    if memory_format is None:
+        return _affine(plan.view(x.contiguous()), *rows, eps).view(x.shape)
+    y = _affine(plan.view(contiguous_for(x, memory_format)), *rows, eps).view(x.shape)
+    return y.contiguous(memory_format=memory_format)
 
 
 #: An eval pass bound to one configuration: ``kernel(x, running_mean, running_var, weight,
@@ -367,7 +373,8 @@ def native_eval_kernel(x: Tensor, plan: UnitsPlan, param_dtype: torch.dtype) -> 
       view (torch's batch-norm kernel pays a per-row cost: 6x slower on 2x2 maps here).
     * Units that are channels (G divides C; G = C is BatchNorm): torch's batch norm on x as it
       is, in any memory format, with the statistics gathered per channel.
-    * Otherwise (bands, straddling groups): the batch-norm pass over the units view.
+    * Otherwise (bands, straddling groups): the batch-norm pass over the units view (of a
+      contiguous copy of a channels-last x, whose format y then takes).
     """
     group_index = plan.group_index(x.device)
     if (
@@ -382,7 +389,8 @@ def native_eval_kernel(x: Tensor, plan: UnitsPlan, param_dtype: torch.dtype) -> 
         return functools.partial(_eval_columns, plan, group_index, plan.channel_index(x.device))
     if plan.l == plan.s:
         return functools.partial(_eval_channels, group_index, x.device.type == "cuda")
-    return functools.partial(_eval_units, plan, group_index, plan.channel_index(x.device))
+    return functools.partial(_eval_units, plan, group_index, plan.channel_index(x.device),
+                             memory_format_of(x))
 
 
 def native_grouped_norm(

@@ -480,3 +480,143 @@ def test_compiled_layers_keep_channels_last(g, training):
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert dx.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, m(x.detach()))
+
+
+# ---- finding 12: errors name the layer ---------------------------------------------------------
+
+
+def _named(layer, path="features.3"):
+    layer._bgnorm_path = path  # what convert_norm sets
+    return layer
+
+
+FORWARD_ERRORS = {  # name: (layer, input, exception, message after the layer's description)
+    "dims": (BatchGroupNorm2d(96, 24), torch.randn(2, 96, 4), ValueError,
+             r"expected 4D input \(got 3D input\)"),
+    "channels": (BatchGroupNorm2d(96, 24), torch.randn(2, 95, 2, 2), ValueError,
+                 r"expected input with 96 channels"),
+    "divide": (BatchGroupNorm2d(96, 24 * 96), torch.randn(2, 96, 5, 5), ValueError,
+               r"num_groups=2304 must divide D"),
+    "one-value": (BatchGroupNorm2d(96, 96), torch.randn(1, 96, 1, 1), ValueError,
+                  r"expected more than 1 value per group when training"),
+    "eps": (BatchGroupNorm2d(96, 24, eps=0.0), torch.randn(2, 96, 2, 2), ValueError,
+            r"eps must be positive during training"),
+    "integer": (BatchGroupNorm2d(96, 24), torch.ones(2, 96, 2, 2, dtype=torch.long), TypeError,
+                r"expected a floating-point input"),
+    "1d": (BatchGroupNorm1d(96, 24), torch.randn(2, 96, 2, 2), ValueError,
+           r"expected 2D or 3D input"),
+    "3d": (BatchGroupNorm3d(96, 24), torch.randn(2, 96, 2, 2), ValueError,
+           r"expected 5D input"),
+    "gbgn-batch": (GeneralBatchGroupNorm2d(96, 24, 4), torch.randn(6, 96, 2, 2), ValueError,
+                   r"batch size 6 is not divisible by examples_per_group=4"),
+    "sync-dims": (SyncBatchGroupNorm(96, 24), torch.randn(2), ValueError,
+                  r"expected at least 2D input"),
+    "sync-divide": (SyncBatchGroupNorm(96, 24 * 96), torch.randn(2, 96, 5, 5), ValueError,
+                    r"num_groups=2304 must divide D"),
+    "pn-channels": (PositionalNorm(96), torch.randn(2, 95, 3), ValueError,
+                    r"expected input with 96 channels"),
+    "pn-integer": (PositionalNorm(96), torch.ones(2, 96, dtype=torch.long), TypeError,
+                   r"expected a floating-point input"),
+}
+DESCRIPTIONS = {"BatchGroupNorm2d": r"BatchGroupNorm2d\(96, num_groups=(24|2304|96)\)",
+                "BatchGroupNorm1d": r"BatchGroupNorm1d\(96, num_groups=24\)",
+                "BatchGroupNorm3d": r"BatchGroupNorm3d\(96, num_groups=24\)",
+                "GeneralBatchGroupNorm2d":
+                    r"GeneralBatchGroupNorm2d\(96, num_groups=24, examples_per_group=4\)",
+                "SyncBatchGroupNorm": r"SyncBatchGroupNorm\(96, num_groups=(24|2304)\)",
+                "PositionalNorm": r"PositionalNorm\(96\)"}
+
+
+@pytest.mark.parametrize("case", FORWARD_ERRORS)
+def test_forward_errors_name_the_layer_and_its_path(case):
+    layer, x, exc, message = FORWARD_ERRORS[case]
+    desc = DESCRIPTIONS[type(layer).__name__]
+    layer._bgnorm_path = None
+    with pytest.raises(exc, match=rf"^{desc}: {message}"):
+        layer(x)
+    net = nn.Sequential(nn.Identity(), nn.Sequential(nn.Identity(), _named(layer)))
+    with pytest.raises(exc, match=rf"^{desc} at 'features\.3': {message}"):
+        net(x)
+    if case not in ("one-value", "eps", "gbgn-batch"):  # errors of training only
+        with pytest.raises(exc, match=rf"^{desc} at 'features\.3': {message}"):
+            layer.eval()(x)
+
+
+def test_straddling_layout_error_names_the_layer():
+    m = _named(BatchGroupNorm2d(96, 40), "layer2.0.bn1")
+    m(torch.randn(2, 96, 5, 5))
+    with pytest.raises(ValueError, match=r"^BatchGroupNorm2d\(96, num_groups=40\) at "
+                                         r"'layer2\.0\.bn1': groups straddle channel boundaries"):
+        m(torch.randn(2, 96, 10, 10))
+
+
+def test_state_dict_error_names_the_layer():
+    m = _named(BatchGroupNorm2d(8, 2), "head.norm")
+    with pytest.raises(RuntimeError, match=r"BatchGroupNorm2d\(8, num_groups=2\) at "
+                                           r"'head\.norm': the checkpoint's running statistics "
+                                           r"have 4 groups"):
+        m.load_state_dict(BatchGroupNorm2d(8, 4).state_dict())
+
+
+def test_synchronized_errors_name_the_layer(sync_path):
+    m = _named(SyncBatchGroupNorm(4, 36), "body.sync")  # 36 groups of one value at 3x3
+    with pytest.raises(ValueError, match=r"^SyncBatchGroupNorm\(4, num_groups=36\) at "
+                                         r"'body\.sync': expected more than 1 value per group"):
+        m(torch.randn(1, 4, 3, 3))
+    m = _named(SyncBatchGroupNorm(4, 5), "body.sync")
+    with pytest.raises(ValueError, match=r"^SyncBatchGroupNorm\(4, num_groups=5\) at "
+                                         r"'body\.sync': num_groups=5 must divide D"):
+        m(torch.randn(2, 4, 3, 3))
+    x = torch.randn(2, 4, 3, dtype=F64, requires_grad=True)
+    m = _named(SyncBatchGroupNorm(4, 2, dtype=F64), "body.sync")
+    with pytest.raises(RuntimeError, match=r"^SyncBatchGroupNorm\(4, num_groups=2\) at "
+                                           r"'body\.sync' does not support double backward"):
+        torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
+
+
+def test_the_path_is_a_plain_attribute():
+    import copy
+    import pickle
+
+    m = _named(BatchGroupNorm2d(8, 4))
+    assert "_bgnorm_path" not in m.state_dict() and BatchGroupNorm2d(8, 4)._bgnorm_path is None
+    assert copy.deepcopy(m)._bgnorm_path == pickle.loads(pickle.dumps(m))._bgnorm_path
+    assert repr(m) == repr(BatchGroupNorm2d(8, 4))
+    sync = SyncBatchGroupNorm.convert_sync_batchgroupnorm(nn.Sequential(m))[0]
+    assert sync._bgnorm_path == "features.3"
+
+
+CONSTRUCTOR_ERRORS = {
+    "BatchGroupNorm1d": lambda g: BatchGroupNorm1d(8, g),
+    "BatchGroupNorm2d": lambda g: BatchGroupNorm2d(8, g),
+    "BatchGroupNorm3d": lambda g: BatchGroupNorm3d(8, g),
+    "GeneralBatchGroupNorm2d": lambda g: GeneralBatchGroupNorm2d(8, g, 2),
+    "SyncBatchGroupNorm": lambda g: SyncBatchGroupNorm(8, g),
+}
+
+
+@pytest.mark.parametrize("cls", CONSTRUCTOR_ERRORS)
+@pytest.mark.parametrize("bad,exc", [(0, ValueError), (-2, ValueError), (True, TypeError),
+                                     (2.0, TypeError), ("4", TypeError)])
+def test_bad_num_groups_names_the_layer_class(cls, bad, exc):
+    with pytest.raises(exc, match=rf"^{cls}: num_groups must be a positive int, got .*; pass "
+                                  r"an integer"):
+        CONSTRUCTOR_ERRORS[cls](bad)
+
+
+def test_other_constructor_errors_name_the_layer_class():
+    with pytest.raises(ValueError, match=r"^GeneralBatchGroupNorm2d: examples_per_group must be "
+                                         r"a positive int, got 0"):
+        GeneralBatchGroupNorm2d(8, 2, 0)
+    for cls in (BatchGroupNorm2d, PositionalNorm, SyncBatchGroupNorm):
+        with pytest.raises(ValueError, match=rf"^{cls.__name__}: num_features must be a "
+                                             r"positive int \(the channel count C\), got 0"):
+            cls(0)
+
+
+def test_num_groups_changed_after_construction_is_checked_with_the_layer_named():
+    m = _named(BatchGroupNorm2d(8, 4))
+    m.num_groups = 0
+    with pytest.raises(ValueError, match=r"^BatchGroupNorm2d\(8, num_groups=0\) at 'features\.3'"
+                                         r": num_groups must be a positive int, got 0"):
+        m(torch.randn(2, 8, 2, 2))

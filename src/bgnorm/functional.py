@@ -99,12 +99,13 @@ def eval_kernel(
 
 
 def _validate(
-    fn: str, input: Tensor, num_groups: int, examples_per_group: int | None,
+    fn: _checks.Who, input: Tensor, num_groups: int, examples_per_group: int | None,
     running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
     bias: Tensor | None, training: bool, eps: float,
 ) -> None:
-    """Every check of BGN/GBGN's arguments, with messages that name the problem and the fix."""
-    _checks.check_num_groups(num_groups)
+    """Every check of BGN/GBGN's arguments, with messages that name the problem and the fix
+    and ``fn`` (the function, or a callable returning the layer's description)."""
+    _checks.check_num_groups(num_groups, fn=fn)
     _checks.check_eps(fn, eps, training)
     _checks.check_input(fn, input)
     c = input.shape[1]
@@ -114,12 +115,14 @@ def _validate(
     _checks.check_vector(fn, "running_mean", running_mean, num_groups, "one per group")
     _checks.check_vector(fn, "running_var", running_var, num_groups, "one per group")
     if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{fn}: pass both running_mean and running_var, or neither")
+        raise ValueError(
+            f"{_checks.label(fn)}: pass both running_mean and running_var, or neither")
     if not training:
         if running_mean is None:
             raise ValueError(
-                f"{fn}: training=False normalizes with running statistics, but running_mean "
-                "and running_var are None; pass them, or use training=True for batch statistics"
+                f"{_checks.label(fn)}: training=False normalizes with running statistics, but "
+                "running_mean and running_var are None; pass them, or use training=True for "
+                "batch statistics"
             )
         return
     e = input.shape[0]

@@ -45,8 +45,9 @@ class _BatchGroupNorm(nn.Module):
 
     _version = 1
     _input_dims: tuple[int, ...] = ()  # accepted input.dim() values; empty: any (N, C, *)
-    _functional = "batch_group_norm"  # the function named in argument errors
     examples_per_group: int | None = None  # GBGN's e; None: one batch group (BGN)
+    #: The layer's qualified name in its model (set by convert_norm), named in error messages.
+    _bgnorm_path: str | None = None
 
     def __init__(
         self,
@@ -63,8 +64,9 @@ class _BatchGroupNorm(nn.Module):
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
-        self.num_features = _checks.check_num_features(num_features)
-        self.num_groups = _checks.check_num_groups(num_groups)
+        cls = type(self).__name__
+        self.num_features = _checks.check_num_features(num_features, cls)
+        self.num_groups = _checks.check_num_groups(num_groups, fn=cls)
         self.eps = eps
         self.momentum = momentum
         self.affine = affine
@@ -163,7 +165,7 @@ class _BatchGroupNorm(nn.Module):
             saved = state_dict[key]
             if saved.dim() == 1 and saved.shape[0] != self.num_groups:
                 error_msgs.append(
-                    f"{type(self).__name__}: the checkpoint's running statistics have "
+                    f"{self._describe()}: the checkpoint's running statistics have "
                     f"{saved.shape[0]} groups but this layer has num_groups={self.num_groups}; "
                     f"construct the layer with num_groups={saved.shape[0]} to load it"
                 )
@@ -172,11 +174,20 @@ class _BatchGroupNorm(nn.Module):
         )
 
     # -- forward -------------------------------------------------------------------------------
+    def _describe(self) -> str:
+        """The layer as error messages name it: its short repr and, when known, its place in
+        the model, e.g. ``BatchGroupNorm2d(96, num_groups=24) at 'layer2.1.bn1'``."""
+        e = self.examples_per_group
+        text = f"{type(self).__name__}({self.num_features}, num_groups={self.num_groups}" + (
+            ")" if e is None else f", examples_per_group={e})")
+        return text if self._bgnorm_path is None else f"{text} at {self._bgnorm_path!r}"
+
     def _check_input_dim(self, input: Tensor) -> None:
         dims = self._input_dims
         if dims and input.dim() not in dims:
             want = " or ".join(f"{d}D" for d in dims)
-            raise ValueError(f"expected {want} input (got {input.dim()}D input)")
+            raise ValueError(
+                f"{self._describe()}: expected {want} input (got {input.dim()}D input)")
 
     def _check_layout(self, input: Tensor) -> None:
         """Straddling groups: the input must have the recorded spatial size, if any (it is
@@ -188,7 +199,7 @@ class _BatchGroupNorm(nn.Module):
             c, g = self.num_features, self.num_groups
             channel_groups = [d for d in _checks.nearby_divisors(c, g, 3)]
             raise ValueError(
-                f"{type(self).__name__}({c}, num_groups={g}): groups straddle channel "
+                f"{self._describe()}: groups straddle channel "
                 f"boundaries (C={c} is neither a multiple nor a divisor of num_groups={g}), so "
                 f"group membership depends on the spatial size; this layer's groups were laid "
                 f"out for spatial size {self.layout_shape} but the input has {shape}. Use inputs "
@@ -222,8 +233,9 @@ class _BatchGroupNorm(nn.Module):
         )
 
     def _common_checks(self, input: Tensor) -> None:
+        _checks.check_num_groups(self.num_groups, fn=self._describe)  # may have been set since
         self._check_input_dim(input)
-        _checks.check_channels(type(self).__name__, input, self.num_features)
+        _checks.check_channels(self._describe, input, self.num_features)
         self._check_layout(input)
 
     def _check_key(self, input: Tensor) -> tuple[Any, ...]:
@@ -277,7 +289,7 @@ class _BatchGroupNorm(nn.Module):
         rm, rv, use_batch, factor = self._batch_norm_args()
         e = self.examples_per_group
         if not valid:
-            BF._validate(self._functional, input, self.num_groups, e, rm, rv, self.weight,
+            BF._validate(self._describe, input, self.num_groups, e, rm, rv, self.weight,
                          self.bias, use_batch, self.eps)
         y = BF._grouped_batch_norm(input, self.num_groups, e, rm, rv, self.weight, self.bias,
                                    use_batch, factor, self.eps)
@@ -330,6 +342,13 @@ class _BatchGroupNormNd(_BatchGroupNorm):
         bias (keyword-only): with ``affine=True``, learn beta too; ``bias=False`` keeps gamma
             only (``bias`` is None and not in the state dict), as in torch's BatchNorm.
             Default: True.
+
+    Attributes:
+        _bgnorm_path: the layer's qualified name in its model (``str`` or None, default None),
+            a plain attribute (not in the state dict) that :func:`bgnorm.convert_norm` sets;
+            error messages name the layer by its short repr and this path, e.g.
+            ``BatchGroupNorm2d(96, num_groups=24) at 'layer2.1.bn1': num_groups=24 must
+            divide ...``.
 
     Shape:
         - Input: see the subclass; Output: same shape.
@@ -389,6 +408,10 @@ class GeneralBatchGroupNorm2d(_BatchGroupNorm):
         eps, momentum, affine, track_running_stats, device, dtype, bias (keyword-only): as in
             BatchGroupNorm2d.
 
+    Attributes:
+        _bgnorm_path: the layer's qualified name in its model (``str`` or None), set by
+            :func:`bgnorm.convert_norm` and named in error messages, as in BatchGroupNorm2d.
+
     Shape:
         - Input: (N, C, H, W) with N divisible by e in training; Output: same shape.
 
@@ -397,8 +420,6 @@ class GeneralBatchGroupNorm2d(_BatchGroupNorm):
         >>> m(torch.randn(16, 32, 5, 5)).shape
         torch.Size([16, 32, 5, 5])
     """
-
-    _functional = "general_batch_group_norm"
 
     _input_dims = (4,)
 
@@ -420,8 +441,8 @@ class GeneralBatchGroupNorm2d(_BatchGroupNorm):
             num_features, num_groups, eps, momentum, affine, track_running_stats, device, dtype,
             bias=bias,
         )
-        self.examples_per_group = _checks.check_num_groups(examples_per_group,
-                                                           "examples_per_group")
+        self.examples_per_group = _checks.check_num_groups(
+            examples_per_group, "examples_per_group", type(self).__name__)
 
     def extra_repr(self) -> str:
         return super().extra_repr().replace(
@@ -449,6 +470,10 @@ class PositionalNorm(nn.Module):
         bias (keyword-only): with ``affine=True``, learn beta too (``bias=False``: gamma only,
             as in torch's GroupNorm). Default: True.
 
+    Attributes:
+        _bgnorm_path: the layer's qualified name in its model (``str`` or None), set by
+            :func:`bgnorm.convert_norm` and named in error messages, as in BatchGroupNorm2d.
+
     Shape:
         - Input: (N, C, \*); Output: same shape.
 
@@ -464,7 +489,7 @@ class PositionalNorm(nn.Module):
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
-        self.num_features = _checks.check_num_features(num_features)
+        self.num_features = _checks.check_num_features(num_features, type(self).__name__)
         self.eps = eps
         self.affine = affine
         if affine:
@@ -487,7 +512,15 @@ class PositionalNorm(nn.Module):
         return f"{self.num_features}, eps={self.eps}, affine={self.affine}" + (
             ", bias=False" if _no_bias_repr(self) else "")
 
+    #: The layer's qualified name in its model (set by convert_norm), named in error messages.
+    _bgnorm_path: str | None = None
+
+    def _describe(self) -> str:
+        """The layer as error messages name it, e.g. ``PositionalNorm(16) at 'stem.norm'``."""
+        text = f"{type(self).__name__}({self.num_features})"
+        return text if self._bgnorm_path is None else f"{text} at {self._bgnorm_path!r}"
+
     def forward(self, input: Tensor) -> Tensor:
-        _checks.check_input("PositionalNorm", input)
-        _checks.check_channels("PositionalNorm", input, self.num_features)
+        _checks.check_input(self._describe, input)
+        _checks.check_channels(self._describe, input, self.num_features)
         return BF.positional_norm(input, self.weight, self.bias, self.eps)

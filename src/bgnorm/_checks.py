@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Union
 
 import torch
 from torch import Tensor
 
 #: Who a message names: a function's name, or a callable returning a layer's description.
-Who = str | Callable[[], str]
+Who = Union[str, Callable[[], str]]  # Union: evaluated at run time, also on Python 3.9
 
 
 def label(fn: Who) -> str:

@@ -4,6 +4,7 @@ memory formats, errors that name the layer, numpy integers and huge ``num_groups
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from reference import ENGINES, bgn_eval_ref, bgn_ref, set_engine
@@ -620,3 +621,44 @@ def test_num_groups_changed_after_construction_is_checked_with_the_layer_named()
     with pytest.raises(ValueError, match=r"^BatchGroupNorm2d\(8, num_groups=0\) at 'features\.3'"
                                          r": num_groups must be a positive int, got 0"):
         m(torch.randn(2, 8, 2, 2))
+
+
+# ---- finding 13: numpy integers, as torch takes them --------------------------------------------
+
+@pytest.mark.parametrize("np_int", ["int64", "int32", "uint8"])
+def test_numpy_integers_are_taken_and_stored_as_python_ints(np_int):
+    import pickle
+
+    t = getattr(np, np_int)
+    assert isinstance(nn.BatchNorm2d(t(8)), nn.BatchNorm2d)  # torch takes them
+    layers = [BatchGroupNorm2d(t(8), t(4)), BatchGroupNorm1d(num_features=t(8), num_groups=t(4)),
+              BatchGroupNorm3d(t(8), num_groups=t(4)), SyncBatchGroupNorm(t(8), t(4)),
+              GeneralBatchGroupNorm2d(t(8), t(4), examples_per_group=t(2)), PositionalNorm(t(8))]
+    for m in layers:
+        for attr in ("num_features", "num_groups", "examples_per_group"):
+            value = getattr(m, attr, None)
+            assert value is None or type(value) is int, (m, attr)
+        assert "numpy" not in repr(m) and "np." not in repr(m)
+        assert "numpy" not in pickle.dumps(m).decode("latin-1")
+    m = BatchGroupNorm2d(t(8), t(6))  # straddling: the recorded layout is ints too
+    m(torch.randn(2, 8, 3, 3))
+    assert m.state_dict()["_extra_state"] == {"layout_shape": [3, 3]}
+    x = torch.randn(4, 8, 3, 3, dtype=F64)
+    torch.testing.assert_close(BF.batch_group_norm(x, t(4), training=True), bgn_ref(x, 4)[0])
+    from reference import gbgn_ref
+    torch.testing.assert_close(BF.general_batch_group_norm(x, t(4), t(2), training=True),
+                               gbgn_ref(x, 4, 2)[0])
+
+
+@pytest.mark.parametrize("bad", [True, np.bool_(True), np.float64(4.0), 4.0, "4", None])
+def test_bools_and_non_integers_are_still_refused(bad):
+    with pytest.raises(TypeError, match=r"num_groups must be a positive int"):
+        BatchGroupNorm2d(8, bad)
+    with pytest.raises(TypeError, match=r"num_groups must be a positive int"):
+        BF.batch_group_norm(torch.randn(2, 8), bad, training=True)
+    with pytest.raises(TypeError, match=r"examples_per_group must be a positive int"):
+        GeneralBatchGroupNorm2d(8, 4, bad)
+    with pytest.raises(ValueError, match=r"num_features must be a positive int"):
+        BatchGroupNorm2d(bad, 4)
+    with pytest.raises(ValueError, match=r"num_groups must be a positive int, got -4"):
+        BatchGroupNorm2d(8, np.int64(-4))

@@ -11,6 +11,7 @@ with a constant message, so the graph stays whole either way.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Union
 
@@ -35,13 +36,20 @@ def require(cond: object, exc: type[Exception], message: Callable[[], str], shor
         torch._check_with(exc, cond, lambda: short)  # type: ignore[arg-type]
 
 
+def _is_int(value: object) -> bool:
+    """An integer as torch takes one for a size: int or a numpy integer (any
+    ``numbers.Integral``), but not a bool (nor numpy's, which is not Integral)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_num_groups(
     num_groups: object, what: str = "num_groups", fn: Who | None = None
 ) -> int:
-    """Validate a group count given at construction or call time; returns it as an int.
-    ``fn``, when given, names the layer or function in the message."""
+    """Validate a group count given at construction or call time (an int or a numpy
+    integer); returns it as a Python int. ``fn``, when given, names the layer or function in
+    the message."""
     where = "" if fn is None else f"{label(fn)}: "
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+    if not _is_int(num_groups):
         raise TypeError(
             f"{where}{what} must be a positive int, got {type(num_groups).__name__} "
             f"{num_groups!r}; pass an integer such as {what}=32"
@@ -51,18 +59,19 @@ def check_num_groups(
             f"{where}{what} must be a positive int, got {num_groups}; pass an integer >= 1 "
             f"such as {what}=32"
         )
-    return num_groups
+    return int(num_groups)  # type: ignore[call-overload]
 
 
 def check_num_features(num_features: object, fn: Who | None = None) -> int:
-    """Validate a channel count C; returns it as an int. ``fn`` names the layer."""
-    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
+    """Validate a channel count C (an int or a numpy integer); returns it as a Python int.
+    ``fn`` names the layer."""
+    if not _is_int(num_features) or num_features <= 0:  # type: ignore[operator]
         where = "" if fn is None else f"{label(fn)}: "
         raise ValueError(
             f"{where}num_features must be a positive int (the channel count C), got "
             f"{num_features!r}"
         )
-    return num_features
+    return int(num_features)  # type: ignore[call-overload]
 
 
 def nearby_divisors(total: int, target: int, count: int = 4) -> list[int]:

@@ -264,6 +264,7 @@ def batch_group_norm(
         torch.Size([8, 64, 7, 7])
     """
     fn = "batch_group_norm"
+    num_groups = _checks.check_num_groups(num_groups, fn=fn)  # numpy integers: Python ints
     _validate(fn, input, num_groups, None, running_mean, running_var, weight, bias, training,
               eps)
     return _grouped_batch_norm(
@@ -297,8 +298,9 @@ def general_batch_group_norm(
         >>> general_batch_group_norm(x, 8, examples_per_group=2, training=True).shape
         torch.Size([8, 32, 4, 4])
     """
-    _checks.check_num_groups(examples_per_group, "examples_per_group")
     fn = "general_batch_group_norm"
+    num_groups = _checks.check_num_groups(num_groups, fn=fn)  # numpy integers: Python ints
+    examples_per_group = _checks.check_num_groups(examples_per_group, "examples_per_group", fn)
     _validate(fn, input, num_groups, examples_per_group, running_mean, running_var, weight, bias,
               training, eps)
     return _grouped_batch_norm(

@@ -662,3 +662,53 @@ def test_bools_and_non_integers_are_still_refused(bad):
         BatchGroupNorm2d(bad, 4)
     with pytest.raises(ValueError, match=r"num_groups must be a positive int, got -4"):
         BatchGroupNorm2d(8, np.int64(-4))
+
+
+# ---- finding 16: a huge num_groups fails clearly -------------------------------------------------
+
+HUGE = {
+    "bgn2d": lambda g, **kw: BatchGroupNorm2d(8, g, **kw),
+    "bgn1d": lambda g, **kw: BatchGroupNorm1d(8, g, **kw),
+    "gbgn": lambda g, **kw: GeneralBatchGroupNorm2d(8, g, 2, **kw),
+    "sync": lambda g, **kw: SyncBatchGroupNorm(8, g, **kw),
+}
+FIX = r"num_groups is G, the number of groups over D = C \* prod\(spatial\) .* Use a smaller " \
+      r"num_groups \(e\.g\. a divisor of C: 1, 2, 4, 8\)"
+
+
+@pytest.mark.parametrize("make", HUGE.values(), ids=HUGE.keys())
+def test_huge_num_groups_is_refused_before_allocating(make, monkeypatch):
+    from bgnorm import layers
+
+    # 2**40 groups: 8 TiB of running statistics, more than this machine's memory
+    with pytest.raises(ValueError, match=r"num_groups=1099511627776 is too large: its running "
+                                         r"statistics .* need 8 TiB, more than the cpu memory "
+                                         rf"of this machine .*{FIX}"):
+        make(2**40)
+    with pytest.raises(ValueError, match=r"need 128 EiB, more than a torch tensor can address"):
+        make(2**64)  # beyond int64 (torch's own error: "Overflow when unpacking long long")
+    # the bound is the device's memory: 2**28 groups (2 GiB) on a 1 GiB machine
+    monkeypatch.setattr(layers, "_memory_bytes", lambda d: 2**30 if d.type == "cpu" else None)
+    with pytest.raises(ValueError, match=r"num_groups=268435456 is too large: .* need 2 GiB, "
+                                         r"more than the cpu memory of this machine \(1 GiB\)"):
+        make(2**28)
+    assert make(2**40, device="meta").running_mean.shape == (2**40,)  # nothing allocated
+    m = make(2**40, track_running_stats=False)  # no buffers: the forward check names it
+    with pytest.raises(ValueError, match=r"num_groups=1099511627776 must divide D"):
+        m(torch.randn(4, 8, 4, 4) if not isinstance(m, BatchGroupNorm1d) else torch.randn(4, 8))
+
+
+@pytest.mark.parametrize("error", [RuntimeError("DefaultCPUAllocator: can't allocate memory: "
+                                                "you tried to allocate 4096 bytes"),
+                                   torch.OutOfMemoryError("CUDA out of memory. Tried to allocate "
+                                                          "2.00 GiB")])
+def test_failed_allocation_of_the_statistics_names_num_groups(error, monkeypatch):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(torch, "ones", fail)
+    with pytest.raises(type(error), match=r"^BatchGroupNorm2d\(8, num_groups=512\): "
+                                          r"num_groups=512 needs running statistics of 512 "
+                                          r"values each \(4 KiB in all\), which could not be "
+                                          rf"allocated: {str(error)[:20]}.*{FIX}"):
+        BatchGroupNorm2d(8, 512)

@@ -7,6 +7,7 @@ validate shapes; the math lives in :mod:`bgnorm.functional`.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
@@ -38,6 +39,77 @@ def _no_bias_repr(module: nn.Module) -> str:
     torch's norms print ``bias=`` always; ours print it only when it is not the default, so
     the reprs of every other layer (and the docs quoting them) stay as they were."""
     return "bias=False, " if module.affine and module.bias is None else ""
+
+
+def _memory_bytes(device: torch.device) -> int | None:
+    """Total memory of ``device`` (CPU: physical memory; CUDA: the GPU's), None if unknown."""
+    try:
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+    except (AttributeError, ValueError, OSError, RuntimeError):  # no sysconf (Windows), ...
+        pass
+    return None
+
+
+def _bytes_text(nbytes: int) -> str:
+    """``nbytes`` in the largest binary unit that keeps it >= 1 (e.g. ``8 TiB``)."""
+    value, unit = float(nbytes), "bytes"
+    for next_unit in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB", "YiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, next_unit
+    return f"{value:.3g} {unit}"
+
+
+def _running_stats(
+    who: _checks.Who, num_features: int, num_groups: int, factory_kwargs: dict[str, Any]
+) -> tuple[Tensor, Tensor]:
+    """The (G,) running mean (zeros) and variance (ones), or an error that names num_groups.
+
+    G has no bound at construction (G = k*C cuts each channel into k bands, valid for spatial
+    sizes divisible by k), but at run time G must divide D = C * prod(spatial): an input holds
+    at least G values per example, so buffers of G values are never larger than one example.
+    A G whose two buffers exceed the device's whole memory therefore fits no input; it is
+    refused before allocating (on Linux a huge zeros() may "succeed" lazily and ones() then
+    gets the process killed). Other failed allocations are re-raised naming num_groups."""
+    probe = torch.empty(0, **factory_kwargs)
+    nbytes = 2 * num_groups * probe.element_size()
+
+    def message(problem: str) -> str:
+        return (
+            f"{_checks.label(who)}: num_groups={num_groups} {problem}. num_groups is G, the "
+            f"number of groups over D = C * prod(spatial) of the input (C = {num_features}); it "
+            f"must divide D, so it exceeds C only by cutting each channel into num_groups/C "
+            f"bands of its spatial extent. Use a smaller num_groups (e.g. a divisor of C: "
+            f"{', '.join(map(str, _checks.nearby_divisors(num_features, DEFAULT_NUM_GROUPS)))})"
+        )
+
+    total = _memory_bytes(probe.device)
+    if nbytes >= 2**63:  # torch counts a storage's bytes in int64 (meta tensors included)
+        limit = "more than a torch tensor can address"
+    elif total is not None and nbytes > total:
+        limit = f"more than the {probe.device.type} memory of this machine ({_bytes_text(total)})"
+    else:
+        limit = None
+    if limit is not None:
+        raise ValueError(message(
+            f"is too large: its running statistics (running_mean and running_var, "
+            f"{num_groups} values each) need {_bytes_text(nbytes)}, {limit}"))
+    try:
+        return (torch.zeros(num_groups, **factory_kwargs),
+                torch.ones(num_groups, **factory_kwargs))
+    except RuntimeError as err:  # torch.OutOfMemoryError included
+        text = message(
+            f"needs running statistics of {num_groups} values each ({_bytes_text(nbytes)} in "
+            "all), "
+            f"which could not be allocated: {str(err).splitlines()[0]}")
+        try:
+            new = type(err)(text)
+        except Exception:  # an exception type with another constructor
+            new = RuntimeError(text)
+        raise new from err
 
 
 class _BatchGroupNorm(nn.Module):
@@ -72,17 +144,19 @@ class _BatchGroupNorm(nn.Module):
         self.affine = affine
         self.track_running_stats = track_running_stats
         if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            self.weight = nn.Parameter(torch.empty(self.num_features, **factory_kwargs))
             if bias:
-                self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+                self.bias = nn.Parameter(torch.empty(self.num_features, **factory_kwargs))
             else:  # torch's BatchNorm(..., bias=False): gamma only, no "bias" in the state dict
                 self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
         if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_groups, **factory_kwargs))
-            self.register_buffer("running_var", torch.ones(num_groups, **factory_kwargs))
+            mean, var = _running_stats(self._describe, self.num_features, self.num_groups,
+                                       factory_kwargs)
+            self.register_buffer("running_mean", mean)
+            self.register_buffer("running_var", var)
             self.register_buffer(
                 "num_batches_tracked",
                 torch.tensor(0, dtype=torch.long,

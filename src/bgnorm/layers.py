@@ -33,12 +33,11 @@ _EXTRA_STATE = "_extra_state"  # torch's key for get_extra_state()
 DEFAULT_NUM_GROUPS = 32
 
 
-def _no_bias_repr(module: nn.Module) -> str:
-    """``"bias=False, "`` for a layer with gamma but no beta (``bias=False``), else ``""``.
-
-    torch's norms print ``bias=`` always; ours print it only when it is not the default, so
-    the reprs of every other layer (and the docs quoting them) stay as they were."""
-    return "bias=False, " if module.affine and module.bias is None else ""
+def _without_bias(module: nn.Module) -> bool:
+    """Whether the layer has gamma but no beta (``bias=False``). torch's norms print ``bias=``
+    always; ours print ``bias=False`` only, so every other repr (and the docs quoting them)
+    stays as it was."""
+    return module.affine and module.bias is None
 
 
 def _memory_bytes(device: torch.device) -> int | None:
@@ -196,7 +195,7 @@ class _BatchGroupNorm(nn.Module):
         return (
             "{num_features}, num_groups={num_groups}, eps={eps}, momentum={momentum}, "
             "affine={affine}, {no_bias}track_running_stats={track_running_stats}".format(
-                **self.__dict__, no_bias=_no_bias_repr(self))
+                **self.__dict__, no_bias="bias=False, " if _without_bias(self) else "")
         )
 
     # The group layout recorded by straddling groups is the layer's extra state. It is saved
@@ -584,7 +583,7 @@ class PositionalNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, affine={self.affine}" + (
-            ", bias=False" if _no_bias_repr(self) else "")
+            ", bias=False" if _without_bias(self) else "")
 
     #: The layer's qualified name in its model (set by convert_norm), named in error messages.
     _bgnorm_path: str | None = None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from reference import ENGINES, bgn_eval_ref, bgn_ref, set_engine
+from reference import ENGINES, bgn_eval_ref, bgn_ref, gbgn_ref, pn_ref, set_engine
 from torch import nn
 
 from bgnorm import (
@@ -354,28 +354,26 @@ def test_straddling_layer_takes_empty_inputs_after_its_layout_is_recorded():
 
 # ---- finding 14: y and dx keep the input's memory format ---------------------------------------
 
-FORMAT_LAYOUTS = {  # name: (make layer for C = 6, reference(x, layer) in float64)
-    "G=C": (lambda cls: cls(6, 6), None),
-    "whole": (lambda cls: cls(6, 3), None),
-    "bands": (lambda cls: cls(6, 12), None),
-    "straddle": (lambda cls: cls(6, 9), None),
-    "gbgn": (lambda cls: GeneralBatchGroupNorm2d(6, 9, 2), None),
-    "pn": (lambda cls: PositionalNorm(6), None),
+FORMAT_LAYOUTS = {  # name: the layer for C = 6, given the BGN class of the input's dimension
+    "G=C": lambda cls: cls(6, 6),
+    "whole": lambda cls: cls(6, 3),
+    "bands": lambda cls: cls(6, 12),
+    "straddle": lambda cls: cls(6, 9),
+    "gbgn": lambda cls: GeneralBatchGroupNorm2d(6, 9, 2),
+    "pn": lambda cls: PositionalNorm(6),
 }
 FORMATS = {"4d": (BatchGroupNorm2d, (4, 6, 4, 3), torch.channels_last),
            "5d": (BatchGroupNorm3d, (4, 6, 2, 2, 3), torch.channels_last_3d)}
 
 
 def _format_reference(m, x, training):
-    """y of layer ``m`` on float64 ``x`` from reference.py, and its per-layout G."""
+    """y of layer ``m`` on float64 ``x`` from reference.py."""
     w, b = m.weight, m.bias
     if isinstance(m, PositionalNorm):
-        from reference import pn_ref
         return pn_ref(x, w, b)
     if not training:
         return bgn_eval_ref(x, m.num_groups, m.running_mean, m.running_var, w, b)
     if isinstance(m, GeneralBatchGroupNorm2d):
-        from reference import gbgn_ref
         return gbgn_ref(x, m.num_groups, m.examples_per_group, w, b)[0]
     return bgn_ref(x, m.num_groups, w, b)[0]
 
@@ -388,7 +386,7 @@ def test_output_and_input_gradient_keep_channels_last(dims, layout, training, en
                                                       monkeypatch):
     set_engine(monkeypatch, engine)
     cls, shape, fmt = FORMATS[dims]
-    m = FORMAT_LAYOUTS[layout][0](cls).double().train(training)
+    m = FORMAT_LAYOUTS[layout](cls).double().train(training)
     with torch.no_grad():
         m.weight.uniform_(0.5, 1.5)
         m.bias.uniform_(-1, 1)
@@ -645,7 +643,6 @@ def test_numpy_integers_are_taken_and_stored_as_python_ints(np_int):
     assert m.state_dict()["_extra_state"] == {"layout_shape": [3, 3]}
     x = torch.randn(4, 8, 3, 3, dtype=F64)
     torch.testing.assert_close(BF.batch_group_norm(x, t(4), training=True), bgn_ref(x, 4)[0])
-    from reference import gbgn_ref
     torch.testing.assert_close(BF.general_batch_group_norm(x, t(4), t(2), training=True),
                                gbgn_ref(x, 4, 2)[0])
 

@@ -709,3 +709,42 @@ def test_failed_allocation_of_the_statistics_names_num_groups(error, monkeypatch
                                           r"values each \(4 KiB in all\), which could not be "
                                           rf"allocated: {str(error)[:20]}.*{FIX}"):
         BatchGroupNorm2d(8, 512)
+
+
+# ---- the same on CUDA (skipped without a GPU) --------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dims,layout", [(d, la) for d in FORMATS for la in FORMAT_LAYOUTS
+                                          if not (d == "5d" and la == "gbgn")])
+def test_cuda_channels_last_empty_inputs_and_bias_false(dims, layout, training):
+    cls, shape, fmt = FORMATS[dims]
+    m = FORMAT_LAYOUTS[layout](cls).to("cuda", F64).train(training)
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.uniform_(-1, 1)
+    x = (torch.randn(shape, dtype=F64, device="cuda").to(memory_format=fmt)
+         .requires_grad_() * 1)
+    y = m(x)
+    dy = torch.randn(shape, dtype=F64, device="cuda")
+    (dx,) = torch.autograd.grad(y, x, dy)
+    assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
+    ref = _format_reference(m, x, training)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(dx, torch.autograd.grad(ref, x, dy)[0])
+    empty = torch.randn((0, *shape[1:]), dtype=F64, device="cuda", requires_grad=True)
+    assert m(empty).shape == empty.shape
+    if not isinstance(m, PositionalNorm):
+        nobias = type(m)(6, m.num_groups, *([m.examples_per_group] if m.examples_per_group
+                                            else []), bias=False, device="cuda")
+        assert nobias.bias is None and nobias.train(training)(x.float()).shape == shape
+
+
+@cuda
+def test_cuda_huge_num_groups_is_refused_by_the_gpu_memory():
+    with pytest.raises(ValueError, match=r"num_groups=1099511627776 is too large: .* more than "
+                                         r"the cuda memory of this machine"):
+        BatchGroupNorm2d(8, 2**40, device="cuda")

@@ -537,7 +537,9 @@ def test_dead_or_stalled_rank_gives_clear_error_within_timeout(worker, tmp_path)
     results = _launch(worker, 2, tmp_path, timeout_s=FAIL_TIMEOUT_S, deadline_s=60, may_die=(1,))
     survivor = results[0]
     print(f"survivor raised after {survivor['elapsed']:.2f} s")
-    assert "SyncBatchGroupNorm: the all-reduce of" in survivor["error"], survivor["error"]
+    # the error names the layer (its short repr): SyncBatchGroupNorm(4, num_groups=2)
+    assert "SyncBatchGroupNorm(4, num_groups=2): the all-reduce of" in survivor["error"], \
+        survivor["error"]
     assert "init_process_group(timeout=...)" in survivor["error"]
     assert survivor["elapsed"] < FAIL_TIMEOUT_S + 10, survivor["elapsed"]
 

@@ -4,9 +4,10 @@ memory formats, errors that name the layer, numpy integers and huge ``num_groups
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
-from reference import ENGINES, bgn_eval_ref, bgn_ref, set_engine
+from reference import ENGINES, bgn_eval_ref, bgn_ref, gbgn_ref, pn_ref, set_engine
 from torch import nn
 
 from bgnorm import (
@@ -353,28 +354,26 @@ def test_straddling_layer_takes_empty_inputs_after_its_layout_is_recorded():
 
 # ---- finding 14: y and dx keep the input's memory format ---------------------------------------
 
-FORMAT_LAYOUTS = {  # name: (make layer for C = 6, reference(x, layer) in float64)
-    "G=C": (lambda cls: cls(6, 6), None),
-    "whole": (lambda cls: cls(6, 3), None),
-    "bands": (lambda cls: cls(6, 12), None),
-    "straddle": (lambda cls: cls(6, 9), None),
-    "gbgn": (lambda cls: GeneralBatchGroupNorm2d(6, 9, 2), None),
-    "pn": (lambda cls: PositionalNorm(6), None),
+FORMAT_LAYOUTS = {  # name: the layer for C = 6, given the BGN class of the input's dimension
+    "G=C": lambda cls: cls(6, 6),
+    "whole": lambda cls: cls(6, 3),
+    "bands": lambda cls: cls(6, 12),
+    "straddle": lambda cls: cls(6, 9),
+    "gbgn": lambda cls: GeneralBatchGroupNorm2d(6, 9, 2),
+    "pn": lambda cls: PositionalNorm(6),
 }
 FORMATS = {"4d": (BatchGroupNorm2d, (4, 6, 4, 3), torch.channels_last),
            "5d": (BatchGroupNorm3d, (4, 6, 2, 2, 3), torch.channels_last_3d)}
 
 
 def _format_reference(m, x, training):
-    """y of layer ``m`` on float64 ``x`` from reference.py, and its per-layout G."""
+    """y of layer ``m`` on float64 ``x`` from reference.py."""
     w, b = m.weight, m.bias
     if isinstance(m, PositionalNorm):
-        from reference import pn_ref
         return pn_ref(x, w, b)
     if not training:
         return bgn_eval_ref(x, m.num_groups, m.running_mean, m.running_var, w, b)
     if isinstance(m, GeneralBatchGroupNorm2d):
-        from reference import gbgn_ref
         return gbgn_ref(x, m.num_groups, m.examples_per_group, w, b)[0]
     return bgn_ref(x, m.num_groups, w, b)[0]
 
@@ -387,7 +386,7 @@ def test_output_and_input_gradient_keep_channels_last(dims, layout, training, en
                                                       monkeypatch):
     set_engine(monkeypatch, engine)
     cls, shape, fmt = FORMATS[dims]
-    m = FORMAT_LAYOUTS[layout][0](cls).double().train(training)
+    m = FORMAT_LAYOUTS[layout](cls).double().train(training)
     with torch.no_grad():
         m.weight.uniform_(0.5, 1.5)
         m.bias.uniform_(-1, 1)
@@ -480,3 +479,272 @@ def test_compiled_layers_keep_channels_last(g, training):
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert dx.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, m(x.detach()))
+
+
+# ---- finding 12: errors name the layer ---------------------------------------------------------
+
+
+def _named(layer, path="features.3"):
+    layer._bgnorm_path = path  # what convert_norm sets
+    return layer
+
+
+FORWARD_ERRORS = {  # name: (layer, input, exception, message after the layer's description)
+    "dims": (BatchGroupNorm2d(96, 24), torch.randn(2, 96, 4), ValueError,
+             r"expected 4D input \(got 3D input\)"),
+    "channels": (BatchGroupNorm2d(96, 24), torch.randn(2, 95, 2, 2), ValueError,
+                 r"expected input with 96 channels"),
+    "divide": (BatchGroupNorm2d(96, 24 * 96), torch.randn(2, 96, 5, 5), ValueError,
+               r"num_groups=2304 must divide D"),
+    "one-value": (BatchGroupNorm2d(96, 96), torch.randn(1, 96, 1, 1), ValueError,
+                  r"expected more than 1 value per group when training"),
+    "eps": (BatchGroupNorm2d(96, 24, eps=0.0), torch.randn(2, 96, 2, 2), ValueError,
+            r"eps must be positive during training"),
+    "integer": (BatchGroupNorm2d(96, 24), torch.ones(2, 96, 2, 2, dtype=torch.long), TypeError,
+                r"expected a floating-point input"),
+    "1d": (BatchGroupNorm1d(96, 24), torch.randn(2, 96, 2, 2), ValueError,
+           r"expected 2D or 3D input"),
+    "3d": (BatchGroupNorm3d(96, 24), torch.randn(2, 96, 2, 2), ValueError,
+           r"expected 5D input"),
+    "gbgn-batch": (GeneralBatchGroupNorm2d(96, 24, 4), torch.randn(6, 96, 2, 2), ValueError,
+                   r"batch size 6 is not divisible by examples_per_group=4"),
+    "sync-dims": (SyncBatchGroupNorm(96, 24), torch.randn(2), ValueError,
+                  r"expected at least 2D input"),
+    "sync-divide": (SyncBatchGroupNorm(96, 24 * 96), torch.randn(2, 96, 5, 5), ValueError,
+                    r"num_groups=2304 must divide D"),
+    "pn-channels": (PositionalNorm(96), torch.randn(2, 95, 3), ValueError,
+                    r"expected input with 96 channels"),
+    "pn-integer": (PositionalNorm(96), torch.ones(2, 96, dtype=torch.long), TypeError,
+                   r"expected a floating-point input"),
+}
+DESCRIPTIONS = {"BatchGroupNorm2d": r"BatchGroupNorm2d\(96, num_groups=(24|2304|96)\)",
+                "BatchGroupNorm1d": r"BatchGroupNorm1d\(96, num_groups=24\)",
+                "BatchGroupNorm3d": r"BatchGroupNorm3d\(96, num_groups=24\)",
+                "GeneralBatchGroupNorm2d":
+                    r"GeneralBatchGroupNorm2d\(96, num_groups=24, examples_per_group=4\)",
+                "SyncBatchGroupNorm": r"SyncBatchGroupNorm\(96, num_groups=(24|2304)\)",
+                "PositionalNorm": r"PositionalNorm\(96\)"}
+
+
+@pytest.mark.parametrize("case", FORWARD_ERRORS)
+def test_forward_errors_name_the_layer_and_its_path(case):
+    layer, x, exc, message = FORWARD_ERRORS[case]
+    desc = DESCRIPTIONS[type(layer).__name__]
+    layer._bgnorm_path = None
+    with pytest.raises(exc, match=rf"^{desc}: {message}"):
+        layer(x)
+    net = nn.Sequential(nn.Identity(), nn.Sequential(nn.Identity(), _named(layer)))
+    with pytest.raises(exc, match=rf"^{desc} at 'features\.3': {message}"):
+        net(x)
+    if case not in ("one-value", "eps", "gbgn-batch"):  # errors of training only
+        with pytest.raises(exc, match=rf"^{desc} at 'features\.3': {message}"):
+            layer.eval()(x)
+
+
+def test_straddling_layout_error_names_the_layer():
+    m = _named(BatchGroupNorm2d(96, 40), "layer2.0.bn1")
+    m(torch.randn(2, 96, 5, 5))
+    with pytest.raises(ValueError, match=r"^BatchGroupNorm2d\(96, num_groups=40\) at "
+                                         r"'layer2\.0\.bn1': groups straddle channel boundaries"):
+        m(torch.randn(2, 96, 10, 10))
+
+
+def test_state_dict_error_names_the_layer():
+    m = _named(BatchGroupNorm2d(8, 2), "head.norm")
+    with pytest.raises(RuntimeError, match=r"BatchGroupNorm2d\(8, num_groups=2\) at "
+                                           r"'head\.norm': the checkpoint's running statistics "
+                                           r"have 4 groups"):
+        m.load_state_dict(BatchGroupNorm2d(8, 4).state_dict())
+
+
+def test_synchronized_errors_name_the_layer(sync_path):
+    m = _named(SyncBatchGroupNorm(4, 36), "body.sync")  # 36 groups of one value at 3x3
+    with pytest.raises(ValueError, match=r"^SyncBatchGroupNorm\(4, num_groups=36\) at "
+                                         r"'body\.sync': expected more than 1 value per group"):
+        m(torch.randn(1, 4, 3, 3))
+    m = _named(SyncBatchGroupNorm(4, 5), "body.sync")
+    with pytest.raises(ValueError, match=r"^SyncBatchGroupNorm\(4, num_groups=5\) at "
+                                         r"'body\.sync': num_groups=5 must divide D"):
+        m(torch.randn(2, 4, 3, 3))
+    x = torch.randn(2, 4, 3, dtype=F64, requires_grad=True)
+    m = _named(SyncBatchGroupNorm(4, 2, dtype=F64), "body.sync")
+    with pytest.raises(RuntimeError, match=r"^SyncBatchGroupNorm\(4, num_groups=2\) at "
+                                           r"'body\.sync' does not support double backward"):
+        torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
+
+
+def test_the_path_is_a_plain_attribute():
+    import copy
+    import pickle
+
+    m = _named(BatchGroupNorm2d(8, 4))
+    assert "_bgnorm_path" not in m.state_dict() and BatchGroupNorm2d(8, 4)._bgnorm_path is None
+    assert copy.deepcopy(m)._bgnorm_path == pickle.loads(pickle.dumps(m))._bgnorm_path
+    assert repr(m) == repr(BatchGroupNorm2d(8, 4))
+    sync = SyncBatchGroupNorm.convert_sync_batchgroupnorm(nn.Sequential(m))[0]
+    assert sync._bgnorm_path == "features.3"
+
+
+CONSTRUCTOR_ERRORS = {
+    "BatchGroupNorm1d": lambda g: BatchGroupNorm1d(8, g),
+    "BatchGroupNorm2d": lambda g: BatchGroupNorm2d(8, g),
+    "BatchGroupNorm3d": lambda g: BatchGroupNorm3d(8, g),
+    "GeneralBatchGroupNorm2d": lambda g: GeneralBatchGroupNorm2d(8, g, 2),
+    "SyncBatchGroupNorm": lambda g: SyncBatchGroupNorm(8, g),
+}
+
+
+@pytest.mark.parametrize("cls", CONSTRUCTOR_ERRORS)
+@pytest.mark.parametrize("bad,exc", [(0, ValueError), (-2, ValueError), (True, TypeError),
+                                     (2.0, TypeError), ("4", TypeError)])
+def test_bad_num_groups_names_the_layer_class(cls, bad, exc):
+    with pytest.raises(exc, match=rf"^{cls}: num_groups must be a positive int, got .*; pass "
+                                  r"an integer"):
+        CONSTRUCTOR_ERRORS[cls](bad)
+
+
+def test_other_constructor_errors_name_the_layer_class():
+    with pytest.raises(ValueError, match=r"^GeneralBatchGroupNorm2d: examples_per_group must be "
+                                         r"a positive int, got 0"):
+        GeneralBatchGroupNorm2d(8, 2, 0)
+    for cls in (BatchGroupNorm2d, PositionalNorm, SyncBatchGroupNorm):
+        with pytest.raises(ValueError, match=rf"^{cls.__name__}: num_features must be a "
+                                             r"positive int \(the channel count C\), got 0"):
+            cls(0)
+
+
+def test_num_groups_changed_after_construction_is_checked_with_the_layer_named():
+    m = _named(BatchGroupNorm2d(8, 4))
+    m.num_groups = 0
+    with pytest.raises(ValueError, match=r"^BatchGroupNorm2d\(8, num_groups=0\) at 'features\.3'"
+                                         r": num_groups must be a positive int, got 0"):
+        m(torch.randn(2, 8, 2, 2))
+
+
+# ---- finding 13: numpy integers, as torch takes them --------------------------------------------
+
+@pytest.mark.parametrize("np_int", ["int64", "int32", "uint8"])
+def test_numpy_integers_are_taken_and_stored_as_python_ints(np_int):
+    import pickle
+
+    t = getattr(np, np_int)
+    assert isinstance(nn.BatchNorm2d(t(8)), nn.BatchNorm2d)  # torch takes them
+    layers = [BatchGroupNorm2d(t(8), t(4)), BatchGroupNorm1d(num_features=t(8), num_groups=t(4)),
+              BatchGroupNorm3d(t(8), num_groups=t(4)), SyncBatchGroupNorm(t(8), t(4)),
+              GeneralBatchGroupNorm2d(t(8), t(4), examples_per_group=t(2)), PositionalNorm(t(8))]
+    for m in layers:
+        for attr in ("num_features", "num_groups", "examples_per_group"):
+            value = getattr(m, attr, None)
+            assert value is None or type(value) is int, (m, attr)
+        assert "numpy" not in repr(m) and "np." not in repr(m)
+        assert "numpy" not in pickle.dumps(m).decode("latin-1")
+    m = BatchGroupNorm2d(t(8), t(6))  # straddling: the recorded layout is ints too
+    m(torch.randn(2, 8, 3, 3))
+    assert m.state_dict()["_extra_state"] == {"layout_shape": [3, 3]}
+    x = torch.randn(4, 8, 3, 3, dtype=F64)
+    torch.testing.assert_close(BF.batch_group_norm(x, t(4), training=True), bgn_ref(x, 4)[0])
+    torch.testing.assert_close(BF.general_batch_group_norm(x, t(4), t(2), training=True),
+                               gbgn_ref(x, 4, 2)[0])
+
+
+@pytest.mark.parametrize("bad", [True, np.bool_(True), np.float64(4.0), 4.0, "4", None])
+def test_bools_and_non_integers_are_still_refused(bad):
+    with pytest.raises(TypeError, match=r"num_groups must be a positive int"):
+        BatchGroupNorm2d(8, bad)
+    with pytest.raises(TypeError, match=r"num_groups must be a positive int"):
+        BF.batch_group_norm(torch.randn(2, 8), bad, training=True)
+    with pytest.raises(TypeError, match=r"examples_per_group must be a positive int"):
+        GeneralBatchGroupNorm2d(8, 4, bad)
+    with pytest.raises(ValueError, match=r"num_features must be a positive int"):
+        BatchGroupNorm2d(bad, 4)
+    with pytest.raises(ValueError, match=r"num_groups must be a positive int, got -4"):
+        BatchGroupNorm2d(8, np.int64(-4))
+
+
+# ---- finding 16: a huge num_groups fails clearly -------------------------------------------------
+
+HUGE = {
+    "bgn2d": lambda g, **kw: BatchGroupNorm2d(8, g, **kw),
+    "bgn1d": lambda g, **kw: BatchGroupNorm1d(8, g, **kw),
+    "gbgn": lambda g, **kw: GeneralBatchGroupNorm2d(8, g, 2, **kw),
+    "sync": lambda g, **kw: SyncBatchGroupNorm(8, g, **kw),
+}
+FIX = r"num_groups is G, the number of groups over D = C \* prod\(spatial\) .* Use a smaller " \
+      r"num_groups \(e\.g\. a divisor of C: 1, 2, 4, 8\)"
+
+
+@pytest.mark.parametrize("make", HUGE.values(), ids=HUGE.keys())
+def test_huge_num_groups_is_refused_before_allocating(make, monkeypatch):
+    from bgnorm import layers
+
+    # 2**40 groups: 8 TiB of running statistics, more than this machine's memory
+    with pytest.raises(ValueError, match=r"num_groups=1099511627776 is too large: its running "
+                                         r"statistics .* need 8 TiB, more than the cpu memory "
+                                         rf"of this machine .*{FIX}"):
+        make(2**40)
+    with pytest.raises(ValueError, match=r"need 128 EiB, more than a torch tensor can address"):
+        make(2**64)  # beyond int64 (torch's own error: "Overflow when unpacking long long")
+    # the bound is the device's memory: 2**28 groups (2 GiB) on a 1 GiB machine
+    monkeypatch.setattr(layers, "_memory_bytes", lambda d: 2**30 if d.type == "cpu" else None)
+    with pytest.raises(ValueError, match=r"num_groups=268435456 is too large: .* need 2 GiB, "
+                                         r"more than the cpu memory of this machine \(1 GiB\)"):
+        make(2**28)
+    assert make(2**40, device="meta").running_mean.shape == (2**40,)  # nothing allocated
+    m = make(2**40, track_running_stats=False)  # no buffers: the forward check names it
+    with pytest.raises(ValueError, match=r"num_groups=1099511627776 must divide D"):
+        m(torch.randn(4, 8, 4, 4) if not isinstance(m, BatchGroupNorm1d) else torch.randn(4, 8))
+
+
+@pytest.mark.parametrize("error", [RuntimeError("DefaultCPUAllocator: can't allocate memory: "
+                                                "you tried to allocate 4096 bytes"),
+                                   torch.OutOfMemoryError("CUDA out of memory. Tried to allocate "
+                                                          "2.00 GiB")])
+def test_failed_allocation_of_the_statistics_names_num_groups(error, monkeypatch):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(torch, "ones", fail)
+    with pytest.raises(type(error), match=r"^BatchGroupNorm2d\(8, num_groups=512\): "
+                                          r"num_groups=512 needs running statistics of 512 "
+                                          r"values each \(4 KiB in all\), which could not be "
+                                          rf"allocated: {str(error)[:20]}.*{FIX}"):
+        BatchGroupNorm2d(8, 512)
+
+
+# ---- the same on CUDA (skipped without a GPU) --------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dims,layout", [(d, la) for d in FORMATS for la in FORMAT_LAYOUTS
+                                          if not (d == "5d" and la == "gbgn")])
+def test_cuda_channels_last_empty_inputs_and_bias_false(dims, layout, training):
+    cls, shape, fmt = FORMATS[dims]
+    m = FORMAT_LAYOUTS[layout](cls).to("cuda", F64).train(training)
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.uniform_(-1, 1)
+    x = (torch.randn(shape, dtype=F64, device="cuda").to(memory_format=fmt)
+         .requires_grad_() * 1)
+    y = m(x)
+    dy = torch.randn(shape, dtype=F64, device="cuda")
+    (dx,) = torch.autograd.grad(y, x, dy)
+    assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
+    ref = _format_reference(m, x, training)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(dx, torch.autograd.grad(ref, x, dy)[0])
+    empty = torch.randn((0, *shape[1:]), dtype=F64, device="cuda", requires_grad=True)
+    assert m(empty).shape == empty.shape
+    if not isinstance(m, PositionalNorm):
+        nobias = type(m)(6, m.num_groups, *([m.examples_per_group] if m.examples_per_group
+                                            else []), bias=False, device="cuda")
+        assert nobias.bias is None and nobias.train(training)(x.float()).shape == shape
+
+
+@cuda
+def test_cuda_huge_num_groups_is_refused_by_the_gpu_memory():
+    with pytest.raises(ValueError, match=r"num_groups=1099511627776 is too large: .* more than "
+                                         r"the cuda memory of this machine"):
+        BatchGroupNorm2d(8, 2**40, device="cuda")

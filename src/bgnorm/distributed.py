@@ -41,8 +41,9 @@ __all__ = ["SyncBatchGroupNorm"]
 _NAME = "SyncBatchGroupNorm"
 
 
-def _all_reduce(buf: Tensor, group: Any, what: str) -> None:
-    """Sum ``buf`` in place over ``group``; a failed collective names the likely causes."""
+def _all_reduce(buf: Tensor, group: Any, what: str, layer: _checks.Who = _NAME) -> None:
+    """Sum ``buf`` in place over ``group``; a failed collective names the layer (``layer``,
+    see :mod:`bgnorm._checks`) and the likely causes."""
     try:
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
     except RuntimeError as err:
@@ -51,7 +52,8 @@ def _all_reduce(buf: Tensor, group: Any, what: str) -> None:
         except Exception:  # the group may be unusable by now
             where = "this rank"
         msg = (
-            f"{_NAME}: the all-reduce of {what} over the process group failed on {where}: "
+            f"{_checks.label(layer)}: the all-reduce of {what} over the process group failed on "
+            f"{where}: "
             f"{err}\nLikely causes: another rank died or stalled (the wait is bounded by the "
             "process group's timeout, init_process_group(timeout=...)); ranks ran different "
             f"sequences of {_NAME} calls (every rank must run the layer in training mode, and "
@@ -70,15 +72,16 @@ class _SyncBatchGroupNormFunction(torch.autograd.Function):
 
     Inputs: ``x3`` (N, C, S) contiguous, N may be 0; ``weight``/``bias`` (C,) or None;
     ``running_mean``/``running_var`` (G,) or None (updated in place from the global
-    statistics); ``num_groups``; ``eps``; ``momentum`` (the running-average factor); ``group``.
-    Output: ``y`` (N, C, S) in the input dtype.
+    statistics); ``num_groups``; ``eps``; ``momentum`` (the running-average factor); ``group``;
+    ``layer``, who errors name (see :mod:`bgnorm._checks`). Output: ``y`` (N, C, S) in the
+    input dtype.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, x3: Tensor, weight: Tensor | None, bias: Tensor | None,
         running_mean: Tensor | None, running_var: Tensor | None, num_groups: int, eps: float,
-        momentum: float, group: Any,
+        momentum: float, group: Any, layer: _checks.Who = _NAME,
     ) -> Tensor:
         n, c, s = x3.shape
         g = num_groups
@@ -90,7 +93,7 @@ class _SyncBatchGroupNormFunction(torch.autograd.Function):
         # Pass 1: values per group and per-group sums -> global mean (G + 1 numbers).
         sums = x4.sum(dim=(0, 1, 3))
         buf = torch.cat([sums.new_full((1,), float(local_count)), sums])
-        _all_reduce(buf, group, f"the group sums ({g + 1} numbers, forward)")
+        _all_reduce(buf, group, f"the group sums ({g + 1} numbers, forward)", layer)
         total = buf[0]
         if local_count <= 1:
             # A global count <= 1 implies a local one <= 1 on every rank, so every rank gets here
@@ -98,7 +101,8 @@ class _SyncBatchGroupNormFunction(torch.autograd.Function):
             total_count = int(total.item())
             if total_count <= 1:
                 raise ValueError(
-                    f"{_NAME}: expected more than 1 value per group when training, got "
+                    f"{_checks.label(layer)}: expected more than 1 value per group when "
+                    "training, got "
                     f"{total_count} value(s) per group over the whole process group (world size "
                     f"{dist.get_world_size(group)}, num_groups={g}, this rank's input shape "
                     f"{tuple(x3.shape)} as (N, C, S)); use a larger batch, fewer groups, or "
@@ -109,7 +113,7 @@ class _SyncBatchGroupNormFunction(torch.autograd.Function):
         # Pass 2: squared deviations about the global mean -> global variance (G numbers).
         centered = x4 - mean.view(1, 1, g, 1)
         sq = centered.square().sum(dim=(0, 1, 3))
-        _all_reduce(sq, group, f"the squared deviations ({g} numbers, forward)")
+        _all_reduce(sq, group, f"the squared deviations ({g} numbers, forward)", layer)
         var = sq / total
         rstd = torch.rsqrt(var + eps)
 
@@ -127,7 +131,7 @@ class _SyncBatchGroupNormFunction(torch.autograd.Function):
             y.add_(bias.to(cdt).view(1, c, 1))
         ctx.save_for_backward(x3, weight, mean, rstd, total)
         ctx.num_groups = g
-        ctx.group = group
+        ctx.group, ctx.layer = group, layer
         # Never return a view made here: in-place ops on it (ReLU(inplace=True)) would be refused.
         return y4.to(x3.dtype)
 
@@ -136,7 +140,7 @@ class _SyncBatchGroupNormFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             # Raised on every rank before any collective, so nobody is left waiting.
             raise RuntimeError(
-                f"{_NAME} does not support double backward (a backward with "
+                f"{_checks.label(ctx.layer)} does not support double backward (a backward with "
                 "create_graph=True through the synchronized statistics). Use the per-rank "
                 "BatchGroupNorm layers for gradient penalties and other higher-order gradients, "
                 "or compute them in eval mode"
@@ -159,12 +163,13 @@ class _SyncBatchGroupNormFunction(torch.autograd.Function):
             gy = dyc * weight.to(cdt).view(1, c, 1) if weight is not None else dyc
             g4 = gy.view(view)
             sums = torch.cat([g4.sum(dim=(0, 1, 3)), (g4 * xhat).sum(dim=(0, 1, 3))])
-            _all_reduce(sums, ctx.group, f"the gradient sums ({2 * g} numbers, backward)")
+            _all_reduce(sums, ctx.group, f"the gradient sums ({2 * g} numbers, backward)",
+                        ctx.layer)
             m1 = (sums[:g] / total).view(1, 1, g, 1)
             m2 = (sums[g:] / total).view(1, 1, g, 1)
             dx = (g4 - m1).sub_(xhat.mul_(m2)).mul_(rstd.view(1, 1, g, 1))
             dx = dx.view(n, c, s).to(x3.dtype)
-        return dx, dw, db, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None
 
 
 class SyncBatchGroupNorm(_BatchGroupNorm):
@@ -254,7 +259,8 @@ class SyncBatchGroupNorm(_BatchGroupNorm):
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+            raise ValueError(
+                f"{self._describe()}: expected at least 2D input (got {input.dim()}D input)")
 
     def _sync_group(self) -> Any:
         """The process group to synchronize over, or None when no communication is needed."""
@@ -269,14 +275,15 @@ class SyncBatchGroupNorm(_BatchGroupNorm):
             return super().forward(input)
         self._common_checks(input)
         rm, rv, _, factor = self._batch_norm_args()
-        _checks.check_input(_NAME, input)
-        _checks.check_eps(_NAME, self.eps, True)
-        _checks.check_groups_divide(_NAME, input, self.num_groups)
+        _checks.check_input(self._describe, input)
+        _checks.check_eps(self._describe, self.eps, True)
+        _checks.check_groups_divide(self._describe, input, self.num_groups)
         n, c = input.shape[0], input.shape[1]
         fmt = memory_format_of(input)  # y and dx keep a channels-last input's format
         x3 = contiguous_for(input, fmt).view(n, c, math.prod(input.shape[2:]))
         y = _SyncBatchGroupNormFunction.apply(
-            x3, self.weight, self.bias, rm, rv, self.num_groups, self.eps, factor, group
+            x3, self.weight, self.bias, rm, rv, self.num_groups, self.eps, factor, group,
+            self._describe,
         )
         self._record_layout(input)
         y = y.view(input.shape)
@@ -318,6 +325,7 @@ class SyncBatchGroupNorm(_BatchGroupNorm):
             out.running_var = module.running_var
             out.num_batches_tracked = module.num_batches_tracked
             out.layout_shape = module.layout_shape
+            out._bgnorm_path = module._bgnorm_path
             out.training = module.training
             if hasattr(module, "qconfig"):
                 out.qconfig = module.qconfig

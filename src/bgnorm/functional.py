@@ -102,12 +102,13 @@ def eval_kernel(
 
 
 def _validate(
-    fn: str, input: Tensor, num_groups: int, examples_per_group: int | None,
+    fn: _checks.Who, input: Tensor, num_groups: int, examples_per_group: int | None,
     running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
     bias: Tensor | None, training: bool, eps: float,
 ) -> None:
-    """Every check of BGN/GBGN's arguments, with messages that name the problem and the fix."""
-    _checks.check_num_groups(num_groups)
+    """Every check of BGN/GBGN's arguments, with messages that name the problem and the fix
+    and ``fn`` (the function, or a callable returning the layer's description)."""
+    _checks.check_num_groups(num_groups, fn=fn)
     _checks.check_eps(fn, eps, training)
     _checks.check_input(fn, input)
     c = input.shape[1]
@@ -117,12 +118,14 @@ def _validate(
     _checks.check_vector(fn, "running_mean", running_mean, num_groups, "one per group")
     _checks.check_vector(fn, "running_var", running_var, num_groups, "one per group")
     if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{fn}: pass both running_mean and running_var, or neither")
+        raise ValueError(
+            f"{_checks.label(fn)}: pass both running_mean and running_var, or neither")
     if not training:
         if running_mean is None:
             raise ValueError(
-                f"{fn}: training=False normalizes with running statistics, but running_mean "
-                "and running_var are None; pass them, or use training=True for batch statistics"
+                f"{_checks.label(fn)}: training=False normalizes with running statistics, but "
+                "running_mean and running_var are None; pass them, or use training=True for "
+                "batch statistics"
             )
         return
     e = input.shape[0]
@@ -272,6 +275,7 @@ def batch_group_norm(
         torch.Size([8, 64, 7, 7])
     """
     fn = "batch_group_norm"
+    num_groups = _checks.check_num_groups(num_groups, fn=fn)  # numpy integers: Python ints
     _validate(fn, input, num_groups, None, running_mean, running_var, weight, bias, training,
               eps)
     return _grouped_batch_norm(
@@ -305,8 +309,9 @@ def general_batch_group_norm(
         >>> general_batch_group_norm(x, 8, examples_per_group=2, training=True).shape
         torch.Size([8, 32, 4, 4])
     """
-    _checks.check_num_groups(examples_per_group, "examples_per_group")
     fn = "general_batch_group_norm"
+    num_groups = _checks.check_num_groups(num_groups, fn=fn)  # numpy integers: Python ints
+    examples_per_group = _checks.check_num_groups(examples_per_group, "examples_per_group", fn)
     _validate(fn, input, num_groups, examples_per_group, running_mean, running_var, weight, bias,
               training, eps)
     return _grouped_batch_norm(

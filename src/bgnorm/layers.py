@@ -7,6 +7,7 @@ validate shapes; the math lives in :mod:`bgnorm.functional`.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
@@ -32,12 +33,82 @@ _EXTRA_STATE = "_extra_state"  # torch's key for get_extra_state()
 DEFAULT_NUM_GROUPS = 32
 
 
-def _no_bias_repr(module: nn.Module) -> str:
-    """``"bias=False, "`` for a layer with gamma but no beta (``bias=False``), else ``""``.
+def _without_bias(module: nn.Module) -> bool:
+    """Whether the layer has gamma but no beta (``bias=False``). torch's norms print ``bias=``
+    always; ours print ``bias=False`` only, so every other repr (and the docs quoting them)
+    stays as it was."""
+    return module.affine and module.bias is None
 
-    torch's norms print ``bias=`` always; ours print it only when it is not the default, so
-    the reprs of every other layer (and the docs quoting them) stay as they were."""
-    return "bias=False, " if module.affine and module.bias is None else ""
+
+def _memory_bytes(device: torch.device) -> int | None:
+    """Total memory of ``device`` (CPU: physical memory; CUDA: the GPU's), None if unknown."""
+    try:
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+    except (AttributeError, ValueError, OSError, RuntimeError):  # no sysconf (Windows), ...
+        pass
+    return None
+
+
+def _bytes_text(nbytes: int) -> str:
+    """``nbytes`` in the largest binary unit that keeps it >= 1 (e.g. ``8 TiB``)."""
+    value, unit = float(nbytes), "bytes"
+    for next_unit in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB", "YiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, next_unit
+    return f"{value:.3g} {unit}"
+
+
+def _running_stats(
+    who: _checks.Who, num_features: int, num_groups: int, factory_kwargs: dict[str, Any]
+) -> tuple[Tensor, Tensor]:
+    """The (G,) running mean (zeros) and variance (ones), or an error that names num_groups.
+
+    G has no bound at construction (G = k*C cuts each channel into k bands, valid for spatial
+    sizes divisible by k), but at run time G must divide D = C * prod(spatial): an input holds
+    at least G values per example, so buffers of G values are never larger than one example.
+    A G whose two buffers exceed the device's whole memory therefore fits no input; it is
+    refused before allocating (on Linux a huge zeros() may "succeed" lazily and ones() then
+    gets the process killed). Other failed allocations are re-raised naming num_groups."""
+    probe = torch.empty(0, **factory_kwargs)
+    nbytes = 2 * num_groups * probe.element_size()
+
+    def message(problem: str) -> str:
+        return (
+            f"{_checks.label(who)}: num_groups={num_groups} {problem}. num_groups is G, the "
+            f"number of groups over D = C * prod(spatial) of the input (C = {num_features}); it "
+            f"must divide D, so it exceeds C only by cutting each channel into num_groups/C "
+            f"bands of its spatial extent. Use a smaller num_groups (e.g. a divisor of C: "
+            f"{', '.join(map(str, _checks.nearby_divisors(num_features, DEFAULT_NUM_GROUPS)))})"
+        )
+
+    total = _memory_bytes(probe.device)
+    if nbytes >= 2**63:  # torch counts a storage's bytes in int64 (meta tensors included)
+        limit = "more than a torch tensor can address"
+    elif total is not None and nbytes > total:
+        limit = f"more than the {probe.device.type} memory of this machine ({_bytes_text(total)})"
+    else:
+        limit = None
+    if limit is not None:
+        raise ValueError(message(
+            f"is too large: its running statistics (running_mean and running_var, "
+            f"{num_groups} values each) need {_bytes_text(nbytes)}, {limit}"))
+    try:
+        return (torch.zeros(num_groups, **factory_kwargs),
+                torch.ones(num_groups, **factory_kwargs))
+    except RuntimeError as err:  # torch.OutOfMemoryError included
+        text = message(
+            f"needs running statistics of {num_groups} values each ({_bytes_text(nbytes)} in "
+            "all), "
+            f"which could not be allocated: {str(err).splitlines()[0]}")
+        try:
+            new = type(err)(text)
+        except Exception:  # an exception type with another constructor
+            new = RuntimeError(text)
+        raise new from err
 
 
 class _BatchGroupNorm(nn.Module):
@@ -45,8 +116,9 @@ class _BatchGroupNorm(nn.Module):
 
     _version = 1
     _input_dims: tuple[int, ...] = ()  # accepted input.dim() values; empty: any (N, C, *)
-    _functional = "batch_group_norm"  # the function named in argument errors
     examples_per_group: int | None = None  # GBGN's e; None: one batch group (BGN)
+    #: The layer's qualified name in its model (set by convert_norm), named in error messages.
+    _bgnorm_path: str | None = None
 
     def __init__(
         self,
@@ -63,24 +135,27 @@ class _BatchGroupNorm(nn.Module):
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
-        self.num_features = _checks.check_num_features(num_features)
-        self.num_groups = _checks.check_num_groups(num_groups)
+        cls = type(self).__name__
+        self.num_features = _checks.check_num_features(num_features, cls)
+        self.num_groups = _checks.check_num_groups(num_groups, fn=cls)
         self.eps = eps
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
         if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            self.weight = nn.Parameter(torch.empty(self.num_features, **factory_kwargs))
             if bias:
-                self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+                self.bias = nn.Parameter(torch.empty(self.num_features, **factory_kwargs))
             else:  # torch's BatchNorm(..., bias=False): gamma only, no "bias" in the state dict
                 self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
         if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_groups, **factory_kwargs))
-            self.register_buffer("running_var", torch.ones(num_groups, **factory_kwargs))
+            mean, var = _running_stats(self._describe, self.num_features, self.num_groups,
+                                       factory_kwargs)
+            self.register_buffer("running_mean", mean)
+            self.register_buffer("running_var", var)
             self.register_buffer(
                 "num_batches_tracked",
                 torch.tensor(0, dtype=torch.long,
@@ -120,7 +195,7 @@ class _BatchGroupNorm(nn.Module):
         return (
             "{num_features}, num_groups={num_groups}, eps={eps}, momentum={momentum}, "
             "affine={affine}, {no_bias}track_running_stats={track_running_stats}".format(
-                **self.__dict__, no_bias=_no_bias_repr(self))
+                **self.__dict__, no_bias="bias=False, " if _without_bias(self) else "")
         )
 
     # The group layout recorded by straddling groups is the layer's extra state. It is saved
@@ -163,7 +238,7 @@ class _BatchGroupNorm(nn.Module):
             saved = state_dict[key]
             if saved.dim() == 1 and saved.shape[0] != self.num_groups:
                 error_msgs.append(
-                    f"{type(self).__name__}: the checkpoint's running statistics have "
+                    f"{self._describe()}: the checkpoint's running statistics have "
                     f"{saved.shape[0]} groups but this layer has num_groups={self.num_groups}; "
                     f"construct the layer with num_groups={saved.shape[0]} to load it"
                 )
@@ -172,11 +247,20 @@ class _BatchGroupNorm(nn.Module):
         )
 
     # -- forward -------------------------------------------------------------------------------
+    def _describe(self) -> str:
+        """The layer as error messages name it: its short repr and, when known, its place in
+        the model, e.g. ``BatchGroupNorm2d(96, num_groups=24) at 'layer2.1.bn1'``."""
+        e = self.examples_per_group
+        text = f"{type(self).__name__}({self.num_features}, num_groups={self.num_groups}" + (
+            ")" if e is None else f", examples_per_group={e})")
+        return text if self._bgnorm_path is None else f"{text} at {self._bgnorm_path!r}"
+
     def _check_input_dim(self, input: Tensor) -> None:
         dims = self._input_dims
         if dims and input.dim() not in dims:
             want = " or ".join(f"{d}D" for d in dims)
-            raise ValueError(f"expected {want} input (got {input.dim()}D input)")
+            raise ValueError(
+                f"{self._describe()}: expected {want} input (got {input.dim()}D input)")
 
     def _check_layout(self, input: Tensor) -> None:
         """Straddling groups: the input must have the recorded spatial size, if any (it is
@@ -188,7 +272,7 @@ class _BatchGroupNorm(nn.Module):
             c, g = self.num_features, self.num_groups
             channel_groups = [d for d in _checks.nearby_divisors(c, g, 3)]
             raise ValueError(
-                f"{type(self).__name__}({c}, num_groups={g}): groups straddle channel "
+                f"{self._describe()}: groups straddle channel "
                 f"boundaries (C={c} is neither a multiple nor a divisor of num_groups={g}), so "
                 f"group membership depends on the spatial size; this layer's groups were laid "
                 f"out for spatial size {self.layout_shape} but the input has {shape}. Use inputs "
@@ -222,8 +306,9 @@ class _BatchGroupNorm(nn.Module):
         )
 
     def _common_checks(self, input: Tensor) -> None:
+        _checks.check_num_groups(self.num_groups, fn=self._describe)  # may have been set since
         self._check_input_dim(input)
-        _checks.check_channels(type(self).__name__, input, self.num_features)
+        _checks.check_channels(self._describe, input, self.num_features)
         self._check_layout(input)
 
     def _check_key(self, input: Tensor) -> tuple[Any, ...]:
@@ -277,7 +362,7 @@ class _BatchGroupNorm(nn.Module):
         rm, rv, use_batch, factor = self._batch_norm_args()
         e = self.examples_per_group
         if not valid:
-            BF._validate(self._functional, input, self.num_groups, e, rm, rv, self.weight,
+            BF._validate(self._describe, input, self.num_groups, e, rm, rv, self.weight,
                          self.bias, use_batch, self.eps)
         y = BF._grouped_batch_norm(input, self.num_groups, e, rm, rv, self.weight, self.bias,
                                    use_batch, factor, self.eps)
@@ -330,6 +415,13 @@ class _BatchGroupNormNd(_BatchGroupNorm):
         bias (keyword-only): with ``affine=True``, learn beta too; ``bias=False`` keeps gamma
             only (``bias`` is None and not in the state dict), as in torch's BatchNorm.
             Default: True.
+
+    Attributes:
+        _bgnorm_path: the layer's qualified name in its model (``str`` or None, default None),
+            a plain attribute (not in the state dict) that :func:`bgnorm.convert_norm` sets;
+            error messages name the layer by its short repr and this path, e.g.
+            ``BatchGroupNorm2d(96, num_groups=24) at 'layer2.1.bn1': num_groups=24 must
+            divide ...``.
 
     Shape:
         - Input: see the subclass; Output: same shape.
@@ -389,6 +481,10 @@ class GeneralBatchGroupNorm2d(_BatchGroupNorm):
         eps, momentum, affine, track_running_stats, device, dtype, bias (keyword-only): as in
             BatchGroupNorm2d.
 
+    Attributes:
+        _bgnorm_path: the layer's qualified name in its model (``str`` or None), set by
+            :func:`bgnorm.convert_norm` and named in error messages, as in BatchGroupNorm2d.
+
     Shape:
         - Input: (N, C, H, W) with N divisible by e in training; Output: same shape.
 
@@ -397,8 +493,6 @@ class GeneralBatchGroupNorm2d(_BatchGroupNorm):
         >>> m(torch.randn(16, 32, 5, 5)).shape
         torch.Size([16, 32, 5, 5])
     """
-
-    _functional = "general_batch_group_norm"
 
     _input_dims = (4,)
 
@@ -420,8 +514,8 @@ class GeneralBatchGroupNorm2d(_BatchGroupNorm):
             num_features, num_groups, eps, momentum, affine, track_running_stats, device, dtype,
             bias=bias,
         )
-        self.examples_per_group = _checks.check_num_groups(examples_per_group,
-                                                           "examples_per_group")
+        self.examples_per_group = _checks.check_num_groups(
+            examples_per_group, "examples_per_group", type(self).__name__)
 
     def extra_repr(self) -> str:
         return super().extra_repr().replace(
@@ -449,6 +543,10 @@ class PositionalNorm(nn.Module):
         bias (keyword-only): with ``affine=True``, learn beta too (``bias=False``: gamma only,
             as in torch's GroupNorm). Default: True.
 
+    Attributes:
+        _bgnorm_path: the layer's qualified name in its model (``str`` or None), set by
+            :func:`bgnorm.convert_norm` and named in error messages, as in BatchGroupNorm2d.
+
     Shape:
         - Input: (N, C, \*); Output: same shape.
 
@@ -464,7 +562,7 @@ class PositionalNorm(nn.Module):
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
-        self.num_features = _checks.check_num_features(num_features)
+        self.num_features = _checks.check_num_features(num_features, type(self).__name__)
         self.eps = eps
         self.affine = affine
         if affine:
@@ -485,11 +583,19 @@ class PositionalNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, affine={self.affine}" + (
-            ", bias=False" if _no_bias_repr(self) else "")
+            ", bias=False" if _without_bias(self) else "")
+
+    #: The layer's qualified name in its model (set by convert_norm), named in error messages.
+    _bgnorm_path: str | None = None
+
+    def _describe(self) -> str:
+        """The layer as error messages name it, e.g. ``PositionalNorm(16) at 'stem.norm'``."""
+        text = f"{type(self).__name__}({self.num_features})"
+        return text if self._bgnorm_path is None else f"{text} at {self._bgnorm_path!r}"
 
     def forward(self, input: Tensor) -> Tensor:
-        _checks.check_input("PositionalNorm", input)
-        _checks.check_channels("PositionalNorm", input, self.num_features)
+        _checks.check_input(self._describe, input)
+        _checks.check_channels(self._describe, input, self.num_features)
         return BF.positional_norm(input, self.weight, self.bias, self.eps)
 
 

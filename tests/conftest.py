@@ -7,6 +7,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+#: Triton reads TRITON_INTERPRET when a kernel is defined; set it before any test imports
+#: bgnorm's kernels, so without a GPU every Triton kernel of the session runs interpreted
+#: on CPU whatever test module imports them first.
+if os.environ.get("BGNORM_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 #: The device tests that take the ``device`` fixture run on: ``BGNORM_TEST_DEVICE=cuda`` runs
 #: them on the GPU (the float64 references stay on the same device), default CPU.
 TEST_DEVICE = torch.device(os.environ.get("BGNORM_TEST_DEVICE", "cpu"))

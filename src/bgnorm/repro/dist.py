@@ -139,9 +139,18 @@ def init_distributed(
 
 
 def shutdown() -> None:
-    """Leave the process group (if this module joined one)."""
+    """Leave the process group (if this module joined one).
+
+    The ranks meet at a barrier first: a rank that tears gloo down while a peer's last
+    messages are still in flight can abort the peer ("terminate called without an active
+    exception", seen once in a loaded test run). A peer that is already gone makes the
+    barrier fail after the group's timeout; the group is destroyed either way."""
     global _ACTIVE
     if _ACTIVE is not None and dist.is_initialized():
+        try:
+            dist.barrier()
+        except RuntimeError:
+            pass  # a peer is gone: nothing left to wait for
         dist.destroy_process_group()
     _ACTIVE = None
 

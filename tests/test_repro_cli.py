@@ -80,3 +80,15 @@ def test_list_and_tasks(capsys, tmp_path):
     assert main(["reproduce", "--task", "g-sweep", "--preset", "paper", "--data-root",
                  str(tmp_path), "--out", str(tmp_path), "--shard", "1/4", "--list"]) == 0
     assert "5 cells" in capsys.readouterr().err  # 20 cells in 4 shards
+
+
+@pytest.mark.parametrize("option", ["--epochs=0", "--epochs=-1", "--image-size=0",
+                                    "--loader-workers=-1", "--seeds=0,-1", "--seeds=x",
+                                    "--checkpoint-every=nan", "--checkpoint-every=-5",
+                                    "--dist-timeout=0"])
+def test_numeric_options_are_validated(tmp_path, capsys, option):
+    # --epochs 0 trained nothing and the report judged claims on the untrained cells.
+    with pytest.raises(SystemExit) as exc:
+        main(["reproduce", "--preset", "smoke", "--out", str(tmp_path), "--list", option])
+    assert exc.value.code == 2
+    assert f"argument {option.split('=')[0]}: " in capsys.readouterr().err

@@ -15,7 +15,9 @@ See ``docs/reproduction.md`` for the presets, the protocol and running on GPUs a
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -29,14 +31,43 @@ def _shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def _int_list(text: str) -> list[int]:
-    from .repro.presets import parse_int_list
+def _number(kind: type, minimum: float, strict: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite ``kind`` (int or float) >= ``minimum`` (> when ``strict``)."""
+    bound = f"{'>' if strict else '>='} {minimum}"
 
-    try:
-        return parse_int_list(text)  # type: ignore[return-value]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}") from None
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'} {bound}, got {text!r}"
+            ) from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text!r}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} {bound}"
+    return parse
+
+
+def _int_list(minimum: int | None = None) -> Callable[[str], list[int]]:
+    """An argparse type: comma-separated integers, each >= ``minimum``."""
+
+    def parse(text: str) -> list[int]:
+        from .repro.presets import parse_int_list
+
+        try:
+            values = parse_int_list(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated integers, got {text!r}") from None
+        low = [v for v in values if minimum is not None and v < minimum]
+        if low:
+            raise argparse.ArgumentTypeError(
+                f"every value must be >= {minimum}, got {', '.join(map(str, low))} in {text!r}")
+        return values  # type: ignore[return-value]
+
+    return parse
 
 
 def _norm_list(text: str) -> list[str]:
@@ -77,7 +108,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="torch threads per job (default: cores / jobs)")
     g.add_argument("--shard", type=_shard, default=None,
                    help="i/n: run the i-th of n interleaved shares of the cells (any scheduler)")
-    g.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
+    g.add_argument("--checkpoint-every", type=_number(float, 0), default=60.0,
+                   metavar="SECONDS",
                    help="checkpoint each running cell this often (default 60)")
     g.add_argument("--keep-checkpoints", action="store_true",
                    help="keep the cells' checkpoints after they are recorded")
@@ -91,23 +123,27 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--sync-norm", action="store_true",
                    help="statistics over the global batch: BGN -> SyncBatchGroupNorm, BN -> "
                         "SyncBatchNorm (cells with one worker); default: per rank")
-    d.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+    d.add_argument("--dist-timeout", type=_number(float, 0, strict=True), default=300.0,
+                   metavar="SECONDS",
                    help="fail instead of waiting longer than this for another rank "
                         "(default 300)")
     o = rp.add_argument_group("protocol overrides (defaults come from the preset)")
     o.add_argument("--dataset", default=None,
                    help="digits, mnist5k (bundled), cifar10, imagenet, imagefolder (yours)")
     o.add_argument("--data-root", default=None, help="root of your dataset copy")
-    o.add_argument("--loader-workers", type=int, default=None, help="DataLoader workers")
+    o.add_argument("--loader-workers", type=_number(int, 0), default=None,
+                   help="DataLoader workers (0: load in the training process)")
     o.add_argument("--model", default=None,
                    help="resnet18, resnet50, cifar_resnet, small_resnet, ...")
-    o.add_argument("--image-size", type=int, default=None, help="input resolution")
-    o.add_argument("--epochs", type=int, default=None)
-    o.add_argument("--seeds", type=_int_list, default=None, help="e.g. 0,1,2")
-    o.add_argument("--batch-sizes", type=_int_list, default=None,
+    o.add_argument("--image-size", type=_number(int, 1), default=None,
+                   help="input resolution")
+    o.add_argument("--epochs", type=_number(int, 1), default=None,
+                   help="training epochs (>= 1)")
+    o.add_argument("--seeds", type=_int_list(0), default=None, help="e.g. 0,1,2")
+    o.add_argument("--batch-sizes", type=_int_list(), default=None,
                    help="per-worker batch sizes, e.g. 128,64,32,16,8,4,2")
     o.add_argument("--norms", type=_norm_list, default=None, help="e.g. bn,gn,bgn")
-    o.add_argument("--groups", type=_int_list, default=None, help="G values of the g-sweep")
+    o.add_argument("--groups", type=_int_list(), default=None, help="G values of the g-sweep")
     o.add_argument("--amp", choices=["none", "bf16"], default=None,
                    help="mixed precision (default: bf16 on cuda, none on cpu)")
     o.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from . import dist as _dist
-from .report import write_report
+from .report import training_problem, write_report
 from .store import ResultStore, cell_id, read_records, run_meta, store_path
 from .tasks.base import TASKS, Diverged, Record, get_task
 
@@ -492,7 +492,9 @@ def run_sweep(options: RunOptions) -> RunSummary:
         if rec.status == "ok":
             summary.finished += 1
             acc = rec.result.get("acc")
-            what = f"acc {acc:.2f}%" if isinstance(acc, (int, float)) else "ok"
+            problem = training_problem(rec)
+            what = (f"did not train: {problem}" if problem else
+                    f"acc {acc:.2f}%" if isinstance(acc, (int, float)) else "ok")
         else:
             summary.diverged += 1
             what = f"diverged ({rec.result.get('error', '')})"
@@ -597,7 +599,9 @@ def render_report(out_dir: str | os.PathLike, tasks: Sequence[str] | None = None
     if unknown:
         sections.append("Records of unknown tasks (not rendered): " + ", ".join(map(str, unknown)))
     n_ok = sum(r.status == "ok" for r in records)
-    preamble = (f"{len(records)} cells recorded in `{out}` ({n_ok} finished, "
+    n_untrained = sum(training_problem(r) is not None for r in records)
+    untrained = f", {n_untrained} of them did not train" if n_untrained else ""
+    preamble = (f"{len(records)} cells recorded in `{out}` ({n_ok} finished{untrained}, "
                 f"{len(records) - n_ok} diverged); merged from every `results*.jsonl` store.")
     path = write_report(out, sections, preamble=preamble)
     return path.read_text(encoding="utf-8")

@@ -16,6 +16,7 @@ from torch import nn
 import bgnorm
 
 from ..norms import DISPLAY_NAMES, NormSpec, build_normed_model
+from ..report import untrained_note
 from ..train import InMemoryBatches, derive_seed, standard_layout
 from .base import CellContext, Record
 
@@ -143,8 +144,11 @@ def norm_label(config: Mapping[str, Any]) -> str:
 
 
 def diverged_note(records: Sequence[Record]) -> str:
+    """What "-" (diverged) and "n/t" (did not train) mean, when the records have any."""
     n = sum(r.status != "ok" for r in records)
-    return f"\"-\": diverged (non-finite loss), as in the paper ({n} run(s))." if n else ""
+    notes = [f"\"-\": diverged (non-finite loss), as in the paper ({n} run(s))." if n else "",
+             untrained_note(records)]
+    return " ".join(note for note in notes if note)
 
 
 def load_tensors(config: Mapping[str, Any]) -> tuple[Any, str]:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..domain import PAPER_CAN, cdd_loss, class_aware_sample, cluster_target
 from ..norms import DISPLAY_NAMES
-from ..report import fmt_summary, markdown_table, summarize
+from ..report import DIVERGED, MISSING, NOT_TRAINED, fmt_summary, markdown_table, summarize
 from ..train import InMemoryBatches, check_finite, derive_seed, standard_layout
 from .base import CellContext, Record, Task, register_task
 from .common import (
@@ -230,8 +230,9 @@ def report_domain(records: list[Record], out_dir: Path) -> str:
     for method, label in (("source-only", "source only ({})"), ("can", "CAN + {}")):
         for n in norm_order([r for r in records if r.config["method"] == method]):
             cells = [acc.get((method, n, d)) for d in dirs]
-            mean = ("-" if any(s is not None and not s.ok for s in cells) else
-                    "?" if any(s is None for s in cells) else
+            mean = (DIVERGED if any(s is not None and s.all_diverged for s in cells) else
+                    NOT_TRAINED if any(s is not None and not s.ok for s in cells) else
+                    MISSING if any(s is None for s in cells) else
                     f"{sum(s.mean for s in cells) / len(cells):.2f}")
             rows.append([label.format(DISPLAY_NAMES.get(n, n)),
                          *(fmt_summary(s) for s in cells), mean])

@@ -28,7 +28,7 @@ from ..fewshot import (
     mean_confidence_interval,
 )
 from ..norms import DISPLAY_NAMES
-from ..report import markdown_table
+from ..report import NOT_TRAINED, markdown_table, training_problem
 from ..train import InMemoryBatches, check_finite, derive_seed
 from .base import CellContext, Record, Task, register_task
 from .common import (
@@ -196,12 +196,14 @@ def report_fewshot(records: list[Record], out_dir: Path) -> str:
     for n in norm_order(records):
         r = by_norm[n]
         row = [DISPLAY_NAMES.get(n, n)]
+        # "-": diverged, "n/t": finished without training (no steps, no finite result)
+        missing = "-" if r.status != "ok" else NOT_TRAINED if training_problem(r) else None
         for k in shots:
-            if r.status != "ok":
-                row.append("-")
+            if missing:
+                row.append(missing)
             else:
                 row.append(f"{r.result[f'acc_{k}shot']:.2f} ± {r.result[f'ci_{k}shot']:.2f}")
-        row.append("-" if r.status != "ok" else f"{r.result['base_test_acc']:.2f}")
+        row.append(missing or f"{r.result['base_test_acc']:.2f}")
         rows.append(row)
     header = ["norm", *(f"{c['n_way']}-way {k}-shot (%)" for k in shots),
               "base-class test acc. (%)"]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from bgnorm.cli import main
 
@@ -92,3 +93,76 @@ def test_numeric_options_are_validated(tmp_path, capsys, option):
         main(["reproduce", "--preset", "smoke", "--out", str(tmp_path), "--list", option])
     assert exc.value.code == 2
     assert f"argument {option.split('=')[0]}: " in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Environment problems: one message before any cell starts, exit status 2
+# --------------------------------------------------------------------------------------------
+
+TINY = ["reproduce", "--task", "batch-size", "--preset", "smoke", "--norms", "bn",
+        "--batch-sizes", "8", "--no-progress", "--jobs", "1"]
+
+
+def _one_message(err):
+    assert "Traceback" not in err and "FAILED" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("bgnorm: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("layout", ["missing", "malformed"])
+def test_bad_dataset_directory_is_one_message_before_any_cell(tmp_path, capsys, layout):
+    # Before: every cell failed with its own traceback (exit status 1).
+    root = tmp_path / "cifar"
+    if layout == "malformed":
+        (root / "cifar-10-batches-py").mkdir(parents=True)
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            (root / "cifar-10-batches-py" / name).write_bytes(b"\x80\x04 not a pickle")
+    out = tmp_path / "run"
+    assert main([*TINY, "--dataset", "cifar10", "--data-root", str(root), "--out",
+                 str(out)]) == 2
+    line = _one_message(capsys.readouterr().err)
+    assert "cannot read their data" in line
+    assert ("does not exist" if layout == "missing" else "data_batch_1 is not a CIFAR-10") in line
+    assert not (out / "results.jsonl").exists() and not (out / "cells").exists()
+
+
+def test_missing_repro_extra_is_one_message(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # as if scikit-learn were not installed
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    assert main([*TINY, "--out", str(tmp_path)]) == 2
+    line = _one_message(capsys.readouterr().err)
+    assert "scikit-learn, tqdm are not installed" in line
+    assert "pip install 'bgnorm[repro]'" in line
+
+
+def test_unavailable_device_is_one_message(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([*TINY, "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "CUDA is not available" in _one_message(capsys.readouterr().err)
+    assert main([*TINY, "--device", "gpu", "--out", str(tmp_path)]) == 2
+    assert "not a device name torch knows" in _one_message(capsys.readouterr().err)
+
+
+def test_batch_size_zero_is_refused(tmp_path, capsys):
+    # Before: a ZeroDivisionError traceback while planning the cells.
+    with pytest.raises(SystemExit) as exc:
+        main([*TINY, "--batch-sizes", "8,0", "--out", str(tmp_path), "--list"])
+    assert exc.value.code == 2
+    assert "argument --batch-sizes: every value must be >= 1" in capsys.readouterr().err
+
+
+def test_ctrl_c_prints_the_resume_hint_and_exits_130(tmp_path, capsys, monkeypatch):
+    import bgnorm.repro.runner as runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "_execute", interrupted)
+    try:
+        status = main([*TINY, "--out", str(tmp_path)])
+    except KeyboardInterrupt:  # before: the hint, then a KeyboardInterrupt traceback
+        pytest.fail("KeyboardInterrupt escaped bgnorm's main()")
+    assert status == 130
+    err = capsys.readouterr().err
+    assert "run the same command again to resume" in err and "Traceback" not in err

@@ -140,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--epochs", type=_number(int, 1), default=None,
                    help="training epochs (>= 1)")
     o.add_argument("--seeds", type=_int_list(0), default=None, help="e.g. 0,1,2")
-    o.add_argument("--batch-sizes", type=_int_list(), default=None,
+    o.add_argument("--batch-sizes", type=_int_list(1), default=None,
                    help="per-worker batch sizes, e.g. 128,64,32,16,8,4,2")
     o.add_argument("--norms", type=_norm_list, default=None, help="e.g. bn,gn,bgn")
     o.add_argument("--groups", type=_int_list(), default=None, help="G values of the g-sweep")
@@ -190,7 +190,11 @@ def _reproduce(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     tasks = _tasks(args.task, args.preset)
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except RuntimeError as exc:  # no CUDA, a device string torch does not know
+        print(f"bgnorm: {exc}", file=sys.stderr)
+        return 2
     env = None
     if args.distributed or _dist.launched_by_torchrun():
         env, device = _dist.init_distributed(device, args.dist_timeout, args.sync_norm)
@@ -285,9 +289,17 @@ def _list_tasks() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bgnorm`` console script."""
+    from .repro.runner import SweepInterrupted
+
     args = _parser().parse_args(argv)
     if args.command == "reproduce":
-        return _reproduce(args)
+        try:
+            return _reproduce(args)
+        except SweepInterrupted:  # the runner printed how to resume
+            return 130
+        except KeyboardInterrupt:
+            print("\nbgnorm: interrupted", file=sys.stderr)
+            return 130
     if args.command == "report":
         return _report(args)
     if args.command == "tasks":

@@ -23,6 +23,12 @@ its own process (no worker pool), each cell trained with DDP over all ranks; onl
 the store, deletes checkpoints and prints progress; a failed cell stops the sweep (a rank that
 died leaves the process group unusable), and the same command resumes it.
 
+Before the first cell starts, :func:`check_environment` checks what every cell needs (the
+``[repro]`` extra installed, the device available, each task's data present and well-formed:
+:attr:`Task.check <bgnorm.repro.tasks.base.Task>`) and raises one ``ValueError`` naming the
+problem and the fix, instead of one traceback per failed cell. Ctrl-C stops the sweep with
+:class:`SweepInterrupted` after printing how to resume it.
+
 Shards: ``shard=(i, n)`` takes every n-th cell of the full grid (in grid order, starting at the
 i-th), writes ``results-shard-i-of-n.jsonl``, and skips cells any store in ``DIR`` already has;
 :func:`render_report` merges all stores.
@@ -30,6 +36,7 @@ i-th), writes ``results-shard-i-of-n.jsonl``, and skips cells any store in ``DIR
 
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -52,10 +59,14 @@ from .store import ResultStore, cell_id, read_records, run_meta, store_path
 from .tasks.base import TASKS, Diverged, Record, get_task
 
 __all__ = [
+    "REPRO_MODULES",
     "LocalCellContext",
     "RunOptions",
     "RunSummary",
+    "SweepInterrupted",
     "available_cores",
+    "check_environment",
+    "missing_modules",
     "plan_cells",
     "render_report",
     "run_sweep",
@@ -63,6 +74,13 @@ __all__ = [
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+#: The modules of the ``[repro]`` extra: import name -> the package that installs it.
+REPRO_MODULES = {"matplotlib": "matplotlib", "mlxtend": "mlxtend", "sklearn": "scikit-learn",
+                 "tqdm": "tqdm", "PIL": "pillow"}
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a sweep; :func:`run_sweep` has printed how to resume it."""
 
 
 def available_cores() -> int:
@@ -225,6 +243,61 @@ def select_shard(cells: Sequence[Any], shard: tuple[int, int] | None) -> list[An
     if not (n >= 1 and 1 <= i <= n):
         raise ValueError(f"--shard i/n needs 1 <= i <= n, got {i}/{n}")
     return [c for k, c in enumerate(cells) if k % n == i - 1]
+
+
+def missing_modules(modules: Mapping[str, str] = REPRO_MODULES) -> list[str]:
+    """The packages of ``modules`` (import name -> package) that cannot be imported here.
+
+    Looked up with :func:`importlib.util.find_spec`, without importing them.
+    """
+    missing = []
+    for name, package in modules.items():
+        if name in sys.modules:
+            found = sys.modules[name] is not None
+        else:
+            try:
+                found = importlib.util.find_spec(name) is not None
+            except (ImportError, ValueError):
+                found = False
+        if not found:
+            missing.append(package)
+    return missing
+
+
+def check_environment(cells: Sequence[tuple[str, Mapping[str, Any]]],
+                      device: str | torch.device = "cpu") -> list[str]:
+    """Check, before any cell starts, that this machine can run ``cells``.
+
+    The ``[repro]`` extra must be installed (:data:`REPRO_MODULES`), ``device`` available, and
+    each task's data present and well-formed (its :attr:`~bgnorm.repro.tasks.base.Task.check`).
+    Raises one ``ValueError`` naming the problem and the fix; returns the data locations the
+    tasks read.
+    """
+    from .train import resolve_device
+
+    missing = missing_modules()
+    if missing:
+        raise ValueError(f"the reproduction suite needs the [repro] extra, and "
+                         f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
+                         "installed: pip install 'bgnorm[repro]'")
+    try:
+        resolve_device(device)
+    except RuntimeError as exc:
+        raise ValueError(str(exc)) from None
+    by_task: dict[str, list[Mapping[str, Any]]] = {}
+    for _, config in cells:
+        by_task.setdefault(config["task"], []).append(config)
+    checked: list[str] = []
+    for name, configs in by_task.items():
+        task = get_task(name)
+        if task.check is None:
+            continue
+        try:
+            checked += task.check(configs)
+        except (OSError, ValueError, KeyError) as exc:
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            raise ValueError(f"the {name} cells cannot read their data: {message}") from None
+    return checked
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,6 +497,8 @@ def run_sweep(options: RunOptions) -> RunSummary:
     # Every rank must train the same cells: rank 0's view of the store decides.
     done = _dist.broadcast_object(done, "planning the sweep") if env is not None else done
     todo = [(cid, cfg) for cid, cfg in mine if cid not in done]
+    if todo:  # one clear message, not a traceback per cell
+        check_environment(todo, options.device)
     summary = RunSummary(planned=len(mine), skipped=len(mine) - len(todo))
     store = ResultStore(store_path(out, options.shard))
 
@@ -523,7 +598,7 @@ def run_sweep(options: RunOptions) -> RunSummary:
         display.close()
         print(f"\ninterrupted: {summary.finished + summary.diverged} cells recorded; run the "
               "same command again to resume", file=sys.stderr)
-        raise
+        raise SweepInterrupted() from None
     display.close()
     summary.seconds = time.perf_counter() - t_start
     return summary

@@ -33,6 +33,7 @@ from .base import CellContext, Record, Task, register_task
 from .common import (
     NORMS,
     build_with_norm,
+    check_tensor_data,
     diverged_note,
     load_tensors,
     norm_cell,
@@ -207,4 +208,5 @@ def report_adversarial(records: list[Record], out_dir: Path) -> str:
 TASK_ADVERSARIAL = register_task(Task(
     name="adversarial", presets=_PRESETS, cells=cells_adversarial, run=run_adversarial,
     report=report_adversarial, title="Adversarial training (BGN paper Table 5)",
+    check=check_tensor_data,
 ))

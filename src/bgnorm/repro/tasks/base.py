@@ -14,7 +14,7 @@ Data flows one way: CLI -> preset -> cells -> runner -> ``Task.run`` -> store ->
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -96,6 +96,11 @@ class Task:
             PNG plots written into ``out_dir``; claims checked against the numbers, never
             hard-coded.
         title: a heading for the report section.
+        check: ``check(configs) -> list of data locations`` (optional): before any cell
+            starts, check that this machine can run these cells (their data present and
+            well-formed) and raise ``FileNotFoundError``/``ValueError`` with one message
+            naming the problem and the fix if not; return the paths it read (``--data-root``
+            must be one of them, or it is not used).
     """
 
     name: str
@@ -104,6 +109,7 @@ class Task:
     run: Callable[[dict[str, Any], CellContext], dict[str, Any]]
     report: Callable[[list[Record], Path], str]
     title: str = ""
+    check: Callable[[Sequence[dict[str, Any]]], list[str]] | None = None
 
 
 TASKS: dict[str, Task] = {}

@@ -58,6 +58,7 @@ __all__ = [
     "TASK_G_SWEEP",
     "TASK_GROUPS",
     "cells_batch_size",
+    "check_classification_data",
     "cells_g_sweep",
     "cells_groups",
     "load_classification_data",
@@ -196,6 +197,28 @@ def _bundled(name: str, size: int | None, split_seed: int, test_fraction: float)
     from ..data import bundled_dataset
 
     return bundled_dataset(name, seed=split_seed, test_fraction=test_fraction, size=size)
+
+
+def check_classification_data(configs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The three tasks' :attr:`~bgnorm.repro.tasks.base.Task.check`: every cell's dataset is
+    bundled, or a well-formed copy at ``--data-root`` (CIFAR-10 batches; ``train/`` and
+    ``val/`` (or ``test/``) class folders with the same classes)."""
+    from .. import data as D
+
+    checked: list[str] = []
+    for name, root in sorted({(c["dataset"], (c.get("runtime") or {}).get("data_root"))
+                              for c in configs}, key=str):
+        if name in D.BUNDLED_DATASETS:
+            continue
+        if not root:
+            raise ValueError(f"dataset {name!r} needs a data root (--data-root)")
+        if name == "cifar10":
+            checked.append(str(D.check_cifar10(root)))
+        elif name in ("imagenet", "imagefolder"):
+            checked += map(str, D.check_image_folders(root, ["train", ("val", "test")]))
+        else:
+            raise ValueError(f"unknown dataset {name!r}")
+    return checked
 
 
 def load_classification_data(
@@ -804,12 +827,15 @@ def _groups_claims(err: dict[Any, Summary], gs: list[int], ks: list[int], n_test
 TASK_BATCH_SIZE = register_task(Task(
     name="batch-size", presets=_PRESETS, cells=cells_batch_size, run=run_classify,
     report=report_batch_size, title="Accuracy vs batch size (BGN paper Table 2, Fig. 1)",
+    check=check_classification_data,
 ))
 TASK_G_SWEEP = register_task(Task(
     name="g-sweep", presets=_PRESETS, cells=cells_g_sweep, run=run_classify,
     report=report_g_sweep, title="BGN's G sweep (BGN paper Table 1)",
+    check=check_classification_data,
 ))
 TASK_GROUPS = register_task(Task(
     name="groups", presets=_PRESETS, cells=cells_groups, run=run_classify,
     report=report_groups, title="GN group division (GN paper Table 3)",
+    check=check_classification_data,
 ))

@@ -24,6 +24,7 @@ __all__ = [
     "CHECKPOINT_VERSION",
     "NORMS",
     "build_with_norm",
+    "check_tensor_data",
     "diverged_note",
     "load_tensors",
     "norm_cell",
@@ -149,6 +150,25 @@ def diverged_note(records: Sequence[Record]) -> str:
     notes = [f"\"-\": diverged (non-finite loss), as in the paper ({n} run(s))." if n else "",
              untrained_note(records)]
     return " ".join(note for note in notes if note)
+
+
+def check_tensor_data(configs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The :attr:`Task.check` of tasks that read :func:`load_tensors`: bundled digits, or a
+    well-formed CIFAR-10 copy at ``--data-root``."""
+    from .. import data as D
+
+    checked: list[str] = []
+    for name, root in sorted({(c["dataset"], (c.get("runtime") or {}).get("data_root"))
+                              for c in configs}, key=str):
+        if name in D.BUNDLED_DATASETS:
+            continue
+        if name != "cifar10":
+            raise ValueError(f"unknown dataset {name!r} for this task (bundled: "
+                             f"{', '.join(D.BUNDLED_DATASETS)}; or cifar10 with --data-root)")
+        if not root:
+            raise ValueError("dataset 'cifar10' is read from your own copy: pass --data-root")
+        checked.append(str(D.check_cifar10(root)))
+    return checked
 
 
 def load_tensors(config: Mapping[str, Any]) -> tuple[Any, str]:

@@ -13,7 +13,7 @@ scikit-learn digits, both resized to 16x16.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,25 @@ def cells_domain(preset: str, overrides: Mapping[str, Any]) -> list[dict[str, An
             cells += [norm_cell("domain-adaptation", cfg, s, n, _KEYS, source=src, target=tgt,
                                 method="source-only") for n in cfg["source_only_norms"]]
     return cells
+
+
+def check_domain_data(configs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Bundled digit domains, or one class-folder tree per domain under ``--data-root``."""
+    from ..data import BUNDLED_DATASETS, check_image_folders
+
+    pairs = {((c.get("runtime") or {}).get("data_root"),
+              tuple(d for d in (c["source"], c["target"]) if d not in BUNDLED_DATASETS))
+             for c in configs}
+    checked: list[str] = []
+    for root, folders in sorted(pairs, key=str):
+        if not folders:
+            continue
+        if not root:
+            raise ValueError(f"domains {', '.join(folders)} are read from your own copy: pass "
+                             "--data-root DIR with one class-folder tree per domain (DIR/"
+                             f"{folders[0]}/<class>/<image>)")
+        checked += map(str, check_image_folders(root, folders, same_classes=True))
+    return list(dict.fromkeys(checked))
 
 
 def _domain(name: str, config: Mapping[str, Any]):
@@ -262,4 +281,5 @@ def report_domain(records: list[Record], out_dir: Path) -> str:
 TASK_DOMAIN = register_task(Task(
     name="domain-adaptation", presets=_PRESETS, cells=cells_domain, run=run_domain,
     report=report_domain, title="Unsupervised domain adaptation (BGN paper Table 7)",
+    check=check_domain_data,
 ))

@@ -10,7 +10,7 @@ base, 5-9 novel.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,25 @@ def cells_fewshot(preset: str, overrides: Mapping[str, Any]) -> list[dict[str, A
         raise ValueError("the paper preset reads base/novel class folders from your own copy: "
                          "pass --data-root DIR with DIR/base and DIR/novel")
     return [norm_cell("few-shot", cfg, s, n, _KEYS) for s in cfg["seeds"] for n in cfg["norms"]]
+
+
+def check_fewshot_data(configs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Bundled digits, or ``--data-root`` with ``base/`` and ``novel/`` class folders."""
+    from ..data import BUNDLED_DATASETS, check_image_folders
+
+    checked: list[str] = []
+    for name, root in sorted({(c["dataset"], (c.get("runtime") or {}).get("data_root"))
+                              for c in configs}, key=str):
+        if name in BUNDLED_DATASETS:
+            continue
+        if name != "imagefolder":
+            raise ValueError(f"unknown dataset {name!r} for the few-shot task (bundled: "
+                             f"{', '.join(BUNDLED_DATASETS)}; or imagefolder with --data-root)")
+        if not root:
+            raise ValueError("the few-shot task reads base/novel class folders from your own "
+                             "copy: pass --data-root DIR with DIR/base and DIR/novel")
+        checked += map(str, check_image_folders(root, ["base", "novel"], same_classes=False))
+    return checked
 
 
 def _load(config: Mapping[str, Any]):
@@ -230,4 +249,5 @@ def report_fewshot(records: list[Record], out_dir: Path) -> str:
 TASK_FEWSHOT = register_task(Task(
     name="few-shot", presets=_PRESETS, cells=cells_fewshot, run=run_fewshot,
     report=report_fewshot, title="Few-shot learning (BGN paper Table 6)",
+    check=check_fewshot_data,
 ))

@@ -39,6 +39,7 @@ from .common import (
     CHECKPOINT_VERSION,
     NORMS,
     build_with_norm,
+    check_tensor_data,
     diverged_note,
     load_tensors,
     norm_cell,
@@ -259,5 +260,5 @@ def report_nas(records: list[Record], out_dir: Path) -> str:
 
 TASK_NAS = register_task(Task(
     name="nas", presets=_PRESETS, cells=cells_nas, run=run_nas, report=report_nas,
-    title="Neural architecture search (BGN paper Tables 3 and 4)",
+    title="Neural architecture search (BGN paper Tables 3 and 4)", check=check_tensor_data,
 ))

@@ -59,8 +59,8 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["reproduce", "--task", "batch-size", "--preset", "huge", "--out",
                  str(tmp_path)]) == 2
     assert "unknown preset" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="unknown task"):
-        main(["reproduce", "--task", "nope", "--out", str(tmp_path)])
+    assert main(["reproduce", "--task", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown task(s) nope; valid tasks: batch-size" in capsys.readouterr().err
     assert main(["reproduce", "--preset", "paper", "--out", str(tmp_path), "--list"]) == 2
     assert "--data-root" in capsys.readouterr().err  # the paper preset needs your data
     assert main(["report", str(tmp_path / "empty")]) == 2
@@ -166,3 +166,112 @@ def test_ctrl_c_prints_the_resume_hint_and_exits_130(tmp_path, capsys, monkeypat
     assert status == 130
     err = capsys.readouterr().err
     assert "run the same command again to resume" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------------------------
+# Every option is applied by a selected task or refused (exit status 2)
+# --------------------------------------------------------------------------------------------
+
+LIST = ["reproduce", "--preset", "smoke", "--list"]
+
+
+def test_presets_docstring_examples():
+    import doctest
+
+    import bgnorm.repro.presets as P
+
+    result = doctest.testmod(P, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0 and result.attempted > 0
+
+
+def test_unknown_set_key_lists_the_valid_keys(tmp_path, capsys):
+    # Before: --set epochz=3 (a typo) was silently ignored and the sweep ran 2 epochs.
+    assert main([*LIST, "--out", str(tmp_path), "--set", "epochz=3"]) == 2
+    err = capsys.readouterr().err
+    assert "--set epochz: unknown key for the batch-size task; valid keys: " in err
+    assert " epochs, " in err and "total_batch" in err
+    assert main([*LIST, "--task", "adversarial", "--out", str(tmp_path), "--set",
+                 "epochs=3"]) == 2
+    err = capsys.readouterr().err
+    assert "--set epochs: unknown key for the adversarial task" in err and " steps, " in err
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("epochs=0", "--set epochs=0: must be >= 1"),
+    ("epochs=2.5", "--set epochs=2.5: expected an integer"),
+    ("norms=bn", "--set norms=bn: expected a JSON list"),
+    ("batch_sizes=[8,0]", "--set batch_sizes=[8, 0]: must be >= 1"),
+    ("hflip=1", "--set hflip=1: expected true/false"),
+    ("model_kwargs=3", "--set model_kwargs=3: expected a JSON object"),
+])
+def test_set_values_are_checked(tmp_path, capsys, setting, message):
+    assert main([*LIST, "--out", str(tmp_path), "--set", setting]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task,option", [
+    ("batch-size", "--groups=4"),  # before: silently ignored (the G sweep is g-sweep's)
+    ("groups", "--batch-sizes=8"),
+    ("g-sweep", "--norms=bn"),
+    ("adversarial", "--epochs=3"),  # before: task_preset dropped these for Tables 3-7
+    ("few-shot", "--model=resnet18"),
+    ("nas", "--amp=bf16"),
+    ("nas", "--batch-sizes=8"),
+    ("domain-adaptation", "--dataset=digits"),
+    ("adversarial", "--loader-workers=2"),
+])
+def test_options_no_selected_task_applies_are_refused(tmp_path, capsys, task, option):
+    assert main([*LIST, "--task", task, "--out", str(tmp_path), option]) == 2
+    err = capsys.readouterr().err
+    flag = option.split("=")[0]
+    assert f"bgnorm: {flag} is not used by the {task} task (tasks that use it: " in err
+    assert "--set KEY=VALUE" in err
+
+
+def test_option_applied_by_one_of_the_tasks_is_a_note(tmp_path, capsys):
+    assert main([*LIST, "--task", "batch-size,g-sweep", "--groups", "4", "--out",
+                 str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "bgnorm: note: --groups applies to g-sweep; batch-size does not use it" in captured.err
+    assert "G=4" in captured.out
+
+
+@pytest.mark.parametrize("option", ["--groups=0", "--groups=4,-2", "--jobs=0", "--threads=0",
+                                    "--seeds=,", "--batch-sizes=,", "--norms=,"])
+def test_counts_below_one_and_empty_lists_are_refused(tmp_path, capsys, option):
+    # Before: --groups 0 became the paper's G, --jobs 0 and --threads 0 were accepted.
+    with pytest.raises(SystemExit) as exc:
+        main([*LIST, "--task", "g-sweep", "--out", str(tmp_path), option])
+    assert exc.value.code == 2
+    assert f"argument {option.split('=')[0]}: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec", [",", " , ", ""])
+def test_task_list_naming_no_task_is_refused(tmp_path, capsys, spec):
+    # Before: --task , ran nothing and exited 0.
+    assert main(["reproduce", "--preset", "smoke", "--task", spec, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "names no task; valid tasks: batch-size, g-sweep" in err
+
+
+def test_unused_data_root_sync_norm_jobs_and_unknown_model_are_refused(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main([*TINY, "--out", out, "--data-root", str(tmp_path)]) == 2
+    assert "--data-root is not used: every cell to run trains on bundled digits" in \
+        _one_message(capsys.readouterr().err)
+    assert main([*TINY, "--out", out, "--sync-norm"]) == 2
+    assert "--sync-norm synchronizes statistics across the processes" in \
+        _one_message(capsys.readouterr().err)
+    assert main([*TINY, "--out", out, "--distributed"]) == 2  # TINY has --jobs 1
+    assert "--jobs: a distributed run trains one cell at a time" in \
+        _one_message(capsys.readouterr().err)
+    assert main([*TINY, "--out", out, "--model", "resnet19", "--list"]) == 2
+    assert "unknown model 'resnet19'; valid models: " in _one_message(capsys.readouterr().err)
+
+
+def test_tasks_settings_lists_options_and_keys(capsys):
+    assert main(["tasks", "--settings"]) == 0
+    out = capsys.readouterr().out
+    block = out.split("adversarial")[1].split("few-shot")[0]
+    assert "options: --dataset, --data-root, --image-size, --seeds, --norms" in block
+    assert "--epochs" not in block and " steps," in block

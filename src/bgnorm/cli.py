@@ -19,6 +19,7 @@ import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -29,6 +30,10 @@ def _shard(text: str) -> tuple[int, int]:
     if not (n >= 1 and 1 <= i <= n):
         raise argparse.ArgumentTypeError(f"--shard i/n needs 1 <= i <= n, got {text!r}")
     return i, n
+
+
+class _UsageError(ValueError):
+    """A command line that cannot run: ``main`` prints it as ``bgnorm: ...``, exit status 2."""
 
 
 def _number(kind: type, minimum: float, strict: bool = False) -> Callable[[str], float]:
@@ -61,6 +66,8 @@ def _int_list(minimum: int | None = None) -> Callable[[str], list[int]]:
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"expected comma-separated integers, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one integer, got {text!r}")
         low = [v for v in values if minimum is not None and v < minimum]
         if low:
             raise argparse.ArgumentTypeError(
@@ -74,9 +81,12 @@ def _norm_list(text: str) -> list[str]:
     from .registry import canonical_name
 
     try:
-        return [canonical_name(t) for t in text.split(",") if t.strip()]
+        names = [canonical_name(t) for t in text.split(",") if t.strip()]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected at least one norm, got {text!r}")
+    return names
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,9 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", required=True, type=Path, help="run directory (results, report)")
     g = rp.add_argument_group("execution")
     g.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
-    g.add_argument("--jobs", type=int, default=None,
+    g.add_argument("--jobs", type=_number(int, 1), default=None,
                    help="cells in parallel (default: CPU cores on cpu, 1 on cuda)")
-    g.add_argument("--threads", type=int, default=None,
+    g.add_argument("--threads", type=_number(int, 1), default=None,
                    help="torch threads per job (default: cores / jobs)")
     g.add_argument("--shard", type=_shard, default=None,
                    help="i/n: run the i-th of n interleaved shares of the cells (any scheduler)")
@@ -143,7 +153,8 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--batch-sizes", type=_int_list(1), default=None,
                    help="per-worker batch sizes, e.g. 128,64,32,16,8,4,2")
     o.add_argument("--norms", type=_norm_list, default=None, help="e.g. bn,gn,bgn")
-    o.add_argument("--groups", type=_int_list(), default=None, help="G values of the g-sweep")
+    o.add_argument("--groups", type=_int_list(1), default=None,
+                   help="G values of the g-sweep task (>= 1; other tasks refuse it)")
     o.add_argument("--amp", choices=["none", "bf16"], default=None,
                    help="mixed precision (default: bf16 on cuda, none on cpu)")
     o.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -155,7 +166,9 @@ def _parser() -> argparse.ArgumentParser:
     rr.add_argument("--task", default=None, help="only these tasks (comma list)")
     rr.add_argument("--quiet", action="store_true", help="do not print the report")
 
-    sub.add_parser("tasks", help="list the tasks and their presets")
+    tp = sub.add_parser("tasks", help="list the tasks and their presets")
+    tp.add_argument("--settings", action="store_true",
+                    help="also list each task's options and --set keys")
     return parser
 
 
@@ -165,63 +178,83 @@ def _tasks(spec: str, preset: str | None) -> list[str]:
         _load_all,  # noqa: F401
     )
 
-    if spec == "all":
-        return [n for n, t in TASKS.items() if preset is None or preset in t.presets]
-    names = [t.strip() for t in spec.split(",") if t.strip()]
+    valid = f"valid tasks: {', '.join(TASKS)} or all (`bgnorm tasks` describes them)"
+    if spec.strip() == "all":
+        names = [n for n, t in TASKS.items() if preset is None or preset in t.presets]
+    else:
+        names = list(dict.fromkeys(t.strip() for t in spec.split(",") if t.strip()))
     unknown = [n for n in names if n not in TASKS]
     if unknown:
-        raise SystemExit(
-            f"bgnorm: unknown task(s) {', '.join(unknown)}; valid tasks: "
-            f"{', '.join(TASKS)} or all"
-        )
+        raise _UsageError(f"unknown task(s) {', '.join(unknown)}; {valid}")
+    if not names:
+        raise _UsageError(f"--task {spec!r} names no task; {valid}")
     return names
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The protocol options of ``bgnorm reproduce`` as the tasks' ``overrides`` (no device)."""
+    from .repro.presets import parse_set
+
+    return {
+        "dataset": args.dataset, "data_root": args.data_root,
+        "loader_workers": args.loader_workers, "model": args.model,
+        "image_size": args.image_size, "epochs": args.epochs, "seeds": args.seeds,
+        "batch_sizes": args.batch_sizes, "norms": args.norms, "groups": args.groups,
+        "amp": args.amp, "set": parse_set(args.set),
+    }
 
 
 def _reproduce(args: argparse.Namespace) -> int:
     import time
 
     from .repro import dist as _dist
-    from .repro.presets import PRESETS
+    from .repro.presets import PRESETS, check_overrides
+    from .repro.tasks import get_task
     from .repro.train import resolve_device
 
     t0 = time.perf_counter()
     if args.preset not in PRESETS:
-        print(f"bgnorm: unknown preset {args.preset!r}; valid: {', '.join(PRESETS)}",
-              file=sys.stderr)
-        return 2
+        raise _UsageError(f"unknown preset {args.preset!r}; valid: {', '.join(PRESETS)}")
     tasks = _tasks(args.task, args.preset)
+    # Every option is applied by a selected task or refused, before anything starts.
+    try:
+        overrides = _overrides(args)
+        notes = check_overrides([get_task(t) for t in tasks], overrides)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    distributed = args.distributed or _dist.launched_by_torchrun()
+    if args.jobs is not None and distributed:
+        raise _UsageError("--jobs: a distributed run trains one cell at a time on all its "
+                          "ranks (the ranks are the parallelism); drop --jobs")
+    if args.sync_norm and not distributed:
+        raise _UsageError("--sync-norm synchronizes statistics across the processes of a "
+                          "distributed run: launch with torchrun (or pass --distributed in a "
+                          "torch.distributed environment), or drop --sync-norm")
     try:
         device = resolve_device(args.device)
     except RuntimeError as exc:  # no CUDA, a device string torch does not know
-        print(f"bgnorm: {exc}", file=sys.stderr)
-        return 2
+        raise _UsageError(str(exc)) from None
     env = None
-    if args.distributed or _dist.launched_by_torchrun():
+    if distributed:
         env, device = _dist.init_distributed(device, args.dist_timeout, args.sync_norm)
-    elif args.sync_norm:
-        print("bgnorm: --sync-norm has no effect without torchrun/--distributed",
-              file=sys.stderr)
+    if env is None or env.is_main:
+        for note in notes:
+            print(f"bgnorm: note: {note}", file=sys.stderr)
     try:
-        return _reproduce_in(args, tasks, device, env, t0)
+        return _reproduce_in(args, tasks, {**overrides, "device": str(device)}, device, env,
+                             t0)
     finally:
         _dist.shutdown()
 
 
-def _reproduce_in(args: argparse.Namespace, tasks: list[str], device, env, t0: float) -> int:
+def _reproduce_in(args: argparse.Namespace, tasks: list[str], overrides: dict[str, Any],
+                  device, env, t0: float) -> int:
     import time
 
-    from .repro.presets import parse_set
     from .repro.runner import RunOptions, plan_cells, render_report, run_sweep, select_shard
 
     main = env is None or env.is_main
     try:
-        overrides = {
-            "device": str(device), "dataset": args.dataset, "data_root": args.data_root,
-            "loader_workers": args.loader_workers, "model": args.model,
-            "image_size": args.image_size, "epochs": args.epochs, "seeds": args.seeds,
-            "batch_sizes": args.batch_sizes, "norms": args.norms, "groups": args.groups,
-            "amp": args.amp, "set": parse_set(args.set),
-        }
         if args.list:
             if not main:
                 return 0
@@ -275,7 +308,10 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _list_tasks() -> int:
+def _list_tasks(settings: bool = False) -> int:
+    import textwrap
+
+    from .repro.presets import option_flag
     from .repro.tasks import (
         TASKS,
         _load_all,  # noqa: F401
@@ -284,6 +320,15 @@ def _list_tasks() -> int:
     width = max(map(len, TASKS), default=0)
     for name, task in TASKS.items():
         print(f"{name:{width}s}  presets: {', '.join(task.presets):22s} {task.title}")
+        if not settings:
+            continue
+        from .repro.presets import OPTIONS
+
+        options = [option_flag(k) for k in OPTIONS if task.options is None or k in task.options]
+        keys = sorted(task.settings) if task.settings is not None else ["(not declared)"]
+        for head, items in (("options", options), ("--set keys", keys)):
+            print(textwrap.fill(", ".join(items), width=100, initial_indent=f"  {head}: ",
+                                subsequent_indent="    "))
     return 0
 
 
@@ -292,18 +337,21 @@ def main(argv: list[str] | None = None) -> int:
     from .repro.runner import SweepInterrupted
 
     args = _parser().parse_args(argv)
-    if args.command == "reproduce":
-        try:
+    try:
+        if args.command == "reproduce":
             return _reproduce(args)
-        except SweepInterrupted:  # the runner printed how to resume
-            return 130
-        except KeyboardInterrupt:
-            print("\nbgnorm: interrupted", file=sys.stderr)
-            return 130
-    if args.command == "report":
-        return _report(args)
-    if args.command == "tasks":
-        return _list_tasks()
+        if args.command == "report":
+            return _report(args)
+        if args.command == "tasks":
+            return _list_tasks(args.settings)
+    except _UsageError as exc:
+        print(f"bgnorm: {exc}", file=sys.stderr)
+        return 2
+    except SweepInterrupted:  # the runner printed how to resume
+        return 130
+    except KeyboardInterrupt:
+        print("\nbgnorm: interrupted", file=sys.stderr)
+        return 130
     return 2  # pragma: no cover - argparse enforces the commands
 
 

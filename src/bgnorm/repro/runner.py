@@ -211,11 +211,19 @@ def plan_cells(
     tasks: Sequence[str], preset: str, overrides: Mapping[str, Any]
 ) -> list[tuple[str, dict[str, Any]]]:
     """``(cell_id, config)`` for every cell of ``tasks`` at ``preset``, in grid order, without
-    duplicates."""
+    duplicates.
+
+    Raises ``ValueError`` for an option or ``--set`` key no task of ``tasks`` applies
+    (:func:`~bgnorm.repro.presets.check_overrides`).
+    """
+    from .presets import check_overrides
+
     out: list[tuple[str, dict[str, Any]]] = []
     seen: set[str] = set()
-    for name in tasks:
-        task = get_task(name)
+    selected = [get_task(name) for name in tasks]
+    check_overrides(selected, overrides)
+    for task in selected:
+        name = task.name
         if preset not in task.presets:
             raise ValueError(
                 f"task {name!r} has no preset {preset!r}; its presets: {', '.join(task.presets)}"
@@ -498,7 +506,15 @@ def run_sweep(options: RunOptions) -> RunSummary:
     done = _dist.broadcast_object(done, "planning the sweep") if env is not None else done
     todo = [(cid, cfg) for cid, cfg in mine if cid not in done]
     if todo:  # one clear message, not a traceback per cell
-        check_environment(todo, options.device)
+        read = check_environment(todo, options.device)
+        for key in ("data_root", "loader_workers"):
+            if options.overrides.get(key) is not None and not read:
+                flag = "--" + key.replace("_", "-")
+                raise ValueError(
+                    f"{flag} is not used: every cell to run trains on bundled digits, which "
+                    "are not read from disk; choose data read from --data-root (--dataset "
+                    "cifar10, imagenet or imagefolder for the classification tasks, the paper "
+                    f"preset for the others) or drop {flag}")
     summary = RunSummary(planned=len(mine), skipped=len(mine) - len(todo))
     store = ResultStore(store_path(out, options.shard))
 

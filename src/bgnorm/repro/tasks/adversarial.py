@@ -19,6 +19,7 @@ import torch
 
 from ..adversarial import PAPER_ADV, WideResNet, adversarial_train_step, robust_accuracy
 from ..norms import DISPLAY_NAMES
+from ..presets import preset_settings
 from ..report import (
     Claim,
     fmt_summary,
@@ -31,7 +32,9 @@ from ..report import (
 from ..train import InMemoryBatches, check_finite, derive_seed
 from .base import CellContext, Record, Task, register_task
 from .common import (
+    NORM_SETTINGS,
     NORMS,
+    TASK_OPTIONS,
     build_with_norm,
     check_tensor_data,
     diverged_note,
@@ -209,4 +212,6 @@ TASK_ADVERSARIAL = register_task(Task(
     name="adversarial", presets=_PRESETS, cells=cells_adversarial, run=run_adversarial,
     report=report_adversarial, title="Adversarial training (BGN paper Table 5)",
     check=check_tensor_data,
+    options=TASK_OPTIONS,
+    settings=preset_settings(*ADV_PRESETS.values(), NORM_SETTINGS),
 ))

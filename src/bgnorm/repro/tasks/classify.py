@@ -30,7 +30,14 @@ import torch
 import bgnorm
 
 from ..norms import DISPLAY_NAMES, PER_EXAMPLE, NormSpec, build_normed_model
-from ..presets import apply_overrides, classify_preset, workers_for
+from ..presets import (
+    CLASSIFY_PRESETS,
+    DATASET_DEFAULTS,
+    apply_overrides,
+    classify_preset,
+    preset_settings,
+    workers_for,
+)
 from ..report import (
     Claim,
     Summary,
@@ -86,12 +93,17 @@ _COST_RANK = {"gbgn": 0, "bn": 1, "bgn": 2, "pn": 3, "ln": 4, "gn": 5, "in": 6, 
 
 
 def _preset(preset: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    from ..models import MODELS
+
     cfg = apply_overrides(classify_preset(preset), overrides)
     if cfg["dataset"] in ("imagenet", "imagefolder", "cifar10") and not cfg.get("data_root"):
         raise ValueError(
             f"dataset {cfg['dataset']!r} is read from your own copy: pass --data-root DIR "
-            "(nothing is downloaded); see docs/reproduction.md"
+            "(nothing is downloaded); see `bgnorm docs reproduction`"
         )
+    if cfg["model"] not in MODELS:
+        raise ValueError(f"unknown model {cfg['model']!r}; valid models: "
+                         f"{', '.join(sorted(MODELS))}")
     return cfg
 
 
@@ -105,11 +117,13 @@ def _cell(task: str, cfg: Mapping[str, Any], seed: int, norm: str, batch_size: i
     cell["batch_size"] = int(batch_size)
     cell["workers"] = workers
     if name in ("bgn", "gbgn"):
-        cell["num_groups"] = int(extra.pop("num_groups", None) or bgnorm.paper_groups(batch_size))
+        g = extra.pop("num_groups", None)
+        cell["num_groups"] = int(bgnorm.paper_groups(batch_size) if g is None else g)
     if name == "gbgn":
         cell["gbgn_examples"] = min(int(cfg.get("gbgn_examples") or batch_size), batch_size)
     if name == "gn" and "gn_channels_per_group" not in extra:
-        cell["gn_groups"] = int(extra.pop("gn_groups", None) or bgnorm.DEFAULT_NUM_GROUPS)
+        g = extra.pop("gn_groups", None)
+        cell["gn_groups"] = int(bgnorm.DEFAULT_NUM_GROUPS if g is None else g)
     cell.update(extra)
     if name in PER_EXAMPLE:
         # Per-example statistics do not see the worker split: the run depends on the examples
@@ -824,18 +838,27 @@ def _groups_claims(err: dict[Any, Summary], gs: list[int], ks: list[int], n_test
 # Registration
 # --------------------------------------------------------------------------------------------
 
+#: The protocol options each task applies (``Task.options``): the G sweep (``--groups``) is the
+#: g-sweep's; the g-sweep trains BGN only and the groups task GN and its baselines at
+#: ``groups_batch_size``, so they do not apply ``--norms`` (nor groups ``--batch-sizes``).
+_OPTIONS = frozenset({"dataset", "data_root", "loader_workers", "model", "image_size", "epochs",
+                      "seeds", "batch_sizes", "norms", "amp"})
+_SETTINGS = preset_settings(*CLASSIFY_PRESETS.values(), *DATASET_DEFAULTS.values())
+
 TASK_BATCH_SIZE = register_task(Task(
     name="batch-size", presets=_PRESETS, cells=cells_batch_size, run=run_classify,
     report=report_batch_size, title="Accuracy vs batch size (BGN paper Table 2, Fig. 1)",
-    check=check_classification_data,
+    check=check_classification_data, options=_OPTIONS, settings=_SETTINGS,
 ))
 TASK_G_SWEEP = register_task(Task(
     name="g-sweep", presets=_PRESETS, cells=cells_g_sweep, run=run_classify,
     report=report_g_sweep, title="BGN's G sweep (BGN paper Table 1)",
-    check=check_classification_data,
+    check=check_classification_data, options=_OPTIONS - {"norms"} | {"groups"},
+    settings=_SETTINGS,
 ))
 TASK_GROUPS = register_task(Task(
     name="groups", presets=_PRESETS, cells=cells_groups, run=run_classify,
     report=report_groups, title="GN group division (GN paper Table 3)",
-    check=check_classification_data,
+    check=check_classification_data, options=_OPTIONS - {"norms", "batch_sizes"},
+    settings=_SETTINGS,
 ))

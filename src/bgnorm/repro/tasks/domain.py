@@ -22,11 +22,14 @@ import torch.nn.functional as F
 
 from ..domain import PAPER_CAN, cdd_loss, class_aware_sample, cluster_target
 from ..norms import DISPLAY_NAMES
+from ..presets import preset_settings
 from ..report import DIVERGED, MISSING, NOT_TRAINED, fmt_summary, markdown_table, summarize
 from ..train import InMemoryBatches, check_finite, derive_seed, standard_layout
 from .base import CellContext, Record, Task, register_task
 from .common import (
+    NORM_SETTINGS,
     NORMS,
+    TASK_OPTIONS,
     build_with_norm,
     diverged_note,
     norm_cell,
@@ -282,4 +285,6 @@ TASK_DOMAIN = register_task(Task(
     name="domain-adaptation", presets=_PRESETS, cells=cells_domain, run=run_domain,
     report=report_domain, title="Unsupervised domain adaptation (BGN paper Table 7)",
     check=check_domain_data,
+    options=TASK_OPTIONS - {"dataset"},
+    settings=preset_settings(*DOMAIN_PRESETS.values(), NORM_SETTINGS),
 ))

@@ -28,11 +28,14 @@ from ..fewshot import (
     mean_confidence_interval,
 )
 from ..norms import DISPLAY_NAMES
+from ..presets import preset_settings
 from ..report import NOT_TRAINED, markdown_table, training_problem
 from ..train import InMemoryBatches, check_finite, derive_seed
 from .base import CellContext, Record, Task, register_task
 from .common import (
+    NORM_SETTINGS,
     NORMS,
+    TASK_OPTIONS,
     build_with_norm,
     diverged_note,
     norm_cell,
@@ -250,4 +253,6 @@ TASK_FEWSHOT = register_task(Task(
     name="few-shot", presets=_PRESETS, cells=cells_fewshot, run=run_fewshot,
     report=report_fewshot, title="Few-shot learning (BGN paper Table 6)",
     check=check_fewshot_data,
+    options=TASK_OPTIONS,
+    settings=preset_settings(*FEWSHOT_PRESETS.values(), NORM_SETTINGS),
 ))

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 
+import bgnorm
 from bgnorm.cli import main
 
 TASKS = "batch-size,g-sweep,groups"
@@ -275,3 +280,80 @@ def test_tasks_settings_lists_options_and_keys(capsys):
     block = out.split("adversarial")[1].split("few-shot")[0]
     assert "options: --dataset, --data-root, --image-size, --seeds, --norms" in block
     assert "--epochs" not in block and " steps," in block
+
+
+# --------------------------------------------------------------------------------------------
+# Help texts and guides: nothing a pip-installed user lacks
+# --------------------------------------------------------------------------------------------
+
+HELP_COMMANDS = [[], ["reproduce"], ["report"], ["tasks"], ["docs"]]
+
+
+def _help(capsys, command):
+    with pytest.raises(SystemExit) as exc:
+        main([*command, "--help"])
+    assert exc.value.code == 0
+    return capsys.readouterr().out
+
+
+def _guides_named(text):
+    return set(re.findall(r"`?bgnorm docs ([a-z][\w-]*)", text))
+
+
+@pytest.mark.parametrize("command", HELP_COMMANDS, ids=lambda c: " ".join(c) or "bgnorm")
+def test_help_names_no_file_missing_from_the_installed_package(capsys, command):
+    # Before: `bgnorm --help` pointed at docs/reproduction.md, a file of the source tree only.
+    text = _help(capsys, command)
+    files = [f for f in re.findall(r"[\w./-]+\.(?:md|rst|txt|html|pdf)\b", text)
+             if not f.startswith("DIR/")]  # DIR/report.md: what the run writes
+    assert files == [] and "http" not in text and "docs/" not in text
+    installed = Path(bgnorm.__file__).parent / "docs"
+    for name in _guides_named(text):
+        assert (installed / f"{name}.md").is_file(), name
+
+
+def test_help_is_a_self_contained_summary(capsys):
+    text = _help(capsys, [])
+    for needed in ("smoke", "quick", "paper", "DIR/report.md", "DIR/results*.jsonl",
+                   "bgnorm docs reproduction", "bgnorm tasks --settings"):
+        assert needed in text
+    from bgnorm.repro.tasks import TASKS
+
+    assert all(name in text for name in TASKS)  # the tasks come from the registry
+
+
+def test_docs_command_lists_and_prints_the_installed_guides(capsys):
+    assert main(["docs"]) == 0
+    out = capsys.readouterr().out
+    folder = Path(bgnorm.__file__).parent / "docs"
+    assert str(folder.resolve()) in out or str(folder) in out
+    for guide in ("reproduction", "tasks", "distributed"):
+        assert re.search(rf"^  {guide} +\S", out, re.M), guide
+    assert main(["docs", "reproduction"]) == 0
+    assert capsys.readouterr().out == (folder / "reproduction.md").read_text(encoding="utf-8")
+    assert main(["docs", "nope"]) == 2
+    assert "no guide 'nope'; guides: " in capsys.readouterr().err
+
+
+def test_the_wheel_ships_every_guide_the_help_names(tmp_path, capsys):
+    # What a pip-installed user gets: build the wheel from a copy of the project.
+    pytest.importorskip("setuptools")
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "project"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    shutil.copytree(root / "src", src / "src", symlinks=True, ignore=ignore)
+    shutil.copytree(root / "docs", src / "docs", ignore=ignore)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps",
+                            "--no-build-isolation", "--no-index", "-q", "-w", str(tmp_path)],
+                           cwd=src, capture_output=True, text=True, timeout=300)
+    if build.returncode != 0 and "No module named pip" in build.stderr:
+        pytest.skip("pip is not installed")
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = tmp_path.glob("bgnorm-*.whl")
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("bgnorm/docs/")}
+    assert {f"bgnorm/docs/{p.name}" for p in (root / "docs").glob("*.md")} <= shipped
+    named = set().union(*(_guides_named(_help(capsys, c)) for c in HELP_COMMANDS))
+    assert named and {f"bgnorm/docs/{n}.md" for n in named} <= shipped

@@ -4,12 +4,15 @@
     Run (or resume) a reproduction sweep and write ``DIR/report.md`` with tables and PNG plots.
 ``bgnorm report DIR``
     Re-render the report from every results store in ``DIR`` (shards merged).
-``bgnorm tasks``
-    List the tasks and their presets.
+``bgnorm tasks [--settings]``
+    List the tasks and their presets (and each task's options and ``--set`` keys).
+``bgnorm docs [NAME]``
+    List the guides installed with the package (``bgnorm/docs/*.md``), or print one.
 ``torchrun --nproc-per-node=N -m bgnorm.cli reproduce ...``
-    The same sweep, each cell trained with DDP over N processes (see ``docs/distributed.md``).
+    The same sweep, each cell trained with DDP over N processes (``bgnorm docs distributed``).
 
-See ``docs/reproduction.md`` for the presets, the protocol and running on GPUs and your data.
+``bgnorm docs reproduction`` prints the guide to the presets, the protocol and running on GPUs
+and your data. The help texts are self-contained: they name no file a pip-installed user lacks.
 """
 
 from __future__ import annotations
@@ -89,26 +92,69 @@ def _norm_list(text: str) -> list[str]:
     return names
 
 
+#: The presets in a line each (the help's summary; `bgnorm docs reproduction` has the details).
+_PRESET_HELP = {
+    "smoke": "a check of the pipeline, under a minute on a CPU (bundled 8x8 digits)",
+    "quick": "the default: minutes on a laptop CPU (bundled MNIST digits)",
+    "paper": "the papers' protocol: your data (--data-root) on GPUs (--device cuda)",
+}
+
+
+def _overview() -> str:
+    """What the suite runs and writes, for the help texts (no file or URL a pip-installed
+    user would lack: the tasks come from the registry, the guides from `bgnorm docs`)."""
+    from .repro.tasks import (
+        TASKS,
+        _load_all,  # noqa: F401
+    )
+
+    width = max(map(len, TASKS), default=0)
+    lines = ["presets (--preset):"]
+    lines += [f"  {name:7s} {text}" for name, text in _PRESET_HELP.items()]
+    lines += ["", "tasks (--task NAME, a comma list or all):"]
+    lines += [f"  {name:{width}s}  {task.title}" for name, task in TASKS.items()]
+    lines += [
+        "",
+        "output (--out DIR):",
+        "  DIR/report.md       the papers' tables and the claims checked (also printed)",
+        "  DIR/*.png           plots",
+        "  DIR/results*.jsonl  one record per finished cell (one store per shard)",
+        "  DIR/cells/          checkpoints of unfinished cells (the same command resumes)",
+        "",
+        "example:",
+        "  bgnorm reproduce --task batch-size,g-sweep --preset quick --out runs/quick",
+        "",
+        "more:",
+        "  bgnorm tasks --settings    each task's options and --set keys",
+        "  bgnorm docs                the guides installed with bgnorm",
+        "  bgnorm docs reproduction   the suite's guide: presets, protocol, data, GPUs",
+    ]
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
+    overview = _overview()
     parser = argparse.ArgumentParser(
         prog="bgnorm",
-        description="Batch Group Normalization: the reproduction suite.",
+        description="Batch Group Normalization for PyTorch: the reproduction suite trains\n"
+                    "networks with each normalization, writes the papers' tables and checks\n"
+                    "their claims.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Documentation: docs/reproduction.md",
+        epilog=overview,
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     rp = sub.add_parser(
         "reproduce", help="run or resume a sweep and write the report",
-        description="Run (or resume: finished cells are skipped, unfinished ones resume from "
-                    "their checkpoint) a reproduction sweep and write DIR/report.md.",
+        description="Run (or resume: finished cells are skipped, unfinished ones resume\n"
+                    "from their checkpoint) a reproduction sweep and write DIR/report.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=overview,
     )
     rp.add_argument("--task", default="batch-size",
                     help="task name, comma list, or 'all' (see `bgnorm tasks`; default "
                          "batch-size)")
     rp.add_argument("--preset", default="quick",
-                    help="smoke (CI, <1 min), quick (laptop CPU, minutes) or paper (the "
-                         "papers' protocol on your data and GPUs); default quick")
+                    help="smoke, quick (default) or paper; see below")
     rp.add_argument("--out", required=True, type=Path, help="run directory (results, report)")
     g = rp.add_argument_group("execution")
     g.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
@@ -126,7 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--no-report", action="store_true", help="do not render the report")
     g.add_argument("--list", action="store_true", help="list the cells and exit")
-    d = rp.add_argument_group("distributed (torchrun; see docs/distributed.md)")
+    d = rp.add_argument_group("distributed (launched by torchrun; `bgnorm docs distributed`)")
     d.add_argument("--distributed", action="store_true",
                    help="train each cell with DDP over the ranks of the torch.distributed "
                         "environment (automatic when launched by torchrun)")
@@ -169,7 +215,45 @@ def _parser() -> argparse.ArgumentParser:
     tp = sub.add_parser("tasks", help="list the tasks and their presets")
     tp.add_argument("--settings", action="store_true",
                     help="also list each task's options and --set keys")
+
+    dp = sub.add_parser(
+        "docs", help="list the guides installed with bgnorm, or print one",
+        description="The guides (markdown) ship with the package: without NAME, list them with "
+                    "their installed paths; with NAME (e.g. reproduction), print one.")
+    dp.add_argument("name", nargs="?", default=None, help="a guide's name, e.g. reproduction")
     return parser
+
+
+def _docs_dir() -> Path | None:
+    """The guides' folder: ``bgnorm/docs`` of the installed package (package data), or the
+    ``docs/`` folder of a source checkout where that link is missing."""
+    package = Path(__file__).resolve().parent
+    for folder in (package / "docs", package.parent.parent / "docs"):
+        if folder.is_dir() and any(folder.glob("*.md")):
+            return folder
+    return None
+
+
+def _docs(name: str | None) -> int:
+    folder = _docs_dir()
+    if folder is None:
+        raise _UsageError("the guides are not installed with this copy of bgnorm (expected "
+                          f"{Path(__file__).resolve().parent / 'docs'}); reinstall the package")
+    guides = {p.stem: p for p in sorted(folder.glob("*.md"))}
+    if name is None:
+        width = max(map(len, guides))
+        print(f"Guides installed with bgnorm, in {folder}:")
+        for stem, path in guides.items():
+            title = next((line.lstrip("# ").strip() for line in
+                          path.read_text(encoding="utf-8").splitlines() if line.strip()), "")
+            print(f"  {stem:{width}s}  {title}")
+        print("`bgnorm docs NAME` prints one (markdown).")
+        return 0
+    key = name[:-3] if name.endswith(".md") else name
+    if key not in guides:
+        raise _UsageError(f"no guide {name!r}; guides: {', '.join(guides)}")
+    sys.stdout.write(guides[key].read_text(encoding="utf-8"))
+    return 0
 
 
 def _tasks(spec: str, preset: str | None) -> list[str]:
@@ -344,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
             return _report(args)
         if args.command == "tasks":
             return _list_tasks(args.settings)
+        if args.command == "docs":
+            return _docs(args.name)
     except _UsageError as exc:
         print(f"bgnorm: {exc}", file=sys.stderr)
         return 2

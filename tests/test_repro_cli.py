@@ -327,7 +327,7 @@ def test_docs_command_lists_and_prints_the_installed_guides(capsys):
     out = capsys.readouterr().out
     folder = Path(bgnorm.__file__).parent / "docs"
     assert str(folder.resolve()) in out or str(folder) in out
-    for guide in ("reproduction", "tasks", "distributed"):
+    for guide in ("reproduction", "tasks", "distributed", "errors"):
         assert re.search(rf"^  {guide} +\S", out, re.M), guide
     assert main(["docs", "reproduction"]) == 0
     assert capsys.readouterr().out == (folder / "reproduction.md").read_text(encoding="utf-8")

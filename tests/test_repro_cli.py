@@ -208,10 +208,18 @@ def test_unknown_set_key_lists_the_valid_keys(tmp_path, capsys):
     ("batch_sizes=[8,0]", "--set batch_sizes=[8, 0]: must be >= 1"),
     ("hflip=1", "--set hflip=1: expected true/false"),
     ("model_kwargs=3", "--set model_kwargs=3: expected a JSON object"),
+    ("amp=bf15", "--set amp=bf15: expected one of null, \"none\", \"fp32\", \"bf16\""),
 ])
 def test_set_values_are_checked(tmp_path, capsys, setting, message):
     assert main([*LIST, "--out", str(tmp_path), "--set", setting]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting", ["warmup_epochs=0.5", "base_lr=1", "milestones=[30,60,90]",
+                                     "image_size=null", "amp=\"bf16\"", "total_batch=32"])
+def test_set_values_of_the_presets_kinds_pass(tmp_path, capsys, setting):
+    assert main([*LIST, "--out", str(tmp_path), "--set", setting]) == 0, \
+        capsys.readouterr().err
 
 
 @pytest.mark.parametrize("task,option", [

@@ -395,7 +395,7 @@ def _report(args: argparse.Namespace) -> int:
 def _list_tasks(settings: bool = False) -> int:
     import textwrap
 
-    from .repro.presets import option_flag
+    from .repro.presets import OPTIONS, option_flag
     from .repro.tasks import (
         TASKS,
         _load_all,  # noqa: F401
@@ -406,8 +406,6 @@ def _list_tasks(settings: bool = False) -> int:
         print(f"{name:{width}s}  presets: {', '.join(task.presets):22s} {task.title}")
         if not settings:
             continue
-        from .repro.presets import OPTIONS
-
         options = [option_flag(k) for k in OPTIONS if task.options is None or k in task.options]
         keys = sorted(task.settings) if task.settings is not None else ["(not declared)"]
         for head, items in (("options", options), ("--set keys", keys)):

@@ -41,6 +41,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "CLASSIFY_PRESETS",
     "DATASET_DEFAULTS",
+    "CHOICES",
+    "FRACTIONAL",
     "MINIMUM",
     "OPTIONS",
     "PRESETS",
@@ -48,6 +50,7 @@ __all__ = [
     "check_overrides",
     "check_setting",
     "classify_preset",
+    "option_flag",
     "parse_int_list",
     "parse_set",
     "preset_settings",
@@ -222,6 +225,11 @@ MINIMUM: dict[str, int] = {
                      "loops", "crop_padding"), 0),
 }
 
+#: Settings whose presets hold integers but that take any number (warm-up in epochs).
+FRACTIONAL = frozenset({"warmup_epochs"})
+#: Settings that take one of a few values (see :func:`bgnorm.repro.train.autocast`).
+CHOICES: dict[str, tuple[Any, ...]] = {"amp": (None, "none", "fp32", "bf16", "bfloat16")}
+
 
 def option_flag(key: str) -> str:
     """``"batch_sizes"`` -> ``"--batch-sizes"``."""
@@ -264,17 +272,24 @@ def check_setting(key: str, value: Any, examples: Sequence[Any]) -> None:
     """Raise ``ValueError`` unless ``--set key=value`` fits ``key``'s preset ``examples``.
 
     The value must have the kind of the presets' values (an integer where they hold integers,
-    a number where they hold numbers, a JSON list, ...; None only where a preset has None; any
-    value where every preset has None) and respect :data:`MINIMUM` (each element of a list).
+    except :data:`FRACTIONAL` keys; a number where they hold numbers; a JSON list, ...; None
+    only where a preset has None; any value where every preset has None), respect
+    :data:`MINIMUM` (each element of a list) and be one of :data:`CHOICES` where listed.
 
     Example:
         >>> check_setting("epochs", 3, (2, 5, 100))
+        >>> check_setting("warmup_epochs", 0.5, (0,))
         >>> check_setting("epochs", 0, (2, 5, 100))
         Traceback (most recent call last):
         ...
         ValueError: --set epochs=0: must be >= 1
     """
     text = json.dumps(value) if not isinstance(value, str) else value
+    if key in CHOICES:
+        if value not in CHOICES[key]:
+            raise ValueError(f"--set {key}={text}: expected one of "
+                             f"{', '.join(json.dumps(c) for c in CHOICES[key])}")
+        return
     kinds = {_kind(e) for e in examples if e is not None}
     if value is None:
         if kinds and None not in examples:
@@ -282,7 +297,8 @@ def check_setting(key: str, value: Any, examples: Sequence[Any]) -> None:
                              f"{_example(examples)})")
         return
     kind = _kind(value)
-    if kinds and kind not in kinds and not (kind == "an integer" and "a number" in kinds):
+    widened = kinds | ({"a number"} if key in FRACTIONAL else set())
+    if kinds and kind not in widened and not (kind == "an integer" and "a number" in kinds):
         raise ValueError(f"--set {key}={text}: expected {' or '.join(sorted(kinds))}, like the "
                          f"presets' {_example(examples)} (values are parsed as JSON)")
     low = MINIMUM.get(key)

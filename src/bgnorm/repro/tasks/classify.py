@@ -565,8 +565,9 @@ def report_batch_size(records: list[Record], out_dir: Path) -> str:
     n_div = sum(r.status != "ok" for r in records)
     if n_div:
         notes.append(f"\"-\": diverged (non-finite loss), as in the paper ({n_div} run(s)).")
-    if untrained_note(records):
-        notes.append(untrained_note(records))
+    untrained = untrained_note(records)
+    if untrained:
+        notes.append(untrained)
     parts = ["## Accuracy vs batch size (BGN paper Table 2, Fig. 1 bottom)", "", table, ""]
     parts += [" ".join(notes), ""]
     if plot:

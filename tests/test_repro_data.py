@@ -24,6 +24,8 @@ from bgnorm.repro.data import (
     RandomResizedCrop,
     Resize,
     bundled_dataset,
+    check_cifar10,
+    check_image_folders,
     cifar_eval_transform,
     cifar_train_transform,
     imagenet_eval_transform,
@@ -264,6 +266,56 @@ def test_cifar10_missing_files(tmp_path):
     (folder / "test_batch").unlink()
     with pytest.raises(FileNotFoundError, match="test_batch"):
         CIFAR10(folder, train=False)
+
+
+def test_check_cifar10_names_the_bad_file(tmp_path):
+    # The sweep checks the data before any cell starts (one message instead of a traceback
+    # per cell); a malformed batch used to fail inside pickle with no file name.
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_cifar(folder)
+    assert check_cifar10(tmp_path) == folder
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        check_cifar10(tmp_path / "nope")
+    (folder / "data_batch_2").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="data_batch_2 is not a CIFAR-10 batch"):
+        check_cifar10(tmp_path)
+    with open(folder / "data_batch_2", "wb") as fh:
+        pickle.dump([1, 2, 3], fh)
+    with pytest.raises(ValueError, match="holds a list, not a dict"):
+        check_cifar10(tmp_path)
+    with open(folder / "data_batch_2", "wb") as fh:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 12]}, fh)
+    with pytest.raises(ValueError, match="labels .* range from 0 to 12; expected 0 to 9"):
+        check_cifar10(tmp_path)
+    with open(folder / "data_batch_2", "wb") as fh:
+        pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, fh)
+    with pytest.raises(ValueError, match=r"expected data of shape \(N, 3072\)"):
+        check_cifar10(tmp_path)
+
+
+def test_check_image_folders(tmp_path):
+    from PIL import Image
+
+    for split, classes in (("train", ("a", "b")), ("test", ("a", "b")), ("novel", ("c",))):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / split / c / "x.png")
+    assert check_image_folders(tmp_path, ["train", ("val", "test")]) == [
+        tmp_path / "train", tmp_path / "test"]
+    with pytest.raises(FileNotFoundError, match="has no val/ folder"):
+        check_image_folders(tmp_path, ["train", "val"])
+    with pytest.raises(ValueError, match="differ; every split needs the same classes"):
+        check_image_folders(tmp_path, ["train", "novel"])
+    assert len(check_image_folders(tmp_path, ["train", "novel"], same_classes=False)) == 2
+    (tmp_path / "train" / "a" / "x.png").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="x.png is not a readable image"):
+        check_image_folders(tmp_path, ["train"])
+    (tmp_path / "train" / "a" / "x.png").unlink()
+    with pytest.raises(FileNotFoundError, match="no image"):
+        check_image_folders(tmp_path, ["train"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no class folders"):
+        check_image_folders(tmp_path, ["empty"])
 
 
 # --------------------------------------------------------------------------------------------

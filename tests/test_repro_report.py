@@ -45,7 +45,9 @@ def test_summaries_and_cell_format():
     s = summarize(recs, lambda r: r.config["k"])
     assert s[1].mean == 91.0 and s[1].n == 2
     assert fmt_summary(s[1]) == "91.00 ± 1.41"
-    assert fmt_summary(s[2]) == "-" and fmt_summary(s[3]) == "-"
+    assert fmt_summary(s[2]) == "-"
+    assert fmt_summary(s[3]) == "n/t"  # finished with a NaN accuracy: did not train, not diverged
+    assert s[3].untrained == ("seed ?: acc is nan, not a finite number",)
     assert fmt_summary(None) == "?"
     assert fmt_summary(Summary((90.0,), diverged=1)) == "90.00 †(1 -)"
     multi = summarize(recs[:1], lambda r: [("x", 1), ("x", 2)])
@@ -184,3 +186,74 @@ def test_render_report_merges_shards(tmp_path):
     assert f"{len(recs)} cells recorded" in text
     assert "## Accuracy vs batch size" in text
     assert "?" not in text.split("### Claims")[0].split("| BN")[1].splitlines()[0]
+
+
+def _untrained(cfg, which):
+    """A record of ``cfg`` that finished without training (0 steps, NaN accuracy)."""
+    return Record(cell_id(cfg), cfg, "ok", {"acc": float("nan"), "steps": 0, "n_test": N_TEST,
+                                            "layers": [], "groups_adjusted": 0}, 0.1)
+
+
+def _claim(text, name):
+    return next(line for line in text.splitlines() if f"**{name}" in line)
+
+
+def test_training_problem_finds_cells_that_did_not_train():
+    cfg = {"seed": 1}
+
+    def rec(status="ok", **result):
+        return Record("x", cfg, status, {"n_test": 1000, **result}, 1.0)
+
+    assert R.training_problem(rec(acc=90.0, steps=10)) is None
+    assert "no training steps" in R.training_problem(rec(acc=10.0, steps=0))
+    assert "not a finite number" in R.training_problem(rec(acc=float("nan"), steps=10))
+    assert "not a finite number" in R.training_problem(rec(steps=10))  # no metric at all
+    assert R.training_problem(rec("diverged", error="non-finite loss")) is None  # a result
+    # At chance (10 classes) with a loss that never left ln(10) = 2.303: did not train.
+    flat = rec(acc=10.5, steps=100, num_classes=10, train_losses=[2.31, 2.305, 2.304])
+    assert "at chance" in R.training_problem(flat)
+    # The same accuracy with a falling loss is a result (e.g. a norm that overfits).
+    assert R.training_problem(rec(acc=10.5, steps=100, num_classes=10,
+                                  train_losses=[2.31, 1.2, 0.4])) is None
+    # A flat loss above chance accuracy is a result too.
+    assert R.training_problem(rec(acc=40.0, steps=100, num_classes=10,
+                                  train_losses=[2.31, 2.30])) is None
+
+
+def test_claims_are_never_judged_on_cells_that_did_not_train(tmp_path):
+    # BN at batch 2 finished without a training step (e.g. --epochs 0): before, its NaN
+    # accuracy counted as a divergence and "BN degrades at small batch" was judged "held".
+    configs = cells_batch_size("smoke", {})
+    recs = [_untrained(c, "bn2") if c["norm"] == "bn" and c["batch_size"] == 2 else r
+            for c, r in zip(configs, _records(configs, _paper_like))]
+    text = report_batch_size(recs, tmp_path)
+    bn_claim = _claim(text, "BN degrades")
+    assert "*not judged*" in bn_claim and "diverged" not in bn_claim
+    assert "BN at batch 2 (seed 0: no training steps (steps = 0))" in bn_claim
+    assert "*not judged*" in _claim(text, "BGN beats")  # needs every norm's cells
+    assert "*held*" in _claim(text, "BGN is stable")  # BGN's own cells all trained
+    bn_row = next(line for line in text.splitlines() if line.startswith("| BN "))
+    assert bn_row.rstrip(" |").endswith("n/t") and "did not train" in text
+
+    # Every cell untrained (0 epochs): no claim of any task is judged.
+    nothing = [_untrained(c, "all") for c in configs]
+    text = report_batch_size(nothing, tmp_path)
+    assert text.count("*not judged*") == 3 and "*held*" not in text
+    g_configs = cells_g_sweep("smoke", {})
+    text = report_g_sweep([_untrained(c, "all") for c in g_configs], tmp_path)
+    assert "*not judged*" in text and "*held*" not in text and "did not hold" not in text
+    groups = cells_groups("smoke", {})
+    text = report_groups([_untrained(c, "all") for c in groups], tmp_path)
+    assert text.count("*not judged*") == 2 and "diverged" not in text.split("### Claims")[1]
+
+
+def test_adversarial_claim_not_judged_on_untrained_cells(tmp_path):
+    from bgnorm.repro.tasks.adversarial import cells_adversarial, report_adversarial
+
+    configs = cells_adversarial("smoke", {})
+    untrained = [Record(cell_id(c), c, "ok", {"clean_acc": 11.0, "robust_acc": 9.0 + i,
+                                              "acc": 9.0 + i, "n_test": 64, "steps": 0}, 0.1)
+                 for i, c in enumerate(configs)]
+    text = report_adversarial(untrained, tmp_path)
+    assert "*not judged*" in text and "no training steps" in text
+    assert "n/t" in text and "held" not in text

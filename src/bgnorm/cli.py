@@ -4,19 +4,25 @@
     Run (or resume) a reproduction sweep and write ``DIR/report.md`` with tables and PNG plots.
 ``bgnorm report DIR``
     Re-render the report from every results store in ``DIR`` (shards merged).
-``bgnorm tasks``
-    List the tasks and their presets.
+``bgnorm tasks [--settings]``
+    List the tasks and their presets (and each task's options and ``--set`` keys).
+``bgnorm docs [NAME]``
+    List the guides installed with the package (``bgnorm/docs/*.md``), or print one.
 ``torchrun --nproc-per-node=N -m bgnorm.cli reproduce ...``
-    The same sweep, each cell trained with DDP over N processes (see ``docs/distributed.md``).
+    The same sweep, each cell trained with DDP over N processes (``bgnorm docs distributed``).
 
-See ``docs/reproduction.md`` for the presets, the protocol and running on GPUs and your data.
+``bgnorm docs reproduction`` prints the guide to the presets, the protocol and running on GPUs
+and your data. The help texts are self-contained: they name no file a pip-installed user lacks.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -29,85 +35,172 @@ def _shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def _int_list(text: str) -> list[int]:
-    from .repro.presets import parse_int_list
+class _UsageError(ValueError):
+    """A command line that cannot run: ``main`` prints it as ``bgnorm: ...``, exit status 2."""
 
-    try:
-        return parse_int_list(text)  # type: ignore[return-value]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}") from None
+
+def _number(kind: type, minimum: float, strict: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite ``kind`` (int or float) >= ``minimum`` (> when ``strict``)."""
+    bound = f"{'>' if strict else '>='} {minimum}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'} {bound}, got {text!r}"
+            ) from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text!r}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} {bound}"
+    return parse
+
+
+def _int_list(minimum: int | None = None) -> Callable[[str], list[int]]:
+    """An argparse type: comma-separated integers, each >= ``minimum``."""
+
+    def parse(text: str) -> list[int]:
+        from .repro.presets import parse_int_list
+
+        try:
+            values = parse_int_list(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated integers, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one integer, got {text!r}")
+        low = [v for v in values if minimum is not None and v < minimum]
+        if low:
+            raise argparse.ArgumentTypeError(
+                f"every value must be >= {minimum}, got {', '.join(map(str, low))} in {text!r}")
+        return values  # type: ignore[return-value]
+
+    return parse
 
 
 def _norm_list(text: str) -> list[str]:
     from .registry import canonical_name
 
     try:
-        return [canonical_name(t) for t in text.split(",") if t.strip()]
+        names = [canonical_name(t) for t in text.split(",") if t.strip()]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected at least one norm, got {text!r}")
+    return names
+
+
+#: The presets in a line each (the help's summary; `bgnorm docs reproduction` has the details).
+_PRESET_HELP = {
+    "smoke": "a check of the pipeline, under a minute on a CPU (bundled 8x8 digits)",
+    "quick": "the default: minutes on a laptop CPU (bundled MNIST digits)",
+    "paper": "the papers' protocol: your data (--data-root) on GPUs (--device cuda)",
+}
+
+
+def _overview() -> str:
+    """What the suite runs and writes, for the help texts (no file or URL a pip-installed
+    user would lack: the tasks come from the registry, the guides from `bgnorm docs`)."""
+    from .repro.tasks import (
+        TASKS,
+        _load_all,  # noqa: F401
+    )
+
+    width = max(map(len, TASKS), default=0)
+    lines = ["presets (--preset):"]
+    lines += [f"  {name:7s} {text}" for name, text in _PRESET_HELP.items()]
+    lines += ["", "tasks (--task NAME, a comma list or all):"]
+    lines += [f"  {name:{width}s}  {task.title}" for name, task in TASKS.items()]
+    lines += [
+        "",
+        "output (--out DIR):",
+        "  DIR/report.md       the papers' tables and the claims checked (also printed)",
+        "  DIR/*.png           plots",
+        "  DIR/results*.jsonl  one record per finished cell (one store per shard)",
+        "  DIR/cells/          checkpoints of unfinished cells (the same command resumes)",
+        "",
+        "example:",
+        "  bgnorm reproduce --task batch-size,g-sweep --preset quick --out runs/quick",
+        "",
+        "more:",
+        "  bgnorm tasks --settings    each task's options and --set keys",
+        "  bgnorm docs                the guides installed with bgnorm",
+        "  bgnorm docs reproduction   the suite's guide: presets, protocol, data, GPUs",
+    ]
+    return "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:
+    overview = _overview()
     parser = argparse.ArgumentParser(
         prog="bgnorm",
-        description="Batch Group Normalization: the reproduction suite.",
+        description="Batch Group Normalization for PyTorch: the reproduction suite trains\n"
+                    "networks with each normalization, writes the papers' tables and checks\n"
+                    "their claims.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Documentation: docs/reproduction.md",
+        epilog=overview,
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     rp = sub.add_parser(
         "reproduce", help="run or resume a sweep and write the report",
-        description="Run (or resume: finished cells are skipped, unfinished ones resume from "
-                    "their checkpoint) a reproduction sweep and write DIR/report.md.",
+        description="Run (or resume: finished cells are skipped, unfinished ones resume\n"
+                    "from their checkpoint) a reproduction sweep and write DIR/report.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=overview,
     )
     rp.add_argument("--task", default="batch-size",
                     help="task name, comma list, or 'all' (see `bgnorm tasks`; default "
                          "batch-size)")
     rp.add_argument("--preset", default="quick",
-                    help="smoke (CI, <1 min), quick (laptop CPU, minutes) or paper (the "
-                         "papers' protocol on your data and GPUs); default quick")
+                    help="smoke, quick (default) or paper; see below")
     rp.add_argument("--out", required=True, type=Path, help="run directory (results, report)")
     g = rp.add_argument_group("execution")
     g.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
-    g.add_argument("--jobs", type=int, default=None,
+    g.add_argument("--jobs", type=_number(int, 1), default=None,
                    help="cells in parallel (default: CPU cores on cpu, 1 on cuda)")
-    g.add_argument("--threads", type=int, default=None,
+    g.add_argument("--threads", type=_number(int, 1), default=None,
                    help="torch threads per job (default: cores / jobs)")
     g.add_argument("--shard", type=_shard, default=None,
                    help="i/n: run the i-th of n interleaved shares of the cells (any scheduler)")
-    g.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
+    g.add_argument("--checkpoint-every", type=_number(float, 0), default=60.0,
+                   metavar="SECONDS",
                    help="checkpoint each running cell this often (default 60)")
     g.add_argument("--keep-checkpoints", action="store_true",
                    help="keep the cells' checkpoints after they are recorded")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--no-report", action="store_true", help="do not render the report")
     g.add_argument("--list", action="store_true", help="list the cells and exit")
-    d = rp.add_argument_group("distributed (torchrun; see docs/distributed.md)")
+    d = rp.add_argument_group("distributed (launched by torchrun; `bgnorm docs distributed`)")
     d.add_argument("--distributed", action="store_true",
                    help="train each cell with DDP over the ranks of the torch.distributed "
                         "environment (automatic when launched by torchrun)")
     d.add_argument("--sync-norm", action="store_true",
                    help="statistics over the global batch: BGN -> SyncBatchGroupNorm, BN -> "
                         "SyncBatchNorm (cells with one worker); default: per rank")
-    d.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+    d.add_argument("--dist-timeout", type=_number(float, 0, strict=True), default=300.0,
+                   metavar="SECONDS",
                    help="fail instead of waiting longer than this for another rank "
                         "(default 300)")
     o = rp.add_argument_group("protocol overrides (defaults come from the preset)")
     o.add_argument("--dataset", default=None,
                    help="digits, mnist5k (bundled), cifar10, imagenet, imagefolder (yours)")
     o.add_argument("--data-root", default=None, help="root of your dataset copy")
-    o.add_argument("--loader-workers", type=int, default=None, help="DataLoader workers")
+    o.add_argument("--loader-workers", type=_number(int, 0), default=None,
+                   help="DataLoader workers (0: load in the training process)")
     o.add_argument("--model", default=None,
                    help="resnet18, resnet50, cifar_resnet, small_resnet, ...")
-    o.add_argument("--image-size", type=int, default=None, help="input resolution")
-    o.add_argument("--epochs", type=int, default=None)
-    o.add_argument("--seeds", type=_int_list, default=None, help="e.g. 0,1,2")
-    o.add_argument("--batch-sizes", type=_int_list, default=None,
+    o.add_argument("--image-size", type=_number(int, 1), default=None,
+                   help="input resolution")
+    o.add_argument("--epochs", type=_number(int, 1), default=None,
+                   help="training epochs (>= 1)")
+    o.add_argument("--seeds", type=_int_list(0), default=None, help="e.g. 0,1,2")
+    o.add_argument("--batch-sizes", type=_int_list(1), default=None,
                    help="per-worker batch sizes, e.g. 128,64,32,16,8,4,2")
     o.add_argument("--norms", type=_norm_list, default=None, help="e.g. bn,gn,bgn")
-    o.add_argument("--groups", type=_int_list, default=None, help="G values of the g-sweep")
+    o.add_argument("--groups", type=_int_list(1), default=None,
+                   help="G values of the g-sweep task (>= 1; other tasks refuse it)")
     o.add_argument("--amp", choices=["none", "bf16"], default=None,
                    help="mixed precision (default: bf16 on cuda, none on cpu)")
     o.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -119,8 +212,48 @@ def _parser() -> argparse.ArgumentParser:
     rr.add_argument("--task", default=None, help="only these tasks (comma list)")
     rr.add_argument("--quiet", action="store_true", help="do not print the report")
 
-    sub.add_parser("tasks", help="list the tasks and their presets")
+    tp = sub.add_parser("tasks", help="list the tasks and their presets")
+    tp.add_argument("--settings", action="store_true",
+                    help="also list each task's options and --set keys")
+
+    dp = sub.add_parser(
+        "docs", help="list the guides installed with bgnorm, or print one",
+        description="The guides (markdown) ship with the package: without NAME, list them with "
+                    "their installed paths; with NAME (e.g. reproduction), print one.")
+    dp.add_argument("name", nargs="?", default=None, help="a guide's name, e.g. reproduction")
     return parser
+
+
+def _docs_dir() -> Path | None:
+    """The guides' folder: ``bgnorm/docs`` of the installed package (package data), or the
+    ``docs/`` folder of a source checkout where that link is missing."""
+    package = Path(__file__).resolve().parent
+    for folder in (package / "docs", package.parent.parent / "docs"):
+        if folder.is_dir() and any(folder.glob("*.md")):
+            return folder
+    return None
+
+
+def _docs(name: str | None) -> int:
+    folder = _docs_dir()
+    if folder is None:
+        raise _UsageError("the guides are not installed with this copy of bgnorm (expected "
+                          f"{Path(__file__).resolve().parent / 'docs'}); reinstall the package")
+    guides = {p.stem: p for p in sorted(folder.glob("*.md"))}
+    if name is None:
+        width = max(map(len, guides))
+        print(f"Guides installed with bgnorm, in {folder}:")
+        for stem, path in guides.items():
+            title = next((line.lstrip("# ").strip() for line in
+                          path.read_text(encoding="utf-8").splitlines() if line.strip()), "")
+            print(f"  {stem:{width}s}  {title}")
+        print("`bgnorm docs NAME` prints one (markdown).")
+        return 0
+    key = name[:-3] if name.endswith(".md") else name
+    if key not in guides:
+        raise _UsageError(f"no guide {name!r}; guides: {', '.join(guides)}")
+    sys.stdout.write(guides[key].read_text(encoding="utf-8"))
+    return 0
 
 
 def _tasks(spec: str, preset: str | None) -> list[str]:
@@ -129,59 +262,83 @@ def _tasks(spec: str, preset: str | None) -> list[str]:
         _load_all,  # noqa: F401
     )
 
-    if spec == "all":
-        return [n for n, t in TASKS.items() if preset is None or preset in t.presets]
-    names = [t.strip() for t in spec.split(",") if t.strip()]
+    valid = f"valid tasks: {', '.join(TASKS)} or all (`bgnorm tasks` describes them)"
+    if spec.strip() == "all":
+        names = [n for n, t in TASKS.items() if preset is None or preset in t.presets]
+    else:
+        names = list(dict.fromkeys(t.strip() for t in spec.split(",") if t.strip()))
     unknown = [n for n in names if n not in TASKS]
     if unknown:
-        raise SystemExit(
-            f"bgnorm: unknown task(s) {', '.join(unknown)}; valid tasks: "
-            f"{', '.join(TASKS)} or all"
-        )
+        raise _UsageError(f"unknown task(s) {', '.join(unknown)}; {valid}")
+    if not names:
+        raise _UsageError(f"--task {spec!r} names no task; {valid}")
     return names
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The protocol options of ``bgnorm reproduce`` as the tasks' ``overrides`` (no device)."""
+    from .repro.presets import parse_set
+
+    return {
+        "dataset": args.dataset, "data_root": args.data_root,
+        "loader_workers": args.loader_workers, "model": args.model,
+        "image_size": args.image_size, "epochs": args.epochs, "seeds": args.seeds,
+        "batch_sizes": args.batch_sizes, "norms": args.norms, "groups": args.groups,
+        "amp": args.amp, "set": parse_set(args.set),
+    }
 
 
 def _reproduce(args: argparse.Namespace) -> int:
     import time
 
     from .repro import dist as _dist
-    from .repro.presets import PRESETS
+    from .repro.presets import PRESETS, check_overrides
+    from .repro.tasks import get_task
     from .repro.train import resolve_device
 
     t0 = time.perf_counter()
     if args.preset not in PRESETS:
-        print(f"bgnorm: unknown preset {args.preset!r}; valid: {', '.join(PRESETS)}",
-              file=sys.stderr)
-        return 2
+        raise _UsageError(f"unknown preset {args.preset!r}; valid: {', '.join(PRESETS)}")
     tasks = _tasks(args.task, args.preset)
-    device = resolve_device(args.device)
-    env = None
-    if args.distributed or _dist.launched_by_torchrun():
-        env, device = _dist.init_distributed(device, args.dist_timeout, args.sync_norm)
-    elif args.sync_norm:
-        print("bgnorm: --sync-norm has no effect without torchrun/--distributed",
-              file=sys.stderr)
+    # Every option is applied by a selected task or refused, before anything starts.
     try:
-        return _reproduce_in(args, tasks, device, env, t0)
+        overrides = _overrides(args)
+        notes = check_overrides([get_task(t) for t in tasks], overrides)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    distributed = args.distributed or _dist.launched_by_torchrun()
+    if args.jobs is not None and distributed:
+        raise _UsageError("--jobs: a distributed run trains one cell at a time on all its "
+                          "ranks (the ranks are the parallelism); drop --jobs")
+    if args.sync_norm and not distributed:
+        raise _UsageError("--sync-norm synchronizes statistics across the processes of a "
+                          "distributed run: launch with torchrun (or pass --distributed in a "
+                          "torch.distributed environment), or drop --sync-norm")
+    try:
+        device = resolve_device(args.device)
+    except RuntimeError as exc:  # no CUDA, a device string torch does not know
+        raise _UsageError(str(exc)) from None
+    env = None
+    if distributed:
+        env, device = _dist.init_distributed(device, args.dist_timeout, args.sync_norm)
+    if env is None or env.is_main:
+        for note in notes:
+            print(f"bgnorm: note: {note}", file=sys.stderr)
+    try:
+        return _reproduce_in(args, tasks, {**overrides, "device": str(device)}, device, env,
+                             t0)
     finally:
         _dist.shutdown()
 
 
-def _reproduce_in(args: argparse.Namespace, tasks: list[str], device, env, t0: float) -> int:
+def _reproduce_in(args: argparse.Namespace, tasks: list[str], overrides: dict[str, Any],
+                  device, env, t0: float) -> int:
     import time
 
-    from .repro.presets import parse_set
     from .repro.runner import RunOptions, plan_cells, render_report, run_sweep, select_shard
 
     main = env is None or env.is_main
     try:
-        overrides = {
-            "device": str(device), "dataset": args.dataset, "data_root": args.data_root,
-            "loader_workers": args.loader_workers, "model": args.model,
-            "image_size": args.image_size, "epochs": args.epochs, "seeds": args.seeds,
-            "batch_sizes": args.batch_sizes, "norms": args.norms, "groups": args.groups,
-            "amp": args.amp, "set": parse_set(args.set),
-        }
         if args.list:
             if not main:
                 return 0
@@ -235,7 +392,10 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _list_tasks() -> int:
+def _list_tasks(settings: bool = False) -> int:
+    import textwrap
+
+    from .repro.presets import OPTIONS, option_flag
     from .repro.tasks import (
         TASKS,
         _load_all,  # noqa: F401
@@ -244,18 +404,38 @@ def _list_tasks() -> int:
     width = max(map(len, TASKS), default=0)
     for name, task in TASKS.items():
         print(f"{name:{width}s}  presets: {', '.join(task.presets):22s} {task.title}")
+        if not settings:
+            continue
+        options = [option_flag(k) for k in OPTIONS if task.options is None or k in task.options]
+        keys = sorted(task.settings) if task.settings is not None else ["(not declared)"]
+        for head, items in (("options", options), ("--set keys", keys)):
+            print(textwrap.fill(", ".join(items), width=100, initial_indent=f"  {head}: ",
+                                subsequent_indent="    "))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bgnorm`` console script."""
+    from .repro.runner import SweepInterrupted
+
     args = _parser().parse_args(argv)
-    if args.command == "reproduce":
-        return _reproduce(args)
-    if args.command == "report":
-        return _report(args)
-    if args.command == "tasks":
-        return _list_tasks()
+    try:
+        if args.command == "reproduce":
+            return _reproduce(args)
+        if args.command == "report":
+            return _report(args)
+        if args.command == "tasks":
+            return _list_tasks(args.settings)
+        if args.command == "docs":
+            return _docs(args.name)
+    except _UsageError as exc:
+        print(f"bgnorm: {exc}", file=sys.stderr)
+        return 2
+    except SweepInterrupted:  # the runner printed how to resume
+        return 130
+    except KeyboardInterrupt:
+        print("\nbgnorm: interrupted", file=sys.stderr)
+        return 130
     return 2  # pragma: no cover - argparse enforces the commands
 
 

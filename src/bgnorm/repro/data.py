@@ -55,6 +55,8 @@ __all__ = [
     "Resize",
     "TensorSplit",
     "bundled_dataset",
+    "check_cifar10",
+    "check_image_folders",
     "cifar_eval_transform",
     "cifar_train_transform",
     "imagenet_eval_transform",
@@ -319,8 +321,17 @@ class CIFAR10(Dataset):
 
     @staticmethod
     def _load_pickle(path: Path) -> dict:
-        with open(path, "rb") as fh:
-            return pickle.load(fh, encoding="bytes")
+        try:
+            with open(path, "rb") as fh:
+                entry = pickle.load(fh, encoding="bytes")
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+                ImportError, IndexError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} is not a CIFAR-10 batch in the python-pickle format "
+                             f"({type(exc).__name__}: {exc})") from None
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path} is not a CIFAR-10 batch in the python-pickle format "
+                             f"(it holds a {type(entry).__name__}, not a dict)")
+        return entry
 
     @staticmethod
     def _get(entry: dict, key: str, fname: str):
@@ -337,6 +348,80 @@ class CIFAR10(Dataset):
         if self.transform is not None:
             img = self.transform(img)
         return img, int(self.targets[index])
+
+
+def check_cifar10(root: str | os.PathLike) -> Path:
+    """Check a CIFAR-10 copy before training on it; returns the batches' folder.
+
+    Loads both splits as :class:`CIFAR10` does and checks the labels (0 to 9); raises
+    ``FileNotFoundError`` (files missing) or ``ValueError`` (a file that is not a CIFAR-10
+    batch, a wrong shape, a label out of range), naming the file and what was expected.
+    """
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"CIFAR-10 data root {path} does not exist (expected the "
+                                f"'{CIFAR10.base_folder}' folder of cifar-10-python.tar.gz or "
+                                "its parent)")
+    for train in (True, False):
+        ds = CIFAR10(path, train=train)
+        labels = ds.targets
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(ds.classes)):
+            raise ValueError(f"CIFAR-10 {'train' if train else 'test'} labels in {ds.root} "
+                             f"range from {int(labels.min())} to {int(labels.max())}; expected "
+                             f"0 to {len(ds.classes) - 1}")
+    return ds.root
+
+
+def check_image_folders(
+    root: str | os.PathLike, splits: Sequence[str | Sequence[str]], same_classes: bool = True
+) -> list[Path]:
+    """Check ``root/<split>/<class>/<image>`` trees before training on them.
+
+    Each entry of ``splits`` is a folder name or a tuple of alternatives (``("val", "test")``:
+    the first that exists). Every split must hold class folders and its first image must
+    decode (Pillow); with ``same_classes`` all splits must have the same class folders.
+    Raises ``FileNotFoundError`` or ``ValueError`` naming the folder and the layout expected;
+    returns the split folders. Cheap: it reads one image per split, not the whole tree.
+    """
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise FileNotFoundError(f"data root {base} does not exist")
+    found: dict[Path, list[str]] = {}
+    for split in splits:
+        names = (split,) if isinstance(split, str) else tuple(split)
+        folder = next((base / n for n in names if (base / n).is_dir()), None)
+        if folder is None:
+            raise FileNotFoundError(f"{base} has no {' or '.join(n + '/' for n in names)} "
+                                    f"folder (expected {base}/{names[0]}/<class>/<image>)")
+        classes = sorted(d.name for d in os.scandir(folder) if d.is_dir())
+        if not classes:
+            raise FileNotFoundError(f"no class folders in {folder} (expected "
+                                    f"{folder}/<class>/<image>)")
+        image = next((os.path.join(d, f) for d, _, files in os.walk(folder / classes[0],
+                                                                      followlinks=True)
+                      for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)), None)
+        if image is None:
+            raise FileNotFoundError(f"no image ({', '.join(IMG_EXTENSIONS)}) under "
+                                    f"{folder / classes[0]}")
+        try:
+            from PIL import Image
+
+            with Image.open(image) as img:
+                img.convert("RGB")
+        except ImportError:
+            raise
+        except Exception as exc:
+            raise ValueError(f"{image} is not a readable image ({type(exc).__name__}: "
+                             f"{exc})") from None
+        found[folder] = classes
+    if same_classes and len({tuple(c) for c in found.values()}) > 1:
+        first, *others = found
+        diff = [f"{o.name}/ ({len(found[o])} classes)" for o in others
+                if found[o] != found[first]]
+        raise ValueError(f"the class folders of {first.name}/ ({len(found[first])} classes) "
+                         f"and {', '.join(diff)} in {base} differ; every split needs the same "
+                         "classes")
+    return list(found)
 
 
 def _pil_to_tensor(img) -> torch.Tensor:

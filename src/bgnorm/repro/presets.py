@@ -19,8 +19,13 @@ as JSON) or with the dedicated options (``--epochs``, ``--seeds``, ``--batch-siz
 :func:`apply_overrides`.
 
 How batches are split (``workers`` or ``total_batch``) and the learning rate (``base_lr`` at
-``lr_reference_batch`` examples per step, scaled linearly) are documented in
-``docs/reproduction.md`` and :func:`bgnorm.repro.train.scaled_lr`.
+``lr_reference_batch`` examples per step, scaled linearly) are documented in the reproduction
+guide (``bgnorm docs reproduction``) and :func:`bgnorm.repro.train.scaled_lr`.
+
+Every option is applied or refused: :func:`check_overrides` checks the options and ``--set``
+keys against what the selected tasks declare (:attr:`Task.options
+<bgnorm.repro.tasks.base.Task>` and ``Task.settings``, built with :func:`preset_settings`) and
+the values against the presets' types and :data:`MINIMUM`.
 """
 
 from __future__ import annotations
@@ -28,16 +33,27 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .tasks.base import Task
 
 __all__ = [
     "CLASSIFY_PRESETS",
     "DATASET_DEFAULTS",
+    "CHOICES",
+    "FRACTIONAL",
+    "MINIMUM",
+    "OPTIONS",
     "PRESETS",
     "apply_overrides",
+    "check_overrides",
+    "check_setting",
     "classify_preset",
+    "option_flag",
     "parse_int_list",
     "parse_set",
+    "preset_settings",
     "workers_for",
 ]
 
@@ -187,6 +203,164 @@ def parse_set(items: Iterable[str] | None) -> dict[str, Any]:
         except ValueError:
             out[key] = value
     return out
+
+
+#: The protocol options of ``bgnorm reproduce`` (keys of ``overrides``); a task applies those in
+#: its :attr:`Task.options <bgnorm.repro.tasks.base.Task>`.
+OPTIONS = ("dataset", "data_root", "loader_workers", "model", "image_size", "epochs", "seeds",
+           "batch_sizes", "norms", "groups", "amp")
+
+#: Smallest value of the count-like settings (each element of a list of them).
+MINIMUM: dict[str, int] = {
+    **dict.fromkeys(("epochs", "steps", "search_steps", "eval_steps", "loop_steps", "batch_size",
+                     "eval_batch_size", "median_of", "total_batch", "workers",
+                     "lr_reference_batch", "groups_batch_size", "gbgn_examples", "episodes",
+                     "n_query", "image_size", "num_groups", "gn_groups", "gn_channels_per_group",
+                     "batch_sizes", "g_sweep", "g_sweep_batch_sizes", "shots", "attack_steps",
+                     "eval_examples", "depth", "widen_factor", "search_C", "search_layers",
+                     "eval_C", "eval_layers", "channels", "classes_per_batch", "per_class",
+                     "kernel_num", "min_per_class"), 1),
+    "n_way": 2,
+    **dict.fromkeys(("seeds", "split_seed", "loader_workers", "warmup_epochs", "warmup_steps",
+                     "loops", "crop_padding"), 0),
+}
+
+#: Settings whose presets hold integers but that take any number (warm-up in epochs).
+FRACTIONAL = frozenset({"warmup_epochs"})
+#: Settings that take one of a few values (see :func:`bgnorm.repro.train.autocast`).
+CHOICES: dict[str, tuple[Any, ...]] = {"amp": (None, "none", "fp32", "bf16", "bfloat16")}
+
+
+def option_flag(key: str) -> str:
+    """``"batch_sizes"`` -> ``"--batch-sizes"``."""
+    return "--" + key.replace("_", "-")
+
+
+def preset_settings(*presets: Mapping[str, Any]) -> dict[str, tuple[Any, ...]]:
+    """The keys ``--set`` may change, each with the values the ``presets`` give it.
+
+    The values serve :func:`check_setting`'s type check.
+
+    Example:
+        >>> preset_settings({"epochs": 2}, {"epochs": 100, "amp": None})
+        {'epochs': (2, 100), 'amp': (None,)}
+    """
+    out: dict[str, list[Any]] = {}
+    for preset in presets:
+        for key, value in preset.items():
+            out.setdefault(key, []).append(value)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a JSON list"
+    if isinstance(value, Mapping):
+        return "a JSON object"
+    return type(value).__name__
+
+
+def check_setting(key: str, value: Any, examples: Sequence[Any]) -> None:
+    """Raise ``ValueError`` unless ``--set key=value`` fits ``key``'s preset ``examples``.
+
+    The value must have the kind of the presets' values (an integer where they hold integers,
+    except :data:`FRACTIONAL` keys; a number where they hold numbers; a JSON list, ...; None
+    only where a preset has None; any value where every preset has None), respect
+    :data:`MINIMUM` (each element of a list) and be one of :data:`CHOICES` where listed.
+
+    Example:
+        >>> check_setting("epochs", 3, (2, 5, 100))
+        >>> check_setting("warmup_epochs", 0.5, (0,))
+        >>> check_setting("epochs", 0, (2, 5, 100))
+        Traceback (most recent call last):
+        ...
+        ValueError: --set epochs=0: must be >= 1
+    """
+    text = json.dumps(value) if not isinstance(value, str) else value
+    if key in CHOICES:
+        if value not in CHOICES[key]:
+            raise ValueError(f"--set {key}={text}: expected one of "
+                             f"{', '.join(json.dumps(c) for c in CHOICES[key])}")
+        return
+    kinds = {_kind(e) for e in examples if e is not None}
+    if value is None:
+        if kinds and None not in examples:
+            raise ValueError(f"--set {key}=null: {key} cannot be null here (the presets use "
+                             f"{_example(examples)})")
+        return
+    kind = _kind(value)
+    widened = kinds | ({"a number"} if key in FRACTIONAL else set())
+    if kinds and kind not in widened and not (kind == "an integer" and "a number" in kinds):
+        raise ValueError(f"--set {key}={text}: expected {' or '.join(sorted(kinds))}, like the "
+                         f"presets' {_example(examples)} (values are parsed as JSON)")
+    low = MINIMUM.get(key)
+    if low is None:
+        return
+    items = value if isinstance(value, (list, tuple)) else [value]
+    bad = [v for v in items if isinstance(v, (int, float)) and not isinstance(v, bool)
+           and not (v >= low)]
+    if bad:
+        raise ValueError(f"--set {key}={text}: must be >= {low}")
+
+
+def _example(examples: Sequence[Any]) -> str:
+    return json.dumps(next((e for e in examples if e is not None), None))
+
+
+def check_overrides(tasks: Sequence[Task], overrides: Mapping[str, Any]) -> list[str]:
+    """Check that every option and ``--set`` key in ``overrides`` is applied by one of
+    ``tasks``; returns notes for those some of them do not apply.
+
+    Raises ``ValueError`` naming the option, the tasks and what to do when no selected task
+    applies an option (see :data:`OPTIONS` and :attr:`Task.options
+    <bgnorm.repro.tasks.base.Task>`) or knows a ``--set`` key (the message lists the valid
+    keys), and when a ``--set`` value does not fit (:func:`check_setting`). A task that
+    declares no options/settings (None) accepts everything.
+    """
+    from .tasks.base import TASKS
+
+    names = ", ".join(t.name for t in tasks)
+    notes: list[str] = []
+    for key in OPTIONS:
+        if overrides.get(key) is None:
+            continue
+        flag = option_flag(key)
+        users = [t.name for t in tasks if t.options is None or key in t.options]
+        others = [t.name for t in tasks if t.options is not None and key not in t.options]
+        if not users:
+            elsewhere = [t.name for t in TASKS.values() if t.options and key in t.options]
+            used = (f"tasks that use it: {', '.join(elsewhere)}; drop {flag}, add one of them "
+                    "to --task," if elsewhere else f"no task uses it; drop {flag}")
+            raise ValueError(
+                f"{flag} is not used by the {names} task{'s' if len(tasks) > 1 else ''} "
+                f"({used} or change {names} with --set KEY=VALUE: `bgnorm tasks --settings` "
+                "lists each task's options and keys)")
+        if others:
+            notes.append(f"{flag} applies to {', '.join(users)}; {', '.join(others)} "
+                         f"do{'es' if len(others) == 1 else ''} not use it")
+    for key, value in (overrides.get("set") or {}).items():
+        users = [t for t in tasks if t.settings is None or key in t.settings]
+        if not users:
+            keys = sorted({k for t in tasks for k in (t.settings or {})})
+            raise ValueError(f"--set {key}: unknown key for the {names} "
+                             f"task{'s' if len(tasks) > 1 else ''}; valid keys: "
+                             f"{', '.join(keys)}")
+        for task in users:
+            if task.settings is not None:
+                check_setting(key, value, task.settings[key])
+        others = [t.name for t in tasks if t not in users]
+        if others:
+            notes.append(f"--set {key} applies to {', '.join(t.name for t in users)}; "
+                         f"{', '.join(others)} do{'es' if len(others) == 1 else ''} not use it")
+    return notes
 
 
 #: Command-line options that map to preset keys one to one.

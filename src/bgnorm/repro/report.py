@@ -3,12 +3,14 @@
 Helpers any task can use to render its records the way the papers lay out their results:
 
 * :func:`summarize` groups records (e.g. by norm and batch size) and averages a metric over
-  seeds, keeping track of diverged runs; :func:`fmt_summary` prints one table cell ("-" for a
-  diverged run, as the papers do; "?" for a cell not run yet);
+  seeds, keeping track of diverged runs and of runs that did not train
+  (:func:`training_problem`); :func:`fmt_summary` prints one table cell ("-" for a diverged
+  run, as the papers do; "n/t" for a run that did not train; "?" for a cell not run yet);
 * :func:`markdown_table` renders a table;
 * :func:`line_plot` draws accuracy-vs-batch-size / accuracy-vs-G style plots to PNG;
 * :class:`Claim`, :func:`render_claims` and :func:`difference_tolerance` state whether a paper's
   claim held in this run, with the numbers and the noise level they were judged against;
+  :func:`not_judged` refuses to judge a claim on cells that did not train;
 * :func:`write_report` assembles the sections into ``DIR/report.md``.
 """
 
@@ -27,6 +29,8 @@ from .tasks.base import Record
 __all__ = [
     "DIVERGED",
     "MISSING",
+    "NOT_JUDGED",
+    "NOT_TRAINED",
     "Claim",
     "Summary",
     "atomic_write_text",
@@ -35,8 +39,11 @@ __all__ = [
     "line_plot",
     "markdown_table",
     "noise_level",
+    "not_judged",
     "render_claims",
     "summarize",
+    "training_problem",
+    "untrained_note",
     "write_report",
 ]
 
@@ -44,14 +51,64 @@ __all__ = [
 DIVERGED = "-"
 #: Table entry of a cell with no record yet (e.g. a shard still running).
 MISSING = "?"
+#: Table entry of a cell whose runs did not train (see :func:`training_problem`).
+NOT_TRAINED = "n/t"
+#: Verdict of a claim that needs a cell that did not train.
+NOT_JUDGED = "not judged"
+
+
+def training_problem(record: Record, metric: str = "acc") -> str | None:
+    """Why ``record`` says nothing about its norm, or None when it trained.
+
+    A diverged record (``status != "ok"``, a non-finite loss) is a result, shown as "-" like
+    the papers do. A finished record did not train when
+
+    * it took no training step (``result["steps"] == 0``, e.g. zero epochs or steps);
+    * ``result[metric]`` is missing or not finite;
+    * it stayed at chance: the result knows ``num_classes`` K, its ``acc`` is within the
+      test-set noise of 100/K (:func:`difference_tolerance`) and the training loss (every
+      recorded value: ``train_losses``, per epoch, or ``train_loss``) never went below
+      0.98 ln K, the cross-entropy of a uniform guess.
+
+    Example:
+        >>> untrained = {"acc": float("nan"), "steps": 0}
+        >>> training_problem(Record("a", {"seed": 0}, "ok", untrained, seconds=0.1))
+        'no training steps (steps = 0)'
+        >>> trained = {"acc": 91.0, "steps": 30}
+        >>> training_problem(Record("b", {"seed": 0}, "ok", trained, seconds=9.0)) is None
+        True
+    """
+    if record.status != "ok":
+        return None
+    result = record.result
+    steps = result.get("steps")
+    if isinstance(steps, (int, float)) and steps <= 0:
+        return f"no training steps (steps = {steps:g})"
+    value = result.get(metric)
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"{metric} is {value!r}, not a finite number"
+    classes, acc = result.get("num_classes"), result.get("acc")
+    losses = result.get("train_losses") or [result.get("train_loss")]
+    n_test = result.get("n_test")
+    if (isinstance(classes, int) and classes > 1 and isinstance(acc, (int, float))
+            and isinstance(n_test, int) and n_test > 0
+            and all(isinstance(v, (int, float)) for v in losses)):
+        chance = 100.0 / classes
+        uniform = math.log(classes)
+        if acc <= chance + difference_tolerance(chance, n_test) and min(losses) >= 0.98 * uniform:
+            return (f"at chance ({acc:.2f}% for {classes} classes) with a flat training loss "
+                    f"(never below {min(losses):.3f}; a uniform guess gives {uniform:.3f})")
+    return None
 
 
 @dataclass(frozen=True)
 class Summary:
     """A metric over the seeds of one table cell."""
 
-    values: tuple[float, ...]  # one per finished, non-diverged seed
+    values: tuple[float, ...]  # one per finished, non-diverged seed that trained
     diverged: int = 0
+    #: why each seed that did not train did not (see :func:`training_problem`)
+    untrained: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -70,8 +127,13 @@ class Summary:
 
     @property
     def n(self) -> int:
-        """Number of seeds recorded (finished or diverged)."""
-        return len(self.values) + self.diverged
+        """Number of seeds recorded (finished, diverged or untrained)."""
+        return len(self.values) + self.diverged + len(self.untrained)
+
+    @property
+    def all_diverged(self) -> bool:
+        """Every recorded seed diverged (the papers' "-")."""
+        return self.diverged > 0 and not self.values and not self.untrained
 
 
 def summarize(
@@ -83,10 +145,13 @@ def summarize(
 
     ``key`` may return one key, an iterable of keys (the record fills several table cells, e.g.
     a per-example norm that stands for several batch sizes), or None (skip the record). A record
-    with ``status != "ok"`` or a non-finite metric counts as diverged.
+    with ``status != "ok"`` counts as diverged; a finished record that did not train
+    (:func:`training_problem`: no steps, a non-finite metric, stuck at chance) is kept apart
+    with its reason, never averaged in.
     """
     values: dict[Hashable, list[float]] = {}
     diverged: dict[Hashable, int] = {}
+    untrained: dict[Hashable, list[str]] = {}
     for rec in records:
         keys = key(rec)
         if keys is None:
@@ -95,29 +160,35 @@ def summarize(
             keys_list = list(keys)
         else:
             keys_list = [keys]
-        v = rec.result.get(metric) if rec.status == "ok" else None
+        problem = training_problem(rec, metric)
         for k in keys_list:
             values.setdefault(k, [])
             diverged.setdefault(k, 0)
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                values[k].append(float(v))
-            else:
+            untrained.setdefault(k, [])
+            if rec.status != "ok":
                 diverged[k] += 1
-    return {k: Summary(tuple(values[k]), diverged[k]) for k in values}
+            elif problem is not None:
+                untrained[k].append(f"seed {rec.config.get('seed', '?')}: {problem}")
+            else:
+                values[k].append(float(rec.result[metric]))
+    return {k: Summary(tuple(values[k]), diverged[k], tuple(untrained[k])) for k in values}
 
 
 def fmt_summary(summary: Summary | None, digits: int = 2, show_std: bool = True) -> str:
     """One table entry: ``"76.12"``, ``"76.12 ± 0.10"`` over seeds, ``"-"`` when every seed
-    diverged, ``"?"`` when missing; a partly diverged cell gets a ``†(k -)`` mark."""
+    diverged, ``"n/t"`` when no seed trained, ``"?"`` when missing; a cell with some diverged
+    or untrained seeds gets a ``†(k -)`` or ``†(k n/t)`` mark."""
     if summary is None or summary.n == 0:
         return MISSING
     if not summary.ok:
-        return DIVERGED
+        return DIVERGED if summary.diverged else NOT_TRAINED
     text = f"{summary.mean:.{digits}f}"
     if show_std and len(summary.values) > 1:
         text += f" ± {summary.std:.{digits}f}"
-    if summary.diverged:
-        text += f" †({summary.diverged} {DIVERGED})"
+    marks = [f"{k} {m}" for k, m in ((summary.diverged, DIVERGED),
+                                     (len(summary.untrained), NOT_TRAINED)) if k]
+    if marks:
+        text += f" †({', '.join(marks)})"
     return text
 
 
@@ -271,7 +342,8 @@ class Claim:
     """A paper's claim and whether it held in this run.
 
     ``verdict`` is one of ``"held"``, ``"did not hold"``, ``"inconclusive"`` (the difference is
-    within noise), ``"not tested"`` (the cells needed were not run).
+    within noise), ``"not tested"`` (the cells needed were not run) and ``"not judged"`` (a
+    cell it needs did not train, see :func:`not_judged`).
     """
 
     claim: str
@@ -280,9 +352,43 @@ class Claim:
 
     def render(self) -> str:
         """A markdown bullet."""
-        mark = {"held": "✅", "did not hold": "❌", "inconclusive": "❔", "not tested": "…"}
+        mark = {"held": "✅", "did not hold": "❌", "inconclusive": "❔", "not tested": "…",
+                NOT_JUDGED: "⚠️"}
         return f"- {mark.get(self.verdict, '')} **{self.claim}** — *{self.verdict}*. " \
                f"{self.evidence}"
+
+
+def not_judged(claim: str, cells: Mapping[str, Summary | None]) -> Claim | None:
+    """A ``"not judged"`` :class:`Claim` when a cell ``claim`` needs did not train, else None.
+
+    ``cells`` maps a readable label of each table cell the claim is computed from (``"BN at
+    batch 2"``) to its :class:`Summary`; the evidence names every cell with a seed that did not
+    train and why. Claim code calls this first, so that no verdict rests on such a cell.
+
+    Example:
+        >>> s = Summary((), untrained=("seed 0: no training steps (steps = 0)",))
+        >>> not_judged("BN degrades", {"BN at batch 2": s, "BN at batch 8": None}).verdict
+        'not judged'
+        >>> not_judged("BN degrades", {"BN at batch 8": Summary((90.0,))}) is None
+        True
+    """
+    bad = [f"{label} ({'; '.join(s.untrained)})" for label, s in cells.items()
+           if s is not None and s.untrained]
+    if not bad:
+        return None
+    return Claim(claim, NOT_JUDGED,
+                 f"Cells that did not train: {', '.join(bad)}. A claim is judged on trained cells "
+                 "only: rerun these cells with more epochs or steps (or check why they stayed at "
+                 "chance).")
+
+
+def untrained_note(records: Iterable[Record], metric: str = "acc") -> str:
+    """A sentence explaining the ``"n/t"`` table entries, or ``""`` when every record trained."""
+    n = sum(training_problem(r, metric) is not None for r in records)
+    if not n:
+        return ""
+    return (f"\"{NOT_TRAINED}\": did not train ({n} run(s): no training steps, no finite "
+            "result, or stuck at chance with a flat loss); no claim is judged on such a cell.")
 
 
 def render_claims(claims: Sequence[Claim]) -> str:

@@ -23,6 +23,12 @@ its own process (no worker pool), each cell trained with DDP over all ranks; onl
 the store, deletes checkpoints and prints progress; a failed cell stops the sweep (a rank that
 died leaves the process group unusable), and the same command resumes it.
 
+Before the first cell starts, :func:`check_environment` checks what every cell needs (the
+``[repro]`` extra installed, the device available, each task's data present and well-formed:
+:attr:`Task.check <bgnorm.repro.tasks.base.Task>`) and raises one ``ValueError`` naming the
+problem and the fix, instead of one traceback per failed cell. Ctrl-C stops the sweep with
+:class:`SweepInterrupted` after printing how to resume it.
+
 Shards: ``shard=(i, n)`` takes every n-th cell of the full grid (in grid order, starting at the
 i-th), writes ``results-shard-i-of-n.jsonl``, and skips cells any store in ``DIR`` already has;
 :func:`render_report` merges all stores.
@@ -30,6 +36,7 @@ i-th), writes ``results-shard-i-of-n.jsonl``, and skips cells any store in ``DIR
 
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -47,15 +54,19 @@ from typing import Any
 import torch
 
 from . import dist as _dist
-from .report import write_report
+from .report import training_problem, write_report
 from .store import ResultStore, cell_id, read_records, run_meta, store_path
 from .tasks.base import TASKS, Diverged, Record, get_task
 
 __all__ = [
+    "REPRO_MODULES",
     "LocalCellContext",
     "RunOptions",
     "RunSummary",
+    "SweepInterrupted",
     "available_cores",
+    "check_environment",
+    "missing_modules",
     "plan_cells",
     "render_report",
     "run_sweep",
@@ -63,6 +74,13 @@ __all__ = [
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+#: The modules of the ``[repro]`` extra: import name -> the package that installs it.
+REPRO_MODULES = {"matplotlib": "matplotlib", "mlxtend": "mlxtend", "sklearn": "scikit-learn",
+                 "tqdm": "tqdm", "PIL": "pillow"}
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a sweep; :func:`run_sweep` has printed how to resume it."""
 
 
 def available_cores() -> int:
@@ -193,11 +211,19 @@ def plan_cells(
     tasks: Sequence[str], preset: str, overrides: Mapping[str, Any]
 ) -> list[tuple[str, dict[str, Any]]]:
     """``(cell_id, config)`` for every cell of ``tasks`` at ``preset``, in grid order, without
-    duplicates."""
+    duplicates.
+
+    Raises ``ValueError`` for an option or ``--set`` key no task of ``tasks`` applies
+    (:func:`~bgnorm.repro.presets.check_overrides`).
+    """
+    from .presets import check_overrides
+
     out: list[tuple[str, dict[str, Any]]] = []
     seen: set[str] = set()
-    for name in tasks:
-        task = get_task(name)
+    selected = [get_task(name) for name in tasks]
+    check_overrides(selected, overrides)
+    for task in selected:
+        name = task.name
         if preset not in task.presets:
             raise ValueError(
                 f"task {name!r} has no preset {preset!r}; its presets: {', '.join(task.presets)}"
@@ -225,6 +251,61 @@ def select_shard(cells: Sequence[Any], shard: tuple[int, int] | None) -> list[An
     if not (n >= 1 and 1 <= i <= n):
         raise ValueError(f"--shard i/n needs 1 <= i <= n, got {i}/{n}")
     return [c for k, c in enumerate(cells) if k % n == i - 1]
+
+
+def missing_modules(modules: Mapping[str, str] = REPRO_MODULES) -> list[str]:
+    """The packages of ``modules`` (import name -> package) that cannot be imported here.
+
+    Looked up with :func:`importlib.util.find_spec`, without importing them.
+    """
+    missing = []
+    for name, package in modules.items():
+        if name in sys.modules:
+            found = sys.modules[name] is not None
+        else:
+            try:
+                found = importlib.util.find_spec(name) is not None
+            except (ImportError, ValueError):
+                found = False
+        if not found:
+            missing.append(package)
+    return missing
+
+
+def check_environment(cells: Sequence[tuple[str, Mapping[str, Any]]],
+                      device: str | torch.device = "cpu") -> list[str]:
+    """Check, before any cell starts, that this machine can run ``cells``.
+
+    The ``[repro]`` extra must be installed (:data:`REPRO_MODULES`), ``device`` available, and
+    each task's data present and well-formed (its :attr:`~bgnorm.repro.tasks.base.Task.check`).
+    Raises one ``ValueError`` naming the problem and the fix; returns the data locations the
+    tasks read.
+    """
+    from .train import resolve_device
+
+    missing = missing_modules()
+    if missing:
+        raise ValueError(f"the reproduction suite needs the [repro] extra, and "
+                         f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
+                         "installed: pip install 'bgnorm[repro]'")
+    try:
+        resolve_device(device)
+    except RuntimeError as exc:
+        raise ValueError(str(exc)) from None
+    by_task: dict[str, list[Mapping[str, Any]]] = {}
+    for _, config in cells:
+        by_task.setdefault(config["task"], []).append(config)
+    checked: list[str] = []
+    for name, configs in by_task.items():
+        task = get_task(name)
+        if task.check is None:
+            continue
+        try:
+            checked += task.check(configs)
+        except (OSError, ValueError, KeyError) as exc:
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            raise ValueError(f"the {name} cells cannot read their data: {message}") from None
+    return checked
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,6 +505,16 @@ def run_sweep(options: RunOptions) -> RunSummary:
     # Every rank must train the same cells: rank 0's view of the store decides.
     done = _dist.broadcast_object(done, "planning the sweep") if env is not None else done
     todo = [(cid, cfg) for cid, cfg in mine if cid not in done]
+    if todo:  # one clear message, not a traceback per cell
+        read = check_environment(todo, options.device)
+        for key in ("data_root", "loader_workers"):
+            if options.overrides.get(key) is not None and not read:
+                flag = "--" + key.replace("_", "-")
+                raise ValueError(
+                    f"{flag} is not used: every cell to run trains on bundled digits, which "
+                    "are not read from disk; choose data read from --data-root (--dataset "
+                    "cifar10, imagenet or imagefolder for the classification tasks, the paper "
+                    f"preset for the others) or drop {flag}")
     summary = RunSummary(planned=len(mine), skipped=len(mine) - len(todo))
     store = ResultStore(store_path(out, options.shard))
 
@@ -492,7 +583,9 @@ def run_sweep(options: RunOptions) -> RunSummary:
         if rec.status == "ok":
             summary.finished += 1
             acc = rec.result.get("acc")
-            what = f"acc {acc:.2f}%" if isinstance(acc, (int, float)) else "ok"
+            problem = training_problem(rec)
+            what = (f"did not train: {problem}" if problem else
+                    f"acc {acc:.2f}%" if isinstance(acc, (int, float)) else "ok")
         else:
             summary.diverged += 1
             what = f"diverged ({rec.result.get('error', '')})"
@@ -521,7 +614,7 @@ def run_sweep(options: RunOptions) -> RunSummary:
         display.close()
         print(f"\ninterrupted: {summary.finished + summary.diverged} cells recorded; run the "
               "same command again to resume", file=sys.stderr)
-        raise
+        raise SweepInterrupted() from None
     display.close()
     summary.seconds = time.perf_counter() - t_start
     return summary
@@ -597,7 +690,9 @@ def render_report(out_dir: str | os.PathLike, tasks: Sequence[str] | None = None
     if unknown:
         sections.append("Records of unknown tasks (not rendered): " + ", ".join(map(str, unknown)))
     n_ok = sum(r.status == "ok" for r in records)
-    preamble = (f"{len(records)} cells recorded in `{out}` ({n_ok} finished, "
+    n_untrained = sum(training_problem(r) is not None for r in records)
+    untrained = f", {n_untrained} of them did not train" if n_untrained else ""
+    preamble = (f"{len(records)} cells recorded in `{out}` ({n_ok} finished{untrained}, "
                 f"{len(records) - n_ok} diverged); merged from every `results*.jsonl` store.")
     path = write_report(out, sections, preamble=preamble)
     return path.read_text(encoding="utf-8")

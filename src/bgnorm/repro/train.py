@@ -76,19 +76,32 @@ CHECKPOINT_VERSION = 1
 def resolve_device(name: str | torch.device | None = "cpu") -> torch.device:
     """``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or ``"auto"`` (cuda if available) to a device.
 
-    Raises a clear error when CUDA is asked for and is not available.
+    Raises a ``RuntimeError`` naming the fix when the device is unknown to torch or not
+    available here (no CUDA, a CUDA index beyond the devices present, no MPS).
     """
     if isinstance(name, torch.device):
         return name
     name = (name or "cpu").lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RuntimeError(f"--device {name}: not a device name torch knows; use cpu, cuda, "
+                           "cuda:N, mps or auto") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(
             f"--device {name}: CUDA is not available in this torch build/machine "
             f"(torch {torch.__version__}); use --device cpu"
         )
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise RuntimeError(f"--device {name}: this machine has {count} CUDA device(s), "
+                               f"cuda:0 to cuda:{count - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(f"--device {name}: MPS is not available on this machine; use "
+                           "--device cpu")
     return device
 
 

@@ -19,12 +19,24 @@ import torch
 
 from ..adversarial import PAPER_ADV, WideResNet, adversarial_train_step, robust_accuracy
 from ..norms import DISPLAY_NAMES
-from ..report import Claim, fmt_summary, markdown_table, render_claims, summarize
+from ..presets import preset_settings
+from ..report import (
+    Claim,
+    fmt_summary,
+    markdown_table,
+    noise_level,
+    not_judged,
+    render_claims,
+    summarize,
+)
 from ..train import InMemoryBatches, check_finite, derive_seed
 from .base import CellContext, Record, Task, register_task
 from .common import (
+    NORM_SETTINGS,
     NORMS,
+    TASK_OPTIONS,
     build_with_norm,
+    check_tensor_data,
     diverged_note,
     load_tensors,
     norm_cell,
@@ -179,12 +191,16 @@ def report_adversarial(records: list[Record], out_dir: Path) -> str:
         notes.append(d)
     ok = {n: robust[n].mean for n in order if n in robust and robust[n].ok}
     claim = "BGN has the best robust accuracy"
-    if "bgn" in ok and len(ok) > 1:
+    unjudged = not_judged(claim, {DISPLAY_NAMES.get(n, n): robust.get(n) for n in order})
+    if unjudged is not None:
+        claims = [unjudged]
+    elif "bgn" in ok and len(ok) > 1:
         best = max((v, n) for n, v in ok.items() if n != "bgn")
         gap = ok["bgn"] - best[0]
-        verdict = "held" if gap > 0 else "did not hold"
+        tol, tol_txt = noise_level(robust.values(), n_test)
+        verdict = "held" if gap > tol else "did not hold" if gap < -tol else "inconclusive"
         ev = (f"BGN {ok['bgn']:.2f}% vs best other ({DISPLAY_NAMES.get(best[1], best[1])}) "
-              f"{best[0]:.2f}% ({gap:+.2f} pp), one run each.")
+              f"{best[0]:.2f}% ({gap:+.2f} pp); {tol_txt}.")
         claims = [Claim(claim, verdict, ev)]
     else:
         claims = [Claim(claim, "not tested", "Needs BGN and another norm.")]
@@ -195,4 +211,7 @@ def report_adversarial(records: list[Record], out_dir: Path) -> str:
 TASK_ADVERSARIAL = register_task(Task(
     name="adversarial", presets=_PRESETS, cells=cells_adversarial, run=run_adversarial,
     report=report_adversarial, title="Adversarial training (BGN paper Table 5)",
+    check=check_tensor_data,
+    options=TASK_OPTIONS,
+    settings=preset_settings(*ADV_PRESETS.values(), NORM_SETTINGS),
 ))

@@ -14,7 +14,7 @@ Data flows one way: CLI -> preset -> cells -> runner -> ``Task.run`` -> store ->
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -85,10 +85,11 @@ class Task:
         presets: preset names this task accepts (``smoke``, ``quick``, ``paper``, ...).
         cells: ``cells(preset, overrides) -> list of config dicts``; every config carries at
             least ``task`` and ``seed``. ``overrides`` holds CLI options (data root, device,
-            epochs...), already parsed; unknown keys must be ignored. A config's optional
-            ``"runtime"`` dict (data paths, loader workers: how a cell runs, not what it
-            computes) is saved with the record but left out of the cell id, so shards on
-            machines with different mount points agree on which cells are done.
+            epochs...), already parsed; keys the task does not apply must be ignored (the
+            runner refuses them unless another selected task applies them, see ``options``).
+            A config's optional ``"runtime"`` dict (data paths, loader workers: how a cell
+            runs, not what it computes) is saved with the record but left out of the cell id,
+            so shards on machines with different mount points agree on which cells are done.
         run: ``run(config, ctx) -> result dict`` (JSON-serializable metrics). Raises
             :class:`Diverged` on a non-finite loss. Must resume from ``ctx.load_checkpoint()``
             when one exists and must be deterministic on CPU for a fixed config.
@@ -96,6 +97,18 @@ class Task:
             PNG plots written into ``out_dir``; claims checked against the numbers, never
             hard-coded.
         title: a heading for the report section.
+        check: ``check(configs) -> list of data locations`` (optional): before any cell
+            starts, check that this machine can run these cells (their data present and
+            well-formed) and raise ``FileNotFoundError``/``ValueError`` with one message
+            naming the problem and the fix if not; return the paths it read (``--data-root``
+            must be one of them, or it is not used).
+        options: the protocol options (keys of ``overrides`` among
+            :data:`bgnorm.repro.presets.OPTIONS`: ``"epochs"``, ``"groups"``...) the task
+            applies; an option no selected task applies is refused (exit status 2). None: not
+            declared, every option is passed through unchecked.
+        settings: the keys ``--set KEY=VALUE`` may change, each with the values the presets
+            give it (:func:`bgnorm.repro.presets.preset_settings`); an unknown key or a value
+            of the wrong kind is refused. None: not declared, unchecked.
     """
 
     name: str
@@ -104,6 +117,9 @@ class Task:
     run: Callable[[dict[str, Any], CellContext], dict[str, Any]]
     report: Callable[[list[Record], Path], str]
     title: str = ""
+    check: Callable[[Sequence[dict[str, Any]]], list[str]] | None = None
+    options: frozenset[str] | None = None
+    settings: Mapping[str, tuple[Any, ...]] | None = None
 
 
 TASKS: dict[str, Task] = {}

@@ -30,7 +30,14 @@ import torch
 import bgnorm
 
 from ..norms import DISPLAY_NAMES, PER_EXAMPLE, NormSpec, build_normed_model
-from ..presets import apply_overrides, classify_preset, workers_for
+from ..presets import (
+    CLASSIFY_PRESETS,
+    DATASET_DEFAULTS,
+    apply_overrides,
+    classify_preset,
+    preset_settings,
+    workers_for,
+)
 from ..report import (
     Claim,
     Summary,
@@ -38,8 +45,10 @@ from ..report import (
     line_plot,
     markdown_table,
     noise_level,
+    not_judged,
     render_claims,
     summarize,
+    untrained_note,
 )
 from ..train import (
     ClassifyRecipe,
@@ -56,6 +65,7 @@ __all__ = [
     "TASK_G_SWEEP",
     "TASK_GROUPS",
     "cells_batch_size",
+    "check_classification_data",
     "cells_g_sweep",
     "cells_groups",
     "load_classification_data",
@@ -83,12 +93,17 @@ _COST_RANK = {"gbgn": 0, "bn": 1, "bgn": 2, "pn": 3, "ln": 4, "gn": 5, "in": 6, 
 
 
 def _preset(preset: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    from ..models import MODELS
+
     cfg = apply_overrides(classify_preset(preset), overrides)
     if cfg["dataset"] in ("imagenet", "imagefolder", "cifar10") and not cfg.get("data_root"):
         raise ValueError(
             f"dataset {cfg['dataset']!r} is read from your own copy: pass --data-root DIR "
-            "(nothing is downloaded); see docs/reproduction.md"
+            "(nothing is downloaded); see `bgnorm docs reproduction`"
         )
+    if cfg["model"] not in MODELS:
+        raise ValueError(f"unknown model {cfg['model']!r}; valid models: "
+                         f"{', '.join(sorted(MODELS))}")
     return cfg
 
 
@@ -102,11 +117,13 @@ def _cell(task: str, cfg: Mapping[str, Any], seed: int, norm: str, batch_size: i
     cell["batch_size"] = int(batch_size)
     cell["workers"] = workers
     if name in ("bgn", "gbgn"):
-        cell["num_groups"] = int(extra.pop("num_groups", None) or bgnorm.paper_groups(batch_size))
+        g = extra.pop("num_groups", None)
+        cell["num_groups"] = int(bgnorm.paper_groups(batch_size) if g is None else g)
     if name == "gbgn":
         cell["gbgn_examples"] = min(int(cfg.get("gbgn_examples") or batch_size), batch_size)
     if name == "gn" and "gn_channels_per_group" not in extra:
-        cell["gn_groups"] = int(extra.pop("gn_groups", None) or bgnorm.DEFAULT_NUM_GROUPS)
+        g = extra.pop("gn_groups", None)
+        cell["gn_groups"] = int(bgnorm.DEFAULT_NUM_GROUPS if g is None else g)
     cell.update(extra)
     if name in PER_EXAMPLE:
         # Per-example statistics do not see the worker split: the run depends on the examples
@@ -194,6 +211,28 @@ def _bundled(name: str, size: int | None, split_seed: int, test_fraction: float)
     from ..data import bundled_dataset
 
     return bundled_dataset(name, seed=split_seed, test_fraction=test_fraction, size=size)
+
+
+def check_classification_data(configs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The three tasks' :attr:`~bgnorm.repro.tasks.base.Task.check`: every cell's dataset is
+    bundled, or a well-formed copy at ``--data-root`` (CIFAR-10 batches; ``train/`` and
+    ``val/`` (or ``test/``) class folders with the same classes)."""
+    from .. import data as D
+
+    checked: list[str] = []
+    for name, root in sorted({(c["dataset"], (c.get("runtime") or {}).get("data_root"))
+                              for c in configs}, key=str):
+        if name in D.BUNDLED_DATASETS:
+            continue
+        if not root:
+            raise ValueError(f"dataset {name!r} needs a data root (--data-root)")
+        if name == "cifar10":
+            checked.append(str(D.check_cifar10(root)))
+        elif name in ("imagenet", "imagefolder"):
+            checked += map(str, D.check_image_folders(root, ["train", ("val", "test")]))
+        else:
+            raise ValueError(f"unknown dataset {name!r}")
+    return checked
 
 
 def load_classification_data(
@@ -313,6 +352,7 @@ def run_classify(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
     result.update(
         norm=spec.describe(),
         n_test=info["n_test"],
+        num_classes=info["num_classes"],
         params=sum(p.numel() for p in model.parameters()),
         layers=[[l.channels, list(l.spatial), l.groups] for l in layers],
         groups_adjusted=sum(l.adjusted for l in layers),
@@ -384,7 +424,11 @@ def _batch_size_claims(acc: dict[tuple[str, int], Summary], sizes: list[int], n_
 
     def diverged(norm: str, b: int) -> bool:
         s = acc.get((norm, b))
-        return s is not None and not s.ok
+        return s is not None and s.all_diverged
+
+    def cells(norms: Sequence[str]) -> dict[str, Summary | None]:
+        return {f"{DISPLAY_NAMES.get(n, n)} at batch {b}": acc.get((n, b))
+                for n in norms for b in sizes}
 
     claims = []
     small = min(sizes)
@@ -393,7 +437,10 @@ def _batch_size_claims(acc: dict[tuple[str, int], Summary], sizes: list[int], n_
     # 1. BN degrades at small batch.
     bn = {b: get("bn", b) for b in sizes}
     bn_ok = {b: v for b, v in bn.items() if v is not None}
-    if diverged("bn", small):
+    unjudged = not_judged("BN degrades at small batch sizes", cells(["bn"]))
+    if unjudged is not None:
+        claims.append(unjudged)
+    elif diverged("bn", small):
         claims.append(Claim("BN degrades at small batch sizes", "held",
                             f"BN diverged at batch {small}."))
     elif len(bn_ok) >= 2 and bn_ok.get(small) is not None:
@@ -411,7 +458,10 @@ def _batch_size_claims(acc: dict[tuple[str, int], Summary], sizes: list[int], n_
     # 2. BGN is stable across batch sizes.
     bgn = {b: get("bgn", b) for b in sizes}
     bgn_ok = {b: v for b, v in bgn.items() if v is not None}
-    if len(bgn_ok) >= 2:
+    unjudged = not_judged("BGN is stable across batch sizes", cells(["bgn"]))
+    if unjudged is not None:
+        claims.append(unjudged)
+    elif len(bgn_ok) >= 2:
         spread = max(bgn_ok.values()) - min(bgn_ok.values())
         bn_spread = (max(bn_ok.values()) - min(bn_ok.values())) if len(bn_ok) >= 2 else None
         div = [b for b in sizes if diverged("bgn", b)]
@@ -429,6 +479,11 @@ def _batch_size_claims(acc: dict[tuple[str, int], Summary], sizes: list[int], n_
 
     # 3. BGN beats the others.
     others = sorted({n for n, _ in acc if n != "bgn"})
+    unjudged = not_judged("BGN beats the other norms at every batch size",
+                          cells(["bgn", *others]))
+    if unjudged is not None:
+        claims.append(unjudged)
+        return claims
     rows, top, worse = [], [], []
     for b in sizes:
         v = get("bgn", b)
@@ -510,6 +565,9 @@ def report_batch_size(records: list[Record], out_dir: Path) -> str:
     n_div = sum(r.status != "ok" for r in records)
     if n_div:
         notes.append(f"\"-\": diverged (non-finite loss), as in the paper ({n_div} run(s)).")
+    untrained = untrained_note(records)
+    if untrained:
+        notes.append(untrained)
     parts = ["## Accuracy vs batch size (BGN paper Table 2, Fig. 1 bottom)", "", table, ""]
     parts += [" ".join(notes), ""]
     if plot:
@@ -571,11 +629,16 @@ def report_g_sweep(records: list[Record], out_dir: Path) -> str:
     adjusted = _adjusted_note(records)
     if adjusted:
         notes.append(adjusted)
-    parts = [title, "", table, "", " ".join(notes), ""]
+    notes.append(untrained_note(records))
+    parts = [title, "", table, "", " ".join(n for n in notes if n), ""]
     if plot:
         parts += [f"![accuracy vs G]({plot.name})", ""]
     parts += ["### Claims checked", "", render_claims(claims), ""]
     return "\n".join(parts)
+
+
+_G_SUFFERS = "Large G suffers at small batch sizes (too few values per statistic)"
+_G_POLICY = "The paper's G policy is (near) the best G"
 
 
 def _g_claims(acc: dict[Any, Summary], sizes: list[int], gs: list[int], n_test: int
@@ -584,6 +647,11 @@ def _g_claims(acc: dict[Any, Summary], sizes: list[int], gs: list[int], n_test: 
     if len(sizes) < 2 or len(gs) < 2:
         return [Claim(claim, "not tested", "Needs G values at two batch sizes.")]
     big, small = max(sizes), min(sizes)
+    cells = {f"G={g} at batch {b}": acc.get((b, g)) for b in (big, small) for g in gs}
+    names = (claim, _G_SUFFERS, _G_POLICY)
+    unjudged = [not_judged(name, cells) for name in names]
+    if unjudged[0] is not None:
+        return [c for c in unjudged if c is not None]
 
     def curve(b: int) -> dict[int, float]:
         return {g: acc[(b, g)].mean for g in gs if (b, g) in acc and acc[(b, g)].ok}
@@ -619,7 +687,7 @@ def _g_claims(acc: dict[Any, Summary], sizes: list[int], gs: list[int], n_test: 
         extra = drop_max - drop_best
         verdict = "held" if extra > tol else "did not hold" if extra < -tol else "inconclusive"
         claims.append(Claim(
-            "Large G suffers at small batch sizes (too few values per statistic)", verdict,
+            _G_SUFFERS, verdict,
             f"From batch {big} to batch {small}, G={g_max} loses {drop_max:+.2f} pp "
             f"({cb[g_max]:.2f} -> {cs[g_max]:.2f}) and the best G at batch {big} (G={best_big}) "
             f"loses {drop_best:+.2f} pp: {extra:+.2f} pp more at the large G; {tol_txt}."))
@@ -635,7 +703,7 @@ def _g_claims(acc: dict[Any, Summary], sizes: list[int], gs: list[int], n_test: 
             max(c.values()) - c[bgnorm.paper_groups(b)] <= tol
             for b, c in ((big, cb), (small, cs)) if bgnorm.paper_groups(b) in c
         )
-        claims.append(Claim("The paper's G policy is (near) the best G",
+        claims.append(Claim(_G_POLICY,
                             "held" if within else "did not hold", "; ".join(paper) + "."))
     return claims
 
@@ -654,7 +722,7 @@ def report_groups(records: list[Record], out_dir: Path) -> str:
             return ("G", int(c["gn_groups"]))
         return ("base", c["norm"])
 
-    err = {k: Summary(tuple(100.0 - v for v in s.values), s.diverged)
+    err = {k: Summary(tuple(100.0 - v for v in s.values), s.diverged, s.untrained)
            for k, s in summarize(records, key).items()}
     oks = [s.mean for s in err.values() if s.ok]
     best = min(oks) if oks else float("nan")
@@ -694,6 +762,7 @@ def report_groups(records: list[Record], out_dir: Path) -> str:
     adjusted = _adjusted_note(records)
     if adjusted:
         notes.append(adjusted)
+    notes.append(untrained_note(records))
     parts += [" ".join(n for n in notes if n), ""]
     series = {}
     if gs:
@@ -715,6 +784,12 @@ def _groups_claims(err: dict[Any, Summary], gs: list[int], ks: list[int], n_test
                    ) -> list[Claim]:
     claims = []
     ok = {k: s.mean for k, s in err.items() if s.ok}
+
+    def cell_label(k: tuple[str, Any]) -> str:
+        return {"G": f"GN with G={k[1]}", "cpg": f"GN with {k[1]} channel(s)/group"}.get(
+            k[0], DISPLAY_NAMES.get(k[1], str(k[1])))
+
+    gn_cells = {cell_label(k): s for k, s in err.items() if k[0] in ("G", "cpg")}
     tol, tol_txt = noise_level(
         [Summary(tuple(100.0 - v for v in s.values), s.diverged) for s in err.values()], n_test)
     gn = {k: v for k, v in ok.items() if k[0] in ("G", "cpg")}
@@ -725,7 +800,10 @@ def _groups_claims(err: dict[Any, Summary], gs: list[int], ks: list[int], n_test
         ext["IN (1 channel/group)"] = ok[("cpg", 1)]
     mid = {k: v for k, v in gn.items() if not (k[1] == 1)}
     c1 = "Intermediate group counts beat both extremes, LN and IN"
-    if ext and mid:
+    unjudged = not_judged(c1, gn_cells)
+    if unjudged is not None:
+        claims.append(unjudged)
+    elif ext and mid:
         best_k = min(mid, key=mid.get)
         label = f"{'G' if best_k[0] == 'G' else 'channels/group'}={best_k[1]}"
         gaps = {n: v - mid[best_k] for n, v in ext.items()}
@@ -738,7 +816,11 @@ def _groups_claims(err: dict[Any, Summary], gs: list[int], ks: list[int], n_test
     else:
         claims.append(Claim(c1, "not tested", "Needs G=1 or 1 channel/group, and another GN."))
     c2 = "Normalization helps: no normalization is worse than GN and BN"
-    if ("base", "none") in ok and gn:
+    base_cells = {cell_label(k): s for k, s in err.items() if k[0] == "base"}
+    unjudged = not_judged(c2, {**gn_cells, **base_cells})
+    if unjudged is not None:
+        claims.append(unjudged)
+    elif ("base", "none") in ok and gn:
         best_norm = min([v for v in gn.values()] + ([ok[("base", "bn")]]
                                                      if ("base", "bn") in ok else []))
         gap = ok[("base", "none")] - best_norm
@@ -746,7 +828,7 @@ def _groups_claims(err: dict[Any, Summary], gs: list[int], ks: list[int], n_test
         claims.append(Claim(c2, verdict,
                             f"no normalization: {ok[('base', 'none')]:.2f}% error vs best "
                             f"normalized {best_norm:.2f}% ({gap:+.2f} pp); {tol_txt}."))
-    elif ("base", "none") in err and not err[("base", "none")].ok:
+    elif ("base", "none") in err and err[("base", "none")].all_diverged:
         claims.append(Claim(c2, "held", "Training without normalization diverged."))
     else:
         claims.append(Claim(c2, "not tested", "The no-normalization baseline was not run."))
@@ -757,15 +839,27 @@ def _groups_claims(err: dict[Any, Summary], gs: list[int], ks: list[int], n_test
 # Registration
 # --------------------------------------------------------------------------------------------
 
+#: The protocol options each task applies (``Task.options``): the G sweep (``--groups``) is the
+#: g-sweep's; the g-sweep trains BGN only and the groups task GN and its baselines at
+#: ``groups_batch_size``, so they do not apply ``--norms`` (nor groups ``--batch-sizes``).
+_OPTIONS = frozenset({"dataset", "data_root", "loader_workers", "model", "image_size", "epochs",
+                      "seeds", "batch_sizes", "norms", "amp"})
+_SETTINGS = preset_settings(*CLASSIFY_PRESETS.values(), *DATASET_DEFAULTS.values())
+
 TASK_BATCH_SIZE = register_task(Task(
     name="batch-size", presets=_PRESETS, cells=cells_batch_size, run=run_classify,
     report=report_batch_size, title="Accuracy vs batch size (BGN paper Table 2, Fig. 1)",
+    check=check_classification_data, options=_OPTIONS, settings=_SETTINGS,
 ))
 TASK_G_SWEEP = register_task(Task(
     name="g-sweep", presets=_PRESETS, cells=cells_g_sweep, run=run_classify,
     report=report_g_sweep, title="BGN's G sweep (BGN paper Table 1)",
+    check=check_classification_data, options=_OPTIONS - {"norms"} | {"groups"},
+    settings=_SETTINGS,
 ))
 TASK_GROUPS = register_task(Task(
     name="groups", presets=_PRESETS, cells=cells_groups, run=run_classify,
     report=report_groups, title="GN group division (GN paper Table 3)",
+    check=check_classification_data, options=_OPTIONS - {"norms", "batch_sizes"},
+    settings=_SETTINGS,
 ))

@@ -16,13 +16,17 @@ from torch import nn
 import bgnorm
 
 from ..norms import DISPLAY_NAMES, NormSpec, build_normed_model
+from ..report import untrained_note
 from ..train import InMemoryBatches, derive_seed, standard_layout
 from .base import CellContext, Record
 
 __all__ = [
     "CHECKPOINT_VERSION",
     "NORMS",
+    "NORM_SETTINGS",
+    "TASK_OPTIONS",
     "build_with_norm",
+    "check_tensor_data",
     "diverged_note",
     "load_tensors",
     "norm_cell",
@@ -37,6 +41,12 @@ __all__ = [
 #: The norms of the BGN paper's Tables 3-7, in its order.
 NORMS = ["bn", "in", "ln", "gn", "pn", "bgn"]
 CHECKPOINT_VERSION = 1
+#: The protocol options :func:`task_preset` applies (a task that cannot apply one of them, e.g.
+#: ``dataset`` for domain adaptation, leaves it out of its ``Task.options``).
+TASK_OPTIONS = frozenset({"dataset", "data_root", "image_size", "norms", "seeds"})
+#: Settings :func:`norm_cell` reads besides a task's preset keys: BGN's G (default: the paper's
+#: G for the batch size) and GN's groups (default 32).
+NORM_SETTINGS = {"num_groups": bgnorm.paper_groups(32), "gn_groups": bgnorm.DEFAULT_NUM_GROUPS}
 
 
 # --------------------------------------------------------------------------------------------
@@ -48,8 +58,11 @@ def task_preset(presets: Mapping[str, Mapping[str, Any]], preset: str,
                 overrides: Mapping[str, Any]) -> dict[str, Any]:
     """A deep copy of ``presets[preset]`` with the CLI overrides applied.
 
-    Understood: ``norms``, ``seeds``, ``dataset``, ``data_root``, ``image_size``,
-    ``loader_workers`` and ``set`` (``--set key=value``, applied last); other keys are ignored.
+    Applied: :data:`TASK_OPTIONS` (``norms``, ``seeds``, ``dataset``, ``data_root``,
+    ``image_size``), ``loader_workers`` (kept with the cell's runtime settings) and ``set``
+    (``--set key=value``, applied last). The tasks declare these in ``Task.options``, so the
+    runner refuses ``--epochs``, ``--model``, ``--amp``, ``--batch-sizes`` and ``--groups``
+    unless another selected task applies them (:func:`bgnorm.repro.presets.check_overrides`).
     """
     if preset not in presets:
         raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(presets)}")
@@ -76,9 +89,11 @@ def norm_cell(task: str, cfg: Mapping[str, Any], seed: int, norm: str, keys: Seq
     cell["batch_size"] = int(cfg["batch_size"])
     cell["workers"] = 1
     if name in ("bgn", "gbgn"):
-        cell["num_groups"] = int(cfg.get("num_groups") or bgnorm.paper_groups(cell["batch_size"]))
+        g = cfg.get("num_groups")
+        cell["num_groups"] = int(bgnorm.paper_groups(cell["batch_size"]) if g is None else g)
     if name == "gn":
-        cell["gn_groups"] = int(cfg.get("gn_groups") or bgnorm.DEFAULT_NUM_GROUPS)
+        g = cfg.get("gn_groups")
+        cell["gn_groups"] = int(bgnorm.DEFAULT_NUM_GROUPS if g is None else g)
     cell.update(extra)
     runtime = {k: cfg.get(k) for k in ("data_root", "loader_workers") if cfg.get(k) is not None}
     if runtime:
@@ -143,8 +158,30 @@ def norm_label(config: Mapping[str, Any]) -> str:
 
 
 def diverged_note(records: Sequence[Record]) -> str:
+    """What "-" (diverged) and "n/t" (did not train) mean, when the records have any."""
     n = sum(r.status != "ok" for r in records)
-    return f"\"-\": diverged (non-finite loss), as in the paper ({n} run(s))." if n else ""
+    notes = [f"\"-\": diverged (non-finite loss), as in the paper ({n} run(s))." if n else "",
+             untrained_note(records)]
+    return " ".join(note for note in notes if note)
+
+
+def check_tensor_data(configs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The :attr:`Task.check` of tasks that read :func:`load_tensors`: bundled digits, or a
+    well-formed CIFAR-10 copy at ``--data-root``."""
+    from .. import data as D
+
+    checked: list[str] = []
+    for name, root in sorted({(c["dataset"], (c.get("runtime") or {}).get("data_root"))
+                              for c in configs}, key=str):
+        if name in D.BUNDLED_DATASETS:
+            continue
+        if name != "cifar10":
+            raise ValueError(f"unknown dataset {name!r} for this task (bundled: "
+                             f"{', '.join(D.BUNDLED_DATASETS)}; or cifar10 with --data-root)")
+        if not root:
+            raise ValueError("dataset 'cifar10' is read from your own copy: pass --data-root")
+        checked.append(str(D.check_cifar10(root)))
+    return checked
 
 
 def load_tensors(config: Mapping[str, Any]) -> tuple[Any, str]:

@@ -13,7 +13,7 @@ scikit-learn digits, both resized to 16x16.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,14 @@ import torch.nn.functional as F
 
 from ..domain import PAPER_CAN, cdd_loss, class_aware_sample, cluster_target
 from ..norms import DISPLAY_NAMES
-from ..report import fmt_summary, markdown_table, summarize
+from ..presets import preset_settings
+from ..report import DIVERGED, MISSING, NOT_TRAINED, fmt_summary, markdown_table, summarize
 from ..train import InMemoryBatches, check_finite, derive_seed, standard_layout
 from .base import CellContext, Record, Task, register_task
 from .common import (
+    NORM_SETTINGS,
     NORMS,
+    TASK_OPTIONS,
     build_with_norm,
     diverged_note,
     norm_cell,
@@ -95,6 +98,25 @@ def cells_domain(preset: str, overrides: Mapping[str, Any]) -> list[dict[str, An
             cells += [norm_cell("domain-adaptation", cfg, s, n, _KEYS, source=src, target=tgt,
                                 method="source-only") for n in cfg["source_only_norms"]]
     return cells
+
+
+def check_domain_data(configs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Bundled digit domains, or one class-folder tree per domain under ``--data-root``."""
+    from ..data import BUNDLED_DATASETS, check_image_folders
+
+    pairs = {((c.get("runtime") or {}).get("data_root"),
+              tuple(d for d in (c["source"], c["target"]) if d not in BUNDLED_DATASETS))
+             for c in configs}
+    checked: list[str] = []
+    for root, folders in sorted(pairs, key=str):
+        if not folders:
+            continue
+        if not root:
+            raise ValueError(f"domains {', '.join(folders)} are read from your own copy: pass "
+                             "--data-root DIR with one class-folder tree per domain (DIR/"
+                             f"{folders[0]}/<class>/<image>)")
+        checked += map(str, check_image_folders(root, folders, same_classes=True))
+    return list(dict.fromkeys(checked))
 
 
 def _domain(name: str, config: Mapping[str, Any]):
@@ -230,8 +252,9 @@ def report_domain(records: list[Record], out_dir: Path) -> str:
     for method, label in (("source-only", "source only ({})"), ("can", "CAN + {}")):
         for n in norm_order([r for r in records if r.config["method"] == method]):
             cells = [acc.get((method, n, d)) for d in dirs]
-            mean = ("-" if any(s is not None and not s.ok for s in cells) else
-                    "?" if any(s is None for s in cells) else
+            mean = (DIVERGED if any(s is not None and s.all_diverged for s in cells) else
+                    NOT_TRAINED if any(s is not None and not s.ok for s in cells) else
+                    MISSING if any(s is None for s in cells) else
                     f"{sum(s.mean for s in cells) / len(cells):.2f}")
             rows.append([label.format(DISPLAY_NAMES.get(n, n)),
                          *(fmt_summary(s) for s in cells), mean])
@@ -261,4 +284,7 @@ def report_domain(records: list[Record], out_dir: Path) -> str:
 TASK_DOMAIN = register_task(Task(
     name="domain-adaptation", presets=_PRESETS, cells=cells_domain, run=run_domain,
     report=report_domain, title="Unsupervised domain adaptation (BGN paper Table 7)",
+    check=check_domain_data,
+    options=TASK_OPTIONS - {"dataset"},
+    settings=preset_settings(*DOMAIN_PRESETS.values(), NORM_SETTINGS),
 ))

@@ -10,7 +10,7 @@ base, 5-9 novel.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,14 @@ from ..fewshot import (
     mean_confidence_interval,
 )
 from ..norms import DISPLAY_NAMES
-from ..report import markdown_table
+from ..presets import preset_settings
+from ..report import NOT_TRAINED, markdown_table, training_problem
 from ..train import InMemoryBatches, check_finite, derive_seed
 from .base import CellContext, Record, Task, register_task
 from .common import (
+    NORM_SETTINGS,
     NORMS,
+    TASK_OPTIONS,
     build_with_norm,
     diverged_note,
     norm_cell,
@@ -80,6 +83,25 @@ def cells_fewshot(preset: str, overrides: Mapping[str, Any]) -> list[dict[str, A
         raise ValueError("the paper preset reads base/novel class folders from your own copy: "
                          "pass --data-root DIR with DIR/base and DIR/novel")
     return [norm_cell("few-shot", cfg, s, n, _KEYS) for s in cfg["seeds"] for n in cfg["norms"]]
+
+
+def check_fewshot_data(configs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Bundled digits, or ``--data-root`` with ``base/`` and ``novel/`` class folders."""
+    from ..data import BUNDLED_DATASETS, check_image_folders
+
+    checked: list[str] = []
+    for name, root in sorted({(c["dataset"], (c.get("runtime") or {}).get("data_root"))
+                              for c in configs}, key=str):
+        if name in BUNDLED_DATASETS:
+            continue
+        if name != "imagefolder":
+            raise ValueError(f"unknown dataset {name!r} for the few-shot task (bundled: "
+                             f"{', '.join(BUNDLED_DATASETS)}; or imagefolder with --data-root)")
+        if not root:
+            raise ValueError("the few-shot task reads base/novel class folders from your own "
+                             "copy: pass --data-root DIR with DIR/base and DIR/novel")
+        checked += map(str, check_image_folders(root, ["base", "novel"], same_classes=False))
+    return checked
 
 
 def _load(config: Mapping[str, Any]):
@@ -196,12 +218,14 @@ def report_fewshot(records: list[Record], out_dir: Path) -> str:
     for n in norm_order(records):
         r = by_norm[n]
         row = [DISPLAY_NAMES.get(n, n)]
+        # "-": diverged, "n/t": finished without training (no steps, no finite result)
+        missing = "-" if r.status != "ok" else NOT_TRAINED if training_problem(r) else None
         for k in shots:
-            if r.status != "ok":
-                row.append("-")
+            if missing:
+                row.append(missing)
             else:
                 row.append(f"{r.result[f'acc_{k}shot']:.2f} ± {r.result[f'ci_{k}shot']:.2f}")
-        row.append("-" if r.status != "ok" else f"{r.result['base_test_acc']:.2f}")
+        row.append(missing or f"{r.result['base_test_acc']:.2f}")
         rows.append(row)
     header = ["norm", *(f"{c['n_way']}-way {k}-shot (%)" for k in shots),
               "base-class test acc. (%)"]
@@ -228,4 +252,7 @@ def report_fewshot(records: list[Record], out_dir: Path) -> str:
 TASK_FEWSHOT = register_task(Task(
     name="few-shot", presets=_PRESETS, cells=cells_fewshot, run=run_fewshot,
     report=report_fewshot, title="Few-shot learning (BGN paper Table 6)",
+    check=check_fewshot_data,
+    options=TASK_OPTIONS,
+    settings=preset_settings(*FEWSHOT_PRESETS.values(), NORM_SETTINGS),
 ))

@@ -32,13 +32,17 @@ from ..nas import (
     genotype_to_dict,
 )
 from ..norms import DISPLAY_NAMES
+from ..presets import preset_settings
 from ..report import fmt_summary, markdown_table, summarize
 from ..train import InMemoryBatches, check_finite, derive_seed, standard_layout
 from .base import CellContext, Record, Task, register_task
 from .common import (
     CHECKPOINT_VERSION,
+    NORM_SETTINGS,
     NORMS,
+    TASK_OPTIONS,
     build_with_norm,
+    check_tensor_data,
     diverged_note,
     load_tensors,
     norm_cell,
@@ -259,5 +263,7 @@ def report_nas(records: list[Record], out_dir: Path) -> str:
 
 TASK_NAS = register_task(Task(
     name="nas", presets=_PRESETS, cells=cells_nas, run=run_nas, report=report_nas,
-    title="Neural architecture search (BGN paper Tables 3 and 4)",
+    title="Neural architecture search (BGN paper Tables 3 and 4)", check=check_tensor_data,
+    options=TASK_OPTIONS,
+    settings=preset_settings(*NAS_PRESETS.values(), NORM_SETTINGS),
 ))

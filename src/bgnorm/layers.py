@@ -115,6 +115,8 @@ class _BatchGroupNorm(nn.Module):
     """Common state and forward of BGN and GBGN (a BatchNorm-like module with (G,) stats)."""
 
     _version = 1
+    #: The attribute name mmcv/mmengine's ``build_norm_layer`` gives the layer (``bgn1``, ...).
+    _abbr_ = "bgn"
     _input_dims: tuple[int, ...] = ()  # accepted input.dim() values; empty: any (N, C, *)
     examples_per_group: int | None = None  # GBGN's e; None: one batch group (BGN)
     #: The layer's qualified name in its model (set by convert_norm), named in error messages.
@@ -494,6 +496,7 @@ class GeneralBatchGroupNorm2d(_BatchGroupNorm):
         torch.Size([16, 32, 5, 5])
     """
 
+    _abbr_ = "gbgn"  # build_norm_layer's attribute name (gbgn1, ...)
     _input_dims = (4,)
 
     def __init__(
@@ -555,6 +558,8 @@ class PositionalNorm(nn.Module):
         >>> m(torch.randn(2, 16, 5, 5)).shape
         torch.Size([2, 16, 5, 5])
     """
+
+    _abbr_ = "pn"  # build_norm_layer's attribute name (pn1, ...)
 
     def __init__(
         self, num_features: int, eps: float = 1e-5, affine: bool = True,

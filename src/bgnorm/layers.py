@@ -2,6 +2,10 @@
 
 The modules hold the state (affine parameters, running statistics, the group layout) and
 validate shapes; the math lives in :mod:`bgnorm.functional`.
+
+Example:
+    >>> BatchGroupNorm2d(64).num_groups == DEFAULT_NUM_GROUPS  # G when not given
+    True
 """
 
 from __future__ import annotations
@@ -426,13 +430,12 @@ class _BatchGroupNormNd(_BatchGroupNorm):
             divide ...``.
 
     Shape:
-        - Input: see the subclass; Output: same shape.
     """
 
 
 class BatchGroupNorm1d(_BatchGroupNormNd):
     __doc__ = (_BatchGroupNormNd.__doc__ or "") + r"""
-        - Input: (N, C) or (N, C, L).
+        - Input: (N, C) or (N, C, L); Output: same shape.
 
     Example:
         >>> m = BatchGroupNorm1d(64, num_groups=16)
@@ -444,7 +447,7 @@ class BatchGroupNorm1d(_BatchGroupNormNd):
 
 class BatchGroupNorm2d(_BatchGroupNormNd):
     __doc__ = (_BatchGroupNormNd.__doc__ or "") + r"""
-        - Input: (N, C, H, W).
+        - Input: (N, C, H, W); Output: same shape.
 
     Example:
         >>> m = BatchGroupNorm2d(64, num_groups=128)  # two bands per channel
@@ -456,7 +459,7 @@ class BatchGroupNorm2d(_BatchGroupNormNd):
 
 class BatchGroupNorm3d(_BatchGroupNormNd):
     __doc__ = (_BatchGroupNormNd.__doc__ or "") + r"""
-        - Input: (N, C, D, H, W).
+        - Input: (N, C, D, H, W); Output: same shape.
 
     Example:
         >>> m = BatchGroupNorm3d(16, num_groups=4)

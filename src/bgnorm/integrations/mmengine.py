@@ -73,7 +73,9 @@ def register(registry: Any = None, *, force: bool = False) -> Any:
     Returns:
         The registry.
 
-    Example (doctested when mmengine is installed):
+    The example needs mmengine (``tests/test_docs.py`` runs it when mmengine is installed).
+
+    Example:
         >>> from bgnorm.integrations import mmengine as bgn_mm
         >>> MODELS = bgn_mm.register()
         >>> MODELS.build(dict(type="BGN", num_features=64, num_groups=32))

@@ -32,9 +32,7 @@ napoleon_use_ivar = True  # "Attributes:" as fields, not objects that :members: 
 napoleon_custom_sections = ["Shape"]
 
 autodoc_member_order = "bysource"
-autodoc_typehints = "signature"
-# torch's types show by their names; nothing to resolve against offline
-autodoc_type_aliases: dict[str, str] = {}
+autodoc_typehints = "signature"  # torch's types show by their names (no intersphinx offline)
 
 exclude_patterns = ["_build"]
 html_theme = "alabaster"

@@ -268,6 +268,10 @@ def batch_group_norm(
         float16/bfloat16 inputs. An empty ``input`` (N = 0 or a spatial size of 0) gives an
         empty output and leaves the running statistics alone, as torch's batch_norm.
 
+    Shape:
+        - input: (N, C, \*); weight, bias: (C,); running_mean, running_var: (G,);
+          output: (N, C, \*), in the memory format of ``input``.
+
     Example:
         >>> x = torch.randn(8, 64, 7, 7)
         >>> y = batch_group_norm(x, 16, training=True)  # groups of 4 whole channels
@@ -299,10 +303,39 @@ def general_batch_group_norm(
 
     The batch is cut into N/e groups of ``examples_per_group`` = e consecutive examples; each is
     normalized like :func:`batch_group_norm` with its own (G,) statistics, i.e. ``input`` viewed
-    as (N/e, e, G, D/G) is reduced over axes 1 and 3 (statistics of shape (N/e, G)). Running
-    statistics are the average over the batch groups of each group's mean and unbiased variance
-    (n = e * D / G). ``examples_per_group = N`` is :func:`batch_group_norm`; with G = C it is
+    as (N/e, e, G, D/G) is reduced over axes 1 and 3 (statistics of shape (N/e, G)). For batch
+    group b (the examples n with :math:`\lfloor n / e \rfloor = b`) and group g:
+
+    .. math::
+        \mu_{b,g} = \frac{1}{e D/G} \sum_{n \in b,\, j} x_{n,g,j}, \qquad
+        \sigma^2_{b,g} = \frac{1}{e D/G} \sum_{n \in b,\, j} (x_{n,g,j} - \mu_{b,g})^2,
+
+        y_{n,c,s} = \gamma_c \frac{x_{n,c,s} - \mu_{b(n),g(c,s)}}
+        {\sqrt{\sigma^2_{b(n),g(c,s)} + \epsilon}} + \beta_c.
+
+    Running statistics are updated with the average over the batch groups of each group's mean
+    and unbiased variance (:math:`\sigma^2_{b,g} \, n/(n-1)`, n = e * D / G), as
+    :func:`batch_group_norm` updates them; with ``training=False`` they normalize every
+    example. ``examples_per_group = N`` is :func:`batch_group_norm`; with G = C it is
     BatchNorm computed per slice of e examples ("virtual workers").
+
+    Args:
+        input: floating tensor of shape (N, C, \*); in training N must be a multiple of e.
+        num_groups: G, any positive divisor of D = C * prod(spatial).
+        examples_per_group: e, the number of consecutive examples per batch group.
+        running_mean, running_var: (G,) buffers, or None.
+        weight, bias: per-channel affine parameters of shape (C,), or None.
+        training: use batch statistics (and update the running ones when given).
+        momentum: running-average factor.
+        eps: added to the variance (positive in training, non-negative otherwise).
+
+    Returns:
+        Tensor of the shape and dtype of ``input`` (statistics in float32 for
+        float16/bfloat16 inputs).
+
+    Shape:
+        - input: (N, C, \*); weight, bias: (C,); running_mean, running_var: (G,);
+          output: (N, C, \*).
 
     Example:
         >>> x = torch.randn(8, 32, 4, 4)
@@ -326,10 +359,28 @@ def positional_norm(
     r"""Positional Normalization (Li et al., 2019): statistics over C at every position.
 
     ``input`` (N, C, \*) is viewed as (N, C, S, 1): mean and biased variance over the channels
-    of each example and position (statistics of shape (N, S)), then a per-channel affine. It is
-    computed as torch's LayerNorm over C of the channels-last view of ``input``.
+    of each example and position (statistics of shape (N, S)), then a per-channel affine:
+
+    .. math::
+        \mu_{n,s} = \frac{1}{C} \sum_c x_{n,c,s}, \qquad
+        \sigma^2_{n,s} = \frac{1}{C} \sum_c (x_{n,c,s} - \mu_{n,s})^2, \qquad
+        y_{n,c,s} = \gamma_c \frac{x_{n,c,s} - \mu_{n,s}}{\sqrt{\sigma^2_{n,s} + \epsilon}}
+        + \beta_c.
+
+    It is computed as torch's LayerNorm over C of the channels-last view of ``input``.
     The moments are not re-injected (as the BGN paper used PN). No running statistics: train and
     eval behave the same.
+
+    Args:
+        input: floating tensor of shape (N, C, \*).
+        weight, bias: per-channel affine parameters of shape (C,), or None.
+        eps: added to the variance.
+
+    Returns:
+        Tensor of the shape and dtype of ``input``, in its memory format.
+
+    Shape:
+        - input: (N, C, \*); weight, bias: (C,); output: (N, C, \*).
 
     Example:
         >>> positional_norm(torch.randn(2, 16, 5, 5)).mean(dim=1).abs().max() < 1e-5

@@ -225,6 +225,18 @@ class FuseReport:
         skipped: ``(norm name, reason)`` for every norm left in place.
         untraced: ``(module name, error)`` for every module torch.fx could not trace, whose
             pairs were searched by module order instead ("" names the root).
+
+    ``str(report)`` lists all three, one line each.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.GroupNorm(2, 8))
+        >>> report = fuse_conv_norm(net.eval(), warn=False)
+        >>> report.folded, [name for name, _ in report.skipped]
+        ([('0', '1')], ['2'])
+        >>> print(report)  # doctest: +ELLIPSIS
+        fuse_conv_norm: folded 1 norm(s), left 1 in place
+          folded  1 into 0
+          skipped 2: ...
     """
 
     model: nn.Module

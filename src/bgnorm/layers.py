@@ -2,6 +2,10 @@
 
 The modules hold the state (affine parameters, running statistics, the group layout) and
 validate shapes; the math lives in :mod:`bgnorm.functional`.
+
+Example:
+    >>> BatchGroupNorm2d(64).num_groups == DEFAULT_NUM_GROUPS  # G when not given
+    True
 """
 
 from __future__ import annotations
@@ -115,6 +119,8 @@ class _BatchGroupNorm(nn.Module):
     """Common state and forward of BGN and GBGN (a BatchNorm-like module with (G,) stats)."""
 
     _version = 1
+    #: The attribute name mmcv/mmengine's ``build_norm_layer`` gives the layer (``bgn1``, ...).
+    _abbr_ = "bgn"
     _input_dims: tuple[int, ...] = ()  # accepted input.dim() values; empty: any (N, C, *)
     examples_per_group: int | None = None  # GBGN's e; None: one batch group (BGN)
     #: The layer's qualified name in its model (set by convert_norm), named in error messages.
@@ -424,13 +430,12 @@ class _BatchGroupNormNd(_BatchGroupNorm):
             divide ...``.
 
     Shape:
-        - Input: see the subclass; Output: same shape.
     """
 
 
 class BatchGroupNorm1d(_BatchGroupNormNd):
     __doc__ = (_BatchGroupNormNd.__doc__ or "") + r"""
-        - Input: (N, C) or (N, C, L).
+        - Input: (N, C) or (N, C, L); Output: same shape.
 
     Example:
         >>> m = BatchGroupNorm1d(64, num_groups=16)
@@ -442,7 +447,7 @@ class BatchGroupNorm1d(_BatchGroupNormNd):
 
 class BatchGroupNorm2d(_BatchGroupNormNd):
     __doc__ = (_BatchGroupNormNd.__doc__ or "") + r"""
-        - Input: (N, C, H, W).
+        - Input: (N, C, H, W); Output: same shape.
 
     Example:
         >>> m = BatchGroupNorm2d(64, num_groups=128)  # two bands per channel
@@ -454,7 +459,7 @@ class BatchGroupNorm2d(_BatchGroupNormNd):
 
 class BatchGroupNorm3d(_BatchGroupNormNd):
     __doc__ = (_BatchGroupNormNd.__doc__ or "") + r"""
-        - Input: (N, C, D, H, W).
+        - Input: (N, C, D, H, W); Output: same shape.
 
     Example:
         >>> m = BatchGroupNorm3d(16, num_groups=4)
@@ -494,6 +499,7 @@ class GeneralBatchGroupNorm2d(_BatchGroupNorm):
         torch.Size([16, 32, 5, 5])
     """
 
+    _abbr_ = "gbgn"  # build_norm_layer's attribute name (gbgn1, ...)
     _input_dims = (4,)
 
     def __init__(
@@ -555,6 +561,8 @@ class PositionalNorm(nn.Module):
         >>> m(torch.randn(2, 16, 5, 5)).shape
         torch.Size([2, 16, 5, 5])
     """
+
+    _abbr_ = "pn"  # build_norm_layer's attribute name (pn1, ...)
 
     def __init__(
         self, num_features: int, eps: float = 1e-5, affine: bool = True,

@@ -9,6 +9,10 @@ G          512  256  128  64   16  2   1
 
 :func:`paper_groups` extends that table to every batch size by interpolating in log-log space and
 rounding to a power of two (powers of two divide the D = C*H*W of typical CNN layers).
+
+Example:
+    >>> PAPER_GROUPS[32], paper_groups(32), paper_groups(24)
+    (128, 128, 128)
 """
 
 from __future__ import annotations

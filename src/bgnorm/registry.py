@@ -4,19 +4,19 @@
 ``functools.partial(make_norm, "bgn", num_groups=G)`` is a ``norm_layer`` for any model that calls
 ``norm_layer(channels)``.
 
-========  ===========================================================  ====================
-name      layer                                                        statistics
-========  ===========================================================  ====================
-bn        torch.nn.BatchNorm{dim}d; sync=True: torch.nn.SyncBatchNorm  (C,) over N, H, W
-bgn       bgnorm.BatchGroupNorm{dim}d(C, num_groups);                  (G,) over N and D/G
+========  ============================================================  ====================
+name      layer                                                         statistics
+========  ============================================================  ====================
+bn        torch.nn.BatchNorm{dim}d; sync=True: torch.nn.SyncBatchNorm   (C,) over N, H, W
+bgn       bgnorm.BatchGroupNorm{dim}d(C, num_groups);                   (G,) over N and D/G
           sync=True: bgnorm.SyncBatchGroupNorm(C, num_groups)
 gbgn      bgnorm.GeneralBatchGroupNorm{dim}d(C, G, examples_per_group)  (N/e, G)
-gn        torch.nn.GroupNorm(G, C), G = 32 by default                  (N, G)
+gn        torch.nn.GroupNorm(G, C), G = 32 by default                   (N, G)
 ln        torch.nn.GroupNorm(1, C): one group over C, H, W              (N,)
 in        torch.nn.GroupNorm(C, C): one group per channel               (N, C)
-pn        bgnorm.PositionalNorm(C)                                     (N, H*W) over C
-none      torch.nn.Identity()                                          -
-========  ===========================================================  ====================
+pn        bgnorm.PositionalNorm(C)                                      (N, H*W) over C
+none      torch.nn.Identity()                                           -
+========  ============================================================  ====================
 
 bn, gn, ln and in are torch's own layers, configured as the GN and BGN papers use them in CNNs
 (per-channel affine everywhere). ``dim`` (1, 2 or 3; default 2) picks the class of bn, bgn and
@@ -154,7 +154,8 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
 }
 _SYNC_FACTORIES: dict[str, Callable[..., nn.Module]] = {"bn": _sync_bn, "bgn": _sync_bgn}
 
-#: Readable aliases (matched after lower-casing and removing "_", "-" and spaces).
+#: Readable aliases (matched after lower-casing and removing "_", "-" and spaces), mapped to
+#: the canonical names of :func:`norm_names`.
 NORM_ALIASES: dict[str, str] = {
     "batchnorm": "bn", "batchnorm2d": "bn", "batchgroupnorm": "bgn",
     "generalbatchgroupnorm": "gbgn", "groupnorm": "gn", "layernorm": "ln",
@@ -164,12 +165,24 @@ NORM_ALIASES: dict[str, str] = {
 
 
 def norm_names() -> list[str]:
-    """The canonical registry names."""
+    """The canonical registry names, in the order of the table above.
+
+    Example:
+        >>> norm_names()
+        ['bn', 'bgn', 'gbgn', 'gn', 'ln', 'in', 'pn', 'none']
+    """
     return list(_FACTORIES)
 
 
 def canonical_name(name: str) -> str:
-    """Map a name or alias (any case, with or without ``_``/``-``) to its canonical name."""
+    """Map a name or alias (any case, with or without ``_``/``-``) to its canonical name.
+
+    Raises ``ValueError`` listing the valid names and aliases for an unknown name.
+
+    Example:
+        >>> canonical_name("Batch_Group_Norm"), canonical_name("PONO"), canonical_name("bn")
+        ('bgn', 'pn', 'bn')
+    """
     if not isinstance(name, str):
         raise TypeError(f"norm name must be a str, got {type(name).__name__}")
     key = name.lower().replace("_", "").replace("-", "").replace(" ", "")

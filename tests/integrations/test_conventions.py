@@ -48,3 +48,18 @@ def test_detectron2_get_norm_callable():
     frozen = _detectron2_get_norm(lambda c: bgnorm.FrozenBatchGroupNorm(c, 32), 64)
     assert list(frozen.parameters()) == []
     assert _detectron2_get_norm("", 64) is None
+
+
+def test_mmcv_abbreviations_are_class_attributes():
+    """mmcv/mmengine's build_norm_layer names the layer's attribute from the class's _abbr_
+    (else from the class name: "batchgroupnorm2d1"); the classes carry it themselves, whether
+    or not bgnorm.integrations.mmengine.register() ran (no mmengine needed)."""
+    expected = {
+        bgnorm.BatchGroupNorm1d: "bgn", bgnorm.BatchGroupNorm2d: "bgn",
+        bgnorm.BatchGroupNorm3d: "bgn", bgnorm.SyncBatchGroupNorm: "bgn",
+        bgnorm.GeneralBatchGroupNorm1d: "gbgn", bgnorm.GeneralBatchGroupNorm2d: "gbgn",
+        bgnorm.GeneralBatchGroupNorm3d: "gbgn", bgnorm.PositionalNorm: "pn",
+        bgnorm.FrozenBatchNorm: "bn", bgnorm.FrozenBatchGroupNorm: "bgn",
+    }
+    for cls, abbr in expected.items():
+        assert cls._abbr_ == abbr, cls.__name__

@@ -28,13 +28,23 @@ def test_build_by_name_from_the_registry_and_a_child_scope():
                             examples_per_group=2)).examples_per_group == 2
 
 
+#: registry name -> the attribute name build_norm_layer must give the layer (its _abbr_)
+ABBREVIATIONS = {"BGN": "bgn", "BGN1d": "bgn", "BGN2d": "bgn", "BGN3d": "bgn",
+                 "SyncBGN": "bgn", "GBGN": "gbgn", "PN": "pn", "FrozenBN": "bn",
+                 "FrozenBGN": "bgn"}
+
+
+def test_every_registered_name_has_its_abbreviation():
+    assert set(bgn_mm.LAYERS) == set(ABBREVIATIONS)
+
+
 @pytest.mark.parametrize("name", list(bgn_mm.LAYERS))
 def test_build_norm_layer_convention(name):
     """What mmcv's build_norm_layer does with a registered name: num_features first, eps set
     to 1e-5 unless given, the attribute named from the class's _abbr_."""
     bgn_mm.register()
-    cls, abbr = bgn_mm.LAYERS[name]
-    assert MODELS.get(name) is cls and cls._abbr_ == abbr
+    cls = bgn_mm.LAYERS[name]
+    assert MODELS.get(name) is cls and cls._abbr_ == ABBREVIATIONS[name]
     kwargs = {"num_groups": 4} if "BGN" in name else {}
     if name == "GBGN":
         kwargs["examples_per_group"] = 2

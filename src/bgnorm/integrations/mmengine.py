@@ -8,7 +8,7 @@ After :func:`register`, a config selects a norm by name like torch's (``"BN"``, 
 mmcv's ``build_norm_layer(cfg, num_features, postfix)`` looks the name up in ``MODELS``, calls
 ``layer(num_features, eps=1e-5 unless given, **rest)`` and names the attribute from the class's
 ``_abbr_`` plus the postfix (``bgn1``); every class registered here takes the channel count
-first and ``eps=`` like torch's BatchNorm, and carries an ``_abbr_``:
+first and ``eps=`` like torch's BatchNorm, and carries an ``_abbr_`` class attribute:
 
 =============  ==========================  ======
 name           class                       _abbr_
@@ -44,34 +44,44 @@ from ..layers import (
 
 __all__ = ["LAYERS", "register"]
 
-#: registry name -> (class, abbreviation build_norm_layer names the attribute with)
-LAYERS: dict[str, tuple[type[nn.Module], str]] = {
-    "BGN": (BatchGroupNorm2d, "bgn"),
-    "BGN1d": (BatchGroupNorm1d, "bgn"),
-    "BGN2d": (BatchGroupNorm2d, "bgn"),
-    "BGN3d": (BatchGroupNorm3d, "bgn"),
-    "SyncBGN": (SyncBatchGroupNorm, "bgn"),
-    "GBGN": (GeneralBatchGroupNorm2d, "gbgn"),
-    "PN": (PositionalNorm, "pn"),
-    "FrozenBN": (FrozenBatchNorm, "bn"),
-    "FrozenBGN": (FrozenBatchGroupNorm, "bgn"),
+#: registry name -> class; each class carries the ``_abbr_`` build_norm_layer names the
+#: attribute with (a class attribute, so it is there whether or not :func:`register` ran)
+LAYERS: dict[str, type[nn.Module]] = {
+    "BGN": BatchGroupNorm2d,
+    "BGN1d": BatchGroupNorm1d,
+    "BGN2d": BatchGroupNorm2d,
+    "BGN3d": BatchGroupNorm3d,
+    "SyncBGN": SyncBatchGroupNorm,
+    "GBGN": GeneralBatchGroupNorm2d,
+    "PN": PositionalNorm,
+    "FrozenBN": FrozenBatchNorm,
+    "FrozenBGN": FrozenBatchGroupNorm,
 }
 
 
 def register(registry: Any = None, *, force: bool = False) -> Any:
-    """Register the layers of :data:`LAYERS` in ``registry`` (default:
-    ``mmengine.registry.MODELS``, which every OpenMMLab project's MODELS falls back to) and
-    set each class's ``_abbr_``. Calling it again is harmless; a name already taken by
-    another class raises unless ``force=True``.
+    """Register the layers of :data:`LAYERS` in ``registry`` by name.
 
-    Returns the registry.
+    Calling it again is harmless; a name already taken by another class raises ``KeyError``
+    unless ``force=True``, which replaces it.
 
-    Example (with mmengine installed)::
+    Args:
+        registry: an mmengine ``Registry``. Default: ``mmengine.registry.MODELS``, which every
+            OpenMMLab project's MODELS registry falls back to.
+        force: replace names registered for other classes.
 
+    Returns:
+        The registry.
+
+    The example needs mmengine (``tests/test_docs.py`` runs it when mmengine is installed).
+
+    Example:
         >>> from bgnorm.integrations import mmengine as bgn_mm
         >>> MODELS = bgn_mm.register()
         >>> MODELS.build(dict(type="BGN", num_features=64, num_groups=32))
         BatchGroupNorm2d(64, num_groups=32, ...)
+        >>> MODELS.get("GBGN")._abbr_  # build_norm_layer names the attribute gbgn1, gbgn2...
+        'gbgn'
     """
     if registry is None:
         try:
@@ -82,9 +92,7 @@ def register(registry: Any = None, *, force: bool = False) -> Any:
                 "or pass the registry to register the layers in"
             ) from err
         registry = MODELS
-    for name, (cls, abbr) in LAYERS.items():
-        if "_abbr_" not in cls.__dict__:
-            cls._abbr_ = abbr  # type: ignore[attr-defined]
+    for name, cls in LAYERS.items():
         existing = registry.module_dict.get(name)
         if existing is cls:
             continue

@@ -323,7 +323,8 @@ def test_convert_errors_name_the_layer_class_and_fix():
         "test_convert_errors_name_the_layer_class_and_fix.<locals>.<lambda>(6)" in msg
     assert _unchanged(net)
     with pytest.raises(TypeError, match=r"layer 'stem.1' \(BatchNorm2d with num_features=8\) "
-                                        r"to 'bgn': BatchGroupNorm2d: num_groups must be a positive int, got "
+                                        r"to 'bgn': BatchGroupNorm2d: num_groups must be a "
+                                        r"positive int, got "
                                         r"float 2.0.*returned by the callable"):
         convert_norm(net, "bgn", num_groups=lambda c: c / 4)
     with pytest.raises(ValueError, match=r"layer 'body.norm' .* to 'gn': make_norm\('gn'\): "

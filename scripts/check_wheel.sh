@@ -34,8 +34,11 @@ wheel, sdist, root = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 names = zipfile.ZipFile(wheel).namelist()
 stray = [n for n in names if not (n.startswith("bgnorm/") or ".dist-info/" in n)]
 assert not stray, f"the wheel holds files outside the package: {stray}"
-source = {str(p.relative_to(root / "src")) for p in (root / "src" / "bgnorm").rglob("*")
-          if p.is_file() and "__pycache__" not in p.parts}
+package = root / "src" / "bgnorm"
+# the modules, plus the guides (docs/*.md through the src/bgnorm/docs link; not docs/api)
+source = {str(p.relative_to(root / "src")) for p in package.rglob("*")
+          if p.is_file() and "__pycache__" not in p.parts and "docs" not in p.parts}
+source |= {f"bgnorm/docs/{p.name}" for p in (root / "docs").glob("*.md")}
 missing = sorted(source - set(names))
 assert not missing, f"the wheel lacks package files: {missing}"
 extra = sorted(n for n in names if n.startswith("bgnorm/") and n not in source)
@@ -45,7 +48,7 @@ for need in ("tests/conftest.py", "tests/reference.py", "tests/integrations/test
              "docs/api/conf.py", "README.md"):
     assert need in members, f"the sdist lacks {need}"
 assert not any("__pycache__" in m or m.startswith("docs/api/_build") for m in members)
-print(f"wheel: {len(names)} files, all of src/bgnorm and nothing else; sdist: {len(members)} "
+print(f"wheel: {len(names)} files, all of src/bgnorm (modules and guides) and nothing else; sdist: {len(members)} "
       "entries with tests and docs")
 PYEOF
 

@@ -49,6 +49,7 @@ from .ops.native import (
 #: closed-form composition of bgnorm.ops.engine), or "triton" (opt-in: the fused kernels of
 #: bgnorm.ops.triton_bgn where triton_bgn.supports(input), i.e. float32/16/bfloat16 on CUDA or
 #: under Triton's CPU interpreter; other inputs take "auto"; G = C stays torch's BatchNorm).
+#: "auto" chooses by device, size and layout: :func:`auto_engine`.
 ENGINE = "auto"
 
 #: "auto" takes the few-calls batch-norm engine for inputs up to this many elements (where
@@ -56,6 +57,16 @@ ENGINE = "auto"
 #: batch-norm statistics kernel is slow on large CPU tensors). Under torch.compile "auto" takes
 #: the general engine, which inductor fuses. Measured with benchmarks/bench_norms.py.
 SMALL_NUMEL = 1 << 18
+
+#: What ``ENGINE = "auto"`` trains CUDA tensors with: the first of these engines that runs
+#: the input. "triton" (the fused kernels, where ``triton_bgn.supports(input)``: triton
+#: importable, float32/16/bfloat16), "native" (the CPU choice below: "batchnorm" up to
+#: :data:`SMALL_NUMEL` elements, else "units"), "general" (the eager composition; runs every
+#: input). Until a GPU run has verified the native engines' CUDA argument forms and measured
+#: the engines (``bash benchmarks/gpu_check.sh``: its table times every engine), CUDA takes
+#: only engines that passed the CUDA tests (2026-11-30, H200: triton and general); set it
+#: from the measured table.
+CUDA_ENGINES: tuple[str, ...] = ("triton", "general")
 
 __all__ = ["batch_group_norm", "general_batch_group_norm", "positional_norm"]
 
@@ -166,6 +177,35 @@ def _grouped_batch_norm(
     return _train(contiguous_for(input, fmt), *args).contiguous(memory_format=fmt)
 
 
+def auto_engine(input: Tensor, batch_groups: int = 1) -> str:
+    """The training engine ``ENGINE = "auto"`` runs ``input`` (N, C, \\*) with
+    ``batch_groups`` = N/e batch groups on: the one table of the choice by device.
+
+    ==============  ===========================================================
+    traced          "general" (torch.compile: inductor fuses its composition)
+    CUDA            the first of :data:`CUDA_ENGINES` that runs the input
+    CPU and others  "native": "batchnorm" (few native calls) for BGN inputs up to
+                    :data:`SMALL_NUMEL` elements, else "units"
+    ==============  ===========================================================
+
+    Example:
+        >>> auto_engine(torch.randn(8, 64, 7, 7))
+        'batchnorm'
+    """
+    if torch.compiler.is_compiling():
+        return "general"
+    if input.device.type == "cuda":
+        for name in CUDA_ENGINES:
+            if name == "triton" and not triton_bgn.supports(input):
+                continue
+            if name != "native":
+                return name
+            break
+    if batch_groups == 1 and input.numel() <= SMALL_NUMEL:
+        return "batchnorm"
+    return "units"
+
+
 def _train(
     input: Tensor,
     num_groups: int,
@@ -190,12 +230,7 @@ def _train(
         # no setup_context, vmap or jvp rules): the differentiable composition, like BatchNorm
         engine = "composed"
     elif engine == "auto":
-        if torch.compiler.is_compiling():
-            engine = "general"
-        elif p0 == 1 and input.numel() <= SMALL_NUMEL:
-            engine = "batchnorm"
-        else:
-            engine = "units"
+        engine = auto_engine(input, p0)
     if engine == "batchnorm" and p0 == 1:
         if num_groups % c == 0:
             # bands: native batch norm on the (N, G, D/G) view with gamma/beta per band

@@ -300,3 +300,30 @@ def test_compile_fullgraph_one_op(device, monkeypatch):
     assert xc.grad is not None and torch.isfinite(xc.grad).all()
     torch.testing.assert_close(rm2, rm)
     torch.testing.assert_close(rv2, rv)
+
+
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_eager_path_equals_custom_op(fmt, device):
+    """Eager calls run the kernels without the custom-op dispatch (triton_bgn._Eager); the
+    ops (what torch.compile sees) give the same values bit for bit, with and without dx."""
+    x0 = _layout(torch.randn(4, 8, 3, 3, device=device) * 2 + 1, fmt)
+    w, b = torch.rand(8, device=device) + 0.5, torch.randn(8, device=device)
+    ys, grads = [], []
+    for eager in (True, False):
+        x, wr, br = (t.clone().requires_grad_() for t in (x0, w, b))
+        if eager:
+            y, mean, var = triton_bgn.triton_grouped_norm(x, 6, 2, wr, br, 1e-5)
+        else:
+            y, mean, var, _ = torch.ops.bgnorm.bgn_triton_fwd(x, wr, br, 6, 2, 1e-5)
+        assert type(y.grad_fn).__name__.startswith("_Eager" if eager else "Generated")
+        dy = torch.linspace(-1, 1, y.numel(), device=device).view(y.shape)
+        ys.append((y, mean, var))
+        grads.append(torch.autograd.grad(y, (x, wr, br), dy, retain_graph=True)
+                     + torch.autograd.grad(y, (wr, br), dy))  # no dx: the merge kernel alone
+    for a, r in zip(ys[0] + grads[0], ys[1] + grads[1]):
+        assert torch.equal(a, r)
+    assert grads[0][0].is_contiguous(memory_format=_memory_format_of(x0))
+
+
+def _memory_format_of(x):
+    return torch.channels_last if not x.is_contiguous() else torch.contiguous_format

@@ -211,15 +211,13 @@ def backward_partials_kernel(
     tl.store(ps2_ptr + out, tl.sum(s2, axis=0), mask=col_mask)
 
 
-@triton.jit(do_not_specialize=["N", "U", "NS", "SPLIT", "G", "UPG", "E"])
-def backward_channels_kernel(
-    ps1_ptr, ps2_ptr, rstd_ptr, dw_ptr, db_ptr,
-    N, U, NS, SPLIT, G, UPG, E,
+@triton.jit
+def _channel_sums(
+    c, ps1_ptr, ps2_ptr, rstd_ptr, dw_ptr, db_ptr, N, U, NS, SPLIT, G, UPG, E,
     BK: tl.constexpr,
 ):
-    """One program per channel c: db_c = sum(dy), dw_c = sum(rstd_q * sum(dy * (x - mean_q)))
-    over the examples, segments and the NS units of c."""
-    c = tl.program_id(0)
+    """Channel c: db_c = sum(dy), dw_c = sum(rstd_q * sum(dy * (x - mean_q))) over the
+    examples, segments and the NS units of c."""
     K = N * SPLIT * NS
     kr = tl.arange(0, BK)
     a1 = tl.zeros([BK], dtype=tl.float32)
@@ -237,15 +235,13 @@ def backward_channels_kernel(
     tl.store(dw_ptr + c, tl.sum(a2, axis=0))
 
 
-@triton.jit(do_not_specialize=["G", "U", "UPG", "NS", "E", "SPLIT"])
-def backward_groups_kernel(
-    ps1_ptr, ps2_ptr, rstd_ptr, w_ptr, m1_ptr, m2_ptr,
-    G, U, UPG, NS, E, SPLIT, inv_count,
+@triton.jit
+def _group_sums(
+    q, ps1_ptr, ps2_ptr, rstd_ptr, w_ptr, m1_ptr, m2_ptr, G, U, UPG, NS, E, SPLIT, inv_count,
     HAS_W: tl.constexpr, BK: tl.constexpr,
 ):
-    """One program per statistic q = (p, g): m1_q = mean_q(gamma_c dy) and
-    m2_q = mean_q(gamma_c dy xhat) from the partials of its units."""
-    q = tl.program_id(0)
+    """Statistic q = (p, g): m1_q = mean_q(gamma_c dy) and m2_q = mean_q(gamma_c dy xhat)
+    from the partials of its units."""
     p = q // G
     g = q % G
     K = E * SPLIT * UPG
@@ -268,6 +264,24 @@ def backward_groups_kernel(
     rstd = tl.load(rstd_ptr + q)
     tl.store(m1_ptr + q, tl.sum(a1, axis=0) * inv_count)
     tl.store(m2_ptr + q, tl.sum(a2, axis=0) * inv_count * rstd)
+
+
+@triton.jit(do_not_specialize=["N", "U", "NS", "SPLIT", "G", "UPG", "E", "C"])
+def backward_merge_kernel(
+    ps1_ptr, ps2_ptr, rstd_ptr, w_ptr, dw_ptr, db_ptr, m1_ptr, m2_ptr,
+    N, U, NS, SPLIT, G, UPG, E, C, inv_count,
+    HAS_W: tl.constexpr, BK: tl.constexpr,
+):
+    """The backward's merges in one launch: programs 0..C-1 reduce the partials of a channel
+    (dgamma, dbeta), programs C..C+P0*G-1 those of a statistic (m1, m2; launched only when
+    dx is needed). Each program loops over its partials in blocks of BK."""
+    pid = tl.program_id(0)
+    if pid < C:
+        _channel_sums(pid, ps1_ptr, ps2_ptr, rstd_ptr, dw_ptr, db_ptr, N, U, NS, SPLIT, G,
+                      UPG, E, BK)
+    else:
+        _group_sums(pid - C, ps1_ptr, ps2_ptr, rstd_ptr, w_ptr, m1_ptr, m2_ptr, G, U, UPG, NS,
+                    E, SPLIT, inv_count, HAS_W, BK)
 
 
 @triton.jit(do_not_specialize=["NS", "U", "CB", "NB", "JB", "G", "UPG", "E"])

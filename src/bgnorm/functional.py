@@ -169,12 +169,30 @@ def _grouped_batch_norm(
         return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
 
     fmt = None if input.is_contiguous() else memory_format_of(input)
+    p0 = 1 if examples_per_group is None else n // examples_per_group
+    engine = _engine(input, p0)
     args = (num_groups, examples_per_group, running_mean, running_var, weight, bias, momentum, eps)
-    if fmt is None:
-        return _train(input, *args)
-    # the engines work on contiguous tensors: y and dx keep a channels-last input's memory
-    # format, as torch's norms do (a copy each way)
-    return _train(contiguous_for(input, fmt), *args).contiguous(memory_format=fmt)
+    if fmt is None or (engine == "triton" and triton_bgn.reads_layout(input)):
+        return _train(input, engine, *args)  # (the Triton kernels read channels-last as it is)
+    # the other engines work on contiguous tensors: y and dx keep a channels-last input's
+    # memory format, as torch's norms do (a copy each way)
+    return _train(contiguous_for(input, fmt), engine, *args).contiguous(memory_format=fmt)
+
+
+def _engine(input: Tensor, batch_groups: int) -> str:
+    """The engine a training call runs on: :data:`ENGINE`, "auto" resolved by
+    :func:`auto_engine`, "triton" where the kernels cannot run the input resolved as "auto",
+    and "composed" under torch.func transforms."""
+    engine = ENGINE
+    if engine == "triton" and not triton_bgn.supports(input):
+        engine = "auto"
+    if in_functorch_transform():
+        # torch.func transforms run plain torch ops only (the engines' autograd.Functions have
+        # no setup_context, vmap or jvp rules): the differentiable composition, like BatchNorm
+        return "composed"
+    if engine == "auto":
+        return auto_engine(input, batch_groups)
+    return engine
 
 
 def auto_engine(input: Tensor, batch_groups: int = 1) -> str:
@@ -208,6 +226,7 @@ def auto_engine(input: Tensor, batch_groups: int = 1) -> str:
 
 def _train(
     input: Tensor,
+    engine: str,
     num_groups: int,
     examples_per_group: int | None,
     running_mean: Tensor | None,
@@ -217,20 +236,11 @@ def _train(
     momentum: float,
     eps: float,
 ) -> Tensor:
-    """BGN/GBGN in training on one of the engines (see :data:`ENGINE`)."""
+    """BGN/GBGN in training on ``engine`` (see :func:`_engine`)."""
     n, c = input.shape[:2]
     s = math.prod(input.shape[2:])
     e = n if examples_per_group is None else examples_per_group
     p0 = n // e
-    engine = ENGINE
-    if engine == "triton" and not triton_bgn.supports(input):
-        engine = "auto"
-    if in_functorch_transform():
-        # torch.func transforms run plain torch ops only (the engines' autograd.Functions have
-        # no setup_context, vmap or jvp rules): the differentiable composition, like BatchNorm
-        engine = "composed"
-    elif engine == "auto":
-        engine = auto_engine(input, p0)
     if engine == "batchnorm" and p0 == 1:
         if num_groups % c == 0:
             # bands: native batch norm on the (N, G, D/G) view with gamma/beta per band

@@ -53,7 +53,7 @@ from torch import Tensor
 
 from .engine import differentiable_grads, is_fake, unit_length
 
-__all__ = ["supports", "triton_grouped_norm", "available"]
+__all__ = ["supports", "triton_grouped_norm", "available", "reads_layout"]
 
 #: Elements per tile of every pass (a power of two).
 TILE = 2048
@@ -121,6 +121,12 @@ def _channels_last(x: Tensor) -> bool:
     if x.dim() == 5:
         return x.is_contiguous(memory_format=torch.channels_last_3d)
     return False
+
+
+def reads_layout(x: Tensor) -> bool:
+    """Whether the kernels read ``x`` as it is (NCHW-contiguous or dense channels-last), with
+    no copy; y and dx then have its layout."""
+    return x.is_contiguous() or _channels_last(x)
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:

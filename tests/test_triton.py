@@ -347,3 +347,37 @@ def test_functional_engine_reads_channels_last(device, monkeypatch):
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert dx.is_contiguous(memory_format=torch.channels_last)
     assert _rel(y, gbgn_ref(x0.double(), 6, 4, w.detach().double())[0]) < 1e-5
+
+
+def test_direct_launches_reuse_the_jit_compiled_kernel(monkeypatch):
+    """On CUDA a kernel's first launch of a key goes through the JIT (which compiles and
+    returns the kernel); later ones call that compiled kernel with the constexprs appended in
+    the kernel's argument order; an error there hands every later launch back to the JIT."""
+    calls = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *a: calls.append(("direct", grid, a))
+
+    class Kernel:
+        arg_names = ["x", "n", "BJ", "FLAG"]
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: calls.append(("jit", grid, a, kw)) or Compiled()
+
+    class Arg:  # stands for a CUDA tensor
+        device = torch.device("cuda")
+
+    monkeypatch.setattr(triton_bgn, "_COMPILED", {})
+    monkeypatch.setattr(triton_bgn, "_DIRECT", {"on": True})
+    kernel, x = Kernel(), Arg()
+    meta = dict(FLAG=True, BJ=8, num_warps=4)
+    for n in (3, 3, 4):
+        triton_bgn._launch(kernel, 5, (x, n), meta)
+    assert calls == [("jit", (5,), (x, 3), meta), ("direct", (5, 1, 1), (x, 3, 8, True)),
+                     ("jit", (5,), (x, 4), meta)]  # a new int value: a new key
+    Compiled.__getitem__ = lambda self, grid: (lambda *a: 1 / 0)
+    calls.clear()
+    triton_bgn._launch(kernel, 5, (x, 3), meta)
+    triton_bgn._launch(kernel, 5, (x, 4), meta)
+    assert [c[0] for c in calls] == ["jit", "jit"] and not triton_bgn._DIRECT["on"]

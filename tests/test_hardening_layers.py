@@ -60,7 +60,8 @@ def sync_path(tmp_path, monkeypatch):
         if not dist.is_nccl_available():
             pytest.skip("the synchronized path on CUDA needs NCCL")
         backend = "nccl"
-        torch.cuda.set_device(TEST_DEVICE)
+        if TEST_DEVICE.index is not None:  # (set_device needs an index; None: the current)
+            torch.cuda.set_device(TEST_DEVICE.index)
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group(backend, store=store, rank=0, world_size=1)
     monkeypatch.setattr(SyncBatchGroupNorm, "_sync_group",

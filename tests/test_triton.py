@@ -381,3 +381,22 @@ def test_direct_launches_reuse_the_jit_compiled_kernel(monkeypatch):
     triton_bgn._launch(kernel, 5, (x, 3), meta)
     triton_bgn._launch(kernel, 5, (x, 4), meta)
     assert [c[0] for c in calls] == ["jit", "jit"] and not triton_bgn._DIRECT["on"]
+
+
+@pytest.mark.parametrize("buffers", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("e", [None, 2])
+def test_running_stats_fused_like_update_running(e, buffers, device):
+    """BGN's running statistics updated by the merge kernel (GBGN: by update_running after
+    it) equal update_running's result from the returned batch statistics."""
+    from bgnorm.ops.engine import update_running
+
+    x = torch.randn(4, 8, 3, 3, device=device) * 2 + 1
+    p0 = 1 if e is None else 4 // e
+    rm = torch.rand(6, device=device).to(buffers)
+    rv = (torch.rand(6, device=device) + 0.5).to(buffers)
+    rm2, rv2 = rm.clone(), rv.clone()
+    _, mean, var = triton_bgn.triton_grouped_norm(x, 6, p0, None, None, 1e-5, (rm, rv, 0.3))
+    update_running(rm2, rv2, mean, var, p0, (4 // p0) * 8 * 9 // 6, 0.3)
+    tol = dict(rtol=1e-6, atol=1e-6) if buffers == torch.float32 else dict(rtol=8e-3, atol=8e-3)
+    torch.testing.assert_close(rm, rm2, **tol)
+    torch.testing.assert_close(rv, rv2, **tol)

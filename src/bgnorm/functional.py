@@ -257,11 +257,9 @@ def _train(
         engine = "units"  # straddling groups
     running = None if running_mean is None else (running_mean, running_var)
     if engine == "triton":
-        y, mean, var = triton_bgn.triton_grouped_norm(input, num_groups, p0, weight, bias, eps)
-        if running is not None:
-            with torch.no_grad():
-                update_running(*running, mean, var, p0, e * (c * s // num_groups), momentum)
-        return y
+        return triton_bgn.triton_grouped_norm(
+            input, num_groups, p0, weight, bias, eps,
+            None if running is None else (*running, momentum))[0]
     if engine in ("composed", "general"):
         x3 = input.reshape(n, c, s)
         if engine == "composed":

@@ -51,7 +51,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .engine import differentiable_grads, is_fake, unit_length
+from .engine import differentiable_grads, is_fake, unit_length, update_running
 
 __all__ = ["supports", "triton_grouped_norm", "available", "reads_layout"]
 
@@ -255,11 +255,12 @@ def _workspace(device: torch.device, sizes: tuple[int, ...]) -> list[Tensor]:
 
 def _fwd_impl(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, batch_groups: int,
-    eps: float, fresh: bool,
+    eps: float, fresh: bool, running: tuple[Tensor, Tensor, float] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The forward's three launches: (y, mean, biased var, rstd). ``fresh``: the statistics
     are separate tensors (a custom op's outputs may not alias each other); otherwise they are
-    slices of the partials' workspace (one allocation besides y)."""
+    slices of the partials' workspace (one allocation besides y). ``running``
+    (running_mean, running_var, momentum), BGN only: updated in place by the merge kernel."""
     geo = _geometry(x, num_groups, batch_groups)
     k = _kernels()
     parts = geo.n * geo.split * geo.u
@@ -275,10 +276,12 @@ def _fwd_impl(
         _launch(k.stats_partials_kernel, geo.n * geo.split * geo.nb,
                 (x, pmean, pm2, *geo.unit_args(), geo.split, geo.seg, geo.n_iter),
                 dict(CHANNELS_LAST=geo.channels_last, BJ=geo.bj, BU=geo.bu, num_warps=NUM_WARPS))
+        rm, rv, momentum = (mean, mean, 0.0) if running is None else running
         _launch(k.stats_merge_kernel, q,
-                (pmean, pm2, mean, var, rstd, geo.g, geo.u, geo.upg, geo.e, geo.split, geo.seg,
-                 geo.lu, 1.0 / geo.count, float(eps)),
-                dict(BK=MERGE_BLOCK, num_warps=NUM_WARPS))
+                (pmean, pm2, mean, var, rstd, rm, rv, geo.g, geo.u, geo.upg, geo.e, geo.split,
+                 geo.seg, geo.lu, 1.0 / geo.count, float(eps), float(momentum),
+                 geo.count / max(geo.count - 1, 1)),
+                dict(BK=MERGE_BLOCK, HAS_RUNNING=running is not None, num_warps=NUM_WARPS))
         _launch(k.normalize_kernel, geo.n * geo.jb * geo.nb,
                 (x, y, mean, rstd, mean if weight is None else weight,
                  mean if bias is None else bias, *geo.unit_args(), geo.jb, geo.g, geo.upg, geo.e),
@@ -411,8 +414,9 @@ class _Eager(torch.autograd.Function):
     ResNet-50 shapes. torch.compile and fake tensors take the custom ops."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, num_groups, batch_groups, eps):  # type: ignore[override]
-        y, mean, var, rstd = _fwd_impl(x, weight, bias, num_groups, batch_groups, eps, False)
+    def forward(ctx, x, weight, bias, num_groups, batch_groups, eps, running):  # type: ignore[override]
+        y, mean, var, rstd = _fwd_impl(x, weight, bias, num_groups, batch_groups, eps, False,
+                                       running)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.num_groups, ctx.batch_groups, ctx.eps = num_groups, batch_groups, eps
         ctx.mark_non_differentiable(mean, var)
@@ -421,17 +425,29 @@ class _Eager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):  # type: ignore[override]
-        return _grads(ctx, dy, eager=True)
+        return *_grads(ctx, dy, eager=True), None
+
+
+def _fused_running(x: Tensor, batch_groups: int, running) -> bool:
+    """Whether the merge kernel can update ``running`` (running_mean, running_var, momentum)
+    itself: BGN (one batch group), buffers contiguous float32/16/bfloat16 on x's device."""
+    if running is None or batch_groups != 1:
+        return False
+    return all(t.device == x.device and t.dtype in _DTYPES and t.is_contiguous()
+               for t in running[:2])
 
 
 def triton_grouped_norm(
     input: Tensor, num_groups: int, batch_groups: int, weight: Tensor | None,
     bias: Tensor | None, eps: float,
+    running: tuple[Tensor, Tensor, float] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """BGN (``batch_groups`` = 1) or GBGN training forward of ``input`` (N, C, \\*) on the
     Triton kernels: returns ``(y, mean, var)``, y in the input's dtype and memory format, the
     biased statistics of shape (P0 * G,) in float32. Inputs neither NCHW-contiguous nor
-    channels-last are made contiguous first. Differentiable (one custom op each way)."""
+    channels-last are made contiguous first. Differentiable (one custom op each way).
+    ``running`` = (running_mean, running_var, momentum): updated in place like torch's batch
+    norm (:func:`~bgnorm.ops.engine.update_running`; in eager BGN calls by the merge kernel)."""
     if input.is_contiguous() or _channels_last(input):
         x = input
     else:
@@ -439,6 +455,15 @@ def triton_grouped_norm(
     if torch.compiler.is_compiling() or x.device.type == "meta" or is_fake(x):
         y, mean, var, _ = torch.ops.bgnorm.bgn_triton_fwd(x, weight, bias, num_groups,
                                                           batch_groups, float(eps))
-        return y, mean, var
-    _check_sizes(x, num_groups, batch_groups)
-    return _Eager.apply(x, weight, bias, num_groups, batch_groups, float(eps))
+        fused = False
+    else:
+        _check_sizes(x, num_groups, batch_groups)
+        fused = _fused_running(x, batch_groups, running)
+        y, mean, var = _Eager.apply(x, weight, bias, num_groups, batch_groups, float(eps),
+                                    running if fused else None)
+    if running is not None and not fused:
+        n = x.shape[0]
+        count = (n // batch_groups) * (x.numel() // n // num_groups)
+        with torch.no_grad():
+            update_running(running[0], running[1], mean, var, batch_groups, count, running[2])
+    return y, mean, var

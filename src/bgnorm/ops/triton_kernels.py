@@ -97,13 +97,16 @@ def stats_partials_kernel(
 
 @triton.jit(do_not_specialize=["G", "U", "UPG", "E", "SPLIT", "SEG"])
 def stats_merge_kernel(
-    pmean_ptr, pm2_ptr, mean_ptr, var_ptr, rstd_ptr,
-    G, U, UPG, E, SPLIT, SEG, LU, inv_count, eps,
-    BK: tl.constexpr,
+    pmean_ptr, pm2_ptr, mean_ptr, var_ptr, rstd_ptr, rm_ptr, rv_ptr,
+    G, U, UPG, E, SPLIT, SEG, LU, inv_count, eps, momentum, unbias,
+    BK: tl.constexpr, HAS_RUNNING: tl.constexpr,
 ):
     """One program per statistic q = (batch group p, group g): merges the partials of the E
     examples, SPLIT segments and UPG units of (p, g), centred on the first partial's mean
-    (two passes over the partials: the mean, then the M2 with the spread of the means)."""
+    (two passes over the partials: the mean, then the M2 with the spread of the means).
+    HAS_RUNNING (BGN, one batch group): the running statistics are updated in place as
+    torch's batch norm does, ``r += momentum * (stat - r)`` with the unbiased variance
+    ``var * unbias``, computed in float32 and stored in the buffers' dtype."""
     q = tl.program_id(0)
     p = q // G
     g = q % G
@@ -137,6 +140,11 @@ def stats_merge_kernel(
     tl.store(mean_ptr + q, mean)
     tl.store(var_ptr + q, var)
     tl.store(rstd_ptr + q, 1.0 / tl.sqrt(var + eps))
+    if HAS_RUNNING:
+        rm = tl.load(rm_ptr + q).to(tl.float32)
+        rv = tl.load(rv_ptr + q).to(tl.float32)
+        tl.store(rm_ptr + q, (rm + momentum * (mean - rm)).to(rm_ptr.dtype.element_ty))
+        tl.store(rv_ptr + q, (rv + momentum * (var * unbias - rv)).to(rv_ptr.dtype.element_ty))
 
 
 @triton.jit(do_not_specialize=["NS", "U", "CB", "NB", "JB", "G", "UPG", "E"])

@@ -400,3 +400,13 @@ def test_running_stats_fused_like_update_running(e, buffers, device):
     tol = dict(rtol=1e-6, atol=1e-6) if buffers == torch.float32 else dict(rtol=8e-3, atol=8e-3)
     torch.testing.assert_close(rm, rm2, **tol)
     torch.testing.assert_close(rv, rv2, **tol)
+
+
+def test_fused_running_update_bumps_versions(device):
+    """The merge kernel writes the running buffers through their pointers: their version
+    counters move as after an in-place op, so autograd can see the change."""
+    x = torch.randn(4, 8, 3, 3, device=device)
+    rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
+    before = (rm._version, rv._version)
+    triton_bgn.triton_grouped_norm(x, 4, 1, None, None, 1e-5, (rm, rv, 0.1))
+    assert rm._version > before[0] and rv._version > before[1]

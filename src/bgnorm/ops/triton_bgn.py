@@ -461,6 +461,10 @@ def triton_grouped_norm(
         fused = _fused_running(x, batch_groups, running)
         y, mean, var = _Eager.apply(x, weight, bias, num_groups, batch_groups, float(eps),
                                     running if fused else None)
+        if fused:  # written through their pointers: tell autograd, as an in-place op would
+            for t in running[:2]:
+                if not t.is_inference():
+                    torch.autograd.graph.increment_version(t)
     if running is not None and not fused:
         n = x.shape[0]
         count = (n // batch_groups) * (x.numel() // n // num_groups)

@@ -320,7 +320,8 @@ def main() -> None:
                         break
                     if (c * hw * hw) % g:
                         continue
-                    use_compile = compiled_left > 0 and budget.left() > 120
+                    # torch.compile (slow to build) only after the batch-32 cells and the e2e step
+                    use_compile = compiled_left > 0 and e2e_done and budget.left() > 120
                     compiled_left -= use_compile
                     cell = dict(dtype=str(dtype).split(".")[-1], format=fname, N=batch, C=c,
                                 HW=hw, G=g)

@@ -45,7 +45,6 @@ import torch.nn.functional as F  # noqa: E402
 import bgnorm  # noqa: E402
 from bgnorm import functional as BF  # noqa: E402
 from bgnorm.ops import triton_bgn  # noqa: E402
-from bgnorm.ops.engine import update_running  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from reference import gbgn_ref  # noqa: E402
@@ -53,7 +52,13 @@ from reference import gbgn_ref  # noqa: E402
 STAGES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]  # ResNet-50 stage (C, H=W)
 DRY_STAGES = [(8, 4), (16, 2)]
 FIELDS = ["section", "impl", "dtype", "format", "N", "C", "HW", "G", "fwd_us", "bwd_us",
-          "fwdbwd_us", "fwdbwd_vs_bn", "bw_frac_fwdbwd", "max_rel_err", "note"]
+          "fwdbwd_us", "fwdbwd_vs_bn", "bw_frac_fwdbwd", "gpu_fwdbwd_us", "gpu_vs_bn",
+          "max_rel_err", "note"]
+#: The BGN training engines timed on every cell (functional.ENGINE values; "batchnorm" only
+#: where its layouts apply, none at G = C, which is torch's BatchNorm).
+ENGINES = ("auto", "triton", "general", "units", "batchnorm")
+#: The ResNet-50 training step: BatchNorm2d, then BGN on each engine.
+E2E_ENGINES = ("bn", "triton", "general", "units", "batchnorm")
 
 
 class Budget:
@@ -72,13 +77,18 @@ class Timer:
         self.flush = (torch.empty(64 << 20, dtype=torch.int32, device=device)
                       if device.type == "cuda" else None)
 
-    def __call__(self, fn) -> float:
+    def __call__(self, fn, gpu_only: bool = False) -> float:
+        """``gpu_only``: the device time alone, the host's launches queued behind a ~2 ms
+        device sleep (torch.cuda._sleep) so that they are not waited for; the difference to
+        the plain time is the host-bound part."""
         for _ in range(self.warmup):
             fn()
         times = []
         for _ in range(self.reps):
             if self.device.type == "cuda":
                 self.flush.zero_()
+                if gpu_only:
+                    torch.cuda._sleep(4_000_000)  # cycles: ~2 ms at the H200's ~2 GHz
                 start = torch.cuda.Event(enable_timing=True)
                 end = torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -109,7 +119,9 @@ def _engine(name: str):
 
 
 def make_impls(g: int, c: int, compiled_ok: bool):
-    """name -> (function of (x, w, b, rm, rv) returning y, engine setter or None)."""
+    """name -> (function of (x, w, b, rm, rv) returning y, engine setter or None, whether the
+    affine parameters take the input's dtype: torch's GroupNorm module in bfloat16 has
+    bfloat16 parameters, the BN/BGN layers keep float32 ones under autocast)."""
     def bn(x, w, b, rm, rv):
         return F.batch_norm(x, rm[:c], rv[:c], w, b, True, 0.1, 1e-5)
 
@@ -119,21 +131,20 @@ def make_impls(g: int, c: int, compiled_ok: bool):
     def bgn(x, w, b, rm, rv):
         return BF.batch_group_norm(x, g, rm[:g], rv[:g], w, b, True, 0.1, 1e-5)
 
-    def bgn_triton(x, w, b, rm, rv):  # what ENGINE="triton" runs (also at G = C)
-        y, mean, var = triton_bgn.triton_grouped_norm(x, g, 1, w, b, 1e-5)
-        with torch.no_grad():
-            update_running(rm[:g], rv[:g], mean, var, 1, x.numel() // g, 0.1)
-        return y
+    def bgn_triton(x, w, b, rm, rv):  # the kernels alone (also at G = C)
+        return triton_bgn.triton_grouped_norm(x, g, 1, w, b, 1e-5, (rm[:g], rv[:g], 0.1))[0]
 
-    impls = {"bn": (bn, None), "bgn-triton": (bgn_triton, None), "bgn-auto": (bgn, _engine("auto"))}
-    if g != c:
-        impls["bgn-units"] = (bgn, _engine("units"))
-    if c % g == 0 or g % c == 0:
-        impls["bgn-batchnorm"] = (bgn, _engine("batchnorm"))
+    impls = {"bn": (bn, None, False), "bgn-triton": (bgn_triton, None, False)}
+    for engine in ENGINES:
+        if engine == "triton" or (g == c and engine != "auto"):
+            continue  # G = C: every engine is torch's BatchNorm
+        if engine == "batchnorm" and c % g and g % c:
+            continue
+        impls[f"bgn-{engine}"] = (bgn, _engine(engine), False)
     if c % g == 0:
-        impls["gn"] = (gn, None)
+        impls["gn"] = (gn, None, True)
     if compiled_ok:
-        impls["bgn-compiled"] = (torch.compile(bgn), _engine("auto"))
+        impls["bgn-compiled"] = (torch.compile(bgn), _engine("auto"), False)
     return impls
 
 
@@ -162,12 +173,13 @@ def check_cell(device, dtype, fmt, c, hw, g, n_small) -> float:
     return err
 
 
-def time_cell(timer, impl, setter, device, dtype, fmt, n, c, hw):
+def time_cell(timer, impl, setter, device, dtype, fmt, n, c, hw, params_like_input=False):
     shape = (n, c, hw, hw)
     x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
     x.requires_grad_()
-    w = torch.ones(c, device=device, requires_grad=True)
-    b = torch.zeros(c, device=device, requires_grad=True)
+    pdt = dtype if params_like_input else torch.float32
+    w = torch.ones(c, device=device, dtype=pdt, requires_grad=True)
+    b = torch.zeros(c, device=device, dtype=pdt, requires_grad=True)
     rm = torch.zeros(max(c, 4 * n), device=device)  # G <= 4 N (paper_groups)
     rv = torch.ones_like(rm)
     dy = torch.randn_like(x)
@@ -178,6 +190,9 @@ def time_cell(timer, impl, setter, device, dtype, fmt, n, c, hw):
     y = impl(x, w, b, rm, rv)
     out["bwd"] = timer(lambda: torch.autograd.grad(y, (x, w, b), dy, retain_graph=True))
     out["fwdbwd"] = timer(lambda: torch.autograd.grad(impl(x, w, b, rm, rv), (x, w, b), dy))
+    if device.type == "cuda":
+        out["gpu_fwdbwd"] = timer(
+            lambda: torch.autograd.grad(impl(x, w, b, rm, rv), (x, w, b), dy), gpu_only=True)
     BF.ENGINE = "auto"
     return out
 
@@ -201,7 +216,7 @@ def resnet_step(device, dtype_name, engine, batch, steps, warmup, dry):
     res = 8 if dry else 224
     x = torch.randn(batch, 3, res, res, device=device).contiguous(memory_format=torch.channels_last)
     t = torch.randint(0, 10, (batch,), device=device)
-    BF.ENGINE = engine if engine in ("triton", "auto") else "auto"
+    BF.ENGINE = "auto" if engine == "bn" else engine
     auto = dict(device_type=device.type, dtype=torch.bfloat16, enabled=dtype_name == "bf16")
 
     def step():
@@ -305,15 +320,18 @@ def main() -> None:
                         break
                     if (c * hw * hw) % g:
                         continue
-                    use_compile = compiled_left > 0 and budget.left() > 120
+                    # torch.compile (slow to build) only after the batch-32 cells and the e2e step
+                    use_compile = compiled_left > 0 and e2e_done and budget.left() > 120
                     compiled_left -= use_compile
                     cell = dict(dtype=str(dtype).split(".")[-1], format=fname, N=batch, C=c,
                                 HW=hw, G=g)
                     bn_us = None
-                    for name, (impl, setter) in make_impls(g, c, use_compile).items():
+                    bn_gpu = None
+                    for name, (impl, setter, like) in make_impls(g, c, use_compile).items():
                         row = dict(cell, section="layer", impl=name)
                         try:
-                            t = time_cell(timer, impl, setter, device, dtype, fmt, batch, c, hw)
+                            t = time_cell(timer, impl, setter, device, dtype, fmt, batch, c, hw,
+                                          like)
                         except Exception as exc:
                             BF.ENGINE = "auto"
                             row["note"] = f"failed: {type(exc).__name__}: {str(exc)[:80]}"
@@ -327,6 +345,12 @@ def main() -> None:
                             bn_us = t["fwdbwd"]
                         if bn_us:
                             row["fwdbwd_vs_bn"] = t["fwdbwd"] / bn_us
+                        if "gpu_fwdbwd" in t:
+                            row["gpu_fwdbwd_us"] = t["gpu_fwdbwd"]
+                            if name == "bn":
+                                bn_gpu = t["gpu_fwdbwd"]
+                            if bn_gpu:
+                                row["gpu_vs_bn"] = t["gpu_fwdbwd"] / bn_gpu
                         if name == "bgn-triton":
                             row["max_rel_err"] = errs.get((c, hw, g, dtype, fname), "")
                             if g == c:
@@ -338,7 +362,7 @@ def main() -> None:
             e2e_done = True
             rbatch = 2 if dry else 32
             for dname in ("fp32", "bf16"):
-                for engine in ("bn", "auto", "triton"):
+                for engine in E2E_ENGINES:
                     if budget.left() < min(40.0, 0.1 * budget.seconds):
                         break
                     row = dict(section="resnet50-step", impl=f"{engine}", dtype=dname,
@@ -347,6 +371,7 @@ def main() -> None:
                         ips = resnet_step(device, dname, engine, rbatch, 1 if dry else 10,
                                           1 if dry else 3, dry)
                         row["note"] = f"{ips:.1f} images/s"
+                        row["images_per_s"] = ips
                     except Exception as exc:
                         BF.ENGINE = "auto"
                         traceback.print_exc()
@@ -357,6 +382,53 @@ def main() -> None:
     write(rows, out, header)
     print(f"\nwrote {out / 'gpu_bench.csv'} ({budget.seconds - budget.left():.0f} s)\n")
     print((out / "gpu_bench.md").read_text())
+    text = summary(rows, header)
+    (out / "gpu_summary.md").write_text(text)
+    print(text)  # last: the end of the run's output holds the most important rows
+
+
+def summary(rows: list[dict], header: str) -> str:
+    """The compact table printed last: per cell BN's forward+backward time, the fastest BGN
+    engine (all BGN rows but torch.compile's) with its ratio to BN, its bandwidth fraction and
+    its device-only ratio (host work hidden), the Triton and GroupNorm ratios; the failures;
+    the ResNet-50 steps in images/s and as a fraction of BN's."""
+    cells: dict[tuple, dict[str, dict]] = {}
+    failed: dict[str, int] = {}
+    for r in rows:
+        if r.get("section") != "layer":
+            continue
+        if "fwdbwd_us" not in r:
+            failed[r["impl"]] = failed.get(r["impl"], 0) + 1
+            continue
+        key = tuple(r[k] for k in ("dtype", "format", "N", "C", "HW", "G"))
+        cells.setdefault(key, {})[r["impl"]] = r
+    lines = [header.replace("# ", "## Summary: "), "",
+             "| dtype | fmt | N | C | HW | G | BN us | best BGN | x BN | bw | gpu x BN "
+             "| triton x BN | gn x BN |", "|" + "---|" * 13]
+    for key, impls in cells.items():
+        bn = impls.get("bn")
+        bgns = {k: v for k, v in impls.items() if k.startswith("bgn-") and k != "bgn-compiled"}
+        if bn is None or not bgns:
+            continue
+        best = min(bgns, key=lambda k: bgns[k]["fwdbwd_us"])
+        b = bgns[best]
+
+        def ratio(name, impls=impls, bn=bn):
+            return _fmt(impls[name]["fwdbwd_us"] / bn["fwdbwd_us"]) if name in impls else ""
+
+        lines.append("| " + " | ".join(str(v) for v in key) + " | " + " | ".join([
+            _fmt(bn["fwdbwd_us"]), best[4:], ratio(best), _fmt(b.get("bw_frac_fwdbwd", "")),
+            _fmt(b.get("gpu_vs_bn", "")), ratio("bgn-triton"), ratio("gn")]) + " |")
+    if failed:
+        lines += ["", "failed layer rows: " + ", ".join(f"{k} x{v}" for k, v in failed.items())]
+    e2e = [r for r in rows if r.get("section") == "resnet50-step"]
+    for dname in dict.fromkeys(r["dtype"] for r in e2e):
+        got = {r["impl"]: r.get("images_per_s") for r in e2e if r["dtype"] == dname}
+        base = got.get("bn")
+        parts = [f"{k} {v:.0f}" + (f" ({v / base:.2f}x)" if base and k != "bn" else "")
+                 if v else f"{k} failed" for k, v in got.items()]
+        lines.append(f"\nresnet50 step {dname} images/s: " + ", ".join(parts))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -31,9 +31,10 @@ run() {  # run SECONDS CMD...: logs the exit status, never stops the script
     if [ "$CUDA" = 1 ]; then
         section "CUDA tests"
         BGNORM_TEST_DEVICE=cuda run 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_triton.py
-        section "CUDA layer tests (float64 references on the GPU, every engine)"
-        BGNORM_TEST_DEVICE=cuda run "${GPU_CHECK_LAYER_TESTS:-120}" "$PY" -m pytest -q \
-            -p no:cacheprovider --tb=line -m "not slow" tests/test_functional.py tests/test_layers.py
+        section "CUDA layer tests (float64 references on the GPU, every engine, issue-13 hardening)"
+        BGNORM_TEST_DEVICE=cuda run "${GPU_CHECK_LAYER_TESTS:-150}" "$PY" -m pytest -q \
+            -p no:cacheprovider --tb=line -m "not slow" tests/test_functional.py tests/test_layers.py \
+            tests/test_hardening_layers.py
         section "benchmark"
         BUDGET="${GPU_CHECK_BUDGET:-240}"  # seconds for the benchmark (it stops cleanly)
         run $((BUDGET + 50)) "$PY" benchmarks/bench_gpu.py --out "$OUT" --budget "$BUDGET"

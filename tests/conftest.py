@@ -17,6 +17,13 @@ if os.environ.get("BGNORM_TEST_DEVICE", "cpu") == "cpu":
 #: them on the GPU (the float64 references stay on the same device), default CPU.
 TEST_DEVICE = torch.device(os.environ.get("BGNORM_TEST_DEVICE", "cpu"))
 
+if TEST_DEVICE.type == "cpu":
+    # The Triton engine's tests run its kernels under Triton's interpreter, which Triton reads
+    # when a function is decorated: before triton is first imported, also by another test
+    # module's import (torch.compile's inductor imports it), or tl.zeros & co. stay compiled
+    # functions that interpreted kernels cannot call. (Inductor's CPU code does not use it.)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture
 def device() -> torch.device:

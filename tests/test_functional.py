@@ -248,3 +248,42 @@ def test_positional_norm_keeps_memory_format():
     assert y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, pn_ref(x))
     assert BF.positional_norm(x).is_contiguous()
+
+
+# whole channels (2D, 3D, 4D: 2D and (N, C, 1) views take CUDA's channels-last reduction),
+# bands, straddling groups; BGN and GBGN
+SAVED_CASES = [((6, 8), 4, None), ((4, 6, 1), 3, None), ((3, 4, 2, 3), 2, None),
+               ((3, 4, 2, 3), 8, None), ((3, 4, 2, 3), 3, None), ((4, 6, 5), 3, 2),
+               ((4, 6, 2), 12, 2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,g,e", SAVED_CASES)
+def test_engines_with_saved_statistics_reduction(shape, g, e, dtype, engine, monkeypatch):
+    """The native engines' backward with the argument form CUDA needs (saved statistics and a
+    weight of ones, no running statistics: native.EVAL_REDUCTION_DEVICES = ()) against the
+    float64 reference on every device; with CUDA's form CPU must agree too, and on CUDA this
+    is the form that runs (the eval-mode form failed there with "save_mean should always be
+    defined", "tensor does not have a device" and empty weight gradients)."""
+    from bgnorm.ops import native
+
+    if engine == "general":
+        pytest.skip("no native reduction")
+    monkeypatch.setattr(native, "EVAL_REDUCTION_DEVICES", ())
+    x64 = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    x = x64.to(dtype).requires_grad_()
+    w, b = (p.detach().to(torch.float32 if dtype != torch.float64 else dtype).requires_grad_()
+            for p in _params(shape[1]))
+    if e is None:
+        y = BF.batch_group_norm(x, g, None, None, w, b, training=True)
+    else:
+        y = BF.general_batch_group_norm(x, g, e, None, None, w, b, training=True)
+    dy = torch.randn(shape, dtype=torch.float64)
+    got = (y, *_grads(y, (x, w, b), dy.to(dtype)))
+    x64r, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    yr = gbgn_ref(x64r, g, shape[0] if e is None else e, w64, b64)[0]
+    want = (yr, *_grads(yr, (x64r, w64, b64), dy))
+    tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
+    for a, r in zip(got, want):
+        assert a.shape == r.shape
+        assert (a.double() - r).abs().max() <= tol * (1 + r.abs().max())

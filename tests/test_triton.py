@@ -300,3 +300,113 @@ def test_compile_fullgraph_one_op(device, monkeypatch):
     assert xc.grad is not None and torch.isfinite(xc.grad).all()
     torch.testing.assert_close(rm2, rm)
     torch.testing.assert_close(rv2, rv)
+
+
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_eager_path_equals_custom_op(fmt, device):
+    """Eager calls run the kernels without the custom-op dispatch (triton_bgn._Eager); the
+    ops (what torch.compile sees) give the same values bit for bit, with and without dx."""
+    x0 = _layout(torch.randn(4, 8, 3, 3, device=device) * 2 + 1, fmt)
+    w, b = torch.rand(8, device=device) + 0.5, torch.randn(8, device=device)
+    ys, grads = [], []
+    for eager in (True, False):
+        x, wr, br = (t.clone().requires_grad_() for t in (x0, w, b))
+        if eager:
+            y, mean, var = triton_bgn.triton_grouped_norm(x, 6, 2, wr, br, 1e-5)
+        else:
+            y, mean, var, _ = torch.ops.bgnorm.bgn_triton_fwd(x, wr, br, 6, 2, 1e-5)
+        assert type(y.grad_fn).__name__.startswith("_Eager" if eager else "Generated")
+        dy = torch.linspace(-1, 1, y.numel(), device=device).view(y.shape)
+        ys.append((y, mean, var))
+        grads.append(torch.autograd.grad(y, (x, wr, br), dy, retain_graph=True)
+                     + torch.autograd.grad(y, (wr, br), dy))  # no dx: the merge kernel alone
+    for a, r in zip(ys[0] + grads[0], ys[1] + grads[1]):
+        assert torch.equal(a, r)
+    assert grads[0][0].is_contiguous(memory_format=_memory_format_of(x0))
+
+
+def _memory_format_of(x):
+    return torch.channels_last if not x.is_contiguous() else torch.contiguous_format
+
+
+def test_functional_engine_reads_channels_last(device, monkeypatch):
+    """Through the functional API a channels-last input reaches the kernels as it is (the
+    other engines copy it to NCHW and back: two copies each way, most of the GPU time of a
+    channels-last layer in the first GPU run); y and dx keep its format."""
+    seen = []
+    real = triton_bgn.triton_grouped_norm
+    monkeypatch.setattr(triton_bgn, "triton_grouped_norm",
+                        lambda x, *a: seen.append(x.is_contiguous()) or real(x, *a))
+    monkeypatch.setattr(BF, "ENGINE", "triton")
+    x0 = torch.randn(4, 8, 3, 3, device=device) * 2 + 1
+    x = x0.to(memory_format=torch.channels_last).requires_grad_()
+    w = (torch.rand(8, device=device) + 0.5).requires_grad_()
+    y = BF.batch_group_norm(x, 6, None, None, w, None, training=True)
+    assert seen == [False]
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+    assert _rel(y, gbgn_ref(x0.double(), 6, 4, w.detach().double())[0]) < 1e-5
+
+
+def test_direct_launches_reuse_the_jit_compiled_kernel(monkeypatch):
+    """On CUDA a kernel's first launch of a key goes through the JIT (which compiles and
+    returns the kernel); later ones call that compiled kernel with the constexprs appended in
+    the kernel's argument order; an error there hands every later launch back to the JIT."""
+    calls = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *a: calls.append(("direct", grid, a))
+
+    class Kernel:
+        arg_names = ["x", "n", "BJ", "FLAG"]
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: calls.append(("jit", grid, a, kw)) or Compiled()
+
+    class Arg:  # stands for a CUDA tensor
+        device = torch.device("cuda")
+
+    monkeypatch.setattr(triton_bgn, "_COMPILED", {})
+    monkeypatch.setattr(triton_bgn, "_DIRECT", {"on": True})
+    kernel, x = Kernel(), Arg()
+    meta = dict(FLAG=True, BJ=8, num_warps=4)
+    for n in (3, 3, 4):
+        triton_bgn._launch(kernel, 5, (x, n), meta)
+    assert calls == [("jit", (5,), (x, 3), meta), ("direct", (5, 1, 1), (x, 3, 8, True)),
+                     ("jit", (5,), (x, 4), meta)]  # a new int value: a new key
+    Compiled.__getitem__ = lambda self, grid: (lambda *a: 1 / 0)
+    calls.clear()
+    triton_bgn._launch(kernel, 5, (x, 3), meta)
+    triton_bgn._launch(kernel, 5, (x, 4), meta)
+    assert [c[0] for c in calls] == ["jit", "jit"] and not triton_bgn._DIRECT["on"]
+
+
+@pytest.mark.parametrize("buffers", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("e", [None, 2])
+def test_running_stats_fused_like_update_running(e, buffers, device):
+    """BGN's running statistics updated by the merge kernel (GBGN: by update_running after
+    it) equal update_running's result from the returned batch statistics."""
+    from bgnorm.ops.engine import update_running
+
+    x = torch.randn(4, 8, 3, 3, device=device) * 2 + 1
+    p0 = 1 if e is None else 4 // e
+    rm = torch.rand(6, device=device).to(buffers)
+    rv = (torch.rand(6, device=device) + 0.5).to(buffers)
+    rm2, rv2 = rm.clone(), rv.clone()
+    _, mean, var = triton_bgn.triton_grouped_norm(x, 6, p0, None, None, 1e-5, (rm, rv, 0.3))
+    update_running(rm2, rv2, mean, var, p0, (4 // p0) * 8 * 9 // 6, 0.3)
+    tol = dict(rtol=1e-6, atol=1e-6) if buffers == torch.float32 else dict(rtol=8e-3, atol=8e-3)
+    torch.testing.assert_close(rm, rm2, **tol)
+    torch.testing.assert_close(rv, rv2, **tol)
+
+
+def test_fused_running_update_bumps_versions(device):
+    """The merge kernel writes the running buffers through their pointers: their version
+    counters move as after an in-place op, so autograd can see the change."""
+    x = torch.randn(4, 8, 3, 3, device=device)
+    rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
+    before = (rm._version, rv._version)
+    triton_bgn.triton_grouped_norm(x, 4, 1, None, None, 1e-5, (rm, rv, 0.1))
+    assert rm._version > before[0] and rv._version > before[1]

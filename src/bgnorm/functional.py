@@ -49,6 +49,7 @@ from .ops.native import (
 #: closed-form composition of bgnorm.ops.engine), or "triton" (opt-in: the fused kernels of
 #: bgnorm.ops.triton_bgn where triton_bgn.supports(input), i.e. float32/16/bfloat16 on CUDA or
 #: under Triton's CPU interpreter; other inputs take "auto"; G = C stays torch's BatchNorm).
+#: "auto" chooses by device, size and layout: :func:`auto_engine`.
 ENGINE = "auto"
 
 #: "auto" takes the few-calls batch-norm engine for inputs up to this many elements (where
@@ -56,6 +57,16 @@ ENGINE = "auto"
 #: batch-norm statistics kernel is slow on large CPU tensors). Under torch.compile "auto" takes
 #: the general engine, which inductor fuses. Measured with benchmarks/bench_norms.py.
 SMALL_NUMEL = 1 << 18
+
+#: What ``ENGINE = "auto"`` trains CUDA tensors with: the first of these engines that runs
+#: the input. "triton" (the fused kernels, where ``triton_bgn.supports(input)``: triton
+#: importable, float32/16/bfloat16), "native" (the CPU choice below: "batchnorm" up to
+#: :data:`SMALL_NUMEL` elements, else "units"), "general" (the eager composition; runs every
+#: input). Until a GPU run has verified the native engines' CUDA argument forms and measured
+#: the engines (``bash benchmarks/gpu_check.sh``: its table times every engine), CUDA takes
+#: only engines that passed the CUDA tests (2026-11-30, H200: triton and general); set it
+#: from the measured table.
+CUDA_ENGINES: tuple[str, ...] = ("triton", "general")
 
 __all__ = ["batch_group_norm", "general_batch_group_norm", "positional_norm"]
 
@@ -161,16 +172,64 @@ def _grouped_batch_norm(
         return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
 
     fmt = None if input.is_contiguous() else memory_format_of(input)
+    p0 = 1 if examples_per_group is None else n // examples_per_group
+    engine = _engine(input, p0)
     args = (num_groups, examples_per_group, running_mean, running_var, weight, bias, momentum, eps)
-    if fmt is None:
-        return _train(input, *args)
-    # the engines work on contiguous tensors: y and dx keep a channels-last input's memory
-    # format, as torch's norms do (a copy each way)
-    return _train(contiguous_for(input, fmt), *args).contiguous(memory_format=fmt)
+    if fmt is None or (engine == "triton" and triton_bgn.reads_layout(input)):
+        return _train(input, engine, *args)  # (the Triton kernels read channels-last as it is)
+    # the other engines work on contiguous tensors: y and dx keep a channels-last input's
+    # memory format, as torch's norms do (a copy each way)
+    return _train(contiguous_for(input, fmt), engine, *args).contiguous(memory_format=fmt)
+
+
+def _engine(input: Tensor, batch_groups: int) -> str:
+    """The engine a training call runs on: :data:`ENGINE`, "auto" resolved by
+    :func:`auto_engine`, "triton" where the kernels cannot run the input resolved as "auto",
+    and "composed" under torch.func transforms."""
+    engine = ENGINE
+    if engine == "triton" and not triton_bgn.supports(input):
+        engine = "auto"
+    if in_functorch_transform():
+        # torch.func transforms run plain torch ops only (the engines' autograd.Functions have
+        # no setup_context, vmap or jvp rules): the differentiable composition, like BatchNorm
+        return "composed"
+    if engine == "auto":
+        return auto_engine(input, batch_groups)
+    return engine
+
+
+def auto_engine(input: Tensor, batch_groups: int = 1) -> str:
+    """The training engine ``ENGINE = "auto"`` runs ``input`` (N, C, \\*) with
+    ``batch_groups`` = N/e batch groups on: the one table of the choice by device.
+
+    ==============  ===========================================================
+    traced          "general" (torch.compile: inductor fuses its composition)
+    CUDA            the first of :data:`CUDA_ENGINES` that runs the input
+    CPU and others  "native": "batchnorm" (few native calls) for BGN inputs up to
+                    :data:`SMALL_NUMEL` elements, else "units"
+    ==============  ===========================================================
+
+    Example:
+        >>> auto_engine(torch.randn(8, 64, 7, 7))
+        'batchnorm'
+    """
+    if torch.compiler.is_compiling():
+        return "general"
+    if input.device.type == "cuda":
+        for name in CUDA_ENGINES:
+            if name == "triton" and not triton_bgn.supports(input):
+                continue
+            if name != "native":
+                return name
+            break
+    if batch_groups == 1 and input.numel() <= SMALL_NUMEL:
+        return "batchnorm"
+    return "units"
 
 
 def _train(
     input: Tensor,
+    engine: str,
     num_groups: int,
     examples_per_group: int | None,
     running_mean: Tensor | None,
@@ -180,25 +239,11 @@ def _train(
     momentum: float,
     eps: float,
 ) -> Tensor:
-    """BGN/GBGN in training on one of the engines (see :data:`ENGINE`)."""
+    """BGN/GBGN in training on ``engine`` (see :func:`_engine`)."""
     n, c = input.shape[:2]
     s = math.prod(input.shape[2:])
     e = n if examples_per_group is None else examples_per_group
     p0 = n // e
-    engine = ENGINE
-    if engine == "triton" and not triton_bgn.supports(input):
-        engine = "auto"
-    if in_functorch_transform():
-        # torch.func transforms run plain torch ops only (the engines' autograd.Functions have
-        # no setup_context, vmap or jvp rules): the differentiable composition, like BatchNorm
-        engine = "composed"
-    elif engine == "auto":
-        if torch.compiler.is_compiling():
-            engine = "general"
-        elif p0 == 1 and input.numel() <= SMALL_NUMEL:
-            engine = "batchnorm"
-        else:
-            engine = "units"
     if engine == "batchnorm" and p0 == 1:
         if num_groups % c == 0:
             # bands: native batch norm on the (N, G, D/G) view with gamma/beta per band
@@ -215,11 +260,9 @@ def _train(
         engine = "units"  # straddling groups
     running = None if running_mean is None else (running_mean, running_var)
     if engine == "triton":
-        y, mean, var = triton_bgn.triton_grouped_norm(input, num_groups, p0, weight, bias, eps)
-        if running is not None:
-            with torch.no_grad():
-                update_running(*running, mean, var, p0, e * (c * s // num_groups), momentum)
-        return y
+        return triton_bgn.triton_grouped_norm(
+            input, num_groups, p0, weight, bias, eps,
+            None if running is None else (*running, momentum))[0]
     if engine in ("composed", "general"):
         x3 = input.reshape(n, c, s)
         if engine == "composed":

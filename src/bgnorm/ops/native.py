@@ -81,6 +81,12 @@ SHORT_GROUP = 32
 SHORT_UNIT = 48
 COLUMNS_MIN_BATCH = 4
 
+#: Devices whose batch-norm backward reduction the engines call in eval mode with the statistics
+#: as running statistics and no weight (torch's CPU kernel). Elsewhere (CUDA) they pass saved
+#: statistics and a weight of ones (:func:`_row_sums_saved`), which CUDA's kernel needs. Tests
+#: set it to () to run that form on CPU (tests/test_functional.py).
+EVAL_REDUCTION_DEVICES: tuple[str, ...] = ("cpu",)
+
 _unsafe_view = torch.ops.aten._unsafe_view.default  # a reshape that autograd sees as a new tensor
 
 
@@ -225,6 +231,40 @@ def _rows(
                         var, weight, bias)
 
 
+def _row_sums_eval(
+    dyv: Tensor, xv: Tensor, mean_r: Tensor, var_r: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Per-row ``sum(dy * xhat)`` and ``sum(dy)`` of the units view (rows along dim 1) from
+    torch's eval-mode batch-norm backward with only the weight/bias gradients requested:
+    the statistics are passed as running statistics (any parameter dtype). On
+    :data:`EVAL_REDUCTION_DEVICES` only: CUDA's kernel needs the saved statistics and a weight
+    (see :func:`_row_sums_saved`)."""
+    _, s_dyx, s_dy = torch.ops.aten.native_batch_norm_backward(
+        dyv, xv, None, mean_r, var_r, None, None, False, eps, [False, True, True]
+    )
+    return s_dyx, s_dy
+
+
+def _row_sums_saved(
+    dyv: Tensor, xv: Tensor, mean_c: Tensor, rstd_c: Tensor
+) -> tuple[Tensor, Tensor]:
+    """:func:`_row_sums_eval` on any device: the training-mode batch-norm backward with the
+    per-row ``mean_c`` and ``rstd_c`` = rsqrt(var + eps) as saved statistics (contiguous,
+    in :func:`~bgnorm.ops.engine.compute_dtype`, i.e. CUDA's accumulate type) and a weight of
+    ones in that dtype. CUDA's ``batch_norm_backward_cuda`` (aten/src/ATen/native/cuda/
+    Normalization.cu) asserts that save_mean/save_invstd are defined whenever no fused
+    grad_input is asked for, and its reduction allocates grad_weight/grad_bias from
+    ``weight.options()`` (an undefined weight raises "tensor does not have a device"; the
+    channels-last reduction, taken by 2D views, returns empty ones instead). With a defined
+    weight the returned gradients are ``sum(dy * (x - mean)) * rstd`` and ``sum(dy)``,
+    independent of the weight's values, in the weight's dtype."""
+    ones = _identity_stats(xv.shape[1], mean_c.dtype, mean_c.device)[1]
+    _, s_dyx, s_dy = torch.ops.aten.native_batch_norm_backward(
+        dyv, xv, ones, None, None, mean_c, rstd_c, True, 0.0, [False, True, True]
+    )
+    return s_dyx, s_dy
+
+
 class NativeGroupedNormFunction(torch.autograd.Function):
     """BGN/GBGN over native kernels; see the module docstring for the math.
 
@@ -264,10 +304,13 @@ class NativeGroupedNormFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         mean_r, var_r, w_r, _ = _rows(plan, mean, var, weight, None)
         xv, dyv = plan.view(x), plan.view(dy if dy.is_contiguous() else dy.contiguous())
+        rstd = (var + eps).rsqrt()
         # per-row sum(dy * xhat) and sum(dy) in one native reduction pass
-        _, s_dyx, s_dy = torch.ops.aten.native_batch_norm_backward(
-            dyv, xv, None, mean_r, var_r, None, None, False, eps, [False, True, True]
-        )
+        if xv.device.type in EVAL_REDUCTION_DEVICES:
+            s_dyx, s_dy = _row_sums_eval(dyv, xv, mean_r, var_r, eps)
+        else:
+            s_dyx, s_dy = _row_sums_saved(
+                dyv, xv, *plan.groups_to_rows(torch.stack((mean, rstd))).unbind(0))
         sums = torch.stack((s_dy, s_dyx))  # (2, rows)
         dw = db = dx = None
         if need_w or need_b:
@@ -282,7 +325,6 @@ class NativeGroupedNormFunction(torch.autograd.Function):
                 sums = sums * w_r
             # dx = A*dy + (-rstd m2)*xhat + (-rstd m1): A = gamma rstd, m1 = mean_R(gamma dy),
             # m2 = mean_R(gamma dy xhat); xhat recomputed by the kernel from the saved stats
-            rstd = (var + eps).rsqrt()
             coef = plan.rows_to_groups(sums).mul(rstd * (-1.0 / plan.count))  # (2, P0*G)
             c1_r, c2_r, rstd_r = plan.groups_to_rows(
                 _cast(torch.cat((coef, rstd.view(1, -1))), mean_r)).unbind(0)
@@ -513,9 +555,12 @@ class ChannelGroupsFunction(torch.autograd.Function):
             # saved (mean, invstd) of each channel's group
             plan = units_plan(n, c, s, g, 1)  # whole channels: rows are channels
             mean_c, invstd_c = plan.groups_to_rows(torch.stack((mean, invstd))).unbind(0)
-            _, s_dyx, s_dy = torch.ops.aten.native_batch_norm_backward(
-                dy3, x3, None, None, None, mean_c, invstd_c, True, 0.0, [False, True, True]
-            )
+            if x3.device.type in EVAL_REDUCTION_DEVICES:
+                _, s_dyx, s_dy = torch.ops.aten.native_batch_norm_backward(
+                    dy3, x3, None, None, None, mean_c, invstd_c, True, 0.0, [False, True, True]
+                )
+            else:  # CUDA allocates the weight gradients like its weight: one is needed
+                s_dyx, s_dy = _row_sums_saved(dy3, x3, mean_c, invstd_c)
             dw = _cast(s_dyx, weight) if need_w else None
             db = _cast(s_dy, bias) if need_b else None
         return dx, dw, db, None, None, None, None, None

@@ -79,7 +79,8 @@ def stats_partials_kernel(
         m = jm[:, None] & col_mask[None, :]
         x = tl.load(xb + (col_off[None, :] + j[:, None] * jstride), mask=m, other=0.0)
         x = tl.where(m, x.to(tl.float32) - shift[None, :], 0.0)
-        bc = tl.sum(jm.to(tl.float32), axis=0)
+        # the block's valid rows in closed form (a reduction across the program's warps less)
+        bc = tl.minimum(tl.maximum(LU - (j0 + it * BJ), 0), BJ).to(tl.float32)
         bmean = tl.sum(x, axis=0) / tl.maximum(bc, 1.0)
         dev = tl.where(m, x - bmean[None, :], 0.0)
         bm2 = tl.sum(dev * dev, axis=0)
@@ -96,13 +97,16 @@ def stats_partials_kernel(
 
 @triton.jit(do_not_specialize=["G", "U", "UPG", "E", "SPLIT", "SEG"])
 def stats_merge_kernel(
-    pmean_ptr, pm2_ptr, mean_ptr, var_ptr, rstd_ptr,
-    G, U, UPG, E, SPLIT, SEG, LU, inv_count, eps,
-    BK: tl.constexpr,
+    pmean_ptr, pm2_ptr, mean_ptr, var_ptr, rstd_ptr, rm_ptr, rv_ptr,
+    G, U, UPG, E, SPLIT, SEG, LU, inv_count, eps, momentum, unbias,
+    BK: tl.constexpr, HAS_RUNNING: tl.constexpr,
 ):
     """One program per statistic q = (batch group p, group g): merges the partials of the E
     examples, SPLIT segments and UPG units of (p, g), centred on the first partial's mean
-    (two passes over the partials: the mean, then the M2 with the spread of the means)."""
+    (two passes over the partials: the mean, then the M2 with the spread of the means).
+    HAS_RUNNING (BGN, one batch group): the running statistics are updated in place as
+    torch's batch norm does, ``r += momentum * (stat - r)`` with the unbiased variance
+    ``var * unbias``, computed in float32 and stored in the buffers' dtype."""
     q = tl.program_id(0)
     p = q // G
     g = q % G
@@ -136,6 +140,11 @@ def stats_merge_kernel(
     tl.store(mean_ptr + q, mean)
     tl.store(var_ptr + q, var)
     tl.store(rstd_ptr + q, 1.0 / tl.sqrt(var + eps))
+    if HAS_RUNNING:
+        rm = tl.load(rm_ptr + q).to(tl.float32)
+        rv = tl.load(rv_ptr + q).to(tl.float32)
+        tl.store(rm_ptr + q, (rm + momentum * (mean - rm)).to(rm_ptr.dtype.element_ty))
+        tl.store(rv_ptr + q, (rv + momentum * (var * unbias - rv)).to(rv_ptr.dtype.element_ty))
 
 
 @triton.jit(do_not_specialize=["NS", "U", "CB", "NB", "JB", "G", "UPG", "E"])
@@ -211,15 +220,13 @@ def backward_partials_kernel(
     tl.store(ps2_ptr + out, tl.sum(s2, axis=0), mask=col_mask)
 
 
-@triton.jit(do_not_specialize=["N", "U", "NS", "SPLIT", "G", "UPG", "E"])
-def backward_channels_kernel(
-    ps1_ptr, ps2_ptr, rstd_ptr, dw_ptr, db_ptr,
-    N, U, NS, SPLIT, G, UPG, E,
+@triton.jit
+def _channel_sums(
+    c, ps1_ptr, ps2_ptr, rstd_ptr, dw_ptr, db_ptr, N, U, NS, SPLIT, G, UPG, E,
     BK: tl.constexpr,
 ):
-    """One program per channel c: db_c = sum(dy), dw_c = sum(rstd_q * sum(dy * (x - mean_q)))
-    over the examples, segments and the NS units of c."""
-    c = tl.program_id(0)
+    """Channel c: db_c = sum(dy), dw_c = sum(rstd_q * sum(dy * (x - mean_q))) over the
+    examples, segments and the NS units of c."""
     K = N * SPLIT * NS
     kr = tl.arange(0, BK)
     a1 = tl.zeros([BK], dtype=tl.float32)
@@ -237,15 +244,13 @@ def backward_channels_kernel(
     tl.store(dw_ptr + c, tl.sum(a2, axis=0))
 
 
-@triton.jit(do_not_specialize=["G", "U", "UPG", "NS", "E", "SPLIT"])
-def backward_groups_kernel(
-    ps1_ptr, ps2_ptr, rstd_ptr, w_ptr, m1_ptr, m2_ptr,
-    G, U, UPG, NS, E, SPLIT, inv_count,
+@triton.jit
+def _group_sums(
+    q, ps1_ptr, ps2_ptr, rstd_ptr, w_ptr, m1_ptr, m2_ptr, G, U, UPG, NS, E, SPLIT, inv_count,
     HAS_W: tl.constexpr, BK: tl.constexpr,
 ):
-    """One program per statistic q = (p, g): m1_q = mean_q(gamma_c dy) and
-    m2_q = mean_q(gamma_c dy xhat) from the partials of its units."""
-    q = tl.program_id(0)
+    """Statistic q = (p, g): m1_q = mean_q(gamma_c dy) and m2_q = mean_q(gamma_c dy xhat)
+    from the partials of its units."""
     p = q // G
     g = q % G
     K = E * SPLIT * UPG
@@ -268,6 +273,24 @@ def backward_groups_kernel(
     rstd = tl.load(rstd_ptr + q)
     tl.store(m1_ptr + q, tl.sum(a1, axis=0) * inv_count)
     tl.store(m2_ptr + q, tl.sum(a2, axis=0) * inv_count * rstd)
+
+
+@triton.jit(do_not_specialize=["N", "U", "NS", "SPLIT", "G", "UPG", "E", "C"])
+def backward_merge_kernel(
+    ps1_ptr, ps2_ptr, rstd_ptr, w_ptr, dw_ptr, db_ptr, m1_ptr, m2_ptr,
+    N, U, NS, SPLIT, G, UPG, E, C, inv_count,
+    HAS_W: tl.constexpr, BK: tl.constexpr,
+):
+    """The backward's merges in one launch: programs 0..C-1 reduce the partials of a channel
+    (dgamma, dbeta), programs C..C+P0*G-1 those of a statistic (m1, m2; launched only when
+    dx is needed). Each program loops over its partials in blocks of BK."""
+    pid = tl.program_id(0)
+    if pid < C:
+        _channel_sums(pid, ps1_ptr, ps2_ptr, rstd_ptr, dw_ptr, db_ptr, N, U, NS, SPLIT, G,
+                      UPG, E, BK)
+    else:
+        _group_sums(pid - C, ps1_ptr, ps2_ptr, rstd_ptr, w_ptr, m1_ptr, m2_ptr, G, U, UPG, NS,
+                    E, SPLIT, inv_count, HAS_W, BK)
 
 
 @triton.jit(do_not_specialize=["NS", "U", "CB", "NB", "JB", "G", "UPG", "E"])

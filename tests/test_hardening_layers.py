@@ -165,7 +165,7 @@ def test_functional_eps_is_validated_like_batch_norm(fn):
     for eps in (0.0, -1e-5):
         with pytest.raises(ValueError) as bn_err:
             torch.nn.functional.batch_norm(x, None, None, training=True, eps=eps)
-        assert "eps must be positive during training" in str(bn_err.value)
+        assert "eps must be positive" in str(bn_err.value)  # torch 2.11 (CUDA run): no "during"
         with pytest.raises(ValueError, match=r"_norm: eps must be positive during training, "
                                              rf"but got {eps}; .*e\.g\. eps=1e-5"):
             fn(x, training=True, eps=eps)
@@ -719,15 +719,17 @@ def test_huge_num_groups_is_refused_before_allocating(make, monkeypatch):
 
     # 2**40 groups: 8 TiB of running statistics, more than this machine's memory
     with pytest.raises(ValueError, match=r"num_groups=1099511627776 is too large: its running "
-                                         r"statistics .* need 8 TiB, more than the cpu memory "
+                                         r"statistics .* need 8 TiB, more than the "
+                                         r"(cpu|cuda) memory "
                                          rf"of this machine .*{FIX}"):
         make(2**40)
     with pytest.raises(ValueError, match=r"need 128 EiB, more than a torch tensor can address"):
         make(2**64)  # beyond int64 (torch's own error: "Overflow when unpacking long long")
     # the bound is the device's memory: 2**28 groups (2 GiB) on a 1 GiB machine
-    monkeypatch.setattr(layers, "_memory_bytes", lambda d: 2**30 if d.type == "cpu" else None)
+    monkeypatch.setattr(layers, "_memory_bytes", lambda d: None if d.type == "meta" else 2**30)
     with pytest.raises(ValueError, match=r"num_groups=268435456 is too large: .* need 2 GiB, "
-                                         r"more than the cpu memory of this machine \(1 GiB\)"):
+                                         r"more than the (cpu|cuda) memory of this machine "
+                                         r"\(1 GiB\)"):
         make(2**28)
     assert make(2**40, device="meta").running_mean.shape == (2**40,)  # nothing allocated
     m = make(2**40, track_running_stats=False)  # no buffers: the forward check names it

@@ -62,10 +62,11 @@ SMALL_NUMEL = 1 << 18
 #: the input. "triton" (the fused kernels, where ``triton_bgn.supports(input)``: triton
 #: importable, float32/16/bfloat16), "native" (the CPU choice below: "batchnorm" up to
 #: :data:`SMALL_NUMEL` elements, else "units"), "general" (the eager composition; runs every
-#: input). Until a GPU run has verified the native engines' CUDA argument forms and measured
-#: the engines (``bash benchmarks/gpu_check.sh``: its table times every engine), CUDA takes
-#: only engines that passed the CUDA tests (2026-11-30, H200: triton and general); set it
-#: from the measured table.
+#: input). Set from the measured table of ``bash benchmarks/gpu_check.sh`` (H200, torch 2.11,
+#: 2026-11-30, benchmarks/gpu/h200-2026-11-30-run2*): triton had the fastest training pass of
+#: the engines on 43 of the 48 ResNet-50 cells and passed every CUDA test; the native engines
+#: were faster on 5 cells but still fail 12 gradient checks on CUDA (float32/bfloat16 at one
+#: GBGN shape, and 1e4 + N(0, 1) inputs), and general was 2-10x slower than triton.
 CUDA_ENGINES: tuple[str, ...] = ("triton", "general")
 
 __all__ = ["batch_group_norm", "general_batch_group_norm", "positional_norm"]

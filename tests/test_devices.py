@@ -14,7 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import bgnorm
 from bgnorm.ops import native
-from bgnorm.ops.engine import units_plan
+from bgnorm.ops.plan import units_plan
 
 # (layer factory, input shape): whole channels, bands, straddling groups, BatchNorm, 1d (the
 # columns layout), a large input (the units engine under "auto"), 3d, GBGN, PositionalNorm

@@ -388,7 +388,7 @@ def test_direct_launches_reuse_the_jit_compiled_kernel(monkeypatch):
 def test_running_stats_fused_like_update_running(e, buffers, device):
     """BGN's running statistics updated by the merge kernel (GBGN: by update_running after
     it) equal update_running's result from the returned batch statistics."""
-    from bgnorm.ops.engine import update_running
+    from bgnorm.ops.plan import update_running
 
     x = torch.randn(4, 8, 3, 3, device=device) * 2 + 1
     p0 = 1 if e is None else 4 // e

@@ -26,27 +26,27 @@ from torch import Tensor
 
 from . import _checks
 from .ops import triton_bgn
-from .ops.engine import (
-    UnitsPlan,
-    contiguous_for,
-    grouped_norm,
-    grouped_norm_composed,
-    in_functorch_transform,
-    memory_format_of,
-    units_plan,
-    update_running,
-)
+from .ops.composed import grouped_norm_composed
+from .ops.general import grouped_norm
 from .ops.native import (
     EvalKernel,
     channel_groups_norm,
     native_eval_kernel,
     native_grouped_norm,
 )
+from .ops.plan import (
+    UnitsPlan,
+    contiguous_for,
+    in_functorch_transform,
+    memory_format_of,
+    units_plan,
+    update_running,
+)
 
 #: Which training engine BGN/GBGN use: "auto" (below), or one forced for tests and benchmarks:
 #: "batchnorm" (few native batch-norm calls; only for G = C, G a multiple of C, or C a multiple
 #: of G in BGN), "units" (native per-row moments + units view, every layout) or "general" (the
-#: closed-form composition of bgnorm.ops.engine), or "triton" (opt-in: the fused kernels of
+#: closed-form composition of bgnorm.ops.general), or "triton" (opt-in: the fused kernels of
 #: bgnorm.ops.triton_bgn where triton_bgn.supports(input), i.e. float32/16/bfloat16 on CUDA or
 #: under Triton's CPU interpreter; other inputs take "auto"; G = C stays torch's BatchNorm).
 #: "auto" chooses by device, size and layout: :func:`auto_engine`.

@@ -5,7 +5,7 @@ examples (P0 = N/e; BGN is P0 = 1). Cut D into *units* of L = gcd(S, Lg) element
 one channel and one group, so per unit the statistics and the affine are constants. Units are
 channels when G divides C (L = S), bands when C divides G (L = S*C/G), and finer pieces when
 groups straddle channels. The passes run over the units view, whose coefficient rows are the
-units (:class:`~bgnorm.ops.engine.UnitsPlan`). BGN inputs with short units (L <
+units (:class:`~bgnorm.ops.plan.UnitsPlan`). BGN inputs with short units (L <
 :data:`SHORT_UNIT`, e.g. bands of 32 or 2x2 maps) use the *columns* layout instead: every
 element of an example is its own unit (L = 1) and every pass runs over the 2D (N, D) view, where
 torch's CPU kernels have no per-row cost.
@@ -32,7 +32,7 @@ and the group terms are small reductions of those; then
 as one pass of the forward's kind (B'_u * xhat + C'_u, xhat recomputed from the saved
 statistics) and one in-place addcmul. Only x and the (P0*G,) statistics are saved. Every op used
 exists on CPU and CUDA. Double backward recomputes a differentiable composition (see
-:func:`bgnorm.ops.engine.grouped_norm_reference`).
+:func:`bgnorm.ops.composed.grouped_norm_reference`).
 
 Eval is one pass with the running statistics (:func:`native_eval_kernel`), and small inputs
 with groups of whole channels take :class:`ChannelGroupsFunction` (fewer, heavier kernels).
@@ -47,11 +47,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .engine import (
+from .composed import differentiable_grads
+from .plan import (
     UnitsPlan,
     compute_dtype,
     contiguous_for,
-    differentiable_grads,
     is_fake,
     memory_format_of,
     unit_length,
@@ -250,7 +250,7 @@ def _row_sums_saved(
 ) -> tuple[Tensor, Tensor]:
     """:func:`_row_sums_eval` on any device: the training-mode batch-norm backward with the
     per-row ``mean_c`` and ``rstd_c`` = rsqrt(var + eps) as saved statistics (contiguous,
-    in :func:`~bgnorm.ops.engine.compute_dtype`, i.e. CUDA's accumulate type) and a weight of
+    in :func:`~bgnorm.ops.plan.compute_dtype`, i.e. CUDA's accumulate type) and a weight of
     ones in that dtype. CUDA's ``batch_norm_backward_cuda`` (aten/src/ATen/native/cuda/
     Normalization.cu) asserts that save_mean/save_invstd are defined whenever no fused
     grad_input is asked for, and its reduction allocates grad_weight/grad_bias from
@@ -269,7 +269,7 @@ class NativeGroupedNormFunction(torch.autograd.Function):
     """BGN/GBGN over native kernels; see the module docstring for the math.
 
     Inputs: ``x`` contiguous (N, C, *); ``weight``/``bias`` (C,) or None; ``plan`` its
-    :class:`~bgnorm.ops.engine.UnitsPlan`; ``running`` the (running_mean, running_var) buffers
+    :class:`~bgnorm.ops.plan.UnitsPlan`; ``running`` the (running_mean, running_var) buffers
     to update in place, or None; ``momentum``; ``eps``. Output: y like ``x``. Saves ``x`` and
     the (P0*G,) statistics.
     """

@@ -31,7 +31,7 @@ dx. Inputs are NCHW-contiguous or channels-last (4D ``channels_last``, 5D
 and ``bgn_triton_bwd`` have fake implementations, so torch.compile(fullgraph=True) and
 torch.export see one op each (traced and fake calls take the ops); running statistics are
 updated by the caller from the returned batch statistics
-(:func:`bgnorm.ops.engine.update_running`).
+(:func:`bgnorm.ops.plan.update_running`).
 
 Example:
     >>> import os; os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU: Triton's interpreter
@@ -51,7 +51,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .engine import differentiable_grads, is_fake, unit_length, update_running
+from .composed import differentiable_grads
+from .plan import is_fake, unit_length, update_running
 
 __all__ = ["supports", "triton_grouped_norm", "available", "reads_layout"]
 
@@ -447,7 +448,7 @@ def triton_grouped_norm(
     biased statistics of shape (P0 * G,) in float32. Inputs neither NCHW-contiguous nor
     channels-last are made contiguous first. Differentiable (one custom op each way).
     ``running`` = (running_mean, running_var, momentum): updated in place like torch's batch
-    norm (:func:`~bgnorm.ops.engine.update_running`; in eager BGN calls by the merge kernel)."""
+    norm (:func:`~bgnorm.ops.plan.update_running`; in eager BGN calls by the merge kernel)."""
     if input.is_contiguous() or _channels_last(input):
         x = input
     else:

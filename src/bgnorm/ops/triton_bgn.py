@@ -1,6 +1,7 @@
 r"""BGN and GBGN training passes as fused Triton kernels, registered as ``torch.library`` ops.
 
-Opt-in: ``bgnorm.functional.ENGINE = "triton"`` routes BGN/GBGN training calls here when
+The default on CUDA (:data:`bgnorm.ops.dispatch.CUDA_ENGINES`), and on CPU with
+``bgnorm.ops.dispatch.force_engine("triton")``: BGN/GBGN training calls come here when
 :func:`supports` accepts the input (float32/float16/bfloat16 on CUDA, or on CPU when the
 kernels run under Triton's interpreter, ``TRITON_INTERPRET=1`` set before this engine's first
 use); anything else (float64, a CPU without the interpreter, torch.func transforms) takes the

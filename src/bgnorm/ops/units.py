@@ -1,4 +1,4 @@
-"""BGN and GBGN on PyTorch's native kernels: the fast path for every group layout.
+"""The units engine: BGN and GBGN on PyTorch's native kernels, for every group layout.
 
 Let x be (N, C, S) contiguous, D = C*S, G groups of Lg = D/G elements, and batch groups of e
 examples (P0 = N/e; BGN is P0 = 1). Cut D into *units* of L = gcd(S, Lg) elements: a unit lies in
@@ -6,16 +6,17 @@ one channel and one group, so per unit the statistics and the affine are constan
 channels when G divides C (L = S), bands when C divides G (L = S*C/G), and finer pieces when
 groups straddle channels. The passes run over the units view, whose coefficient rows are the
 units (:class:`~bgnorm.ops.plan.UnitsPlan`). BGN inputs with short units (L <
-:data:`SHORT_UNIT`, e.g. bands of 32 or 2x2 maps) use the *columns* layout instead: every
-element of an example is its own unit (L = 1) and every pass runs over the 2D (N, D) view, where
-torch's CPU kernels have no per-row cost.
+:data:`~bgnorm.ops.dispatch.SHORT_UNIT`, e.g. bands of 32 or 2x2 maps) use the *columns* layout
+instead: every element of an example is its own unit (L = 1) and every pass runs over the 2D
+(N, D) view, where torch's CPU kernels have no per-row cost.
 
 Forward (two passes over x):
   1. statistics: per-(n, g) mean and biased variance from the native group-norm kernel on the
      (N, G, Lg) view (eps = 0), merged over each batch group by the law of total variance; or,
-     for short groups and the columns layout, per-unit moments over (N, L) from the native
-     batch-norm statistics kernel, merged over each group's units. Merges are exact (equal
-     parts) and centred, so inputs like 1e4 + N(0, 1) keep float32 round-off accuracy;
+     for short groups (:data:`~bgnorm.ops.dispatch.SHORT_GROUP`) and the columns layout,
+     per-unit moments over (N, L) from the native batch-norm statistics kernel, merged over
+     each group's units. Merges are exact (equal parts) and centred, so inputs like
+     1e4 + N(0, 1) keep float32 round-off accuracy;
   2. one native pass over the units view with the group statistics and gamma/beta gathered per
      row: y = (x - mean_g) * rsqrt(var_g + eps) * gamma_c + beta_c (eval-mode batch norm, or
      an addcmul with the folded scale/shift on 2D views), written into the group-norm kernel's
@@ -34,58 +35,23 @@ statistics) and one in-place addcmul. Only x and the (P0*G,) statistics are save
 exists on CPU and CUDA. Double backward recomputes a differentiable composition (see
 :func:`bgnorm.ops.composed.grouped_norm_reference`).
 
-Eval is one pass with the running statistics (:func:`native_eval_kernel`), and small inputs
-with groups of whole channels take :class:`ChannelGroupsFunction` (fewer, heavier kernels).
+Eval is one pass with the running statistics (:mod:`bgnorm.ops.eval`), and small inputs with
+groups of whole channels take :mod:`bgnorm.ops.channels` (fewer, heavier kernels). The helpers
+of the native passes (fold, affine, row gathers, reductions) live here and serve those too.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from . import dispatch
 from .composed import differentiable_grads
-from .plan import (
-    UnitsPlan,
-    compute_dtype,
-    contiguous_for,
-    is_fake,
-    memory_format_of,
-    unit_length,
-    units_plan,
-    update_running,
-)
+from .plan import UnitsPlan, compute_dtype, is_fake, units_plan, update_running
 
-__all__ = [
-    "native_grouped_norm", "native_eval_kernel", "native_plan",
-    "NativeGroupedNormFunction", "channel_groups_norm", "ChannelGroupsFunction",
-]
-
-
-#: Groups shorter than this get their BGN statistics from the native batch-norm statistics
-#: kernel on the units view, merged over the units of a group (faster for short rows); longer
-#: ones from per-(n, g) native group-norm moments merged over the batch (faster for long
-#: rows). Measured on CPU with benchmarks/bench_norms.py; both keep float32 round-off accuracy
-#: on inputs like 1e4 + N(0, 1) (tests/test_functional.py::test_large_offset_float32).
-SHORT_GROUP = 32
-
-#: BGN inputs whose units are shorter than this many elements, with at least
-#: :data:`COLUMNS_MIN_BATCH` examples, use the *columns* layout: every element of an example is
-#: its own unit (L = 1), so every pass runs over the 2D (N, C*S) view with per-column
-#: coefficients (batch-norm statistics and reductions over N, TensorIterator affines), where
-#: torch's CPU kernels are fast; on short rows (bands of 32, 2x2 maps) the group-norm and
-#: batch-norm kernels pay a per-row cost. Measured with benchmarks/bench_norms.py.
-SHORT_UNIT = 48
-COLUMNS_MIN_BATCH = 4
-
-#: Devices whose batch-norm backward reduction the engines call in eval mode with the statistics
-#: as running statistics and no weight (torch's CPU kernel). Elsewhere (CUDA) they pass saved
-#: statistics and a weight of ones (:func:`_row_sums_saved`), which CUDA's kernel needs. Tests
-#: set it to () to run that form on CPU (tests/test_functional.py).
-EVAL_REDUCTION_DEVICES: tuple[str, ...] = ("cpu",)
+__all__ = ["native_grouped_norm", "native_plan", "NativeGroupedNormFunction"]
 
 _unsafe_view = torch.ops.aten._unsafe_view.default  # a reshape that autograd sees as a new tensor
 
@@ -127,15 +93,16 @@ def _moments(
     """(P0*G,) mean and biased variance in ``cdt`` from native per-row moments, and the
     group-norm kernel's output buffer (x's size, contents unused) when there is one.
 
-    BGN with groups shorter than :data:`SHORT_GROUP`: per-unit moments over (N, L) from the
-    batch-norm statistics kernel, merged over the units of each group. Otherwise per-(n, g)
-    moments from the group-norm kernel (eps = 0; its normalized output is not used), merged over
-    the examples of each batch group. Both merges are exact (parts of equal size). The output
-    buffer is returned for reuse as the layer's output: a fresh full-size allocation costs page
-    faults on CPU, as much as a pass over the data.
+    BGN with groups shorter than :data:`~bgnorm.ops.dispatch.SHORT_GROUP` (or columns):
+    per-unit moments over (N, L) from the batch-norm statistics kernel, merged over the units
+    of each group. Otherwise per-(n, g) moments from the group-norm kernel (eps = 0; its
+    normalized output is not used), merged over the examples of each batch group. Both merges
+    are exact (parts of equal size). The output buffer is returned for reuse as the layer's
+    output: a fresh full-size allocation costs page faults on CPU, as much as a pass over the
+    data.
     """
     xs = x if x.dtype == cdt else x.to(cdt)
-    if plan.p0 == 1 and (plan.lg < SHORT_GROUP or plan.l == 1):
+    if dispatch.use_unit_statistics(plan):
         m, v = _unit_moments(plan.view(xs))  # (U,)
         if plan.upg == 1:
             return m, v, None
@@ -237,8 +204,8 @@ def _row_sums_eval(
     """Per-row ``sum(dy * xhat)`` and ``sum(dy)`` of the units view (rows along dim 1) from
     torch's eval-mode batch-norm backward with only the weight/bias gradients requested:
     the statistics are passed as running statistics (any parameter dtype). On
-    :data:`EVAL_REDUCTION_DEVICES` only: CUDA's kernel needs the saved statistics and a weight
-    (see :func:`_row_sums_saved`)."""
+    :data:`~bgnorm.ops.dispatch.EVAL_REDUCTION_DEVICES` only: CUDA's kernel needs the saved
+    statistics and a weight (see :func:`_row_sums_saved`)."""
     _, s_dyx, s_dy = torch.ops.aten.native_batch_norm_backward(
         dyv, xv, None, mean_r, var_r, None, None, False, eps, [False, True, True]
     )
@@ -306,7 +273,7 @@ class NativeGroupedNormFunction(torch.autograd.Function):
         xv, dyv = plan.view(x), plan.view(dy if dy.is_contiguous() else dy.contiguous())
         rstd = (var + eps).rsqrt()
         # per-row sum(dy * xhat) and sum(dy) in one native reduction pass
-        if xv.device.type in EVAL_REDUCTION_DEVICES:
+        if dispatch.eval_reduction(xv.device):
             s_dyx, s_dy = _row_sums_eval(dyv, xv, mean_r, var_r, eps)
         else:
             s_dyx, s_dy = _row_sums_saved(
@@ -338,101 +305,7 @@ class NativeGroupedNormFunction(torch.autograd.Function):
 
 def native_plan(n: int, c: int, s: int, g: int, p0: int) -> UnitsPlan:
     """The units plan the native engine runs (N, C, S, G, P0) with: columns for short units."""
-    columns = p0 == 1 and n >= COLUMNS_MIN_BATCH and unit_length(c, s, g) < SHORT_UNIT
-    return units_plan(n, c, s, g, p0, columns)
-
-
-#: Eval runs over the columns layout when units are at most this long (and x has spatial
-#: axes) and the units view has at least :data:`EVAL_COLUMNS_MIN_ROWS` rows (N * U): torch's
-#: batch-norm kernel pays a per-row cost (6x slower on 2x2 maps than on whole channels of the
-#: same tensor here), while folding and spreading the per-column scale/shift costs about ten
-#: small ops. Bands of 32 measured 1.2x BatchNorm either way; 2D inputs take the kernel's fast
-#: 2D path. Measured with benchmarks/bench_norms.py.
-EVAL_SHORT_UNIT = 16
-EVAL_COLUMNS_MIN_ROWS = 1 << 15
-
-
-def _eval_columns(
-    plan: UnitsPlan, group_index: Tensor | None, channel_index: Tensor | None, x: Tensor,
-    running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None,
-    eps: float,
-) -> Tensor:
-    """Eval over the 2D (N, D) view: scale = w rsqrt(var + eps) and shift = b - mean * scale
-    folded per unit, spread over the D columns of an example, applied by one addcmul."""
-    rows = _gather_rows(group_index, channel_index, running_mean, running_var, weight, bias)
-    if rows[0].dtype != x.dtype:  # parameters replaced by ones of another dtype since
-        return _affine(plan.view(x.contiguous()), *rows, eps).view(x.shape)  # as _eval_units
-    coef = torch.stack(_fold(*rows, eps))  # (2, U): scale, shift
-    if plan.l > 1:
-        coef = coef.view(2, plan.u, 1).expand(2, plan.u, plan.l).reshape(2, -1)
-    return torch.addcmul(coef[1], x.view(plan.n, coef.shape[1]), coef[0]).view(x.shape)
-
-
-def _eval_channels(
-    index: Tensor | None, on_cuda: bool, x: Tensor, running_mean: Tensor, running_var: Tensor,
-    weight: Tensor | None, bias: Tensor | None, eps: float,
-) -> Tensor:
-    """Eval when the units are channels (G divides C): torch's batch norm on x as it is, in
-    any memory format, with the statistics gathered per channel by ``index`` (None: G = C).
-    The layer's hot path in eval, so its arguments are bound once (``index`` for x's device;
-    cuDNN's switch is read per call on CUDA only, where it matters)."""
-    if index is not None:
-        running_mean = running_mean.index_select(0, index)
-        running_var = running_var.index_select(0, index)
-    return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps,
-                            on_cuda and _cudnn())
-
-
-def _eval_units(
-    plan: UnitsPlan, group_index: Tensor | None, channel_index: Tensor | None,
-    memory_format: torch.memory_format | None, x: Tensor, running_mean: Tensor,
-    running_var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
-) -> Tensor:
-    """Eval over the units view (bands, straddling groups): one pass of :func:`_affine` with
-    the rows gathered by the plan's indices for x's device (bound once per configuration).
-    A channels-last x (``memory_format``) gets y and dx in its format, as torch's norms."""
-    rows = _gather_rows(group_index, channel_index, running_mean, running_var, weight, bias)
-    if memory_format is None:
-        return _affine(plan.view(x.contiguous()), *rows, eps).view(x.shape)
-    y = _affine(plan.view(contiguous_for(x, memory_format)), *rows, eps).view(x.shape)
-    return y.contiguous(memory_format=memory_format)
-
-
-#: An eval pass bound to one configuration: ``kernel(x, running_mean, running_var, weight,
-#: bias, eps)``.
-EvalKernel = Callable[[Tensor, Tensor, Tensor, "Tensor | None", "Tensor | None", float], Tensor]
-
-
-def native_eval_kernel(x: Tensor, plan: UnitsPlan, param_dtype: torch.dtype) -> EvalKernel:
-    """The eval pass of BGN/GBGN for inputs like ``x`` (N, C, *) over ``plan``'s units view:
-    one native pass with the (G,) running statistics, bound to the configuration (sizes,
-    layout, dtypes, device, memory format). Call it as ``kernel(x, running_mean, running_var,
-    weight, bias, eps)``; layers keep it for the inputs they validated.
-
-    * Many short units (L <= :data:`EVAL_SHORT_UNIT`, at least :data:`EVAL_COLUMNS_MIN_ROWS`
-      rows, spatial axes, float32/float64 on CPU, not traced): the per-unit scale and shift
-      are spread over the D columns of an example and one addcmul runs over the 2D (N, D)
-      view (torch's batch-norm kernel pays a per-row cost: 6x slower on 2x2 maps here).
-    * Units that are channels (G divides C; G = C is BatchNorm): torch's batch norm on x as it
-      is, in any memory format, with the statistics gathered per channel.
-    * Otherwise (bands, straddling groups): the batch-norm pass over the units view (of a
-      contiguous copy of a channels-last x, whose format y then takes).
-    """
-    group_index = plan.group_index(x.device)
-    if (
-        # traced (torch.compile, torch.export): no choice by batch size, which would guard a
-        # dynamic batch dimension (and fail an export over a range crossing the threshold)
-        not torch.compiler.is_compiling()
-        and x.device.type == "cpu" and x.dtype == param_dtype and plan.p0 == 1 and x.dim() > 2
-        and x.dtype in (torch.float32, torch.float64)  # half: the kernels fold in float32
-        and plan.l <= EVAL_SHORT_UNIT and plan.n * plan.u >= EVAL_COLUMNS_MIN_ROWS
-        and x.is_contiguous()
-    ):
-        return functools.partial(_eval_columns, plan, group_index, plan.channel_index(x.device))
-    if plan.l == plan.s:
-        return functools.partial(_eval_channels, group_index, x.device.type == "cuda")
-    return functools.partial(_eval_units, plan, group_index, plan.channel_index(x.device),
-                             memory_format_of(x))
+    return units_plan(n, c, s, g, p0, dispatch.use_columns(n, c, s, g, p0))
 
 
 def native_grouped_norm(
@@ -446,12 +319,6 @@ def native_grouped_norm(
     return NativeGroupedNormFunction.apply(
         x.contiguous(), weight, bias, plan, running, momentum, eps
     )
-
-
-#: :class:`ChannelGroupsFunction` applies gamma/beta with torch's eval-mode batch-norm kernel
-#: when maps have at least this many elements (2-3x faster than a broadcast addcmul on CPU at
-#: 8x8, 4x4 and 3x3 maps), with an addcmul below (the kernel's per-row cost: 2x slower at 2x2).
-AFFINE_MIN_SPATIAL = 8
 
 
 _IDENTITY_STATS: dict[tuple[int, torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
@@ -472,107 +339,3 @@ def _identity_stats(c: int, dtype: torch.dtype, device: torch.device) -> tuple[T
                 _IDENTITY_STATS.clear()
             _IDENTITY_STATS[key] = stats
     return stats
-
-
-class ChannelGroupsFunction(torch.autograd.Function):
-    """BGN with groups of k = C/G whole channels in few native calls (the small-tensor path).
-
-    On the (N, G, k*S) view each group is one "channel" of torch's batch norm, so
-    ``native_batch_norm`` in training mode (no affine) gives x-hat, the (G,) statistics and the
-    running-statistics update (unbiased, n = N*D/G) exactly; the per-channel affine follows in
-    place. Backward: dx from ``native_batch_norm_backward`` in training mode on the same view
-    with grad ``dy * gamma_c``; gamma's and beta's gradients from its reduction on the (N, C, S)
-    view with each channel's group statistics. Saves x and the (G,) statistics. Fewer, heavier
-    kernels than :class:`NativeGroupedNormFunction`: the faster choice when per-call overhead
-    dominates. Takes x (N, C, *) contiguous as it is and returns y of its shape, so autograd
-    records no view nodes around it (each costs as much as a small kernel).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, num_groups, momentum, eps):  # type: ignore[override]
-        n, c = x.shape[:2]
-        s = x.numel() // (n * c) if n * c else 0
-        xhat, mean, invstd = torch.native_batch_norm(
-            x.view(n, num_groups, -1), None, None, running_mean, running_var, True, momentum,
-            eps,
-        )
-        y = xhat  # never a view made here: returned through _unsafe_view
-        if weight is not None or bias is not None:
-            xh3 = xhat.view(n, c, s)
-            same = (weight is None or weight.dtype == xhat.dtype) and (
-                bias is None or bias.dtype == xhat.dtype)
-            if same and s >= AFFINE_MIN_SPATIAL:
-                # y = xhat * gamma_c + beta_c by torch's eval-mode batch norm with zero means
-                # and unit variances (eps = 0: its scale is gamma, its shift beta, exactly):
-                # its per-channel kernel is 2-3x faster on CPU than a broadcast addcmul
-                zeros, ones = _identity_stats(c, xhat.dtype, xhat.device)
-                y = torch.batch_norm(xh3, weight, bias, zeros, ones, False, 0.0, 0.0, False)
-            else:
-                w = weight.view(1, c, 1) if weight is not None else None
-                b = bias.view(1, c, 1) if bias is not None else None
-                if same and w is not None and b is not None:
-                    # in place over x-hat (a fresh buffer that backward does not keep)
-                    y = torch.addcmul(b, xh3, w, out=xh3)
-                else:  # gamma or beta alone, or parameters of another dtype (half input)
-                    y = torch.addcmul(b, xh3, w) if (w is not None and b is not None) else (
-                        xh3 * w if w is not None else xh3 + b)
-                    y = _cast(y, x)
-        ctx.save_for_backward(x, weight, bias, mean, invstd)
-        ctx.eps, ctx.num_groups = eps, num_groups
-        return _unsafe_view(y, x.shape)
-
-    @staticmethod
-    def backward(ctx, dy):  # type: ignore[override]
-        x, weight, bias, mean, invstd = ctx.saved_tensors
-        n, c = x.shape[:2]
-        s = x.numel() // (n * c) if n * c else 0
-        g = ctx.num_groups
-        if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation
-            view = (1, n, g, c * s // g)
-            dx, dw, db = differentiable_grads(x.view(n, c, s), weight, bias, view, ctx.eps, dy)
-            dx = None if dx is None else dx.reshape(x.shape)
-            return dx, dw, db, None, None, None, None, None
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        # half inputs: the backward runs in float32 (no cast op calls otherwise: each costs
-        # microseconds, as much as these small layers' kernels)
-        cdt = compute_dtype(x.dtype)
-        dy3 = (dy if dy.is_contiguous() else dy.contiguous()).view(n, c, s)
-        x3 = x.view(n, c, s)
-        if dy3.dtype != cdt:
-            dy3, x3 = dy3.to(cdt), x3.to(cdt)
-        if mean.dtype != cdt:
-            mean, invstd = mean.to(cdt), invstd.to(cdt)
-        dx = dw = db = None
-        if need_x:
-            dxh = dy3 * weight.view(1, c, 1) if weight is not None else dy3
-            dx = torch.ops.aten.native_batch_norm_backward(
-                dxh.view(n, g, -1), x3.view(n, g, -1), None, None, None, mean, invstd, True,
-                ctx.eps, [True, False, False],
-            )[0].view(x.shape)
-            dx = _cast(dx, x)
-        if need_w or need_b:
-            # sum(dy * xhat) and sum(dy) per channel: the training-mode reduction with the
-            # saved (mean, invstd) of each channel's group
-            plan = units_plan(n, c, s, g, 1)  # whole channels: rows are channels
-            mean_c, invstd_c = plan.groups_to_rows(torch.stack((mean, invstd))).unbind(0)
-            if x3.device.type in EVAL_REDUCTION_DEVICES:
-                _, s_dyx, s_dy = torch.ops.aten.native_batch_norm_backward(
-                    dy3, x3, None, None, None, mean_c, invstd_c, True, 0.0, [False, True, True]
-                )
-            else:  # CUDA allocates the weight gradients like its weight: one is needed
-                s_dyx, s_dy = _row_sums_saved(dy3, x3, mean_c, invstd_c)
-            dw = _cast(s_dyx, weight) if need_w else None
-            db = _cast(s_dy, bias) if need_b else None
-        return dx, dw, db, None, None, None, None, None
-
-
-def channel_groups_norm(
-    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
-    running_mean: Tensor | None, running_var: Tensor | None, momentum: float, eps: float,
-) -> Tensor:
-    """Apply :class:`ChannelGroupsFunction` (C divisible by G) to ``x`` (N, C, *) (made
-    contiguous); returns y of x's shape and updates the running statistics in place like
-    torch's batch norm."""
-    return ChannelGroupsFunction.apply(
-        x.contiguous(), weight, bias, running_mean, running_var, num_groups, momentum, eps
-    )

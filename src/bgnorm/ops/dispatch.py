@@ -229,10 +229,13 @@ def choose_engine(input: Tensor, num_groups: int, examples_per_group: int | None
         >>> choose_engine(torch.randn(8, 64, 7, 7), 128), choose_engine(torch.randn(8, 64), 8, 4)
         ('bands', 'units')
     """
-    n, c = input.shape[:2]
-    if examples_per_group is None and num_groups == c:
-        return "batchnorm"
-    batch_groups = 1 if examples_per_group is None else n // examples_per_group
+    c = input.shape[1]
+    if examples_per_group is None:
+        if num_groups == c:
+            return "batchnorm"
+        batch_groups = 1
+    else:
+        batch_groups = input.shape[0] // examples_per_group
     engine = _setting.engine
     if engine == "triton" and not triton_bgn.supports(input):
         engine = "auto"

@@ -75,14 +75,14 @@ def native_eval_kernel(x: Tensor, plan: UnitsPlan, param_dtype: torch.dtype) -> 
     layout, dtypes, device, memory format). Call it as ``kernel(x, running_mean, running_var,
     weight, bias, eps)``; layers keep it for the inputs they validated.
 
-    * Many short units (L <= :data:`~bgnorm.ops.dispatch.EVAL_SHORT_UNIT`, at least
-      :data:`~bgnorm.ops.dispatch.EVAL_COLUMNS_MIN_ROWS`
-      rows, spatial axes, float32/float64 on CPU, not traced): the per-unit scale and shift
-      are spread over the D columns of an example and one addcmul runs over the 2D (N, D)
-      view (torch's batch-norm kernel pays a per-row cost: 6x slower on 2x2 maps here).
-    * Units that are channels (G divides C; G = C is BatchNorm): torch's batch norm on x as it
-      is, in any memory format, with the statistics gathered per channel.
-    * Otherwise (bands, straddling groups): the batch-norm pass over the units view (of a
+    The pass (:func:`~bgnorm.ops.dispatch.choose_eval_pass`):
+
+    * "columns", many short units: the per-unit scale and shift are spread over the D columns
+      of an example and one addcmul runs over the 2D (N, D) view (torch's batch-norm kernel
+      pays a per-row cost: 6x slower on 2x2 maps on the 2-core CPU).
+    * "channels", units that are channels (G divides C; G = C is BatchNorm): torch's batch
+      norm on x as it is, in any memory format, with the statistics gathered per channel.
+    * "units" (bands, straddling groups): the batch-norm pass over the units view (of a
       contiguous copy of a channels-last x, whose format y then takes).
     """
     group_index = plan.group_index(x.device)

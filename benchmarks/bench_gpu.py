@@ -45,6 +45,7 @@ import torch.nn.functional as F  # noqa: E402
 import bgnorm  # noqa: E402
 from bgnorm import functional as BF  # noqa: E402
 from bgnorm.ops import triton_bgn  # noqa: E402
+from bgnorm.ops.dispatch import force_engine  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from reference import gbgn_ref  # noqa: E402
@@ -54,8 +55,8 @@ DRY_STAGES = [(8, 4), (16, 2)]
 FIELDS = ["section", "impl", "dtype", "format", "N", "C", "HW", "G", "fwd_us", "bwd_us",
           "fwdbwd_us", "fwdbwd_vs_bn", "bw_frac_fwdbwd", "gpu_fwdbwd_us", "gpu_vs_bn",
           "max_rel_err", "note"]
-#: The BGN training engines timed on every cell (functional.ENGINE values; "batchnorm" only
-#: where its layouts apply, none at G = C, which is torch's BatchNorm).
+#: The BGN training engines timed on every cell (names of bgnorm.ops.dispatch.force_engine;
+#: "batchnorm" only where its layouts apply, none at G = C, which is torch's BatchNorm).
 ENGINES = ("auto", "triton", "general", "units", "batchnorm")
 #: The ResNet-50 training step: BatchNorm2d, then BGN on each engine.
 E2E_ENGINES = ("bn", "triton", "general", "units", "batchnorm")
@@ -112,14 +113,8 @@ def copy_bandwidth(device: torch.device, dry: bool) -> float:
     return 2 * src.numel() * src.element_size() / (us * 1e-6)
 
 
-def _engine(name: str):
-    def set_engine():
-        BF.ENGINE = name
-    return set_engine
-
-
 def make_impls(g: int, c: int, compiled_ok: bool):
-    """name -> (function of (x, w, b, rm, rv) returning y, engine setter or None, whether the
+    """name -> (function of (x, w, b, rm, rv) returning y, engine to force or None, whether the
     affine parameters take the input's dtype: torch's GroupNorm module in bfloat16 has
     bfloat16 parameters, the BN/BGN layers keep float32 ones under autocast)."""
     def bn(x, w, b, rm, rv):
@@ -140,11 +135,11 @@ def make_impls(g: int, c: int, compiled_ok: bool):
             continue  # G = C: every engine is torch's BatchNorm
         if engine == "batchnorm" and c % g and g % c:
             continue
-        impls[f"bgn-{engine}"] = (bgn, _engine(engine), False)
+        impls[f"bgn-{engine}"] = (bgn, engine, False)
     if c % g == 0:
         impls["gn"] = (gn, None, True)
     if compiled_ok:
-        impls["bgn-compiled"] = (torch.compile(bgn), _engine("auto"), False)
+        impls["bgn-compiled"] = (torch.compile(bgn), "auto", False)
     return impls
 
 
@@ -173,7 +168,7 @@ def check_cell(device, dtype, fmt, c, hw, g, n_small) -> float:
     return err
 
 
-def time_cell(timer, impl, setter, device, dtype, fmt, n, c, hw, params_like_input=False):
+def time_cell(timer, impl, engine, device, dtype, fmt, n, c, hw, params_like_input=False):
     shape = (n, c, hw, hw)
     x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
     x.requires_grad_()
@@ -183,17 +178,15 @@ def time_cell(timer, impl, setter, device, dtype, fmt, n, c, hw, params_like_inp
     rm = torch.zeros(max(c, 4 * n), device=device)  # G <= 4 N (paper_groups)
     rv = torch.ones_like(rm)
     dy = torch.randn_like(x)
-    if setter:
-        setter()
     out = {}
-    out["fwd"] = timer(lambda: impl(x, w, b, rm, rv))
-    y = impl(x, w, b, rm, rv)
-    out["bwd"] = timer(lambda: torch.autograd.grad(y, (x, w, b), dy, retain_graph=True))
-    out["fwdbwd"] = timer(lambda: torch.autograd.grad(impl(x, w, b, rm, rv), (x, w, b), dy))
-    if device.type == "cuda":
-        out["gpu_fwdbwd"] = timer(
-            lambda: torch.autograd.grad(impl(x, w, b, rm, rv), (x, w, b), dy), gpu_only=True)
-    BF.ENGINE = "auto"
+    with force_engine(engine or "auto"):
+        out["fwd"] = timer(lambda: impl(x, w, b, rm, rv))
+        y = impl(x, w, b, rm, rv)
+        out["bwd"] = timer(lambda: torch.autograd.grad(y, (x, w, b), dy, retain_graph=True))
+        out["fwdbwd"] = timer(lambda: torch.autograd.grad(impl(x, w, b, rm, rv), (x, w, b), dy))
+        if device.type == "cuda":
+            out["gpu_fwdbwd"] = timer(
+                lambda: torch.autograd.grad(impl(x, w, b, rm, rv), (x, w, b), dy), gpu_only=True)
     return out
 
 
@@ -216,7 +209,6 @@ def resnet_step(device, dtype_name, engine, batch, steps, warmup, dry):
     res = 8 if dry else 224
     x = torch.randn(batch, 3, res, res, device=device).contiguous(memory_format=torch.channels_last)
     t = torch.randint(0, 10, (batch,), device=device)
-    BF.ENGINE = "auto" if engine == "bn" else engine
     auto = dict(device_type=device.type, dtype=torch.bfloat16, enabled=dtype_name == "bf16")
 
     def step():
@@ -226,17 +218,17 @@ def resnet_step(device, dtype_name, engine, batch, steps, warmup, dry):
         loss.backward()
         opt.step()
 
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    BF.ENGINE = "auto"
-    return batch * steps / (time.perf_counter() - t0)
+    with force_engine("auto" if engine == "bn" else engine):
+        for _ in range(warmup):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return batch * steps / (time.perf_counter() - t0)
 
 
 def write(rows, out: Path, header: str) -> None:
@@ -327,13 +319,12 @@ def main() -> None:
                                 HW=hw, G=g)
                     bn_us = None
                     bn_gpu = None
-                    for name, (impl, setter, like) in make_impls(g, c, use_compile).items():
+                    for name, (impl, engine, like) in make_impls(g, c, use_compile).items():
                         row = dict(cell, section="layer", impl=name)
                         try:
-                            t = time_cell(timer, impl, setter, device, dtype, fmt, batch, c, hw,
+                            t = time_cell(timer, impl, engine, device, dtype, fmt, batch, c, hw,
                                           like)
                         except Exception as exc:
-                            BF.ENGINE = "auto"
                             row["note"] = f"failed: {type(exc).__name__}: {str(exc)[:80]}"
                             rows.append(row)
                             print(row, flush=True)
@@ -354,7 +345,7 @@ def main() -> None:
                         if name == "bgn-triton":
                             row["max_rel_err"] = errs.get((c, hw, g, dtype, fname), "")
                             if g == c:
-                                row["note"] = "G = C: ENGINE=triton uses BatchNorm here"
+                                row["note"] = "G = C: force_engine('triton') uses BatchNorm here"
                         rows.append(row)
                         print({k: _fmt(v) for k, v in row.items()}, flush=True)
                     write(rows, out, header)
@@ -373,7 +364,6 @@ def main() -> None:
                         row["note"] = f"{ips:.1f} images/s"
                         row["images_per_s"] = ips
                     except Exception as exc:
-                        BF.ENGINE = "auto"
                         traceback.print_exc()
                         row["note"] = f"failed: {type(exc).__name__}: {str(exc)[:80]}"
                     rows.append(row)

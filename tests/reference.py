@@ -48,23 +48,20 @@ def divisors(d: int) -> list[int]:
     return [g for g in range(1, d + 1) if d % g == 0]
 
 
-#: Every training engine and layout the tests run each case through: the few-calls batch-norm
-#: engine, the units engine with each statistics kernel and with the columns layout, and the
-#: closed-form general engine (the torch.compile path).
+#: Every training engine and layout the tests run each case through (names of
+#: bgnorm.ops.dispatch.force_engine): the few-calls batch-norm engines, the units engine with
+#: each statistics kernel and with the columns layout, and the closed-form general engine (the
+#: torch.compile path).
 ENGINES = ["batchnorm", "units-bnstats", "units-gnstats", "units-columns", "general"]
 
 
-def set_engine(monkeypatch, name: str) -> str:
-    """Force the engine ``name`` (one of :data:`ENGINES`) for the rest of a test."""
-    from bgnorm import functional as BF
-    from bgnorm.ops import native
+def set_engine(request, name: str) -> str:
+    """Force the engine ``name`` (one of :data:`ENGINES`) for the rest of a test: enters
+    ``force_engine(name)`` and leaves it when ``request`` (the test's or a fixture's pytest
+    request) finishes."""
+    from bgnorm.ops.dispatch import force_engine
 
-    monkeypatch.setattr(BF, "ENGINE", name.split("-")[0])
-    monkeypatch.setattr(native, "SHORT_GROUP", 10**9 if name == "units-bnstats" else 0)
-    columns = name == "units-columns"
-    monkeypatch.setattr(native, "SHORT_UNIT", 10**9 if columns else 0)
-    monkeypatch.setattr(native, "COLUMNS_MIN_BATCH", 1 if columns else 10**9)
-    # eval: the columns pass wherever it applies with "units-columns", never with the others
-    monkeypatch.setattr(native, "EVAL_SHORT_UNIT", 10**9 if columns else 0)
-    monkeypatch.setattr(native, "EVAL_COLUMNS_MIN_ROWS", 0 if columns else 10**18)
+    forced = force_engine(name)
+    forced.__enter__()
+    request.addfinalizer(lambda: forced.__exit__(None, None, None))
     return name

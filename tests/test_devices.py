@@ -13,8 +13,8 @@ from reference import ENGINES, set_engine
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import bgnorm
-from bgnorm.ops import native
-from bgnorm.ops.engine import units_plan
+from bgnorm.ops import units
+from bgnorm.ops.plan import units_plan
 
 # (layer factory, input shape): whole channels, bands, straddling groups, BatchNorm, 1d (the
 # columns layout), a large input (the units engine under "auto"), 3d, GBGN, PositionalNorm
@@ -32,8 +32,8 @@ CASES = {
 
 
 @pytest.fixture(autouse=True, params=ENGINES)
-def engine(request, monkeypatch):
-    return set_engine(monkeypatch, request.param)
+def engine(request):
+    return set_engine(request, request.param)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -56,7 +56,7 @@ def test_fake_mode_leaves_real_calls_real(case):
     on the same layer and on a fresh one: plain tensors with the right values."""
     make, shape = CASES[case]
     units_plan.cache_clear()  # the run below is the first of these sizes
-    native._IDENTITY_STATS.clear()
+    units._IDENTITY_STATS.clear()
     torch.manual_seed(0)
     m = make(None)
     state = copy.deepcopy(m.state_dict())

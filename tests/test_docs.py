@@ -18,8 +18,9 @@ from torch import nn
 
 import bgnorm
 
-MODULES = ["bgnorm.functional", "bgnorm.layers", "bgnorm.registry", "bgnorm.convert",
-           "bgnorm.policy", "bgnorm.distributed", "bgnorm.fuse", "bgnorm.swa", "bgnorm.frozen"]
+MODULES = ["bgnorm.functional", "bgnorm.ops.dispatch", "bgnorm.layers", "bgnorm.registry",
+           "bgnorm.convert", "bgnorm.policy", "bgnorm.distributed", "bgnorm.fuse", "bgnorm.swa",
+           "bgnorm.frozen"]
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "api"
 

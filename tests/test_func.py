@@ -28,9 +28,9 @@ CASES = {
 
 
 @pytest.fixture(autouse=True, params=ENGINES)
-def engine(request, monkeypatch):
+def engine(request):
     """Forced engines too: under a transform every one gives way to the composition."""
-    return set_engine(monkeypatch, request.param)
+    return set_engine(request, request.param)
 
 
 def _model(case: str, **kw) -> tuple[nn.Module, torch.Tensor]:

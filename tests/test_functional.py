@@ -8,12 +8,13 @@ import torch.nn.functional as F
 from reference import ENGINES, bgn_eval_ref, bgn_ref, divisors, gbgn_ref, pn_ref, set_engine
 
 from bgnorm import functional as BF
+from bgnorm.ops.dispatch import force_engine
 
 
 @pytest.fixture(autouse=True, params=ENGINES)
-def engine(request, monkeypatch):
+def engine(request):
     """Run every test through each training engine and layout (see reference.ENGINES)."""
-    return set_engine(monkeypatch, request.param)
+    return set_engine(request, request.param)
 
 SHAPES = [(5, 6), (3, 6, 4), (2, 4, 3, 4), (3, 2, 2, 3, 2)]
 CASES = [
@@ -259,17 +260,17 @@ SAVED_CASES = [((6, 8), 4, None), ((4, 6, 1), 3, None), ((3, 4, 2, 3), 2, None),
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape,g,e", SAVED_CASES)
-def test_engines_with_saved_statistics_reduction(shape, g, e, dtype, engine, monkeypatch):
+def test_engines_with_saved_statistics_reduction(shape, g, e, dtype, engine, request):
     """The native engines' backward with the argument form CUDA needs (saved statistics and a
-    weight of ones, no running statistics: native.EVAL_REDUCTION_DEVICES = ()) against the
+    weight of ones, no running statistics: eval_reduction_devices=()) against the
     float64 reference on every device; with CUDA's form CPU must agree too, and on CUDA this
     is the form that runs (the eval-mode form failed there with "save_mean should always be
     defined", "tensor does not have a device" and empty weight gradients)."""
-    from bgnorm.ops import native
-
     if engine == "general":
         pytest.skip("no native reduction")
-    monkeypatch.setattr(native, "EVAL_REDUCTION_DEVICES", ())
+    forced = force_engine(eval_reduction_devices=())
+    forced.__enter__()
+    request.addfinalizer(lambda: forced.__exit__(None, None, None))
     x64 = torch.randn(shape, dtype=torch.float64) * 2 + 1
     x = x64.to(dtype).requires_grad_()
     w, b = (p.detach().to(torch.float32 if dtype != torch.float64 else dtype).requires_grad_()

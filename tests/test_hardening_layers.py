@@ -113,8 +113,8 @@ def test_bias_is_keyword_only_like_torch():
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("g", [6, 3, 12, 4], ids=["G=C", "whole", "bands", "straddle"])
-def test_bias_false_forward_backward(g, engine, monkeypatch):
-    set_engine(monkeypatch, engine)
+def test_bias_false_forward_backward(g, engine, request):
+    set_engine(request, engine)
     m = BatchGroupNorm2d(6, g, bias=False, dtype=F64)
     with torch.no_grad():
         m.weight.copy_(torch.linspace(0.5, 2, 6))
@@ -342,8 +342,8 @@ def _run_empty(m, shape, dtype=torch.float32):
 @pytest.mark.parametrize("cls,bn_cls,shape,groups", EMPTY_CASES,
                          ids=[str(c[2]) for c in EMPTY_CASES])
 def test_empty_input_behaves_as_batchnorm(cls, bn_cls, shape, groups, training, engine,
-                                          monkeypatch):
-    set_engine(monkeypatch, engine)
+                                          request):
+    set_engine(request, engine)
     for momentum in (0.1, None):
         bn = bn_cls(6, momentum=momentum).train(training)
         yb, dxb, (dwb, dbb), before_b, after_b = _run_empty(bn, shape)
@@ -423,8 +423,8 @@ def _format_reference(m, x, training):
 @pytest.mark.parametrize("dims,layout", [(d, la) for d in FORMATS for la in FORMAT_LAYOUTS
                                           if not (d == "5d" and la == "gbgn")])  # GBGN: 2D
 def test_output_and_input_gradient_keep_channels_last(dims, layout, training, engine,
-                                                      monkeypatch):
-    set_engine(monkeypatch, engine)
+                                                      request):
+    set_engine(request, engine)
     cls, shape, fmt = FORMATS[dims]
     m = FORMAT_LAYOUTS[layout](cls).double().train(training)
     with torch.no_grad():
@@ -470,8 +470,8 @@ def test_synchronized_layer_keeps_channels_last(g, sync_path):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_channels_last_double_backward(engine, monkeypatch):
-    set_engine(monkeypatch, engine)
+def test_channels_last_double_backward(engine, request):
+    set_engine(request, engine)
     m = BatchGroupNorm2d(6, 9).double()
     x0 = torch.randn(4, 6, 4, 3, dtype=F64)
     out = []

@@ -20,9 +20,9 @@ from bgnorm import (
 
 
 @pytest.fixture(autouse=True, params=ENGINES)
-def engine(request, monkeypatch):
+def engine(request):
     """Run every test through each training engine and layout (see reference.ENGINES)."""
-    return set_engine(monkeypatch, request.param)
+    return set_engine(request, request.param)
 
 
 BN_PAIRS = [

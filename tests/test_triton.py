@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 from conftest import TEST_DEVICE
-from reference import gbgn_ref
+from reference import gbgn_ref, set_engine
 
 if TEST_DEVICE.type == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
@@ -197,13 +197,13 @@ def test_only_requested_gradients(needed, device):
 
 @pytest.mark.parametrize("e", [None, 2])
 @pytest.mark.parametrize("g", [2, 24, 6])
-def test_functional_engine_running_stats(g, e, device, monkeypatch):
-    """ENGINE = "triton" runs the kernels from the functional API and updates the running
+def test_functional_engine_running_stats(g, e, device, monkeypatch, request):
+    """force_engine("triton") runs the kernels from the functional API and updates the running
     statistics exactly like the other engines (unbiased, averaged over batch groups)."""
     calls = []
     real = triton_bgn.triton_grouped_norm
     monkeypatch.setattr(triton_bgn, "triton_grouped_norm", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(BF, "ENGINE", "triton")
+    set_engine(request, "triton")
     x = torch.randn(4, 8, 3, 3, device=device, dtype=torch.float32) * 2 + 1
     w, b = torch.rand(8, device=device) + 0.5, torch.randn(8, device=device)
     rm, rv = torch.zeros(g, device=device), torch.ones(g, device=device)
@@ -221,9 +221,9 @@ def test_functional_engine_running_stats(g, e, device, monkeypatch):
                                rtol=1e-5, atol=1e-6)
 
 
-def test_functional_engine_falls_back_for_float64(monkeypatch):
-    """float64 is not a Triton dtype: ENGINE = "triton" takes the other engines there."""
-    monkeypatch.setattr(BF, "ENGINE", "triton")
+def test_functional_engine_falls_back_for_float64(monkeypatch, request):
+    """float64 is not a Triton dtype: force_engine("triton") takes the other engines there."""
+    set_engine(request, "triton")
     monkeypatch.setattr(triton_bgn, "triton_grouped_norm", None)  # would raise if called
     assert not triton_bgn.supports(torch.zeros(2, 4, dtype=torch.float64))
     x = torch.randn(4, 8, 3, 3, dtype=torch.float64)
@@ -271,10 +271,10 @@ def test_opcheck(device):
                           (torch.randn_like(y), x2, w.detach(), mean, rstd, 4, 1, True))
 
 
-def test_compile_fullgraph_one_op(device, monkeypatch):
-    """torch.compile(fullgraph=True) of BGN with ENGINE = "triton": one custom op each way,
+def test_compile_fullgraph_one_op(device, request):
+    """torch.compile(fullgraph=True) of BGN with force_engine("triton"): one custom op each way,
     the same values as eager, running statistics updated in the graph."""
-    monkeypatch.setattr(BF, "ENGINE", "triton")
+    set_engine(request, "triton")
     x = torch.randn(4, 8, 3, 3, device=device).to(memory_format=torch.channels_last)
     w = (torch.rand(8, device=device) + 0.5).requires_grad_()
     rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
@@ -329,7 +329,7 @@ def _memory_format_of(x):
     return torch.channels_last if not x.is_contiguous() else torch.contiguous_format
 
 
-def test_functional_engine_reads_channels_last(device, monkeypatch):
+def test_functional_engine_reads_channels_last(device, monkeypatch, request):
     """Through the functional API a channels-last input reaches the kernels as it is (the
     other engines copy it to NCHW and back: two copies each way, most of the GPU time of a
     channels-last layer in the first GPU run); y and dx keep its format."""
@@ -337,7 +337,7 @@ def test_functional_engine_reads_channels_last(device, monkeypatch):
     real = triton_bgn.triton_grouped_norm
     monkeypatch.setattr(triton_bgn, "triton_grouped_norm",
                         lambda x, *a: seen.append(x.is_contiguous()) or real(x, *a))
-    monkeypatch.setattr(BF, "ENGINE", "triton")
+    set_engine(request, "triton")
     x0 = torch.randn(4, 8, 3, 3, device=device) * 2 + 1
     x = x0.to(memory_format=torch.channels_last).requires_grad_()
     w = (torch.rand(8, device=device) + 0.5).requires_grad_()
@@ -388,7 +388,7 @@ def test_direct_launches_reuse_the_jit_compiled_kernel(monkeypatch):
 def test_running_stats_fused_like_update_running(e, buffers, device):
     """BGN's running statistics updated by the merge kernel (GBGN: by update_running after
     it) equal update_running's result from the returned batch statistics."""
-    from bgnorm.ops.engine import update_running
+    from bgnorm.ops.plan import update_running
 
     x = torch.randn(4, 8, 3, 3, device=device) * 2 + 1
     p0 = 1 if e is None else 4 // e

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bgnorm.ops.engine import UnitsPlan, unit_length, units_plan
-from bgnorm.ops.native import native_plan
+from bgnorm.ops.plan import UnitsPlan, unit_length, units_plan
+from bgnorm.ops.units import native_plan
 
 # (N, C, S, G, P0): whole channels, bands, straddling, BGN and GBGN, and the columns layout
 CASES = [

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from . import _checks
 from .layers import DEFAULT_NUM_GROUPS, _BatchGroupNorm, _BatchGroupNormNd
-from .ops.engine import compute_dtype, contiguous_for, memory_format_of
+from .ops.plan import compute_dtype, contiguous_for, memory_format_of
 
 __all__ = ["SyncBatchGroupNorm"]
 

@@ -25,49 +25,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks
-from .ops import triton_bgn
-from .ops.engine import (
-    UnitsPlan,
-    contiguous_for,
-    grouped_norm,
-    grouped_norm_composed,
-    in_functorch_transform,
-    memory_format_of,
-    units_plan,
-    update_running,
-)
-from .ops.native import (
-    EvalKernel,
-    channel_groups_norm,
-    native_eval_kernel,
-    native_grouped_norm,
-)
-
-#: Which training engine BGN/GBGN use: "auto" (below), or one forced for tests and benchmarks:
-#: "batchnorm" (few native batch-norm calls; only for G = C, G a multiple of C, or C a multiple
-#: of G in BGN), "units" (native per-row moments + units view, every layout) or "general" (the
-#: closed-form composition of bgnorm.ops.engine), or "triton" (opt-in: the fused kernels of
-#: bgnorm.ops.triton_bgn where triton_bgn.supports(input), i.e. float32/16/bfloat16 on CUDA or
-#: under Triton's CPU interpreter; other inputs take "auto"; G = C stays torch's BatchNorm).
-#: "auto" chooses by device, size and layout: :func:`auto_engine`.
-ENGINE = "auto"
-
-#: "auto" takes the few-calls batch-norm engine for inputs up to this many elements (where
-#: per-call overhead dominates) and the units engine above it (fewer, faster passes; torch's
-#: batch-norm statistics kernel is slow on large CPU tensors). Under torch.compile "auto" takes
-#: the general engine, which inductor fuses. Measured with benchmarks/bench_norms.py.
-SMALL_NUMEL = 1 << 18
-
-#: What ``ENGINE = "auto"`` trains CUDA tensors with: the first of these engines that runs
-#: the input. "triton" (the fused kernels, where ``triton_bgn.supports(input)``: triton
-#: importable, float32/16/bfloat16), "native" (the CPU choice below: "batchnorm" up to
-#: :data:`SMALL_NUMEL` elements, else "units"), "general" (the eager composition; runs every
-#: input). Set from the measured table of ``bash benchmarks/gpu_check.sh`` (H200, torch 2.11,
-#: 2026-11-30, benchmarks/gpu/h200-2026-11-30-run2*): triton had the fastest training pass of
-#: the engines on 43 of the 48 ResNet-50 cells and passed every CUDA test; the native engines
-#: were faster on 5 cells but still fail 12 gradient checks on CUDA (float32/bfloat16 at one
-#: GBGN shape, and 1e4 + N(0, 1) inputs), and general was 2-10x slower than triton.
-CUDA_ENGINES: tuple[str, ...] = ("triton", "general")
+from .ops import dispatch, triton_bgn
+from .ops.bands import bands_norm
+from .ops.channels import channel_groups_norm
+from .ops.composed import grouped_norm_composed
+from .ops.eval import EvalKernel, native_eval_kernel
+from .ops.general import grouped_norm
+from .ops.plan import UnitsPlan, contiguous_for, memory_format_of, units_plan, update_running
+from .ops.units import native_grouped_norm
 
 __all__ = ["batch_group_norm", "general_batch_group_norm", "positional_norm"]
 
@@ -104,7 +69,7 @@ def eval_kernel(
     """The eval pass of BGN/GBGN for inputs like ``input``, bound to their configuration
     (sizes, dtypes, device, memory format): call it as ``kernel(input, running_mean,
     running_var, weight, bias, eps)``. Layers keep it for the inputs they validated (see
-    :func:`bgnorm.ops.native.native_eval_kernel`)."""
+    :func:`bgnorm.ops.eval.native_eval_kernel`)."""
     if input.numel() == 0:
         return _empty_norm
     n, c = input.shape[:2]
@@ -161,71 +126,22 @@ def _grouped_batch_norm(
     eps: float,
 ) -> Tensor:
     """BGN (``examples_per_group=None``: one batch group) and GBGN on validated arguments."""
-    n, c = input.shape[:2]
     if input.numel() == 0:  # an empty batch or spatial size: an empty output, as BatchNorm's
         return _empty_norm(input, None, None, weight, bias)
     if not training:  # constant statistics: one native pass
         kernel = eval_kernel(input, num_groups, running_mean, weight)
         return kernel(input, running_mean, running_var, weight, bias, eps)
 
-    if examples_per_group is None and num_groups == c:
-        # G = C is BatchNorm: torch's own kernel, bit for bit.
+    engine = dispatch.choose_engine(input, num_groups, examples_per_group)
+    if engine == "batchnorm":  # G = C is BatchNorm: torch's own kernel, bit for bit, any layout
         return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
-
-    fmt = None if input.is_contiguous() else memory_format_of(input)
-    p0 = 1 if examples_per_group is None else n // examples_per_group
-    engine = _engine(input, p0)
     args = (num_groups, examples_per_group, running_mean, running_var, weight, bias, momentum, eps)
+    fmt = None if input.is_contiguous() else memory_format_of(input)
     if fmt is None or (engine == "triton" and triton_bgn.reads_layout(input)):
         return _train(input, engine, *args)  # (the Triton kernels read channels-last as it is)
     # the other engines work on contiguous tensors: y and dx keep a channels-last input's
     # memory format, as torch's norms do (a copy each way)
     return _train(contiguous_for(input, fmt), engine, *args).contiguous(memory_format=fmt)
-
-
-def _engine(input: Tensor, batch_groups: int) -> str:
-    """The engine a training call runs on: :data:`ENGINE`, "auto" resolved by
-    :func:`auto_engine`, "triton" where the kernels cannot run the input resolved as "auto",
-    and "composed" under torch.func transforms."""
-    engine = ENGINE
-    if engine == "triton" and not triton_bgn.supports(input):
-        engine = "auto"
-    if in_functorch_transform():
-        # torch.func transforms run plain torch ops only (the engines' autograd.Functions have
-        # no setup_context, vmap or jvp rules): the differentiable composition, like BatchNorm
-        return "composed"
-    if engine == "auto":
-        return auto_engine(input, batch_groups)
-    return engine
-
-
-def auto_engine(input: Tensor, batch_groups: int = 1) -> str:
-    """The training engine ``ENGINE = "auto"`` runs ``input`` (N, C, \\*) with
-    ``batch_groups`` = N/e batch groups on: the one table of the choice by device.
-
-    ==============  ===========================================================
-    traced          "general" (torch.compile: inductor fuses its composition)
-    CUDA            the first of :data:`CUDA_ENGINES` that runs the input
-    CPU and others  "native": "batchnorm" (few native calls) for BGN inputs up to
-                    :data:`SMALL_NUMEL` elements, else "units"
-    ==============  ===========================================================
-
-    Example:
-        >>> auto_engine(torch.randn(8, 64, 7, 7))
-        'batchnorm'
-    """
-    if torch.compiler.is_compiling():
-        return "general"
-    if input.device.type == "cuda":
-        for name in CUDA_ENGINES:
-            if name == "triton" and not triton_bgn.supports(input):
-                continue
-            if name != "native":
-                return name
-            break
-    if batch_groups == 1 and input.numel() <= SMALL_NUMEL:
-        return "batchnorm"
-    return "units"
 
 
 def _train(
@@ -240,31 +156,24 @@ def _train(
     momentum: float,
     eps: float,
 ) -> Tensor:
-    """BGN/GBGN in training on ``engine`` (see :func:`_engine`)."""
+    """BGN/GBGN in training on ``engine`` (:func:`bgnorm.ops.dispatch.choose_engine`)."""
     n, c = input.shape[:2]
-    s = math.prod(input.shape[2:])
+    if engine == "bands":
+        return bands_norm(input, num_groups, weight, bias, running_mean, running_var, momentum,
+                          eps)
+    if engine == "channels":
+        return channel_groups_norm(
+            input, num_groups, weight, bias, running_mean, running_var, momentum, eps
+        )
     e = n if examples_per_group is None else examples_per_group
     p0 = n // e
-    if engine == "batchnorm" and p0 == 1:
-        if num_groups % c == 0:
-            # bands: native batch norm on the (N, G, D/G) view with gamma/beta per band
-            k = num_groups // c
-            return F.batch_norm(
-                input.reshape(n, num_groups, -1), running_mean, running_var,
-                None if weight is None else weight.repeat_interleave(k),
-                None if bias is None else bias.repeat_interleave(k), True, momentum, eps,
-            ).view(input.shape)
-        if c % num_groups == 0:
-            return channel_groups_norm(
-                input, num_groups, weight, bias, running_mean, running_var, momentum, eps
-            )
-        engine = "units"  # straddling groups
     running = None if running_mean is None else (running_mean, running_var)
     if engine == "triton":
         return triton_bgn.triton_grouped_norm(
             input, num_groups, p0, weight, bias, eps,
             None if running is None else (*running, momentum))[0]
     if engine in ("composed", "general"):
+        s = math.prod(input.shape[2:])
         x3 = input.reshape(n, c, s)
         if engine == "composed":
             view = (p0, e, num_groups, c * s // num_groups)

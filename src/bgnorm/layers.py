@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import _checks
 from . import functional as BF
-from .ops.engine import memory_format_of
+from .ops.plan import memory_format_of
 
 __all__ = [
     "BatchGroupNorm1d",

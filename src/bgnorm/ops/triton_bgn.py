@@ -1,6 +1,7 @@
 r"""BGN and GBGN training passes as fused Triton kernels, registered as ``torch.library`` ops.
 
-Opt-in: ``bgnorm.functional.ENGINE = "triton"`` routes BGN/GBGN training calls here when
+The default on CUDA (:data:`bgnorm.ops.dispatch.CUDA_ENGINES`), and on CPU with
+``bgnorm.ops.dispatch.force_engine("triton")``: BGN/GBGN training calls come here when
 :func:`supports` accepts the input (float32/float16/bfloat16 on CUDA, or on CPU when the
 kernels run under Triton's interpreter, ``TRITON_INTERPRET=1`` set before this engine's first
 use); anything else (float64, a CPU without the interpreter, torch.func transforms) takes the
@@ -31,7 +32,7 @@ dx. Inputs are NCHW-contiguous or channels-last (4D ``channels_last``, 5D
 and ``bgn_triton_bwd`` have fake implementations, so torch.compile(fullgraph=True) and
 torch.export see one op each (traced and fake calls take the ops); running statistics are
 updated by the caller from the returned batch statistics
-(:func:`bgnorm.ops.engine.update_running`).
+(:func:`bgnorm.ops.plan.update_running`).
 
 Example:
     >>> import os; os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU: Triton's interpreter
@@ -51,7 +52,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .engine import differentiable_grads, is_fake, unit_length, update_running
+from .composed import differentiable_grads
+from .plan import is_fake, unit_length, update_running
 
 __all__ = ["supports", "triton_grouped_norm", "available", "reads_layout"]
 
@@ -447,7 +449,7 @@ def triton_grouped_norm(
     biased statistics of shape (P0 * G,) in float32. Inputs neither NCHW-contiguous nor
     channels-last are made contiguous first. Differentiable (one custom op each way).
     ``running`` = (running_mean, running_var, momentum): updated in place like torch's batch
-    norm (:func:`~bgnorm.ops.engine.update_running`; in eager BGN calls by the merge kernel)."""
+    norm (:func:`~bgnorm.ops.plan.update_running`; in eager BGN calls by the merge kernel)."""
     if input.is_contiguous() or _channels_last(input):
         x = input
     else:

@@ -2,7 +2,7 @@
 :mod:`bgnorm.ops.triton_bgn`; this module imports triton).
 
 Every kernel walks the *units* of an example (runs of Lu elements sharing one channel and one
-group, see :class:`bgnorm.ops.engine.UnitsPlan`) in 2D tiles ``[BJ, BU]``: BJ consecutive
+group, see :class:`bgnorm.ops.plan.UnitsPlan`) in 2D tiles ``[BJ, BU]``: BJ consecutive
 elements of each of BU units. Per tile column the channel, the group and so the statistics and
 the affine are constants, so reductions are per-column sums and the elementwise passes load
 their coefficients once per column. Two memory layouts of x, one index map each:

@@ -7,10 +7,10 @@ import doctest
 import pytest
 
 import bgnorm.repro.report as R
+from bgnorm.repro.api import Record
 from bgnorm.repro.report import Summary, fmt_summary, markdown_table, summarize
 from bgnorm.repro.runner import render_report
 from bgnorm.repro.store import ResultStore, cell_id, store_path
-from bgnorm.repro.tasks.base import Record
 from bgnorm.repro.tasks.classify import (
     cells_batch_size,
     cells_g_sweep,

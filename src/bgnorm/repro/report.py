@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .tasks.base import Record
+from .api import Record
 
 __all__ = [
     "DIVERGED",

@@ -11,9 +11,9 @@ device, independent of what it trains:
   epoch ``e`` depends only on ``(seed, e, i)``, so a resumed run sees exactly the batches an
   uninterrupted one would;
 * :func:`evaluate` (top-1 accuracy and loss), :func:`check_finite` (raises
-  :class:`~bgnorm.repro.tasks.base.Diverged`), :func:`median`;
+  :class:`~bgnorm.repro.api.Diverged`), :func:`median`;
 * :func:`train_classifier`: the supervised loop of the classification tasks, checkpointing
-  through a :class:`~bgnorm.repro.tasks.base.CellContext` and resuming from it bit for bit on CPU.
+  through a :class:`~bgnorm.repro.api.CellContext` and resuming from it bit for bit on CPU.
 
 Distributed training (torchrun/DDP, :mod:`bgnorm.repro.dist`): given a
 :class:`~bgnorm.repro.dist.DistEnv`, :func:`train_classifier` wraps the model in DDP (optionally
@@ -42,8 +42,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import dist as _dist
+from .api import CellContext, Diverged
 from .data import random_crop_batch, seed_worker
-from .tasks.base import CellContext, Diverged
 
 __all__ = [
     "BatchSource",

@@ -19,7 +19,8 @@ evaluates them. :class:`StepLoop` does the rest, the same way for every task:
 * **evaluation schedule and learning curve**: after the steps of ``eval_at`` (by default
   :data:`CURVE_POINTS` evenly spaced steps, the last one included) the loop calls
   ``evaluate()`` and appends ``{"stage", "step", "epoch", "train_loss", "metric", ...}`` to
-  :attr:`StepLoop.curve` (``train_loss``: the mean training loss since the previous point).
+  :attr:`StepLoop.curve` (``train_loss``: the mean training loss since the previous point;
+  ``progress``: the fraction of the stage done).
 
 A task with several stages (NAS: search, then train the found network) calls :meth:`run`
 once per stage with its own modules; the checkpoint names its stage, and a stage's modules are
@@ -99,7 +100,7 @@ class StepLoop:
         self._saved: dict[str, Any] | None = None
         self._last: dict[str, Any] | None = None
         self._last_step = -1
-        self._stage_start = 0
+        self._stage_start, self._stage_stop = 0, self.total
         saved = ctx.load_checkpoint()
         if saved is not None:
             if (saved.get("format") != LOOP_FORMAT or saved.get("version") != LOOP_VERSION
@@ -175,6 +176,8 @@ class StepLoop:
         point: dict[str, Any] = {"stage": stage, "step": self.step}
         if self.steps_per_epoch:
             point["epoch"] = (self.step - self._stage_start) / self.steps_per_epoch
+        span = self._stage_stop - self._stage_start
+        point["progress"] = (self.step - self._stage_start) / span if span > 0 else 1.0
         point["train_loss"] = sum(seg) / len(seg) if seg else float("nan")
         point["metric"] = metric
         for k, v in m.items():
@@ -215,7 +218,7 @@ class StepLoop:
             Diverged: a non-finite loss or test metric.
         """
         stop = self.total if stop is None else int(stop)
-        self._stage_start = int(start)
+        self._stage_start, self._stage_stop = int(start), stop
         if self.resumed_stage(stage):
             for name, obj in modules.items():
                 obj.load_state_dict(self._saved["modules"][name])

@@ -34,8 +34,16 @@ def test_task_smoke_end_to_end(tmp_path, task, rows):
     _run(task, out, norms=["bgn"] if task != "domain-adaptation" else ["bgn"])
     recs = _records(out)
     assert recs and all(r["status"] == "ok" for r in recs)
+    # every record carries its learning curve, ending at the last step
+    for r in recs:
+        curve = r["result"]["curve"]
+        assert curve and curve[-1]["step"] == r["result"]["steps"]
+        assert all({"step", "train_loss", "metric", "progress"} <= set(p) for p in curve)
     text = render_report(out)
     assert rows[-1] in text
+    assert (out / f"curves_{task}.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"![learning curves of {task}](curves_{task}.png)" in text
+    assert f"### Convergence ({task})" in text and "Criterion:" in text
     assert "What this preset can show" in text
 
 

@@ -55,7 +55,7 @@ import torch
 
 from . import dist as _dist
 from .api import Diverged, Record
-from .report import training_problem, write_report
+from .report import curves_section, training_problem, write_report
 from .store import ResultStore, cell_id, read_records, run_meta, store_path
 from .tasks.base import TASKS, get_task
 
@@ -687,7 +687,8 @@ def render_report(out_dir: str | os.PathLike, tasks: Sequence[str] | None = None
     for name in names:
         task = get_task(name)
         recs = [r for r in records if r.config.get("task") == name]
-        sections.append(task.report(recs, out))
+        # every task's curves and convergence flags, rendered the same way
+        sections.append(task.report(recs, out).rstrip() + "\n\n" + curves_section(name, recs, out))
     if unknown:
         sections.append("Records of unknown tasks (not rendered): " + ", ".join(map(str, unknown)))
     n_ok = sum(r.status == "ok" for r in records)

@@ -141,7 +141,7 @@ def run_adversarial(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
                  what="adversarial training loss")
     return {
         "clean_acc": r["clean"], "robust_acc": r["metric"],
-        "acc": r["metric"], "n_test": r["n"], "steps": total,
+        "acc": r["metric"], "n_test": r["n"], "steps": total, "num_classes": split.num_classes,
         "train_loss": loop.tail_loss(), "train_seconds": loop.seconds, "curve": loop.curve,
         "norm": spec.describe(), "params": sum(p.numel() for p in model.parameters()),
         "groups_adjusted": sum(l.adjusted for l in layers),

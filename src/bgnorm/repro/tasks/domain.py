@@ -225,6 +225,7 @@ def run_domain(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
     return {
         "acc": m["metric"], "source_acc": m["source_acc"],
         "n_test": len(tgt.y_test), "steps": total, "kept_classes": task["kept_classes"],
+        "num_classes": ncls,
         "train_loss": loop.tail_loss(), "train_seconds": loop.seconds, "curve": loop.curve,
         "norm": spec.describe(), "groups_adjusted": sum(l.adjusted for l in layers),
     }

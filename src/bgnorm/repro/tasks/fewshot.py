@@ -30,7 +30,13 @@ from ..fewshot import (
 from ..loop import StepLoop
 from ..norms import DISPLAY_NAMES
 from ..presets import preset_settings
-from ..report import NOT_TRAINED, markdown_table, training_problem
+from ..report import (
+    NOT_TRAINED,
+    STILL_IMPROVING,
+    convergence,
+    markdown_table,
+    training_problem,
+)
 from ..train import InMemoryBatches, check_finite, derive_seed
 from .base import CellContext, Record, Task, register_task
 from .common import (
@@ -188,13 +194,14 @@ def run_fewshot(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
             out[f"acc_{k}shot"] = 100.0 * mean
             out[f"ci_{k}shot"] = 100.0 * half
         out["metric"] = out[f"acc_{config['shots'][0]}shot"]
+        out["ci"] = out[f"ci_{config['shots'][0]}shot"]  # the curve metric's noise
         return out
 
     loop = StepLoop(ctx, total, len(train))
     model.train()
     m = loop.run({"model": model, "optimizer": optimizer}, update, evaluate=evaluate,
                  what="base training loss")
-    result: dict[str, Any] = {k: v for k, v in m.items() if k != "metric"}
+    result: dict[str, Any] = {k: v for k, v in m.items() if k not in ("metric", "ci")}
     result.update(acc=m["metric"], steps=total, train_loss=loop.tail_loss(),
                   train_seconds=loop.seconds, curve=loop.curve,
                   norm=spec.describe(), params=sum(p.numel() for p in model.parameters()),
@@ -218,11 +225,13 @@ def report_fewshot(records: list[Record], out_dir: Path) -> str:
         row = [DISPLAY_NAMES.get(n, n)]
         # "-": diverged, "n/t": finished without training (no steps, no finite result)
         missing = "-" if r.status != "ok" else NOT_TRAINED if training_problem(r) else None
+        moving = " ‡" if convergence(r)[0] == STILL_IMPROVING else ""
         for k in shots:
             if missing:
                 row.append(missing)
             else:
-                row.append(f"{r.result[f'acc_{k}shot']:.2f} ± {r.result[f'ci_{k}shot']:.2f}")
+                row.append(f"{r.result[f'acc_{k}shot']:.2f} ± {r.result[f'ci_{k}shot']:.2f}"
+                           + moving)
         row.append(missing or f"{r.result['base_test_acc']:.2f}")
         rows.append(row)
     header = ["norm", *(f"{c['n_way']}-way {k}-shot (%)" for k in shots),

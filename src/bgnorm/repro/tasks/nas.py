@@ -196,6 +196,7 @@ def run_nas(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
                  evaluate=lambda: predict(net), what="evaluation-network loss")
     acc = m["metric"]
     return {"acc": acc, "error": 100.0 - acc, "n_test": len(split.y_test), "steps": total,
+            "num_classes": ncls,
             "genotype": genotype_to_dict(genotype), "norm": spec.describe(),
             "params": sum(p.numel() for p in net.parameters()),
             "groups_adjusted": sum(l.adjusted for l in layers),

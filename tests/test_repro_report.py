@@ -7,10 +7,10 @@ import doctest
 import pytest
 
 import bgnorm.repro.report as R
+from bgnorm.repro.api import Record
 from bgnorm.repro.report import Summary, fmt_summary, markdown_table, summarize
 from bgnorm.repro.runner import render_report
 from bgnorm.repro.store import ResultStore, cell_id, store_path
-from bgnorm.repro.tasks.base import Record
 from bgnorm.repro.tasks.classify import (
     cells_batch_size,
     cells_g_sweep,
@@ -257,3 +257,102 @@ def test_adversarial_claim_not_judged_on_untrained_cells(tmp_path):
     text = report_adversarial(untrained, tmp_path)
     assert "*not judged*" in text and "no training steps" in text
     assert "n/t" in text and "held" not in text
+
+
+# --------------------------------------------------------------------------------------------
+# Learning curves: convergence flags, claim gating, plots
+# --------------------------------------------------------------------------------------------
+
+
+def _curved(cfg, accs, losses, n_test=N_TEST, **result):
+    """A record whose learning curve has ``accs``/``losses`` at evenly spaced points."""
+    curve = [{"stage": "train", "step": 10 * (i + 1), "epoch": i + 1,
+              "progress": (i + 1) / len(accs), "metric": a, "train_loss": l}
+             for i, (a, l) in enumerate(zip(accs, losses, strict=True))]
+    return Record(cell_id(cfg), cfg, "ok", {"acc": accs[-1], "n_test": n_test, "steps": 10
+                                            * len(accs), "curve": curve, **result}, 1.0)
+
+
+def test_convergence_flags_each_case():
+    cfg = {"seed": 0, "norm": "bn", "batch_size": 32}
+    # flat metric (within ±0.4 pp noise at 10,000 images) and loss: converged
+    flag, why = R.convergence(_curved(cfg, [80, 90, 95.0, 95.2], [1.0, 0.5, 0.30, 0.29]))
+    assert flag == R.CONVERGED and "noise" in why
+    # the metric rose 2 pp over the last quarter, more than its noise
+    flag, why = R.convergence(_curved(cfg, [80, 90, 93.0, 95.0], [1.0, 0.5, 0.30, 0.29]))
+    assert flag == R.STILL_IMPROVING and "metric rose +2.00 pp" in why
+    # the same rise on 100 test images is within the noise (±4.3 pp): converged
+    assert R.convergence(_curved(cfg, [80, 90, 93.0, 95.0], [1.0, 0.5, 0.30, 0.29],
+                                 n_test=100))[0] == R.CONVERGED
+    # flat metric but the loss fell 30% over the last quarter
+    flag, why = R.convergence(_curved(cfg, [80, 90, 95.0, 95.0], [1.0, 0.5, 0.30, 0.21]))
+    assert flag == R.STILL_IMPROVING and "training loss fell 30%" in why
+    # at chance (10 classes) with a flat loss, read from the curve
+    flag, why = R.convergence(_curved(cfg, [10.1, 9.9, 10.0, 10.0], [2.31, 2.31, 2.305, 2.304],
+                                      num_classes=10))
+    assert flag == R.DID_NOT_TRAIN and "at chance" in why
+    # an episodic metric's noise is its 95% interval over episodes (``ci``)
+    rec = _curved(cfg, [50, 60, 61.0, 63.0], [1.0, 0.5, 0.30, 0.29], n_test=None)
+    for p in rec.result["curve"]:
+        p["ci"] = 2.5
+    assert R.convergence(rec)[0] == R.CONVERGED
+    for p in rec.result["curve"]:
+        p["ci"] = 1.5
+    assert R.convergence(rec)[0] == R.STILL_IMPROVING
+    # a record from before learning curves were stored, or a diverged one: not measured
+    old = Record("o", cfg, "ok", {"acc": 91.0, "n_test": N_TEST, "steps": 30}, 1.0)
+    assert R.convergence(old) == (R.NOT_MEASURED, "no learning curve in the record")
+    assert R.convergence(Record("d", cfg, "diverged", {}, 1.0))[0] == R.NOT_MEASURED
+
+
+def test_only_the_last_stage_of_a_curve_is_judged():
+    cfg = {"seed": 0, "norm": "bn", "batch_size": 16}
+    rec = _curved(cfg, [80, 90, 95.0, 95.2], [1.0, 0.5, 0.30, 0.29])
+    search = [{"stage": "search", "step": i, "progress": i / 4, "metric": 10.0 * i,
+               "train_loss": 3.0 / i} for i in range(1, 5)]
+    rec.result["curve"] = search + rec.result["curve"]
+    assert R.convergence(rec)[0] == R.CONVERGED
+
+
+def test_claims_are_judged_on_converged_cells_only(tmp_path):
+    configs = cells_batch_size("smoke", {})
+
+    recs = _records(configs, _paper_like)
+    for r in recs:
+        if r.status != "ok":
+            continue
+        acc = r.result["acc"]
+        if r.config["norm"] == "bgn" and r.config["batch_size"] == 2:  # still rising
+            r.result.update(_curved(r.config, [acc - 9, acc - 6, acc - 3, acc],
+                                    [1.0, 0.8, 0.6, 0.5]).result)
+        else:
+            r.result.update(_curved(r.config, [acc - 9, acc - 1, acc - 0.05, acc],
+                                    [1.0, 0.5, 0.3, 0.3]).result)
+    text = report_batch_size(recs, tmp_path)
+    claim = _claim(text, "BGN is stable")
+    assert "*not judged*" in claim and "Cells still improving" in claim
+    assert "BGN at batch 2 (seed 0: the metric rose +3.00 pp" in claim
+    assert "*held*" in _claim(text, "BN degrades")  # BN's cells all converged
+    bgn_row = next(line for line in text.splitlines() if line.startswith("| BGN"))
+    assert "‡" in bgn_row
+
+
+def test_fmt_summary_marks_a_cell_still_improving():
+    s = Summary((90.0,), unconverged=("seed 0: the training loss fell 30%",))
+    assert fmt_summary(s) == "90.00 ‡"
+    assert R.not_judged("c", {"BN": s}).verdict == R.NOT_JUDGED
+    assert R.not_judged("c", {"BN": Summary((90.0,))}) is None
+
+
+def test_curves_section_draws_one_png_and_states_the_criterion(tmp_path):
+    recs = [_curved({"seed": 0, "norm": n, "batch_size": b, "task": "t"},
+                    [50, 70, 80, 80.1], [1.0, 0.5, 0.3, 0.3])
+            for n in ("bn", "gn") for b in (2, 32)]
+    recs.append(Record("old", {"seed": 0, "norm": "ln", "batch_size": 2}, "ok",
+                       {"acc": 70.0, "n_test": N_TEST, "steps": 3}, 1.0))  # old format
+    text = R.curves_section("t", recs, tmp_path)
+    png = tmp_path / "curves_t.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![learning curves of t](curves_t.png)" in text
+    assert R.CONVERGENCE_CRITERION in text
+    assert "4 converged, 1 not measured" in text and "no learning curve in the record" in text

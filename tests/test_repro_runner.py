@@ -73,7 +73,7 @@ def test_in_process_run_skip_and_shards_merge(tmp_path):
     for key in ("task", "seed", "norm", "batch_size", "workers", "lr", "epochs", "model",
                 "dataset", "momentum", "weight_decay", "milestones"):
         assert key in rec.config  # every cell's full config is saved with its result
-    assert {"acc", "evals", "n_test", "layers"} <= set(rec.result)
+    assert {"acc", "evals", "n_test", "layers", "curve"} <= set(rec.result)
     assert "torch" in rec.meta and rec.seconds > 0
     assert not (tmp_path / "full" / "cells").exists() or not any(
         (tmp_path / "full" / "cells").iterdir())  # checkpoints of recorded cells are removed
@@ -87,6 +87,7 @@ def test_in_process_run_skip_and_shards_merge(tmp_path):
     assert sorted(p.name for p in (tmp_path / "sharded").glob("results*.jsonl")) == [
         "results-shard-1-of-2.jsonl", "results-shard-2-of-2.jsonl"]
     assert _table(render_report(tmp_path / "sharded")) == _table(render_report(tmp_path / "full"))
+    assert (tmp_path / "full" / "curves_batch-size.png").is_file()
 
 
 def _fake_run(config, ctx):
@@ -191,6 +192,9 @@ def test_kill9_then_resume_gives_the_uninterrupted_table(tmp_path):
     ref_acc = {r.cell_id: r.result["acc"] for r in read_records(tmp_path / "ref")}
     cut_acc = {r.cell_id: r.result["acc"] for r in read_records(out)}
     assert cut_acc == ref_acc  # the same numbers as the uninterrupted run
+    # and the same learning curves (resumed from the checkpoint with the model)
+    assert {r.cell_id: r.result["curve"] for r in read_records(out)} == \
+        {r.cell_id: r.result["curve"] for r in read_records(tmp_path / "ref")}
     assert _table(render_report(out)) == _table(render_report(tmp_path / "ref"))
 
 

@@ -6,10 +6,12 @@ import doctest
 import json
 import math
 import multiprocessing as mp
+import subprocess
+import sys
 
 import bgnorm.repro.store as S
+from bgnorm.repro.api import Record
 from bgnorm.repro.store import ResultStore, cell_id, read_records, store_files, store_path
-from bgnorm.repro.tasks.base import Record
 
 
 def _rec(cid="a", task="batch-size", acc=1.0, status="ok"):
@@ -109,3 +111,13 @@ def test_concurrent_appends_never_duplicate(tmp_path):
 def test_run_meta_has_provenance():
     meta = S.run_meta(device="cpu")
     assert meta["device"] == "cpu" and "torch" in meta and "host" in meta
+
+
+def test_store_and_report_do_not_import_the_tasks():
+    """The contract sits at the bottom (bgnorm.repro.api): the store and the report import
+    it, never the tasks above them."""
+    code = ("import sys, bgnorm.repro.store, bgnorm.repro.report; "
+            "print(sorted(m for m in sys.modules if m.startswith('bgnorm.repro.tasks')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]"

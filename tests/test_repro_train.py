@@ -163,12 +163,28 @@ def test_train_classifier_resumes_bit_for_bit(tmp_path, crash_at):
         _train(tmp_path / "cut", crash_at=crash_at)
     assert (tmp_path / "cut" / "checkpoint.pt").is_file()
     resumed = _train(tmp_path / "cut")
-    for key in ("acc", "evals", "train_losses", "steps"):
+    for key in ("acc", "evals", "train_losses", "steps", "curve"):
         assert resumed[key] == ref[key], key
     assert len(ref["evals"]) == 2 and ref["steps"] == 12
+    # the learning curve: one test evaluation per epoch, the last two are the evals
+    assert [p["epoch"] for p in ref["curve"]] == [1, 2, 3]
+    assert [[p["epoch"] - 1, p["metric"], p["test_loss"]] for p in ref["curve"][1:]] == \
+        ref["evals"]
+    assert [p["train_loss"] for p in ref["curve"]] == ref["train_losses"]
     # A finished cell's checkpoint returns the same result without training again.
     again = _train(tmp_path / "cut")
     assert again["acc"] == ref["acc"]
+
+
+def test_train_classifier_discards_an_old_checkpoint(tmp_path, monkeypatch):
+    ref = _train(tmp_path / "ref")
+    old = LocalCellContext("cell", {}, torch.device("cpu"), tmp_path / "old")
+    old.save_checkpoint({"version": 1, "total": 12, "step": 5})  # before learning curves
+    logs = []
+    monkeypatch.setattr(_CrashingContext, "log", lambda self, m: logs.append(m), raising=False)
+    resumed = _train(tmp_path / "old")
+    assert any("discarding the checkpoint" in m and "restarts from step 0" in m for m in logs)
+    assert resumed["curve"] == ref["curve"] and resumed["acc"] == ref["acc"]
 
 
 def test_train_classifier_raises_diverged(tmp_path):

@@ -24,7 +24,7 @@ guide (``bgnorm docs reproduction``) and :func:`bgnorm.repro.train.scaled_lr`.
 
 Every option is applied or refused: :func:`check_overrides` checks the options and ``--set``
 keys against what the selected tasks declare (:attr:`Task.options
-<bgnorm.repro.tasks.base.Task>` and ``Task.settings``, built with :func:`preset_settings`) and
+<bgnorm.repro.api.Task>` and ``Task.settings``, built with :func:`preset_settings`) and
 the values against the presets' types and :data:`MINIMUM`.
 """
 
@@ -36,7 +36,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .tasks.base import Task
+    from .api import Task
 
 __all__ = [
     "CLASSIFY_PRESETS",
@@ -206,7 +206,7 @@ def parse_set(items: Iterable[str] | None) -> dict[str, Any]:
 
 
 #: The protocol options of ``bgnorm reproduce`` (keys of ``overrides``); a task applies those in
-#: its :attr:`Task.options <bgnorm.repro.tasks.base.Task>`.
+#: its :attr:`Task.options <bgnorm.repro.api.Task>`.
 OPTIONS = ("dataset", "data_root", "loader_workers", "model", "image_size", "epochs", "seeds",
            "batch_sizes", "norms", "groups", "amp")
 
@@ -321,7 +321,7 @@ def check_overrides(tasks: Sequence[Task], overrides: Mapping[str, Any]) -> list
 
     Raises ``ValueError`` naming the option, the tasks and what to do when no selected task
     applies an option (see :data:`OPTIONS` and :attr:`Task.options
-    <bgnorm.repro.tasks.base.Task>`) or knows a ``--set`` key (the message lists the valid
+    <bgnorm.repro.api.Task>`) or knows a ``--set`` key (the message lists the valid
     keys), and when a ``--set`` value does not fit (:func:`check_setting`). A task that
     declares no options/settings (None) accepts everything.
     """

@@ -10,7 +10,11 @@ Helpers any task can use to render its records the way the papers lay out their 
 * :func:`line_plot` draws accuracy-vs-batch-size / accuracy-vs-G style plots to PNG;
 * :class:`Claim`, :func:`render_claims` and :func:`difference_tolerance` state whether a paper's
   claim held in this run, with the numbers and the noise level they were judged against;
-  :func:`not_judged` refuses to judge a claim on cells that did not train;
+  :func:`not_judged` refuses to judge a claim on cells that did not train or are still
+  improving;
+* :func:`convergence` flags each cell *converged*, *still improving* or *did not train* from its
+  learning curve (``result["curve"]``) by the criterion :data:`CONVERGENCE_CRITERION` states;
+  :func:`curve_plot` draws the curves and :func:`curves_section` renders both for a task;
 * :func:`write_report` assembles the sections into ``DIR/report.md``.
 """
 
@@ -24,15 +28,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .tasks.base import Record
+from .api import Record
 
 __all__ = [
     "DIVERGED",
     "MISSING",
     "NOT_JUDGED",
     "NOT_TRAINED",
+    "CONVERGED",
+    "CONVERGENCE_CRITERION",
+    "DID_NOT_TRAIN",
+    "NOT_MEASURED",
+    "STILL_IMPROVING",
     "Claim",
     "Summary",
+    "convergence",
+    "curve_plot",
+    "curves_section",
     "atomic_write_text",
     "difference_tolerance",
     "fmt_summary",
@@ -55,6 +67,27 @@ MISSING = "?"
 NOT_TRAINED = "n/t"
 #: Verdict of a claim that needs a cell that did not train.
 NOT_JUDGED = "not judged"
+#: Flags of :func:`convergence`.
+CONVERGED, STILL_IMPROVING, DID_NOT_TRAIN, NOT_MEASURED = (
+    "converged", "still improving", "did not train", "not measured")
+#: Table mark of a cell with a seed still improving.
+STILL_IMPROVING_MARK = "‡"
+#: :func:`convergence`: the last quarter of training is the part after this fraction.
+LAST_QUARTER = 0.75
+#: :func:`convergence`: a relative fall of the training loss over the last quarter above this is
+#: still improving.
+LOSS_FALL = 0.10
+#: The criterion, as the report states it.
+CONVERGENCE_CRITERION = (
+    "*did not train*: no training steps, no finite result, or at chance (within the test-set "
+    "noise of 100/K % for K classes) with a training loss that never fell below 0.98 ln K; "
+    "*still improving*: over the last quarter of training (from the last evaluation at or "
+    f"before {LAST_QUARTER:.0%} of the steps to the end) the test metric rose by more than "
+    "its noise (the binomial 95% half-width 1.96·sqrt(p(1-p)/n) at the final metric p and "
+    "the n test examples; for episodic metrics the 95% interval over episodes), or the "
+    f"training loss fell by more than {LOSS_FALL:.0%}; *converged*: otherwise. A cell with "
+    "fewer than two evaluations (or a record from before learning curves were stored) is "
+    "*not measured* and judged as before. Claims are judged on converged cells only.")
 
 
 def training_problem(record: Record, metric: str = "acc") -> str | None:
@@ -67,7 +100,8 @@ def training_problem(record: Record, metric: str = "acc") -> str | None:
     * ``result[metric]`` is missing or not finite;
     * it stayed at chance: the result knows ``num_classes`` K, its ``acc`` is within the
       test-set noise of 100/K (:func:`difference_tolerance`) and the training loss (every
-      recorded value: ``train_losses``, per epoch, or ``train_loss``) never went below
+      recorded value: ``train_losses``, per epoch, else the learning curve's, else
+      ``train_loss``) never went below
       0.98 ln K, the cross-entropy of a uniform guess.
 
     Example:
@@ -88,7 +122,9 @@ def training_problem(record: Record, metric: str = "acc") -> str | None:
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         return f"{metric} is {value!r}, not a finite number"
     classes, acc = result.get("num_classes"), result.get("acc")
-    losses = result.get("train_losses") or [result.get("train_loss")]
+    curve_losses = [p.get("train_loss") for p in _final_stage(record)]
+    losses = (result.get("train_losses") or curve_losses
+              or [result.get("train_loss")])
     n_test = result.get("n_test")
     if (isinstance(classes, int) and classes > 1 and isinstance(acc, (int, float))
             and isinstance(n_test, int) and n_test > 0
@@ -109,6 +145,8 @@ class Summary:
     diverged: int = 0
     #: why each seed that did not train did not (see :func:`training_problem`)
     untrained: tuple[str, ...] = ()
+    #: seeds counted in ``values`` whose curve was still improving (see :func:`convergence`)
+    unconverged: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -152,6 +190,7 @@ def summarize(
     values: dict[Hashable, list[float]] = {}
     diverged: dict[Hashable, int] = {}
     untrained: dict[Hashable, list[str]] = {}
+    unconverged: dict[Hashable, list[str]] = {}
     for rec in records:
         keys = key(rec)
         if keys is None:
@@ -161,23 +200,29 @@ def summarize(
         else:
             keys_list = [keys]
         problem = training_problem(rec, metric)
+        flag, why = convergence(rec, metric)
         for k in keys_list:
             values.setdefault(k, [])
             diverged.setdefault(k, 0)
             untrained.setdefault(k, [])
+            unconverged.setdefault(k, [])
             if rec.status != "ok":
                 diverged[k] += 1
             elif problem is not None:
                 untrained[k].append(f"seed {rec.config.get('seed', '?')}: {problem}")
             else:
                 values[k].append(float(rec.result[metric]))
-    return {k: Summary(tuple(values[k]), diverged[k], tuple(untrained[k])) for k in values}
+                if flag == STILL_IMPROVING:
+                    unconverged[k].append(f"seed {rec.config.get('seed', '?')}: {why}")
+    return {k: Summary(tuple(values[k]), diverged[k], tuple(untrained[k]),
+                       tuple(unconverged[k])) for k in values}
 
 
 def fmt_summary(summary: Summary | None, digits: int = 2, show_std: bool = True) -> str:
     """One table entry: ``"76.12"``, ``"76.12 ± 0.10"`` over seeds, ``"-"`` when every seed
     diverged, ``"n/t"`` when no seed trained, ``"?"`` when missing; a cell with some diverged
-    or untrained seeds gets a ``†(k -)`` or ``†(k n/t)`` mark."""
+    or untrained seeds gets a ``†(k -)`` or ``†(k n/t)`` mark, one with a seed still improving
+    (:func:`convergence`) a ``‡``."""
     if summary is None or summary.n == 0:
         return MISSING
     if not summary.ok:
@@ -189,6 +234,8 @@ def fmt_summary(summary: Summary | None, digits: int = 2, show_std: bool = True)
                                      (len(summary.untrained), NOT_TRAINED)) if k]
     if marks:
         text += f" †({', '.join(marks)})"
+    if summary.unconverged:
+        text += f" {STILL_IMPROVING_MARK}"
     return text
 
 
@@ -359,7 +406,8 @@ class Claim:
 
 
 def not_judged(claim: str, cells: Mapping[str, Summary | None]) -> Claim | None:
-    """A ``"not judged"`` :class:`Claim` when a cell ``claim`` needs did not train, else None.
+    """A ``"not judged"`` :class:`Claim` when a cell ``claim`` needs did not train or is still
+    improving (:func:`convergence`), else None.
 
     ``cells`` maps a readable label of each table cell the claim is computed from (``"BN at
     batch 2"``) to its :class:`Summary`; the evidence names every cell with a seed that did not
@@ -374,12 +422,187 @@ def not_judged(claim: str, cells: Mapping[str, Summary | None]) -> Claim | None:
     """
     bad = [f"{label} ({'; '.join(s.untrained)})" for label, s in cells.items()
            if s is not None and s.untrained]
-    if not bad:
+    moving = [f"{label} ({'; '.join(s.unconverged)})" for label, s in cells.items()
+              if s is not None and s.unconverged]
+    if not bad and not moving:
         return None
+    parts = []
+    if bad:
+        parts.append(f"Cells that did not train: {', '.join(bad)}.")
+    if moving:
+        parts.append(f"Cells still improving: {', '.join(moving)}.")
     return Claim(claim, NOT_JUDGED,
-                 f"Cells that did not train: {', '.join(bad)}. A claim is judged on trained cells "
-                 "only: rerun these cells with more epochs or steps (or check why they stayed at "
-                 "chance).")
+                 " ".join(parts) + " A claim is judged on converged cells only: rerun these "
+                 "cells with more epochs or steps (or check why they stayed at chance).")
+
+
+def _final_stage(record: Record) -> list[Mapping[str, Any]]:
+    curve = record.result.get("curve") if isinstance(record.result, Mapping) else None
+    if not isinstance(curve, list) or not curve:
+        return []
+    stage = curve[-1].get("stage")
+    return [p for p in curve if p.get("stage") == stage]
+
+
+def _metric_noise(point: Mapping[str, Any], n_test: Any, z: float = 1.96) -> float:
+    """The 95% half-width of one measurement of the metric at ``point`` (percentage points)."""
+    ci = point.get("ci")
+    if isinstance(ci, (int, float)) and math.isfinite(ci):
+        return float(ci)
+    if not isinstance(n_test, int) or n_test <= 0:
+        return float("inf")
+    p = min(max(float(point["metric"]) / 100.0, 1.0 / n_test), 1 - 1.0 / n_test)
+    return 100.0 * z * math.sqrt(p * (1 - p) / n_test)
+
+
+def convergence(record: Record, metric: str = "acc") -> tuple[str, str]:
+    """``(flag, reason)``: :data:`CONVERGED`, :data:`STILL_IMPROVING`, :data:`DID_NOT_TRAIN` or
+    :data:`NOT_MEASURED`, by :data:`CONVERGENCE_CRITERION`, from the record's learning curve
+    (the points of its last stage in ``result["curve"]``, each with ``metric``, ``train_loss``
+    and ``progress``, the fraction of the stage done).
+
+    Let ``a`` be the last point at or before :data:`LAST_QUARTER` of the stage and ``b`` the
+    last point. Still improving: ``metric_b - metric_a`` exceeds the 95% noise half-width of
+    one measurement (binomial ``1.96 sqrt(p(1-p)/n)`` at ``p = metric_b`` and ``n = n_test``,
+    or a point's ``ci``), or ``(loss_a - loss_b) / loss_a > LOSS_FALL``.
+
+    Example:
+        >>> def rec(accs, losses):
+        ...     curve = [{"progress": (i + 1) / len(accs), "metric": a, "train_loss": l}
+        ...              for i, (a, l) in enumerate(zip(accs, losses))]
+        ...     return Record("c", {"seed": 0}, "ok", {"acc": accs[-1], "n_test": 1000,
+        ...                   "steps": 40, "curve": curve}, 1.0)
+        >>> convergence(rec([80, 90, 95, 95.5], [1.0, 0.5, 0.3, 0.29]))[0]
+        'converged'
+        >>> convergence(rec([60, 70, 80, 90], [1.0, 0.8, 0.6, 0.4]))[0]
+        'still improving'
+    """
+    if record.status != "ok":
+        return NOT_MEASURED, "diverged"
+    problem = training_problem(record, metric)
+    if problem is not None:
+        return DID_NOT_TRAIN, problem
+    points = _final_stage(record)
+    if len(points) < 2:
+        return NOT_MEASURED, ("no learning curve in the record" if not points
+                              else "one evaluation only")
+    last = points[-1]
+
+    def frac(i: int, p: Mapping[str, Any]) -> float:
+        v = p.get("progress")
+        return float(v) if isinstance(v, (int, float)) else (i + 1) / len(points)
+
+    before = [p for i, p in enumerate(points[:-1]) if frac(i, p) <= LAST_QUARTER + 1e-12]
+    if not before:
+        return NOT_MEASURED, f"no evaluation at or before {LAST_QUARTER:.0%} of training"
+    ref = before[-1]
+    gain = float(last["metric"]) - float(ref["metric"])
+    noise = _metric_noise(last, record.result.get("n_test"))
+    la, lb = float(ref["train_loss"]), float(last["train_loss"])
+    fall = (la - lb) / la if la > 0 and math.isfinite(la) and math.isfinite(lb) else 0.0
+    span = f"over the last quarter ({ref.get('progress', 0):.0%} -> 100% of training)"
+    if gain > noise:
+        return STILL_IMPROVING, (f"the metric rose {gain:+.2f} pp {span}, more than its noise "
+                                 f"±{noise:.2f}")
+    if fall > LOSS_FALL:
+        return STILL_IMPROVING, (f"the training loss fell {fall:.0%} {span} "
+                                 f"({la:.3f} -> {lb:.3f})")
+    return CONVERGED, (f"metric {gain:+.2f} pp (noise ±{noise:.2f}), training loss "
+                       f"{-fall:+.0%} {span}")
+
+
+_CELL_KEYS = ("experiment", "method", "source", "target", "num_groups", "gn_groups", "model")
+
+
+def _cell_label(record: Record, varying: Sequence[str]) -> str:
+    c = record.config
+    label = str(c.get("norm", "?")).upper()
+    extra = [f"{k.replace('num_groups', 'G').replace('gn_groups', 'GN groups')}={c.get(k)}"
+             for k in varying if k in c]
+    return label + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _varying(records: Sequence[Record]) -> list[str]:
+    return [k for k in _CELL_KEYS
+            if len({repr(r.config.get(k)) for r in records if k in r.config}) > 1]
+
+
+def curve_plot(path: str | os.PathLike, records: Sequence[Record], title: str = ""
+               ) -> Path | None:
+    """Test metric against epoch (or step) from each record's learning curve: one line per
+    cell (norm and the settings that vary), averaged over seeds, one panel per batch size.
+    Returns the PNG's path, None when no record has a curve or matplotlib is missing."""
+    recs = [r for r in records if r.status == "ok" and _final_stage(r)]
+    if not recs:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is in the repro extra
+        return None
+    use_epoch = all("epoch" in p for r in recs for p in _final_stage(r))
+    varying = _varying(recs)
+    panels = sorted({r.config.get("batch_size") for r in recs}, key=lambda b: (b is None, b))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), dpi=110,
+                             squeeze=False, sharey=True)
+    for ax, bs in zip(axes[0], panels, strict=True):
+        lines: dict[str, dict[float, list[float]]] = {}
+        for r in recs:
+            if r.config.get("batch_size") != bs:
+                continue
+            line = lines.setdefault(_cell_label(r, varying), {})
+            for p in _final_stage(r):
+                x = float(p["epoch"] if use_epoch else p["step"])
+                line.setdefault(x, []).append(float(p["metric"]))
+        for name, pts in sorted(lines.items()):
+            xs = sorted(pts)
+            ax.plot(xs, [statistics.fmean(pts[x]) for x in xs], marker="o", markersize=3,
+                    linewidth=1.4, label=name)
+        ax.set_title(f"batch {bs}" if bs is not None else "")
+        ax.set_xlabel("epoch" if use_epoch else "step")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6, ncol=1)
+    axes[0][0].set_ylabel("test metric (%)")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def curves_section(task: str, records: Sequence[Record], out_dir: str | os.PathLike,
+                   metric: str = "acc") -> str:
+    """The learning-curve part of a task's report: the plot ``curves_<task>.png`` in
+    ``out_dir``, the criterion, and each cell's flag with its reason."""
+    recs = [r for r in records if r.status == "ok"]
+    if not recs:
+        return ""
+    png = curve_plot(Path(out_dir) / f"curves_{task}.png", recs, f"{task}: learning curves")
+    varying = _varying(recs)
+    rows = []
+    for r in sorted(recs, key=lambda r: (str(r.config.get("batch_size")),
+                                         _cell_label(r, varying), r.config.get("seed", 0))):
+        flag, why = convergence(r, metric)
+        rows.append([_cell_label(r, varying), r.config.get("batch_size", ""),
+                     r.config.get("seed", ""), flag, why])
+    counts = {f: sum(row[3] == f for row in rows) for f in
+              (CONVERGED, STILL_IMPROVING, DID_NOT_TRAIN, NOT_MEASURED)}
+    summary = ", ".join(f"{n} {f}" for f, n in counts.items() if n)
+    parts = [f"### Convergence ({task})", ""]
+    if png is not None:
+        parts += [f"![learning curves of {task}]({png.name})", ""]
+    parts += [f"{summary}. Criterion: {CONVERGENCE_CRITERION} "
+              f"\"{STILL_IMPROVING_MARK}\" in a table: a seed of that cell was still improving.",
+              "", markdown_table(["cell", "batch", "seed", "flag", "why"], rows,
+                                 align="lrrll"), ""]
+    return "\n".join(parts)
 
 
 def untrained_note(records: Iterable[Record], metric: str = "acc") -> str:

@@ -25,7 +25,7 @@ died leaves the process group unusable), and the same command resumes it.
 
 Before the first cell starts, :func:`check_environment` checks what every cell needs (the
 ``[repro]`` extra installed, the device available, each task's data present and well-formed:
-:attr:`Task.check <bgnorm.repro.tasks.base.Task>`) and raises one ``ValueError`` naming the
+:attr:`Task.check <bgnorm.repro.api.Task>`) and raises one ``ValueError`` naming the
 problem and the fix, instead of one traceback per failed cell. Ctrl-C stops the sweep with
 :class:`SweepInterrupted` after printing how to resume it.
 
@@ -54,9 +54,10 @@ from typing import Any
 import torch
 
 from . import dist as _dist
-from .report import training_problem, write_report
+from .api import Diverged, Record
+from .report import curves_section, training_problem, write_report
 from .store import ResultStore, cell_id, read_records, run_meta, store_path
-from .tasks.base import TASKS, Diverged, Record, get_task
+from .tasks.base import TASKS, get_task
 
 __all__ = [
     "REPRO_MODULES",
@@ -97,7 +98,7 @@ def available_cores() -> int:
 
 
 class LocalCellContext:
-    """A :class:`~bgnorm.repro.tasks.base.CellContext` backed by a directory.
+    """A :class:`~bgnorm.repro.api.CellContext` backed by a directory.
 
     Usable on its own to run a task's cell by hand, e.g. in a test or a notebook:
 
@@ -277,7 +278,7 @@ def check_environment(cells: Sequence[tuple[str, Mapping[str, Any]]],
     """Check, before any cell starts, that this machine can run ``cells``.
 
     The ``[repro]`` extra must be installed (:data:`REPRO_MODULES`), ``device`` available, and
-    each task's data present and well-formed (its :attr:`~bgnorm.repro.tasks.base.Task.check`).
+    each task's data present and well-formed (its :attr:`~bgnorm.repro.api.Task.check`).
     Raises one ``ValueError`` naming the problem and the fix; returns the data locations the
     tasks read.
     """
@@ -686,7 +687,8 @@ def render_report(out_dir: str | os.PathLike, tasks: Sequence[str] | None = None
     for name in names:
         task = get_task(name)
         recs = [r for r in records if r.config.get("task") == name]
-        sections.append(task.report(recs, out))
+        # every task's curves and convergence flags, rendered the same way
+        sections.append(task.report(recs, out).rstrip() + "\n\n" + curves_section(name, recs, out))
     if unknown:
         sections.append("Records of unknown tasks (not rendered): " + ", ".join(map(str, unknown)))
     n_ok = sum(r.status == "ok" for r in records)

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .tasks.base import Record
+from .api import Record
 
 try:  # POSIX advisory locks; without them (Windows) appends are still one write each.
     import fcntl
@@ -199,7 +199,7 @@ class ResultStore:
 
     Example:
         >>> import tempfile
-        >>> from bgnorm.repro.tasks.base import Record
+        >>> from bgnorm.repro.api import Record
         >>> store = ResultStore(Path(tempfile.mkdtemp()) / "results.jsonl")
         >>> store.append(Record("abc", {"task": "t"}, "ok", {"acc": 1.0}, 0.1))
         True

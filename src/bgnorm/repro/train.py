@@ -11,9 +11,9 @@ device, independent of what it trains:
   epoch ``e`` depends only on ``(seed, e, i)``, so a resumed run sees exactly the batches an
   uninterrupted one would;
 * :func:`evaluate` (top-1 accuracy and loss), :func:`check_finite` (raises
-  :class:`~bgnorm.repro.tasks.base.Diverged`), :func:`median`;
+  :class:`~bgnorm.repro.api.Diverged`), :func:`median`;
 * :func:`train_classifier`: the supervised loop of the classification tasks, checkpointing
-  through a :class:`~bgnorm.repro.tasks.base.CellContext` and resuming from it bit for bit on CPU.
+  through a :class:`~bgnorm.repro.api.CellContext` and resuming from it bit for bit on CPU.
 
 Distributed training (torchrun/DDP, :mod:`bgnorm.repro.dist`): given a
 :class:`~bgnorm.repro.dist.DistEnv`, :func:`train_classifier` wraps the model in DDP (optionally
@@ -42,8 +42,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import dist as _dist
+from .api import CellContext, Diverged
 from .data import random_crop_batch, seed_worker
-from .tasks.base import CellContext, Diverged
 
 __all__ = [
     "BatchSource",
@@ -65,7 +65,7 @@ __all__ = [
     "train_classifier",
 ]
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the learning curve (one test evaluation per epoch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,6 +492,7 @@ class _TrainState:
     epoch_loss: list[float] = field(default_factory=lambda: [0.0, 0.0])  # [sum, count]
     train_losses: list[float] = field(default_factory=list)  # mean loss per finished epoch
     seconds: float = 0.0
+    curve: list[dict[str, Any]] = field(default_factory=list)  # one point per epoch
 
 
 def train_classifier(
@@ -547,12 +548,12 @@ def train_classifier(
     state = _TrainState()
 
     saved = ctx.load_checkpoint()
+    if saved is not None and (saved.get("version") != CHECKPOINT_VERSION
+                              or saved.get("total") != total):
+        ctx.log(f"discarding the checkpoint in {ctx.workdir}: written by another version of the "
+                "suite or for another number of steps; the cell restarts from step 0")
+        saved = None
     if saved is not None:
-        if saved.get("version") != CHECKPOINT_VERSION or saved.get("total") != total:
-            raise RuntimeError(
-                f"checkpoint in {ctx.workdir} does not match this cell (version/steps differ); "
-                "delete it to restart the cell"
-            )
         module.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"])
@@ -562,6 +563,7 @@ def train_classifier(
             epoch_loss=list(saved["epoch_loss"]),
             train_losses=list(saved["train_losses"]),
             seconds=float(saved["seconds"]),
+            curve=[dict(p) for p in saved["curve"]],
         )
         ctx.log(f"resumed at step {state.step}/{total}")
 
@@ -582,23 +584,33 @@ def train_classifier(
             "epoch_loss": state.epoch_loss,
             "train_losses": state.train_losses,
             "seconds": state.seconds + (time.perf_counter() - t0),
+            "curve": state.curve,
         })
         if distributed:
             _dist.barrier("the checkpoint barrier")
 
     def partial() -> dict[str, Any]:
-        return {"step": state.step, "evals": state.evals, "train_losses": state.train_losses}
+        return {"step": state.step, "evals": state.evals, "train_losses": state.train_losses,
+                "curve": state.curve}
 
     def finish_epoch(epoch: int) -> None:
         s, c = state.epoch_loss
         state.train_losses.append(s / c if c else float("nan"))
         state.epoch_loss = [0.0, 0.0]
-        if epoch in eval_epochs and not any(int(e[0]) == epoch for e in state.evals):
-            if distributed:
-                _dist.average_buffers(net)
-            m = evaluate(module, test, device, amp)
+        if any(p["epoch"] == epoch + 1 for p in state.curve):
+            return
+        # Every epoch is evaluated for the learning curve; the reported accuracy stays the
+        # median over eval_epochs (evaluation changes no weights, buffers or RNG state).
+        if distributed:
+            _dist.average_buffers(net)
+        m = evaluate(module, test, device, amp)
+        if epoch in eval_epochs:
             check_finite(m["loss"], f"test loss after epoch {epoch + 1}", partial())
             state.evals.append([epoch, m["acc"], m["loss"]])
+        state.curve.append({"epoch": epoch + 1, "step": (epoch + 1) * spe,
+                            "progress": (epoch + 1) / recipe.epochs,
+                            "train_loss": state.train_losses[-1], "metric": m["acc"],
+                            "test_loss": m["loss"]})
 
     t0 = time.perf_counter()
     net.train()
@@ -676,4 +688,5 @@ def train_classifier(
         "lr": recipe.lr,
         "train_seconds": elapsed,
         "recipe": asdict(recipe),
+        "curve": state.curve,
     }

@@ -10,7 +10,6 @@ Helpers shared with the other tasks of Tables 3-7 live in :mod:`.common`.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from ..adversarial import PAPER_ADV, WideResNet, adversarial_train_step, robust_accuracy
+from ..loop import StepLoop
 from ..norms import DISPLAY_NAMES
 from ..presets import preset_settings
 from ..report import (
@@ -29,7 +29,7 @@ from ..report import (
     render_claims,
     summarize,
 )
-from ..train import InMemoryBatches, check_finite, derive_seed
+from ..train import InMemoryBatches, derive_seed
 from .base import CellContext, Record, Task, register_task
 from .common import (
     NORM_SETTINGS,
@@ -41,8 +41,6 @@ from .common import (
     load_tensors,
     norm_cell,
     norm_order,
-    resume_state,
-    save_state,
     step_batch,
     task_preset,
 )
@@ -111,44 +109,40 @@ def run_adversarial(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
     model.to(device)
     eps, step, (lo, hi) = normalized_attack_params(split.mean, split.std, float(config["eps"]),
                                                    float(config["step_size"]))
-    eps, step = eps.to(device), step.to(device)
+    eps, step_size = eps.to(device), step.to(device)
     clamp = (lo.to(device), hi.to(device))
     train = InMemoryBatches(split.x_train, split.y_train, spec.total_batch,
                             seed=derive_seed(config["seed"], "data"))
     optimizer = torch.optim.Adam(model.parameters(), lr=float(config["lr"]))
     total = int(config["steps"])
-    modules = {"model": model, "optimizer": optimizer}
-    state = resume_state(ctx, modules, total)
-    state.setdefault("losses", [])
-    state.setdefault("seconds", 0.0)
-    t0 = time.perf_counter()
-    while state["step"] < total:
-        xb, yb = step_batch(train, state["step"], device)
-        g = torch.Generator(device=device)
-        g.manual_seed(derive_seed(config["seed"], "pgd", state["step"]))
-        m = adversarial_train_step(model, optimizer, xb, yb, eps=eps, step_size=step,
-                                   steps=int(config["attack_steps"]), clamp=clamp, generator=g)
-        check_finite(m["loss"], f"adversarial training loss at step {state['step'] + 1}",
-                     {"step": state["step"]})
-        state["step"] += 1
-        state["losses"].append(m["loss"])
-        ctx.progress(state["step"], total, loss=m["loss"])
-        if ctx.checkpoint_due():
-            save_state(ctx, modules, total, {**state, "seconds": state["seconds"]
-                                             + time.perf_counter() - t0})
-    state["seconds"] += time.perf_counter() - t0
-    save_state(ctx, modules, total, state)
     n = min(int(config["eval_examples"]), len(split.y_test))
-    g = torch.Generator(device=device)
-    g.manual_seed(derive_seed(config["seed"], "eval-pgd"))
-    r = robust_accuracy(model, split.x_test[:n], split.y_test[:n], eps=eps, step_size=step,
-                        steps=int(config["attack_steps"]), clamp=clamp,
-                        batch_size=int(config["eval_batch_size"]), generator=g, device=device)
-    tail = state["losses"][-10:]
+
+    def update(step: int) -> dict[str, Any]:
+        xb, yb = step_batch(train, step, device)
+        g = torch.Generator(device=device)
+        g.manual_seed(derive_seed(config["seed"], "pgd", step))
+        return adversarial_train_step(model, optimizer, xb, yb, eps=eps, step_size=step_size,
+                                      steps=int(config["attack_steps"]), clamp=clamp,
+                                      generator=g)
+
+    def evaluate() -> dict[str, Any]:
+        g = torch.Generator(device=device)
+        g.manual_seed(derive_seed(config["seed"], "eval-pgd"))
+        r = robust_accuracy(model, split.x_test[:n], split.y_test[:n], eps=eps,
+                            step_size=step_size, steps=int(config["attack_steps"]), clamp=clamp,
+                            batch_size=int(config["eval_batch_size"]), generator=g,
+                            device=device)
+        return {"metric": 100.0 * r["robust_accuracy"], "clean": 100.0 * r["clean_accuracy"],
+                "n": r["n"]}
+
+    loop = StepLoop(ctx, total, len(train))
+    model.train()
+    r = loop.run({"model": model, "optimizer": optimizer}, update, evaluate=evaluate,
+                 what="adversarial training loss")
     return {
-        "clean_acc": 100.0 * r["clean_accuracy"], "robust_acc": 100.0 * r["robust_accuracy"],
-        "acc": 100.0 * r["robust_accuracy"], "n_test": r["n"], "steps": total,
-        "train_loss": sum(tail) / max(len(tail), 1), "train_seconds": state["seconds"],
+        "clean_acc": r["clean"], "robust_acc": r["metric"],
+        "acc": r["metric"], "n_test": r["n"], "steps": total, "num_classes": split.num_classes,
+        "train_loss": loop.tail_loss(), "train_seconds": loop.seconds, "curve": loop.curve,
         "norm": spec.describe(), "params": sum(p.numel() for p in model.parameters()),
         "groups_adjusted": sum(l.adjusted for l in layers),
     }

@@ -214,7 +214,7 @@ def _bundled(name: str, size: int | None, split_seed: int, test_fraction: float)
 
 
 def check_classification_data(configs: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The three tasks' :attr:`~bgnorm.repro.tasks.base.Task.check`: every cell's dataset is
+    """The three tasks' :attr:`~bgnorm.repro.api.Task.check`: every cell's dataset is
     bundled, or a well-formed copy at ``--data-root`` (CIFAR-10 batches; ``train/`` and
     ``val/`` (or ``test/``) class folders with the same classes)."""
     from .. import data as D

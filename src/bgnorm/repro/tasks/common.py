@@ -1,7 +1,7 @@
 """Helpers shared by the tasks of the BGN paper's Tables 3-7 (adversarial, few-shot, domain
 adaptation, NAS), so that all of them resolve presets, norms, batches and checkpoints the same
 way: :func:`task_preset`, :func:`norm_cell`, :func:`build_with_norm`, :func:`step_batch`,
-:func:`resume_state` / :func:`save_state`, and report helpers.
+and report helpers (the step loop itself is :mod:`bgnorm.repro.loop`).
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ import bgnorm
 from ..norms import DISPLAY_NAMES, NormSpec, build_normed_model
 from ..report import untrained_note
 from ..train import InMemoryBatches, derive_seed, standard_layout
-from .base import CellContext, Record
+from .base import Record
 
 __all__ = [
-    "CHECKPOINT_VERSION",
     "NORMS",
     "NORM_SETTINGS",
     "TASK_OPTIONS",
@@ -32,15 +31,12 @@ __all__ = [
     "norm_cell",
     "norm_label",
     "norm_order",
-    "resume_state",
-    "save_state",
     "step_batch",
     "task_preset",
 ]
 
 #: The norms of the BGN paper's Tables 3-7, in its order.
 NORMS = ["bn", "in", "ln", "gn", "pn", "bgn"]
-CHECKPOINT_VERSION = 1
 #: The protocol options :func:`task_preset` applies (a task that cannot apply one of them, e.g.
 #: ``dataset`` for domain adaptation, leaves it out of its ``Task.options``).
 TASK_OPTIONS = frozenset({"dataset", "data_root", "image_size", "norms", "seeds"})
@@ -117,32 +113,6 @@ def step_batch(source: InMemoryBatches, step: int, device: torch.device
     epoch, index = divmod(step, len(source))
     xb, yb = next(source.batches(epoch, index))
     return standard_layout(xb.to(device)), yb.to(device)
-
-
-def resume_state(ctx: CellContext, modules: Mapping[str, Any], total: int) -> dict[str, Any]:
-    """Load ``ctx``'s checkpoint into ``modules`` (state_dict objects); returns its extra state
-    (``{"step": 0}`` for a fresh cell)."""
-    saved = ctx.load_checkpoint()
-    if saved is None:
-        return {"step": 0}
-    if saved.get("version") != CHECKPOINT_VERSION or saved.get("total") != total:
-        raise RuntimeError(f"checkpoint in {ctx.workdir} does not match this cell; delete it "
-                           "to restart the cell")
-    for name, obj in modules.items():
-        obj.load_state_dict(saved["modules"][name])
-    torch.set_rng_state(saved["rng"])
-    ctx.log(f"resumed at step {saved['state']['step']}/{total}")
-    return dict(saved["state"])
-
-
-def save_state(ctx: CellContext, modules: Mapping[str, Any], total: int,
-               state: Mapping[str, Any]) -> None:
-    """Checkpoint ``modules`` (model, optimizers), torch's RNG and ``state``."""
-    ctx.save_checkpoint({
-        "version": CHECKPOINT_VERSION, "total": total,
-        "modules": {k: v.state_dict() for k, v in modules.items()},
-        "rng": torch.get_rng_state(), "state": dict(state),
-    })
 
 
 def norm_order(records: Sequence[Record]) -> list[str]:

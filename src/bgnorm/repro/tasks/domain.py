@@ -12,7 +12,7 @@ scikit-learn digits, both resized to 16x16.
 
 from __future__ import annotations
 
-import time
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from ..domain import PAPER_CAN, cdd_loss, class_aware_sample, cluster_target
+from ..loop import StepLoop
 from ..norms import DISPLAY_NAMES
 from ..presets import preset_settings
 from ..report import DIVERGED, MISSING, NOT_TRAINED, fmt_summary, markdown_table, summarize
-from ..train import InMemoryBatches, check_finite, derive_seed, standard_layout
+from ..train import InMemoryBatches, derive_seed, standard_layout
 from .base import CellContext, Record, Task, register_task
 from .common import (
     NORM_SETTINGS,
@@ -34,8 +35,6 @@ from .common import (
     diverged_note,
     norm_cell,
     norm_order,
-    resume_state,
-    save_state,
     step_batch,
     task_preset,
 )
@@ -165,15 +164,11 @@ def run_domain(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
                              int(config["loop_steps"]))
     total = warm + loops * per_loop
     can = config["method"] == "can"
-    modules = {"model": model, "optimizer": optimizer}
-    state = resume_state(ctx, modules, total)
-    state.setdefault("losses", [])
-    state.setdefault("seconds", 0.0)
-    state.setdefault("kept_classes", [])
-    t0 = time.perf_counter()
-    model.train()
-    while state["step"] < total:
-        step = state["step"]
+    loop = StepLoop(ctx, total, len(train))
+    task = loop.task
+    task.setdefault("kept_classes", [])
+
+    def update(step: int) -> dict[str, Any]:
         lr = float(config["lr"]) / (1 + PAPER_CAN["inv_alpha"] * step) ** PAPER_CAN["inv_beta"]
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -183,20 +178,20 @@ def run_domain(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
                                 _features(model, tgt.x_train, device), ncls,
                                 threshold=float(config["filter_threshold"]),
                                 min_per_class=int(config["min_per_class"]))
-            state["pseudo"] = cl.labels.cpu()
-            state["classes"] = [int(c) for c in cl.classes]
-            state["kept_classes"].append(len(cl.classes))
+            task["pseudo"] = cl.labels.cpu()
+            task["classes"] = [int(c) for c in cl.classes]
+            task["kept_classes"].append(len(cl.classes))
         xb, yb = step_batch(train, step, device)
         loss = F.cross_entropy(model(xb), yb)
         cdd_value = 0.0
-        if can and step >= warm and state.get("classes"):
+        if can and step >= warm and task.get("classes"):
             g = torch.Generator().manual_seed(derive_seed(config["seed"], "class-aware", step))
-            si, ti, _ = class_aware_sample(src.y_train, state["pseudo"], state["classes"],
+            si, ti, _ = class_aware_sample(src.y_train, task["pseudo"], task["classes"],
                                            int(config["classes_per_batch"]),
                                            int(config["per_class"]), g)
             fs = model.forward_features(standard_layout(src.x_train[si].to(device)))
             ft = model.forward_features(standard_layout(tgt.x_train[ti].to(device)))
-            ys, yt = src.y_train[si].to(device), state["pseudo"][ti].to(device)
+            ys, yt = src.y_train[si].to(device), task["pseudo"][ti].to(device)
             kw = {"kernel_mul": float(config["kernel_mul"]),
                   "kernel_num": int(config["kernel_num"])}
             cdd = (cdd_loss(fs, ys, ft, yt, ncls, **kw)
@@ -204,30 +199,34 @@ def run_domain(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
                               ncls, **kw))
             cdd_value = float(cdd.detach())
             loss = loss + float(config["cdd_weight"]) * cdd
-        check_finite(loss, f"training loss at step {step + 1}", {"step": step})
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        state["step"] += 1
-        state["losses"].append(float(loss.detach()))
-        ctx.progress(state["step"], total, loss=state["losses"][-1], cdd=cdd_value)
-        if ctx.checkpoint_due():
-            save_state(ctx, modules, total, {**state, "seconds": state["seconds"]
-                                             + time.perf_counter() - t0})
-    state["seconds"] += time.perf_counter() - t0
-    save_state(ctx, modules, total, state)
-    model.eval()
-    with torch.no_grad():
-        pred = torch.cat([model(standard_layout(tgt.x_test[i:i + 500].to(device))).argmax(1)
-                          for i in range(0, len(tgt.x_test), 500)]).cpu()
-        src_pred = torch.cat([model(standard_layout(src.x_test[i:i + 500].to(device)))
-                              .argmax(1) for i in range(0, len(src.x_test), 500)]).cpu()
-    tail = state["losses"][-10:]
+        value = float(loss.detach())
+        if math.isfinite(value):  # a non-finite loss is the loop's Diverged, without a step
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return {"loss": value, "cdd": cdd_value}
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            pred = torch.cat([model(standard_layout(x[i:i + 500].to(device))).argmax(1)
+                              for i in range(0, len(x), 500)]).cpu()
+        model.train(was)
+        return pred
+
+    def evaluate() -> dict[str, Any]:
+        acc = 100.0 * float((predict(tgt.x_test) == tgt.y_test).float().mean())
+        src_acc = 100.0 * float((predict(src.x_test) == src.y_test).float().mean())
+        return {"metric": acc, "source_acc": src_acc}
+
+    model.train()
+    m = loop.run({"model": model, "optimizer": optimizer}, update, evaluate=evaluate)
     return {
-        "acc": 100.0 * float((pred == tgt.y_test).float().mean()),
-        "source_acc": 100.0 * float((src_pred == src.y_test).float().mean()),
-        "n_test": len(tgt.y_test), "steps": total, "kept_classes": state["kept_classes"],
-        "train_loss": sum(tail) / max(len(tail), 1), "train_seconds": state["seconds"],
+        "acc": m["metric"], "source_acc": m["source_acc"],
+        "n_test": len(tgt.y_test), "steps": total, "kept_classes": task["kept_classes"],
+        "num_classes": ncls,
+        "train_loss": loop.tail_loss(), "train_seconds": loop.seconds, "curve": loop.curve,
         "norm": spec.describe(), "groups_adjusted": sum(l.adjusted for l in layers),
     }
 

@@ -9,7 +9,7 @@ base, 5-9 novel.
 
 from __future__ import annotations
 
-import time
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,16 @@ from ..fewshot import (
     evaluate_episodes,
     mean_confidence_interval,
 )
+from ..loop import StepLoop
 from ..norms import DISPLAY_NAMES
 from ..presets import preset_settings
-from ..report import NOT_TRAINED, markdown_table, training_problem
+from ..report import (
+    NOT_TRAINED,
+    STILL_IMPROVING,
+    convergence,
+    markdown_table,
+    training_problem,
+)
 from ..train import InMemoryBatches, check_finite, derive_seed
 from .base import CellContext, Record, Task, register_task
 from .common import (
@@ -40,8 +47,6 @@ from .common import (
     diverged_note,
     norm_cell,
     norm_order,
-    resume_state,
-    save_state,
     step_batch,
     task_preset,
 )
@@ -153,52 +158,52 @@ def run_fewshot(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
                                 momentum=float(config["momentum"]),
                                 weight_decay=float(config["weight_decay"]))
     total = int(config["steps"])
-    modules = {"model": model, "optimizer": optimizer}
-    state = resume_state(ctx, modules, total)
-    state.setdefault("losses", [])
-    state.setdefault("seconds", 0.0)
-    t0 = time.perf_counter()
-    model.train()
-    while state["step"] < total:
+
+    def update(step: int) -> dict[str, Any]:
         # cosine decay of the lr over the base training
         lr = float(config["lr"]) * 0.5 * (1 + torch.cos(torch.tensor(
-            torch.pi * state["step"] / total)).item())
+            torch.pi * step / total)).item())
         for group in optimizer.param_groups:
             group["lr"] = lr
-        xb, yb = step_batch(train, state["step"], device)
+        xb, yb = step_batch(train, step, device)
         loss = F.cross_entropy(model(xb), yb)
-        check_finite(loss, f"base training loss at step {state['step'] + 1}",
-                     {"step": state["step"]})
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        state["step"] += 1
-        state["losses"].append(float(loss.detach()))
-        ctx.progress(state["step"], total, loss=state["losses"][-1])
-        if ctx.checkpoint_due():
-            save_state(ctx, modules, total, {**state, "seconds": state["seconds"]
-                                             + time.perf_counter() - t0})
-    state["seconds"] += time.perf_counter() - t0
-    save_state(ctx, modules, total, state)
+        value = float(loss.detach())
+        if math.isfinite(value):  # a non-finite loss is the loop's Diverged, without a step
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return {"loss": value}
 
-    backbone = model[0]
-    model.eval()
-    with torch.no_grad():
-        base_acc = 100.0 * float((model(data.x_base_test.to(device)).argmax(1).cpu()
-                                  == data.y_base_test).float().mean())
-    feats = embed(backbone, data.x_novel, device=device).cpu()
-    check_finite(feats.sum(), "novel-class embeddings")
-    result: dict[str, Any] = {"base_test_acc": base_acc}
-    for k in config["shots"]:
-        g = torch.Generator().manual_seed(derive_seed(config["seed"], "episodes", k))
-        accs = evaluate_episodes(feats, data.y_novel, int(config["n_way"]), int(k),
-                                 int(config["n_query"]), int(config["episodes"]), g)
-        mean, half = mean_confidence_interval(accs)
-        result[f"acc_{k}shot"] = 100.0 * mean
-        result[f"ci_{k}shot"] = 100.0 * half
-    tail = state["losses"][-10:]
-    result.update(acc=result[f"acc_{config['shots'][0]}shot"], steps=total,
-                  train_loss=sum(tail) / max(len(tail), 1), train_seconds=state["seconds"],
+    def evaluate() -> dict[str, Any]:
+        """Base-class test accuracy and the novel-class episodes (the first shot count is the
+        curve's metric)."""
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            base_acc = 100.0 * float((model(data.x_base_test.to(device)).argmax(1).cpu()
+                                      == data.y_base_test).float().mean())
+        feats = embed(model[0], data.x_novel, device=device).cpu()
+        model.train(was)
+        check_finite(feats.sum(), "novel-class embeddings")
+        out: dict[str, Any] = {"base_test_acc": base_acc}
+        for k in config["shots"]:
+            g = torch.Generator().manual_seed(derive_seed(config["seed"], "episodes", k))
+            accs = evaluate_episodes(feats, data.y_novel, int(config["n_way"]), int(k),
+                                     int(config["n_query"]), int(config["episodes"]), g)
+            mean, half = mean_confidence_interval(accs)
+            out[f"acc_{k}shot"] = 100.0 * mean
+            out[f"ci_{k}shot"] = 100.0 * half
+        out["metric"] = out[f"acc_{config['shots'][0]}shot"]
+        out["ci"] = out[f"ci_{config['shots'][0]}shot"]  # the curve metric's noise
+        return out
+
+    loop = StepLoop(ctx, total, len(train))
+    model.train()
+    m = loop.run({"model": model, "optimizer": optimizer}, update, evaluate=evaluate,
+                 what="base training loss")
+    result: dict[str, Any] = {k: v for k, v in m.items() if k not in ("metric", "ci")}
+    result.update(acc=m["metric"], steps=total, train_loss=loop.tail_loss(),
+                  train_seconds=loop.seconds, curve=loop.curve,
                   norm=spec.describe(), params=sum(p.numel() for p in model.parameters()),
                   groups_adjusted=sum(l.adjusted for l in layers))
     return result
@@ -220,11 +225,13 @@ def report_fewshot(records: list[Record], out_dir: Path) -> str:
         row = [DISPLAY_NAMES.get(n, n)]
         # "-": diverged, "n/t": finished without training (no steps, no finite result)
         missing = "-" if r.status != "ok" else NOT_TRAINED if training_problem(r) else None
+        moving = " ‡" if convergence(r)[0] == STILL_IMPROVING else ""
         for k in shots:
             if missing:
                 row.append(missing)
             else:
-                row.append(f"{r.result[f'acc_{k}shot']:.2f} ± {r.result[f'ci_{k}shot']:.2f}")
+                row.append(f"{r.result[f'acc_{k}shot']:.2f} ± {r.result[f'ci_{k}shot']:.2f}"
+                           + moving)
         row.append(missing or f"{r.result['base_test_acc']:.2f}")
         rows.append(row)
     header = ["norm", *(f"{c['n_way']}-way {k}-shot (%)" for k in shots),

@@ -13,7 +13,7 @@ network (C=4, 3 cells) and evaluation network (C=8, 5 cells) on the bundled 8x8 
 
 from __future__ import annotations
 
-import time
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..loop import StepLoop
 from ..nas import (
     DARTS_V2,
     PAPER_NAS,
@@ -34,10 +35,9 @@ from ..nas import (
 from ..norms import DISPLAY_NAMES
 from ..presets import preset_settings
 from ..report import fmt_summary, markdown_table, summarize
-from ..train import InMemoryBatches, check_finite, derive_seed, standard_layout
+from ..train import InMemoryBatches, derive_seed, standard_layout
 from .base import CellContext, Record, Task, register_task
 from .common import (
-    CHECKPOINT_VERSION,
     NORM_SETTINGS,
     NORMS,
     TASK_OPTIONS,
@@ -112,23 +112,20 @@ def run_nas(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
     e_steps = int(config["eval_steps"])
     total = s_steps + e_steps
     seed = config["seed"]
-    saved = ctx.load_checkpoint()
-    if saved is not None and (saved.get("version") != CHECKPOINT_VERSION
-                              or saved.get("total") != total):
-        raise RuntimeError(f"checkpoint in {ctx.workdir} does not match this cell")
-    state: dict[str, Any] = dict(saved["state"]) if saved else {"step": 0, "losses": []}
-    if saved is not None:
-        ctx.log(f"resumed at step {state['step']}/{total}")
+    loop = StepLoop(ctx, total)
+    task = loop.task
 
-    def save(modules: Mapping[str, Any]) -> None:
-        ctx.save_checkpoint({"version": CHECKPOINT_VERSION, "total": total,
-                             "modules": {k: v.state_dict() for k, v in modules.items()},
-                             "rng": torch.get_rng_state(), "state": dict(state)})
+    def predict(net: nn.Module) -> dict[str, Any]:
+        was = net.training
+        net.eval()
+        with torch.no_grad():
+            pred = torch.cat([net(standard_layout(split.x_test[i:i + 500].to(device))).argmax(1)
+                              for i in range(0, len(split.x_test), 500)]).cpu()
+        net.train(was)
+        return {"metric": 100.0 * float((pred == split.y_test).float().mean())}
 
-    t0 = time.perf_counter()
-    result: dict[str, Any] = {}
     # ---- stage 1: search (half of the training set for weights, half for the alphas) ------
-    if search and state["step"] < s_steps:
+    if search and loop.step < s_steps:
         g = torch.Generator().manual_seed(derive_seed(seed, "split"))
         perm = torch.randperm(len(split.y_train), generator=g)
         half = len(perm) // 2
@@ -137,37 +134,31 @@ def run_nas(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
                              seed=derive_seed(seed, "search-train"))
         va = InMemoryBatches(split.x_train[perm[half:]], split.y_train[perm[half:]], b,
                              seed=derive_seed(seed, "search-val"))
-        net, _, _ = build_with_norm(
+        search_net, _, _ = build_with_norm(
             lambda nl: SearchNetwork(int(config["search_C"]), ncls, int(config["search_layers"]),
                                      nl, split.in_channels), config, shape, "search-init")
-        net.to(device)
-        w_opt = torch.optim.SGD(net.weights_parameters(), lr=float(config["w_lr"]),
+        search_net.to(device)
+        w_opt = torch.optim.SGD(search_net.weights_parameters(), lr=float(config["w_lr"]),
                                 momentum=_S["w_momentum"], weight_decay=_S["w_weight_decay"])
-        a_opt = torch.optim.Adam(net.arch_parameters(), lr=float(config["a_lr"]),
+        a_opt = torch.optim.Adam(search_net.arch_parameters(), lr=float(config["a_lr"]),
                                  betas=_S["a_betas"], weight_decay=_S["a_weight_decay"])
-        modules = {"model": net, "w_opt": w_opt, "a_opt": a_opt}
-        if saved is not None:
-            for k, v in modules.items():
-                v.load_state_dict(saved["modules"][k])
-            torch.set_rng_state(saved["rng"])
-        while state["step"] < s_steps:
+
+        def search_update(step: int) -> dict[str, Any]:
             for group in w_opt.param_groups:
-                group["lr"] = _cosine(float(config["w_lr"]), float(config["w_lr_min"]),
-                                      state["step"], s_steps)
-            m = darts_search_step(net, w_opt, a_opt, step_batch(tr, state["step"], device),
-                                  step_batch(va, state["step"], device),
-                                  grad_clip=_S["grad_clip"])
-            check_finite(m["train_loss"] + m["val_loss"],
-                         f"search loss at step {state['step'] + 1}", {"step": state["step"]})
-            state["step"] += 1
-            state["losses"].append(m["train_loss"])
-            ctx.progress(state["step"], total, loss=m["train_loss"])
-            if state["step"] == s_steps:
-                state["genotype"] = genotype_to_dict(net.genotype())
-            if ctx.checkpoint_due() or state["step"] == s_steps:
-                save(modules)
-        saved = None  # the search checkpoint does not hold evaluation-network state
-    genotype = genotype_from_dict(state["genotype"]) if search else DARTS_V2
+                group["lr"] = _cosine(float(config["w_lr"]), float(config["w_lr_min"]), step,
+                                      s_steps)
+            m = darts_search_step(search_net, w_opt, a_opt, step_batch(tr, step, device),
+                                  step_batch(va, step, device), grad_clip=_S["grad_clip"])
+            if step + 1 == s_steps:
+                task["genotype"] = genotype_to_dict(search_net.genotype())
+            # a non-finite validation (architecture) loss diverges the search too
+            loss = m["train_loss"] if math.isfinite(m["val_loss"]) else float("nan")
+            return {"loss": loss, "val_loss": m["val_loss"]}
+
+        loop.run({"model": search_net, "w_opt": w_opt, "a_opt": a_opt}, search_update,
+                 stop=s_steps, stage="search", evaluate=lambda: predict(search_net),
+                 what="search loss")
+    genotype = genotype_from_dict(task["genotype"]) if search else DARTS_V2
     # ---- stage 2: train the evaluation network --------------------------------------------
     aux_w = float(config.get("auxiliary_weight") or 0.0)
     net, spec, layers = build_with_norm(
@@ -176,18 +167,14 @@ def run_nas(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
     net.to(device)
     opt = torch.optim.SGD(net.parameters(), lr=float(config["lr"]), momentum=_E["momentum"],
                           weight_decay=_E["weight_decay"])
-    modules = {"model": net, "optimizer": opt}
-    if saved is not None and state["step"] > s_steps:
-        for k, v in modules.items():
-            v.load_state_dict(saved["modules"][k])
-        torch.set_rng_state(saved["rng"])
-    elif state["step"] == s_steps:
+    if loop.step == s_steps:
         torch.manual_seed(derive_seed(seed, "eval-train"))
     train = InMemoryBatches(split.x_train, split.y_train, int(config["eval_batch_size"]),
                             seed=derive_seed(seed, "eval-data"))
-    net.train()
-    while state["step"] < total:
-        k = state["step"] - s_steps
+    loop.steps_per_epoch = len(train)
+
+    def update(step: int) -> dict[str, Any]:
+        k = step - s_steps
         for group in opt.param_groups:
             group["lr"] = _cosine(float(config["lr"]), 0.0, k, e_steps)
         net.drop_path_prob = float(config.get("drop_path_prob") or 0.0) * k / e_steps
@@ -196,29 +183,24 @@ def run_nas(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
         loss = F.cross_entropy(logits, yb)
         if aux is not None:
             loss = loss + aux_w * F.cross_entropy(aux, yb)
-        check_finite(loss, f"evaluation-network loss at step {k + 1}", {"step": state["step"]})
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(net.parameters(), _E["grad_clip"])
-        opt.step()
-        state["step"] += 1
-        state["losses"].append(float(loss.detach()))
-        ctx.progress(state["step"], total, loss=state["losses"][-1])
-        if ctx.checkpoint_due():
-            save(modules)
-    save(modules)
-    net.eval()
-    with torch.no_grad():
-        pred = torch.cat([net(standard_layout(split.x_test[i:i + 500].to(device))).argmax(1)
-                          for i in range(0, len(split.x_test), 500)]).cpu()
-    acc = 100.0 * float((pred == split.y_test).float().mean())
-    check_finite(acc, "test accuracy")
-    result.update(acc=acc, error=100.0 - acc, n_test=len(split.y_test), steps=total,
-                  genotype=genotype_to_dict(genotype), norm=spec.describe(),
-                  params=sum(p.numel() for p in net.parameters()),
-                  groups_adjusted=sum(l.adjusted for l in layers),
-                  train_seconds=time.perf_counter() - t0)
-    return result
+        value = float(loss.detach())
+        if math.isfinite(value):  # a non-finite loss is the loop's Diverged, without a step
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(net.parameters(), _E["grad_clip"])
+            opt.step()
+        return {"loss": value}
+
+    net.train()
+    m = loop.run({"model": net, "optimizer": opt}, update, start=s_steps, stage="train",
+                 evaluate=lambda: predict(net), what="evaluation-network loss")
+    acc = m["metric"]
+    return {"acc": acc, "error": 100.0 - acc, "n_test": len(split.y_test), "steps": total,
+            "num_classes": ncls,
+            "genotype": genotype_to_dict(genotype), "norm": spec.describe(),
+            "params": sum(p.numel() for p in net.parameters()),
+            "groups_adjusted": sum(l.adjusted for l in layers),
+            "train_seconds": loop.seconds, "curve": loop.curve}
 
 
 def report_nas(records: list[Record], out_dir: Path) -> str:

@@ -40,7 +40,7 @@ run() {  # run SECONDS CMD...: logs the exit status, never stops the script
         run $((BUDGET + 50)) "$PY" benchmarks/bench_gpu.py --out "$OUT" --budget "$BUDGET"
     else
         section "dry run (no CUDA): benchmark on CPU under TRITON_INTERPRET=1"
-        TRITON_INTERPRET=1 run 120 "$PY" benchmarks/bench_gpu.py --out "$OUT" --dry --budget 50
+        TRITON_INTERPRET=1 run 280 "$PY" benchmarks/bench_gpu.py --out "$OUT" --dry
     fi
     section "done: $OUT"
 } 2>&1 | tee -a "$LOG"

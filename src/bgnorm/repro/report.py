@@ -547,6 +547,9 @@ def curve_plot(path: str | os.PathLike, records: Sequence[Record], title: str = 
     panels = sorted({r.config.get("batch_size") for r in recs}, key=lambda b: (b is None, b))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), dpi=110,
                              squeeze=False, sharey=True)
+    # one colour per cell label across the panels
+    colors = {name: f"C{i % 10}" for i, name in
+              enumerate(sorted({_cell_label(r, varying) for r in recs}))}
     for ax, bs in zip(axes[0], panels, strict=True):
         lines: dict[str, dict[float, list[float]]] = {}
         for r in recs:
@@ -559,7 +562,7 @@ def curve_plot(path: str | os.PathLike, records: Sequence[Record], title: str = 
         for name, pts in sorted(lines.items()):
             xs = sorted(pts)
             ax.plot(xs, [statistics.fmean(pts[x]) for x in xs], marker="o", markersize=3,
-                    linewidth=1.4, label=name)
+                    linewidth=1.4, label=name, color=colors[name])
         ax.set_title(f"batch {bs}" if bs is not None else "")
         ax.set_xlabel("epoch" if use_epoch else "step")
         ax.grid(True, alpha=0.3)

@@ -44,7 +44,8 @@ def test_summaries_and_cell_format():
                                                              {"acc": float("nan")}, 1)]
     s = summarize(recs, lambda r: r.config["k"])
     assert s[1].mean == 91.0 and s[1].n == 2
-    assert fmt_summary(s[1]) == "91.00 ± 1.41"
+    # mean ± the 95% t-interval over seeds: t(1) * sd / sqrt(2) = 12.706 * 1.414 / 1.414
+    assert fmt_summary(s[1]) == "91.00 ± 12.71"
     assert fmt_summary(s[2]) == "-"
     assert fmt_summary(s[3]) == "n/t"  # finished with a NaN accuracy: did not train, not diverged
     assert s[3].untrained == ("seed ?: acc is nan, not a finite number",)
@@ -356,3 +357,28 @@ def test_curves_section_draws_one_png_and_states_the_criterion(tmp_path):
     assert "![learning curves of t](curves_t.png)" in text
     assert R.CONVERGENCE_CRITERION in text
     assert "4 converged, 1 not measured" in text and "no learning curve in the record" in text
+
+
+def test_t_interval_and_paired_differences_over_seeds():
+    assert R.t_quantile(2) == 4.303 and abs(R.t_quantile(30) - 2.042) < 1e-9
+    assert abs(R.t_quantile(31) - 2.0395) < 0.001 and abs(R.t_quantile(60) - 2.0003) < 0.001
+    assert abs(R.t_quantile(10**6) - 1.96) < 1e-3
+    s = Summary((90.0, 91.0, 92.0))
+    assert s.half_width == pytest.approx(4.303 * 1.0 / 3 ** 0.5)
+    assert fmt_summary(s) == "91.00 ± 2.48"
+
+    def rec(norm, seed, acc, status="ok"):
+        return Record(f"{norm}{seed}", {"norm": norm, "seed": seed}, status, {"acc": acc}, 1.0)
+
+    # seeds differ a lot (data order), the norms by a steady 1 pp: pairing sees it clearly
+    a = [rec("bgn", s, 80.0 + 5 * s + 1.0) for s in range(4)]
+    b = [rec("bn", s, 80.0 + 5 * s) for s in range(4)]
+    d = R.paired_difference(a, b)
+    assert (d.mean, d.half_width, d.n) == (1.0, 0.0, 4)
+    unpaired = Summary(tuple(r.result["acc"] for r in a)).half_width
+    assert unpaired > 5  # the unpaired intervals overlap entirely
+    # only the seeds both cells ran, without diverged runs
+    b[3] = rec("bn", 3, float("nan"), status="diverged")
+    assert R.paired_difference(a, b).n == 3
+    assert R.paired_difference(a, [rec("bn", 9, 1.0)]) is None
+    assert str(R.paired_difference(a[:1], b[:1])) == "+1.00 pp (one seed)"

@@ -41,6 +41,7 @@ __all__ = [
     "NOT_MEASURED",
     "STILL_IMPROVING",
     "Claim",
+    "PairedDifference",
     "Summary",
     "convergence",
     "curve_plot",
@@ -52,8 +53,10 @@ __all__ = [
     "markdown_table",
     "noise_level",
     "not_judged",
+    "paired_difference",
     "render_claims",
     "summarize",
+    "t_quantile",
     "training_problem",
     "untrained_note",
     "write_report",
@@ -137,6 +140,70 @@ def training_problem(record: Record, metric: str = "acc") -> str | None:
     return None
 
 
+#: Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_quantile(df: int) -> float:
+    """The two-sided 95% quantile of Student's t with ``df`` degrees of freedom (a table to 30,
+    then the Cornish-Fisher expansion ``1.96 + 2.3724 / df + 2.8227 / df**2``, within 0.001 of
+    the exact value).
+
+    Example:
+        >>> t_quantile(1), t_quantile(4), round(t_quantile(1000), 3)
+        (12.706, 2.776, 1.962)
+    """
+    if df < 1:
+        return float("inf")
+    return _T975[df - 1] if df <= len(_T975) else 1.96 + 2.3724 / df + 2.8227 / df**2
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """``a - b`` over the seeds both have: mean, 95% t half-width, number of pairs."""
+
+    mean: float
+    half_width: float
+    n: int
+
+    def __str__(self) -> str:
+        if self.n > 1:
+            return f"{self.mean:+.2f} ± {self.half_width:.2f} pp (paired over {self.n} seeds)"
+        return f"{self.mean:+.2f} pp (one seed)"
+
+
+def paired_difference(a: Iterable[Record], b: Iterable[Record], metric: str = "acc"
+                      ) -> PairedDifference | None:
+    """The paired difference ``a - b`` of ``result[metric]`` over the seeds both cells ran
+    (same seed: same data order and initialization draws), or None without a common seed.
+
+    Records that diverged or did not train (:func:`training_problem`) are left out. The noise
+    model: the per-seed differences are independent draws, so their mean has the 95% interval
+    ``mean ± t(n-1) * sd / sqrt(n)``; pairing removes what both cells share (the seed's data
+    order), which unpaired seed-to-seed spreads would count twice.
+
+    Example:
+        >>> rec = lambda s, v: Record(str(s), {"seed": s}, "ok", {"acc": v}, 1.0)
+        >>> print(paired_difference([rec(0, 91.0), rec(1, 93.0), rec(2, 95.0)],
+        ...                         [rec(0, 90.0), rec(1, 92.0), rec(2, 93.5)]))
+        +1.17 ± 0.72 pp (paired over 3 seeds)
+    """
+    def by_seed(records: Iterable[Record]) -> dict[Any, float]:
+        return {r.config.get("seed"): float(r.result[metric]) for r in records
+                if r.status == "ok" and training_problem(r, metric) is None}
+
+    va, vb = by_seed(a), by_seed(b)
+    seeds = sorted(set(va) & set(vb), key=repr)
+    if not seeds:
+        return None
+    diffs = [va[s] - vb[s] for s in seeds]
+    n = len(diffs)
+    half = t_quantile(n - 1) * statistics.stdev(diffs) / math.sqrt(n) if n > 1 else float("nan")
+    return PairedDifference(statistics.fmean(diffs), half, n)
+
+
 @dataclass(frozen=True)
 class Summary:
     """A metric over the seeds of one table cell."""
@@ -162,6 +229,12 @@ class Summary:
     def std(self) -> float:
         """Sample standard deviation over seeds (0 for one seed)."""
         return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+
+    @property
+    def half_width(self) -> float:
+        """Half-width of the 95% t-interval of the mean over seeds (NaN for one seed)."""
+        k = len(self.values)
+        return t_quantile(k - 1) * self.std / math.sqrt(k) if k > 1 else float("nan")
 
     @property
     def n(self) -> int:
@@ -219,7 +292,8 @@ def summarize(
 
 
 def fmt_summary(summary: Summary | None, digits: int = 2, show_std: bool = True) -> str:
-    """One table entry: ``"76.12"``, ``"76.12 ± 0.10"`` over seeds, ``"-"`` when every seed
+    """One table entry: ``"76.12"``, ``"76.12 ± 0.10"`` over seeds (mean ± the half-width of
+    its 95% t-interval, :attr:`Summary.half_width`), ``"-"`` when every seed
     diverged, ``"n/t"`` when no seed trained, ``"?"`` when missing; a cell with some diverged
     or untrained seeds gets a ``†(k -)`` or ``†(k n/t)`` mark, one with a seed still improving
     (:func:`convergence`) a ``‡``."""
@@ -229,7 +303,7 @@ def fmt_summary(summary: Summary | None, digits: int = 2, show_std: bool = True)
         return DIVERGED if summary.diverged else NOT_TRAINED
     text = f"{summary.mean:.{digits}f}"
     if show_std and len(summary.values) > 1:
-        text += f" ± {summary.std:.{digits}f}"
+        text += f" ± {summary.half_width:.{digits}f}"
     marks = [f"{k} {m}" for k, m in ((summary.diverged, DIVERGED),
                                      (len(summary.untrained), NOT_TRAINED)) if k]
     if marks:
@@ -547,6 +621,9 @@ def curve_plot(path: str | os.PathLike, records: Sequence[Record], title: str = 
     panels = sorted({r.config.get("batch_size") for r in recs}, key=lambda b: (b is None, b))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), dpi=110,
                              squeeze=False, sharey=True)
+    # one colour per cell label across the panels
+    colors = {name: f"C{i % 10}" for i, name in
+              enumerate(sorted({_cell_label(r, varying) for r in recs}))}
     for ax, bs in zip(axes[0], panels, strict=True):
         lines: dict[str, dict[float, list[float]]] = {}
         for r in recs:
@@ -559,7 +636,7 @@ def curve_plot(path: str | os.PathLike, records: Sequence[Record], title: str = 
         for name, pts in sorted(lines.items()):
             xs = sorted(pts)
             ax.plot(xs, [statistics.fmean(pts[x]) for x in xs], marker="o", markersize=3,
-                    linewidth=1.4, label=name)
+                    linewidth=1.4, label=name, color=colors[name])
         ax.set_title(f"batch {bs}" if bs is not None else "")
         ax.set_xlabel("epoch" if use_epoch else "step")
         ax.grid(True, alpha=0.3)

@@ -790,3 +790,16 @@ def test_cuda_huge_num_groups_is_refused_by_the_gpu_memory():
     with pytest.raises(ValueError, match=r"num_groups=1099511627776 is too large: .* more than "
                                          r"the cuda memory of this machine"):
         BatchGroupNorm2d(8, 2**40, device="cuda")
+
+
+def test_pickled_layer_holds_no_engine_internals():
+    """A layer pickled after an eval call does not carry its cached eval pass (a partial of a
+    private engine function): the file loads with any bgnorm version that has the layer."""
+    import pickle
+
+    m = BatchGroupNorm2d(8, 4).eval()
+    x = torch.randn(2, 8, 3, 3)
+    want = m(x)
+    blob = pickle.dumps(m)
+    assert b"bgnorm.ops" not in blob
+    torch.testing.assert_close(pickle.loads(blob)(x), want, rtol=0, atol=0)

@@ -329,6 +329,14 @@ class _BatchGroupNorm(nn.Module):
         self._checked = None  # parameters may change dtype or device
         return super()._apply(fn, recurse)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The kept eval pass (a partial of an engine function with index tensors) is a cache of
+        # bgnorm's internals: a pickled or deep-copied layer rebuilds it on its first call, so
+        # whole-module files do not depend on private engine functions of this version.
+        state = self.__dict__.copy()
+        state["_checked"] = None
+        return state
+
     def _eval_state(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
         """(running_mean, running_var, weight, bias), read from the module's dicts (a quarter of
         the cost of four attribute lookups); parametrized tensors are looked up as attributes."""

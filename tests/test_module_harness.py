@@ -228,9 +228,9 @@ ENGINE_ENTRIES = pytest.mark.parametrize("entry,engine", _engine_entries())
 GRADIENT_ENTRIES = pytest.mark.parametrize("entry,engine,fast_mode", _engine_entries(True))
 
 
-def _use_engine(name: str, monkeypatch) -> None:
+def _use_engine(name: str, request) -> None:
     if name != "auto":
-        set_engine(monkeypatch, name)
+        set_engine(request, name)
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -316,11 +316,11 @@ def _has_format(t: torch.Tensor, fmt: torch.memory_format) -> bool:
 
 @MODES
 @ENGINE_ENTRIES
-def test_forward(entry: Entry, engine: str, training: bool, monkeypatch):
+def test_forward(entry: Entry, engine: str, training: bool, request):
     """The output and the running statistics are the equations' in float64, in train and eval
     (eval without running statistics: batch statistics); the dtype methods then convert every
     parameter and buffer and the layer runs in the new dtype (torch's test_forward)."""
-    _use_engine(engine, monkeypatch)
+    _use_engine(engine, request)
     m = _build(entry, training)
     x = entry.input()
     y_ref, rm_ref, rv_ref = _reference(m, x, entry.G)
@@ -419,11 +419,11 @@ def _torch_save_load(m: nn.Module) -> nn.Module:
 
 @MODES
 @ENGINE_ENTRIES
-def test_pickle_and_deepcopy(entry: Entry, engine: str, training: bool, monkeypatch):
+def test_pickle_and_deepcopy(entry: Entry, engine: str, training: bool, request):
     """A pickled (torch.save, pickle) or deep-copied layer, taken after a forward (statistics
     updated, a straddling layout recorded, the eval pass kept), has the same state and gives
     the same output and state on the next call."""
-    _use_engine(engine, monkeypatch)
+    _use_engine(engine, request)
     m = _build(entry, training)
     x = entry.input()
     m(x)
@@ -451,11 +451,11 @@ def _transposed(t: torch.Tensor) -> torch.Tensor:
 
 @MODES
 @ENGINE_ENTRIES
-def test_non_contiguous_tensors(entry: Entry, engine: str, training: bool, monkeypatch):
+def test_non_contiguous_tensors(entry: Entry, engine: str, training: bool, request):
     """Non-contiguous inputs and output gradients (strided views, batch/channel-transposed
     storage), in every combination, give the outputs and the input and parameter gradients of
     the contiguous ones."""
-    _use_engine(engine, monkeypatch)
+    _use_engine(engine, request)
     m = _build(entry, training)
     x = entry.input(requires_grad=True)
     params = _params(m)
@@ -477,11 +477,11 @@ def test_non_contiguous_tensors(entry: Entry, engine: str, training: bool, monke
 
 @MODES
 @ENGINE_ENTRIES
-def test_memory_format(entry: Entry, engine: str, training: bool, monkeypatch):
+def test_memory_format(entry: Entry, engine: str, training: bool, request):
     """channels_last (4D) and channels_last_3d (5D) inputs, with the layer converted to each
     memory format, give the contiguous output and gradients, and the output and the input
     gradient keep the input's memory format (contiguous inputs give contiguous ones)."""
-    _use_engine(engine, monkeypatch)
+    _use_engine(engine, request)
     m = _build(entry, training)
     x = entry.input(requires_grad=True)
     params = _params(m)
@@ -610,11 +610,11 @@ def test_factory_kwargs(entry: Entry):
 
 @MODES
 @ENGINE_ENTRIES
-def test_meta_device_and_to_empty(entry: Entry, engine: str, training: bool, monkeypatch):
+def test_meta_device_and_to_empty(entry: Entry, engine: str, training: bool, request):
     """A layer on the meta device runs on meta inputs (shape only); ``to_empty`` then gives real
     parameters on the CPU which, once reset, compute as a layer built there (torch's
     test_to_empty)."""
-    _use_engine(engine, monkeypatch)
+    _use_engine(engine, request)
     if training and entry.tracking and entry.options.get("momentum", 0.1) is None:
         pytest.skip("a cumulative average reads num_batches_tracked as a Python number, which "
                     "a meta tensor does not have (torch's BatchNorm raises the same)")
@@ -793,15 +793,15 @@ def _check_gradients(entry: Entry, training: bool, check, fast_mode: bool) -> No
 
 @MODES
 @GRADIENT_ENTRIES
-def test_grad(entry: Entry, engine: str, fast_mode: bool, training: bool, monkeypatch):
-    _use_engine(engine, monkeypatch)
+def test_grad(entry: Entry, engine: str, fast_mode: bool, training: bool, request):
+    _use_engine(engine, request)
     _check_gradients(entry, training, torch.autograd.gradcheck, fast_mode)
 
 
 @MODES
 @GRADIENT_ENTRIES
-def test_gradgrad(entry: Entry, engine: str, fast_mode: bool, training: bool, monkeypatch):
-    _use_engine(engine, monkeypatch)
+def test_gradgrad(entry: Entry, engine: str, fast_mode: bool, training: bool, request):
+    _use_engine(engine, request)
     _check_gradients(entry, training, torch.autograd.gradgradcheck, fast_mode)
 
 
@@ -810,11 +810,11 @@ def test_gradgrad(entry: Entry, engine: str, fast_mode: bool, training: bool, mo
 
 @MODES
 @ENGINE_ENTRIES
-def test_output_allows_inplace_ops(entry: Entry, engine: str, training: bool, monkeypatch):
+def test_output_allows_inplace_ops(entry: Entry, engine: str, training: bool, request):
     """The forward leaves its input alone, and its output can be modified in place (an
     in-place activation after the norm, as in ResNets) with the gradients of the out-of-place
     composition."""
-    _use_engine(engine, monkeypatch)
+    _use_engine(engine, request)
     m = _build(entry, training)
     x = entry.input(requires_grad=True)
     params = _params(m)

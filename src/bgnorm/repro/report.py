@@ -93,6 +93,18 @@ CONVERGENCE_CRITERION = (
     "*not measured* and judged as before. Claims are judged on converged cells only.")
 
 
+def _save_figure(fig: Any, path: Path) -> Path:
+    """Write ``fig`` to ``path`` atomically (a temporary file renamed into place), close it."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def training_problem(record: Record, metric: str = "acc") -> str | None:
     """Why ``record`` says nothing about its norm, or None when it trained.
 
@@ -406,12 +418,7 @@ def line_plot(
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save_figure(fig, path)
 
 
 def difference_tolerance(acc_pct: float, n_test: int, z: float = 1.96) -> float:
@@ -645,13 +652,7 @@ def curve_plot(path: str | os.PathLike, records: Sequence[Record], title: str = 
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save_figure(fig, Path(path))
 
 
 def curves_section(task: str, records: Sequence[Record], out_dir: str | os.PathLike,

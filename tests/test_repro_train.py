@@ -39,6 +39,31 @@ def test_step_schedule_decays_three_times_and_warms_up():
     assert e.milestones == (60, 120, 180)  # values > 1 are epochs
 
 
+def test_cosine_schedule_warms_up_then_follows_the_half_cosine_to_zero():
+    # 10 epochs x 10 steps, 2 warm-up epochs: W = 20, T = 100
+    s = T.Schedule.from_epochs(0.4, epochs=10, steps_per_epoch=10, warmup_epochs=2,
+                               milestones=(0.3, 0.6), kind="cosine")
+    assert (s.kind, s.warmup_steps, s.total_steps) == ("cosine", 20, 100)
+    assert [s(i) for i in (0, 9, 19)] == pytest.approx([0.4 / 20, 0.4 * 10 / 20, 0.4])
+    for i in (20, 35, 60, 80, 99, 100):
+        want = 0.4 * (1 + math.cos(math.pi * (i - 20) / 80)) / 2
+        assert s(i) == pytest.approx(want, abs=1e-15)  # milestones are ignored
+    assert s(60) == pytest.approx(0.2) and s(100) == pytest.approx(0.0, abs=1e-15)
+    assert s(99) > 0
+    lrs = [s(i) for i in range(20, 101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # non-increasing after warm-up
+    n = T.Schedule.from_epochs(1.0, epochs=4, steps_per_epoch=5, kind="cosine")
+    assert n(0) == pytest.approx(1.0) and n(10) == pytest.approx(0.5)  # no warm-up
+
+
+def test_schedule_refuses_an_unknown_kind_and_a_warmup_as_long_as_training():
+    with pytest.raises(ValueError, match="unknown kind 'linear'.*step, cosine"):
+        T.Schedule.from_epochs(1.0, epochs=2, steps_per_epoch=5, kind="linear")
+    with pytest.raises(ValueError, match="total_steps \\(10\\) > warmup_steps \\(10\\)"):
+        T.Schedule.from_epochs(1.0, epochs=2, steps_per_epoch=5, warmup_epochs=2, kind="cosine")
+    assert T.StepSchedule is T.Schedule  # the former name still works
+
+
 def _data(n=40):
     g = torch.Generator().manual_seed(0)
     return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)

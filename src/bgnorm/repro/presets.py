@@ -57,7 +57,7 @@ __all__ = [
     "workers_for",
 ]
 
-PRESETS = ("smoke", "quick", "paper")
+PRESETS = ("smoke", "quick", "full", "paper")
 
 #: The paper's batch sizes per worker (BGN paper Table 2) and G sweep (Table 1).
 PAPER_BATCH_SIZES = [128, 64, 32, 16, 8, 4, 2]
@@ -75,6 +75,9 @@ _COMMON: dict[str, Any] = {
     "milestones": [0.3, 0.6, 0.9],
     "lr_gamma": 0.1,
     "warmup_epochs": 0,
+    # "step" (milestones, lr_gamma: the papers') or "cosine" (to 0 after the warm-up); the
+    # same for every norm of a preset (bgnorm.repro.train.Schedule)
+    "schedule": "step",
     "base_lr": 0.1,
     # gamma = 0 in the last norm of each residual block (GN paper, ImageNet); it slows the
     # tiny networks of the CPU presets down too much for their few hundred steps
@@ -128,6 +131,21 @@ CLASSIFY_PRESETS: dict[str, dict[str, Any]] = {
         "total_batch": 128,  # every step sees 128 examples: W = 128 / b virtual workers
         "lr_reference_batch": 32,  # lr 0.1 per 32 examples per step: 0.4 at 128
         "g_sweep": [512, 128, 32, 8, 2, 1],  # every other power of 2 of the paper's 512 ... 1
+    },
+    "full": {
+        **_COMMON,
+        "dataset": "mnist5k",
+        "image_size": 16,
+        "model": "small_resnet",
+        "model_kwargs": {"width": 16, "blocks_per_stage": [1, 1, 1]},
+        "schedule": "cosine",
+        "warmup_epochs": 1,
+        "epochs": 40,
+        "median_of": 3,
+        "total_batch": 128,
+        "lr_reference_batch": 32,
+        "seeds": [0, 1, 2],
+        # all seven batch sizes, the whole G sweep and the GN group study (``_COMMON``'s)
     },
     "paper": {
         **_COMMON,
@@ -228,7 +246,8 @@ MINIMUM: dict[str, int] = {
 #: Settings whose presets hold integers but that take any number (warm-up in epochs).
 FRACTIONAL = frozenset({"warmup_epochs"})
 #: Settings that take one of a few values (see :func:`bgnorm.repro.train.autocast`).
-CHOICES: dict[str, tuple[Any, ...]] = {"amp": (None, "none", "fp32", "bf16", "bfloat16")}
+CHOICES: dict[str, tuple[Any, ...]] = {"amp": (None, "none", "fp32", "bf16", "bfloat16"),
+                                       "schedule": ("step", "cosine")}
 
 
 def option_flag(key: str) -> str:

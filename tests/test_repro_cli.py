@@ -82,7 +82,8 @@ def test_list_and_tasks(capsys, tmp_path):
     assert main(["reproduce", "--task", "batch-size", "--preset", "quick", "--out",
                  str(tmp_path), "--list"]) == 0
     captured = capsys.readouterr()
-    assert "25 cells" in captured.err  # 7 norms x 7 batch sizes, per-example norms run once
+    # 7 norms x 4 batch sizes, the per-example norms run once, 2 seeds
+    assert "32 cells" in captured.err
     assert main(["reproduce", "--task", "g-sweep", "--preset", "paper", "--data-root",
                  str(tmp_path), "--out", str(tmp_path), "--shard", "1/4", "--list"]) == 0
     assert "5 cells" in capsys.readouterr().err  # 20 cells in 4 shards

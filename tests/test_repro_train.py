@@ -165,20 +165,24 @@ class _CrashingContext(LocalCellContext):
         self.crash_at = crash_at
 
     def progress(self, done, total, **metrics):
+        self.lrs.append((done, metrics.get("lr")))
         if self.crash_at is not None and done >= self.crash_at:
             raise _Crash
 
+    lrs: list
 
-def _train(workdir, crash_at=None, lr=0.05, epochs=3):
+
+def _train(workdir, crash_at=None, lr=0.05, epochs=3, seen=None, **recipe):
     torch.manual_seed(0)
     model = build_model("small_resnet", 10, nn.BatchNorm2d, in_channels=1, width=4,
                         blocks_per_stage=(1, 1))
     x, y = _data(48)
     train = T.InMemoryBatches(x[:32], y[:32], 8, seed=0, crop_padding=1)
     test = T.InMemoryBatches(x[32:], y[32:], 16, shuffle=False, drop_last=False)
-    recipe = T.ClassifyRecipe(epochs=epochs, lr=lr, median_of=2)
+    rec = T.ClassifyRecipe(epochs=epochs, lr=lr, median_of=2, **recipe)
     ctx = _CrashingContext(workdir, crash_at)
-    return T.train_classifier(model, train, test, recipe, ctx, torch.device("cpu"))
+    ctx.lrs = seen if seen is not None else []
+    return T.train_classifier(model, train, test, rec, ctx, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("crash_at", [3, 4, 9])  # mid-epoch, at an epoch's end, later epoch
@@ -194,6 +198,16 @@ def test_train_classifier_resumes_bit_for_bit(tmp_path, crash_at):
     # A finished cell's checkpoint returns the same result without training again.
     again = _train(tmp_path / "cut")
     assert again["acc"] == ref["acc"]
+
+
+def test_train_classifier_follows_the_recipes_cosine_schedule(tmp_path):
+    seen = []  # (steps done, lr of the step just taken), 4 steps per epoch, 3 epochs
+    result = _train(tmp_path, lr=0.05, seen=seen, schedule="cosine", warmup_epochs=1)
+    assert result["recipe"]["schedule"] == "cosine"
+    want = [0.05 * (s + 1) / 4 if s < 4 else 0.05 * (1 + math.cos(math.pi * (s - 4) / 8)) / 2
+            for s in range(12)]
+    assert [d for d, _ in seen] == list(range(1, 13))
+    assert [lr for _, lr in seen] == pytest.approx(want, abs=1e-12)
 
 
 def test_train_classifier_raises_diverged(tmp_path):

@@ -404,7 +404,7 @@ def _list_tasks(settings: bool = False) -> int:
 
     width = max(map(len, TASKS), default=0)
     for name, task in TASKS.items():
-        print(f"{name:{width}s}  presets: {', '.join(task.presets):22s} {task.title}")
+        print(f"{name:{width}s}  presets: {', '.join(task.presets):26s} {task.title}")
         if not settings:
             continue
         options = [option_flag(k) for k in OPTIONS if task.options is None or k in task.options]

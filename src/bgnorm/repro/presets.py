@@ -156,7 +156,7 @@ CLASSIFY_PRESETS: dict[str, dict[str, Any]] = {
         "warmup_epochs": 1,
         # 128 examples per step (the paper's largest batch on one worker) take about 3x the
         # steps of the quick preset's 64 to converge at batch 2 (measured, reproduction guide):
-        # 60 epochs = 1,860 steps; an estimated 2.1 hours on 2 cores for its 183 cells
+        # 60 epochs = 1,860 steps; an estimated 2-3.2 hours on 2 cores for its 183 cells
         "epochs": 60,
         "median_of": 3,
         "total_batch": 128,  # W = 128 / b virtual workers

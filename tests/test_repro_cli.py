@@ -82,7 +82,8 @@ def test_list_and_tasks(capsys, tmp_path):
     assert main(["reproduce", "--task", "batch-size", "--preset", "quick", "--out",
                  str(tmp_path), "--list"]) == 0
     captured = capsys.readouterr()
-    assert "25 cells" in captured.err  # 7 norms x 7 batch sizes, per-example norms run once
+    # 7 norms x 4 batch sizes, the per-example norms run once, 2 seeds
+    assert "32 cells" in captured.err
     assert main(["reproduce", "--task", "g-sweep", "--preset", "paper", "--data-root",
                  str(tmp_path), "--out", str(tmp_path), "--shard", "1/4", "--list"]) == 0
     assert "5 cells" in capsys.readouterr().err  # 20 cells in 4 shards
@@ -189,6 +190,33 @@ def test_presets_docstring_examples():
     assert result.failed == 0 and result.attempted > 0
 
 
+def test_full_preset_plans_every_classification_cell(tmp_path, capsys):
+    from bgnorm.repro.presets import PAPER_BATCH_SIZES, PAPER_G_SWEEP, classify_preset
+    from bgnorm.repro.runner import plan_cells
+
+    full = classify_preset("full")
+    assert (full["seeds"], full["batch_sizes"], full["g_sweep"]) == (
+        [0, 1, 2], PAPER_BATCH_SIZES, PAPER_G_SWEEP)
+    assert full["schedule"] == "cosine"
+    plan = [c for _, c in plan_cells(["batch-size", "g-sweep", "groups"], "full", {})]
+    count = {t: sum(c["task"] == t for c in plan) for t in ("batch-size", "g-sweep", "groups")}
+    # per seed: BN, GBGN, BGN at 7 sizes + IN, LN, GN, PN once (128 examples per step
+    # whatever the split); 10 G x {128, 2}; GN at 7 group counts and 7 widths + BN, none
+    assert count == {"batch-size": 3 * (3 * 7 + 4), "g-sweep": 3 * 10 * 2,
+                     "groups": 3 * (7 + 7 + 2)}
+    assert {(c["epochs"], c["schedule"]) for c in plan} == {(full["epochs"], "cosine")}
+    # the CLI accepts it; `--task all` selects the tasks that have it, the others refuse it
+    assert main(["reproduce", "--preset", "full", "--task", "batch-size,g-sweep,groups",
+                 "--list", "--out", str(tmp_path)]) == 0
+    assert main(["reproduce", "--preset", "full", "--task", "all", "--list", "--out",
+                 str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "groups " in out and "adversarial" not in out
+    assert main(["reproduce", "--preset", "full", "--task", "nas", "--list", "--out",
+                 str(tmp_path)]) == 2
+    assert "task 'nas' has no preset 'full'" in capsys.readouterr().err
+
+
 def test_unknown_set_key_lists_the_valid_keys(tmp_path, capsys):
     # Before: --set epochz=3 (a typo) was silently ignored and the sweep ran 2 epochs.
     assert main([*LIST, "--out", str(tmp_path), "--set", "epochz=3"]) == 2
@@ -209,6 +237,7 @@ def test_unknown_set_key_lists_the_valid_keys(tmp_path, capsys):
     ("hflip=1", "--set hflip=1: expected true/false"),
     ("model_kwargs=3", "--set model_kwargs=3: expected a JSON object"),
     ("amp=bf15", "--set amp=bf15: expected one of null, \"none\", \"fp32\", \"bf16\""),
+    ("schedule=linear", "--set schedule=linear: expected one of \"step\", \"cosine\""),
 ])
 def test_set_values_are_checked(tmp_path, capsys, setting, message):
     assert main([*LIST, "--out", str(tmp_path), "--set", setting]) == 2
@@ -216,7 +245,8 @@ def test_set_values_are_checked(tmp_path, capsys, setting, message):
 
 
 @pytest.mark.parametrize("setting", ["warmup_epochs=0.5", "base_lr=1", "milestones=[30,60,90]",
-                                     "image_size=null", "amp=\"bf16\"", "total_batch=32"])
+                                     "image_size=null", "amp=\"bf16\"", "total_batch=32",
+                                     "schedule=cosine", "schedule=step"])
 def test_set_values_of_the_presets_kinds_pass(tmp_path, capsys, setting):
     assert main([*LIST, "--out", str(tmp_path), "--set", setting]) == 0, \
         capsys.readouterr().err
@@ -322,7 +352,7 @@ def test_help_names_no_file_missing_from_the_installed_package(capsys, command):
 
 def test_help_is_a_self_contained_summary(capsys):
     text = _help(capsys, [])
-    for needed in ("smoke", "quick", "paper", "DIR/report.md", "DIR/results*.jsonl",
+    for needed in ("smoke", "quick", "full", "paper", "DIR/report.md", "DIR/results*.jsonl",
                    "bgnorm docs reproduction", "bgnorm tasks --settings"):
         assert needed in text
     from bgnorm.repro.tasks import TASKS

@@ -92,8 +92,13 @@ def _paper_like(cfg):
     return 74.0
 
 
+#: The paper's seven batch sizes (at 128 examples per step), one seed: the reports' layouts.
+PAPER_GRID = {"batch_sizes": [128, 64, 32, 16, 8, 4, 2], "seeds": [0],
+              "set": {"total_batch": 128}}
+
+
 def test_batch_size_report_paper_layout_and_claims_held(tmp_path):
-    configs = cells_batch_size("quick", {})
+    configs = cells_batch_size("quick", PAPER_GRID)
     text = report_batch_size(_records(configs, _paper_like), tmp_path)
     lines = text.splitlines()
     header = next(line for line in lines if line.startswith("| norm"))
@@ -115,7 +120,7 @@ def test_batch_size_report_paper_layout_and_claims_held(tmp_path):
 
 
 def test_batch_size_claims_not_hardcoded(tmp_path):
-    configs = cells_batch_size("quick", {})
+    configs = cells_batch_size("quick", PAPER_GRID)
 
     def flat_bn_bad_bgn(cfg):
         b = min(cfg.get("covers_batch_sizes") or [cfg["batch_size"]])
@@ -137,7 +142,7 @@ def test_batch_size_claims_not_hardcoded(tmp_path):
 
 
 def test_g_sweep_report_and_claim(tmp_path):
-    configs = cells_g_sweep("quick", {})
+    configs = cells_g_sweep("quick", {**PAPER_GRID, "groups": [512, 128, 32, 8, 2, 1]})
     assert {c["batch_size"] for c in configs} == {128, 2} and len(configs) == 12
 
     def shaped(cfg):  # large G best at large batch, small G at small batch
@@ -158,7 +163,7 @@ def test_g_sweep_report_and_claim(tmp_path):
 
 
 def test_groups_report_gn_paper_layout(tmp_path):
-    configs = cells_groups("quick", {})
+    configs = cells_groups("quick", PAPER_GRID)
 
     def shaped(cfg):
         if cfg["norm"] == "none":

@@ -39,6 +39,31 @@ def test_step_schedule_decays_three_times_and_warms_up():
     assert e.milestones == (60, 120, 180)  # values > 1 are epochs
 
 
+def test_cosine_schedule_warms_up_then_follows_the_half_cosine_to_zero():
+    # 10 epochs x 10 steps, 2 warm-up epochs: W = 20, T = 100
+    s = T.Schedule.from_epochs(0.4, epochs=10, steps_per_epoch=10, warmup_epochs=2,
+                               milestones=(0.3, 0.6), kind="cosine")
+    assert (s.kind, s.warmup_steps, s.total_steps) == ("cosine", 20, 100)
+    assert [s(i) for i in (0, 9, 19)] == pytest.approx([0.4 / 20, 0.4 * 10 / 20, 0.4])
+    for i in (20, 35, 60, 80, 99, 100):
+        want = 0.4 * (1 + math.cos(math.pi * (i - 20) / 80)) / 2
+        assert s(i) == pytest.approx(want, abs=1e-15)  # milestones are ignored
+    assert s(60) == pytest.approx(0.2) and s(100) == pytest.approx(0.0, abs=1e-15)
+    assert s(99) > 0
+    lrs = [s(i) for i in range(20, 101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # non-increasing after warm-up
+    n = T.Schedule.from_epochs(1.0, epochs=4, steps_per_epoch=5, kind="cosine")
+    assert n(0) == pytest.approx(1.0) and n(10) == pytest.approx(0.5)  # no warm-up
+
+
+def test_schedule_refuses_an_unknown_kind_and_a_warmup_as_long_as_training():
+    with pytest.raises(ValueError, match="unknown kind 'linear'.*step, cosine"):
+        T.Schedule.from_epochs(1.0, epochs=2, steps_per_epoch=5, kind="linear")
+    with pytest.raises(ValueError, match="total_steps \\(10\\) > warmup_steps \\(10\\)"):
+        T.Schedule.from_epochs(1.0, epochs=2, steps_per_epoch=5, warmup_epochs=2, kind="cosine")
+    assert T.StepSchedule is T.Schedule  # the former name still works
+
+
 def _data(n=40):
     g = torch.Generator().manual_seed(0)
     return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
@@ -140,20 +165,24 @@ class _CrashingContext(LocalCellContext):
         self.crash_at = crash_at
 
     def progress(self, done, total, **metrics):
+        self.lrs.append((done, metrics.get("lr")))
         if self.crash_at is not None and done >= self.crash_at:
             raise _Crash
 
+    lrs: list
 
-def _train(workdir, crash_at=None, lr=0.05, epochs=3):
+
+def _train(workdir, crash_at=None, lr=0.05, epochs=3, seen=None, **recipe):
     torch.manual_seed(0)
     model = build_model("small_resnet", 10, nn.BatchNorm2d, in_channels=1, width=4,
                         blocks_per_stage=(1, 1))
     x, y = _data(48)
     train = T.InMemoryBatches(x[:32], y[:32], 8, seed=0, crop_padding=1)
     test = T.InMemoryBatches(x[32:], y[32:], 16, shuffle=False, drop_last=False)
-    recipe = T.ClassifyRecipe(epochs=epochs, lr=lr, median_of=2)
+    rec = T.ClassifyRecipe(epochs=epochs, lr=lr, median_of=2, **recipe)
     ctx = _CrashingContext(workdir, crash_at)
-    return T.train_classifier(model, train, test, recipe, ctx, torch.device("cpu"))
+    ctx.lrs = seen if seen is not None else []
+    return T.train_classifier(model, train, test, rec, ctx, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("crash_at", [3, 4, 9])  # mid-epoch, at an epoch's end, later epoch
@@ -185,6 +214,16 @@ def test_train_classifier_discards_an_old_checkpoint(tmp_path, monkeypatch):
     resumed = _train(tmp_path / "old")
     assert any("discarding the checkpoint" in m and "restarts from step 0" in m for m in logs)
     assert resumed["curve"] == ref["curve"] and resumed["acc"] == ref["acc"]
+
+
+def test_train_classifier_follows_the_recipes_cosine_schedule(tmp_path):
+    seen = []  # (steps done, lr of the step just taken), 4 steps per epoch, 3 epochs
+    result = _train(tmp_path, lr=0.05, seen=seen, schedule="cosine", warmup_epochs=1)
+    assert result["recipe"]["schedule"] == "cosine"
+    want = [0.05 * (s + 1) / 4 if s < 4 else 0.05 * (1 + math.cos(math.pi * (s - 4) / 8)) / 2
+            for s in range(12)]
+    assert [d for d, _ in seen] == list(range(1, 13))
+    assert [lr for _, lr in seen] == pytest.approx(want, abs=1e-12)
 
 
 def test_train_classifier_raises_diverged(tmp_path):

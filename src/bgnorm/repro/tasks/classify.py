@@ -75,13 +75,13 @@ __all__ = [
     "run_classify",
 ]
 
-_PRESETS = ("smoke", "quick", "paper")
+_PRESETS = ("smoke", "quick", "full", "paper")
 #: Keys of a preset copied into every cell (the sweep axes are expanded instead).
 _CELL_KEYS = (
     "dataset", "image_size", "split_seed", "test_fraction", "model", "model_kwargs",
     "zero_init_residual", "epochs", "median_of", "base_lr", "lr_reference_batch", "momentum",
-    "weight_decay", "milestones", "lr_gamma", "warmup_epochs", "crop_padding", "hflip", "amp",
-    "eval_batch_size",
+    "weight_decay", "milestones", "lr_gamma", "warmup_epochs", "schedule", "crop_padding",
+    "hflip", "amp", "eval_batch_size",
 )
 _RUNTIME_KEYS = ("data_root", "loader_workers")
 _COST_RANK = {"gbgn": 0, "bn": 1, "bgn": 2, "pn": 3, "ln": 4, "gn": 5, "in": 6, "none": 7}
@@ -342,6 +342,7 @@ def run_classify(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
         milestones=tuple(config["milestones"]),
         gamma=float(config.get("lr_gamma", 0.1)),
         warmup_epochs=float(config.get("warmup_epochs") or 0),
+        schedule=str(config.get("schedule") or "step"),
         median_of=int(config["median_of"]),
         check_every=1 if device.type == "cpu" else 50,
     )
@@ -377,11 +378,16 @@ def _protocol(records: Sequence[Record]) -> str:
     size = c.get("image_size") or "native"
     seeds = sorted({r.config["seed"] for r in records})
     ms = ", ".join(f"{m:g}" for m in c["milestones"])
+    warm = float(c.get("warmup_epochs") or 0)
+    decay = (f"decayed x{c.get('lr_gamma', 0.1):g} at {ms} of training"
+             if (c.get("schedule") or "step") == "step" else "cosine decay to 0")
+    if warm:
+        decay = f"linear warm-up over {warm:g} epoch(s), {decay}"
     return (
         f"*Protocol:* {c['dataset']} ({size} px), {model}; {c['epochs']} epochs, SGD momentum "
         f"{c['momentum']:g}, weight decay {c['weight_decay']:g}, lr {c['base_lr']:g} per "
-        f"{c['lr_reference_batch']} examples per step scaled linearly, decayed "
-        f"x{c.get('lr_gamma', 0.1):g} at {ms} of training; accuracy = median of the last "
+        f"{c['lr_reference_batch']} examples per step scaled linearly, {decay}; "
+        f"accuracy = median of the last "
         f"{c['median_of']} epochs' test accuracies (top-1, %), mean over {len(seeds)} seed(s); "
         f"amp: {c.get('amp') or 'none'}."
     )

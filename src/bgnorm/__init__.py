@@ -18,7 +18,7 @@ from .layers import (
     GeneralBatchGroupNorm3d,
     PositionalNorm,
 )
-from .policy import PAPER_GROUPS, channel_groups, paper_groups
+from .policy import PAPER_GROUPS, channel_groups, paper_groups, values_per_statistic
 from .registry import canonical_name, make_norm, norm_names
 
 # isort: split
@@ -47,6 +47,7 @@ __all__ = [
     "make_norm",
     "norm_names",
     "paper_groups",
+    "values_per_statistic",
     # -- inference folding, SWA statistics, frozen norms (issue 16) --
     "FrozenBatchGroupNorm",
     "FrozenBatchNorm",

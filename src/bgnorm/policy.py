@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
+
+from torch import nn
 
 from ._checks import check_num_groups
 
-__all__ = ["PAPER_GROUPS", "paper_groups", "channel_groups"]
+__all__ = ["PAPER_GROUPS", "paper_groups", "channel_groups", "values_per_statistic"]
 
 #: The paper's (batch size -> G) table.
 PAPER_GROUPS: dict[int, int] = {128: 512, 64: 256, 32: 128, 16: 64, 8: 16, 4: 2, 2: 1}
@@ -90,3 +92,86 @@ def channel_groups(channels_per_group: int) -> Callable[[int], int]:
         return num_features // channels_per_group
 
     return groups
+
+
+def values_per_statistic(module: nn.Module, input_shape: Sequence[int]) -> int:
+    r"""How many numbers each statistic (mean, variance) of ``module`` is computed from in
+    training, for an input of shape ``input_shape`` = (b, C, \*spatial).
+
+    b is the batch the statistics see: the per-worker (per-GPU) batch without cross-process
+    sync, the global batch with it. With S the number of spatial positions and D = C * S:
+
+    ====================================================  ===========================
+    layer                                                 values per statistic
+    ====================================================  ===========================
+    BatchGroupNorm (G groups)                             b * D / G
+    GeneralBatchGroupNorm (G groups, e examples a group)  e * D / G
+    torch BatchNorm / SyncBatchNorm                       b * S
+    torch GroupNorm (G groups)                            (C / G) * S
+    torch InstanceNorm                                    S
+    torch LayerNorm                                       product of normalized_shape
+    PositionalNorm                                        C
+    ====================================================  ===========================
+
+    BatchNorm is BGN with G = C (b * S) and GroupNorm is BGN on one example; the number is
+    what the BGN paper's "noisy statistics" argument is about (few values: noisy estimates).
+
+    Args:
+        module: a normalization layer of one of the kinds above.
+        input_shape: the layer's input shape in training, batch first.
+
+    Raises:
+        TypeError: ``module`` is not a normalization layer with batch or group statistics.
+        ValueError: ``input_shape`` does not fit the layer (no batch or channel dimension,
+            channels differing from the layer's, G not dividing D).
+
+    Example:
+        >>> import torch.nn as nn
+        >>> from bgnorm import BatchGroupNorm2d
+        >>> values_per_statistic(BatchGroupNorm2d(64, num_groups=16), (2, 64, 7, 7))
+        392
+        >>> values_per_statistic(nn.BatchNorm2d(64), (2, 64, 7, 7))
+        98
+        >>> values_per_statistic(nn.GroupNorm(32, 64), (2, 64, 7, 7))
+        98
+    """
+    from .layers import PositionalNorm, _BatchGroupNorm
+
+    shape = [int(s) for s in input_shape]
+    name = type(module).__name__
+    if isinstance(module, nn.LayerNorm):
+        return math.prod(module.normalized_shape)
+    if len(shape) < 2 or min(shape) < 1:
+        raise ValueError(
+            f"values_per_statistic({name}): input_shape must be (b, C, *spatial) with every size "
+            f">= 1, got {tuple(shape)}"
+        )
+    b, c, spatial = shape[0], shape[1], math.prod(shape[2:])
+    expected = getattr(module, "num_features", None) or getattr(module, "num_channels", None)
+    if expected is not None and expected != c:
+        raise ValueError(
+            f"values_per_statistic({name}): input_shape has {c} channels but the layer has "
+            f"{expected}; pass the shape of the layer's own input"
+        )
+    if isinstance(module, _BatchGroupNorm):
+        d = c * spatial
+        if d % module.num_groups:
+            raise ValueError(
+                f"values_per_statistic({name}): num_groups={module.num_groups} does not divide "
+                f"D = C*prod(spatial) = {d} of input_shape {tuple(shape)}"
+            )
+        e = module.examples_per_group or b
+        return min(e, b) * d // module.num_groups
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return b * spatial
+    if isinstance(module, nn.GroupNorm):
+        return c // module.num_groups * spatial
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        return spatial
+    if isinstance(module, PositionalNorm):
+        return c
+    raise TypeError(
+        f"values_per_statistic: {name} is not a normalization layer with batch or group "
+        "statistics (BatchGroupNorm, BatchNorm, GroupNorm, InstanceNorm, LayerNorm, "
+        "PositionalNorm)"
+    )

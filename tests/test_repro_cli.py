@@ -200,11 +200,22 @@ def test_full_preset_plans_every_classification_cell(tmp_path, capsys):
     assert full["schedule"] == "cosine"
     plan = [c for _, c in plan_cells(["batch-size", "g-sweep", "groups"], "full", {})]
     count = {t: sum(c["task"] == t for c in plan) for t in ("batch-size", "g-sweep", "groups")}
-    # per seed: BN, GBGN, BGN at 7 sizes + IN, LN, GN, PN once (128 examples per step
-    # whatever the split); 10 G x {128, 2}; GN at 7 group counts and 7 widths + BN, none
-    assert count == {"batch-size": 3 * (3 * 7 + 4), "g-sweep": 3 * 10 * 2,
+    # per seed: BN, GBGN, BGN at 7 sizes + IN, LN, GN, PN twice (64 examples per step for
+    # b <= 64, 128 for the one worker of 128); 10 G x {128, 2}; GN at 7 group counts and 7
+    # widths + BN, none
+    assert count == {"batch-size": 3 * (3 * 7 + 4 * 2), "g-sweep": 3 * 10 * 2,
                      "groups": 3 * (7 + 7 + 2)}
     assert {(c["epochs"], c["schedule"]) for c in plan} == {(full["epochs"], "cosine")}
+    # the quick preset's 3x cells (--epochs 3x) are full's cells: same ids, so the quick 3x
+    # check and the full run share one store
+    quick = classify_preset("quick")
+    assert full["epochs"] == 3 * quick["epochs"]
+    full_ids = {cid for cid, _ in plan_cells(["batch-size", "g-sweep", "groups"], "full", {})}
+    quick_3x = plan_cells(["batch-size", "g-sweep"], "quick", {"epochs": full["epochs"]})
+    # (full sweeps G at batch 128 and 2, quick at 64 and 2)
+    shared = [cid for cid, c in quick_3x if c["norm"] in ("bn", "bgn", "gbgn")
+              and (c["task"] == "batch-size" or c["batch_size"] == 2)]
+    assert len(shared) == 2 * (3 * 4 + 4) and set(shared) <= full_ids
     # the CLI accepts it; `--task all` selects the tasks that have it, the others refuse it
     assert main(["reproduce", "--preset", "full", "--task", "batch-size,g-sweep,groups",
                  "--list", "--out", str(tmp_path)]) == 0

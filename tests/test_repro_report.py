@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import math
 
 import pytest
 
@@ -391,3 +392,28 @@ def test_t_interval_and_paired_differences_over_seeds():
     assert R.paired_difference(a, b).n == 3
     assert R.paired_difference(a, [rec("bn", 9, 1.0)]) is None
     assert str(R.paired_difference(a[:1], b[:1])) == "+1.00 pp (one seed)"
+
+
+def test_claims_noise_is_paired_over_seeds():
+    """A seed effect shared by every cell cancels in paired differences: two cells 1 pp apart
+    at both seeds, with seeds 5 pp apart, have no training noise left (the unpaired
+    seed-to-seed spread would have made the tolerance about 7 pp)."""
+    a = R.Summary((90.0, 95.0), seeds=(0, 1))
+    b = R.Summary((89.0, 94.0), seeds=(0, 1))
+    assert a.minus(b) == 1.0
+    assert R.seed_residual([a, b]) == (0.0, 1, 2)
+    tol, text = R.noise_level([a, b], 10_000)
+    assert tol == R.difference_tolerance(92.5, 10_000)  # at the best mean
+    assert "paired over 2 seeds" in text and "t(1)" in text
+    # independent noise does not cancel: cells that swap order between seeds
+    c = R.Summary((95.0, 89.0), seeds=(0, 1))
+    sigma, df, n = R.seed_residual([b, c])
+    assert (df, n) == (1, 2) and sigma == pytest.approx(5.5)
+    tol, _ = R.noise_level([b, c], 10_000)
+    assert tol == pytest.approx(R.t_quantile(1) * sigma * math.sqrt(2 / 2))
+    # summarize keeps each value's seed, so claims can pair them
+    cfg = {"norm": "bn", "batch_size": 2}
+    recs = [Record(f"r{s}", {**cfg, "seed": s}, "ok", {"acc": v, "n_test": 100, "steps": 5},
+                   1.0) for s, v in ((1, 80.0), (0, 70.0))]
+    summary = R.summarize(recs, lambda r: "bn")["bn"]
+    assert summary.by_seed() == {1: 80.0, 0: 70.0}

@@ -55,6 +55,7 @@ __all__ = [
     "not_judged",
     "paired_difference",
     "render_claims",
+    "seed_residual",
     "summarize",
     "t_quantile",
     "training_problem",
@@ -230,6 +231,33 @@ class Summary:
     untrained: tuple[str, ...] = ()
     #: seeds counted in ``values`` whose curve was still improving (see :func:`convergence`)
     unconverged: tuple[str, ...] = ()
+    #: the seed of each entry of ``values`` (empty when unknown)
+    seeds: tuple[Hashable, ...] = ()
+
+    def by_seed(self) -> dict[Hashable, float]:
+        """``{seed: value}`` (empty when the seeds are unknown)."""
+        return dict(zip(self.seeds, self.values)) if len(self.seeds) == len(self.values) else {}
+
+    def minus(self, other: Summary) -> float:
+        """``self - other`` paired over the seeds both ran (same seed: same data order and
+        initialization draws): the mean of the per-seed differences; the difference of the
+        means when either's seeds are unknown or they share none.
+
+        Example:
+            >>> a = Summary((91.0, 95.0), seeds=(0, 1))
+            >>> b = Summary((90.0, 92.0, 80.0), seeds=(0, 1, 2))
+            >>> a.minus(b), round(a.mean - b.mean, 2)
+            (2.0, 5.67)
+        """
+        sa, sb = self.by_seed(), other.by_seed()
+        common = [k for k in sa if k in sb]
+        if not common:
+            return self.mean - other.mean
+        return statistics.fmean(sa[k] - sb[k] for k in common)
+
+    def common_seeds(self, other: Summary) -> int:
+        """How many seeds ``self`` and ``other`` both ran (0 when unknown)."""
+        return len(set(self.by_seed()) & set(other.by_seed()))
 
     @property
     def ok(self) -> bool:
@@ -277,6 +305,7 @@ def summarize(
     with its reason, never averaged in.
     """
     values: dict[Hashable, list[float]] = {}
+    seeds: dict[Hashable, list[Hashable]] = {}
     diverged: dict[Hashable, int] = {}
     untrained: dict[Hashable, list[str]] = {}
     unconverged: dict[Hashable, list[str]] = {}
@@ -292,6 +321,7 @@ def summarize(
         flag, why = convergence(rec, metric)
         for k in keys_list:
             values.setdefault(k, [])
+            seeds.setdefault(k, [])
             diverged.setdefault(k, 0)
             untrained.setdefault(k, [])
             unconverged.setdefault(k, [])
@@ -301,10 +331,20 @@ def summarize(
                 untrained[k].append(f"seed {rec.config.get('seed', '?')}: {problem}")
             else:
                 values[k].append(float(rec.result[metric]))
+                seeds[k].append(_seed_key(rec.config.get("seed")))
                 if flag == STILL_IMPROVING:
                     unconverged[k].append(f"seed {rec.config.get('seed', '?')}: {why}")
     return {k: Summary(tuple(values[k]), diverged[k], tuple(untrained[k]),
-                       tuple(unconverged[k])) for k in values}
+                       tuple(unconverged[k]), _unique_or_empty(seeds[k])) for k in values}
+
+
+def _seed_key(seed: Any) -> Hashable:
+    return tuple(seed) if isinstance(seed, list) else seed
+
+
+def _unique_or_empty(seeds: list[Hashable]) -> tuple[Hashable, ...]:
+    """The seeds, or () when one repeats (two records of a cell with one seed: not pairable)."""
+    return tuple(seeds) if len(set(seeds)) == len(seeds) and None not in seeds else ()
 
 
 def fmt_summary(summary: Summary | None, digits: int = 2, show_std: bool = True) -> str:
@@ -441,32 +481,81 @@ def difference_tolerance(acc_pct: float, n_test: int, z: float = 1.96) -> float:
     return 100.0 * z * math.sqrt(2.0 * p * (1 - p) / n_test)
 
 
+def seed_residual(summaries: Iterable[Summary]) -> tuple[float, int, int] | None:
+    """``(sigma, df, n_seeds)``: the training noise of one run once each seed's effect common
+    to every cell is removed, from the cells that ran the same ``n_seeds >= 2`` seeds.
+
+    The noise model: the metric of cell c at seed s is ``mu_c + beta_s + e_cs`` with ``beta_s``
+    the seed's shared effect (its data order and initialization draws, the same for every cell
+    of a table) and ``e_cs`` independent with one variance ``sigma**2``. ``sigma`` is estimated
+    from the residuals of the two-way fit, with ``df = (cells - 1) * (seeds - 1)`` degrees of
+    freedom (``seeds - 1`` for a single cell). A paired difference of two cells over n seeds
+    then has standard error ``sigma * sqrt(2 / n)``: ``beta_s`` cancels. None with fewer than
+    two common seeds.
+
+    Example:
+        >>> cells = [Summary((90.0, 92.0, 91.0), seeds=(0, 1, 2)),
+        ...          Summary((95.0, 97.5, 96.0), seeds=(0, 1, 2))]
+        >>> sigma, df, n = seed_residual(cells)
+        >>> round(sigma, 3), df, n
+        (0.204, 2, 3)
+    """
+    cells = [c.by_seed() for c in summaries if c.ok]
+    cells = [c for c in cells if len(c) >= 2]
+    if not cells:
+        return None
+    # the seed set most cells share (ties: the larger set)
+    counts: dict[tuple[Hashable, ...], int] = {}
+    for c in cells:
+        key = tuple(sorted(c, key=repr))
+        counts[key] = counts.get(key, 0) + 1
+    seeds = max(counts, key=lambda k: (sum(set(k) <= set(c) for c in cells), len(k)))
+    rows = [[c[k] for k in seeds] for c in cells if set(seeds) <= set(c)]
+    n_cells, n_seeds = len(rows), len(seeds)
+    row_mean = [statistics.fmean(r) for r in rows]
+    col_mean = [statistics.fmean(r[j] for r in rows) for j in range(n_seeds)]
+    grand = statistics.fmean(row_mean)
+    if n_cells == 1:
+        resid = [rows[0][j] - row_mean[0] for j in range(n_seeds)]
+        df = n_seeds - 1
+    else:
+        resid = [rows[i][j] - row_mean[i] - col_mean[j] + grand
+                 for i in range(n_cells) for j in range(n_seeds)]
+        df = (n_cells - 1) * (n_seeds - 1)
+    return math.sqrt(sum(r * r for r in resid) / df), df, n_seeds
+
+
 def noise_level(summaries: Iterable[Summary], n_test: int, z: float = 1.96
                 ) -> tuple[float, str]:
-    """The tolerance claims are judged against, and a sentence saying what it covers.
+    """The tolerance a difference between two cells is judged against, and a sentence saying
+    what it covers.
 
-    The larger of (a) :func:`difference_tolerance` at the best accuracy (test-set sampling) and
-    (b) with several seeds, ``z * sqrt(2 / n_seeds) * s`` where ``s`` is the pooled seed-to-seed
-    standard deviation of the cells (training noise). With one seed only (a) is known, and the
-    sentence says so.
+    The larger of (a) :func:`difference_tolerance` at the best accuracy (test-set sampling of
+    two accuracies, binomial) and (b) with several seeds, the 95% half-width of a difference
+    paired over the n seeds the cells share, ``t(df) * sigma * sqrt(2 / n)`` with ``sigma`` and
+    ``df`` from :func:`seed_residual` (training noise, each seed's common effect removed). With
+    one seed only (a) is known, and the sentence says so. Differences are computed paired over
+    seeds (:meth:`Summary.minus`).
     """
     summaries = [s for s in summaries if s.ok]
     if not summaries:
         return float("inf"), "no finished runs"
     best = max(s.mean for s in summaries)
-    tol = difference_tolerance(best, n_test, z)
-    text = f"noise level ±{tol:.2f} pp (95% test-set sampling, {n_test} test images"
-    multi = [s for s in summaries if len(s.values) > 1]
-    if multi:
-        pooled = math.sqrt(statistics.fmean(s.std**2 for s in multi))
-        n = min(len(s.values) for s in multi)
-        seed_tol = z * math.sqrt(2.0 / n) * pooled
-        text += f"; seed-to-seed std {pooled:.2f} pp over {n} seeds -> ±{seed_tol:.2f}"
-        tol = max(tol, seed_tol)
-        text = text.replace(f"±{difference_tolerance(best, n_test, z):.2f}", f"±{tol:.2f}", 1)
-    else:
-        text += "; one seed, so run-to-run training noise is not included: use --seeds 0,1,2"
-    return tol, text + ")"
+    test_tol = difference_tolerance(best, n_test, z)
+    residual = seed_residual(summaries)
+    if residual is None:
+        return test_tol, (
+            f"noise level ±{test_tol:.2f} pp (95%, test-set sampling of {n_test} test images; "
+            "one seed, so run-to-run training noise is not included: use --seeds 0,1,2)")
+    sigma, df, n = residual
+    seed_tol = t_quantile(df) * sigma * math.sqrt(2.0 / n)
+    tol = max(test_tol, seed_tol)
+    return tol, (
+        f"noise level ±{tol:.2f} pp (95%), the larger of test-set sampling (±{test_tol:.2f}, "
+        f"binomial, {n_test} test images) and training noise of a difference paired over {n} "
+        f"seeds (±{seed_tol:.2f} = t({df}) x {sigma:.2f} x sqrt(2/{n}); {sigma:.2f} pp: the "
+        "run-to-run std once each seed's effect common to every cell is removed); "
+        "differences are means of per-seed differences")
 
 
 @dataclass(frozen=True)

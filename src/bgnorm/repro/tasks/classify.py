@@ -451,7 +451,7 @@ def _batch_size_claims(acc: dict[tuple[str, int], Summary], sizes: list[int], n_
                             f"BN diverged at batch {small}."))
     elif len(bn_ok) >= 2 and bn_ok.get(small) is not None:
         best_b = max(bn_ok, key=bn_ok.get)
-        drop = bn_ok[best_b] - bn_ok[small]
+        drop = acc[("bn", best_b)].minus(acc[("bn", small)])  # paired over seeds
         verdict = "held" if drop > tol else "did not hold"
         claims.append(Claim(
             "BN degrades at small batch sizes", verdict,
@@ -497,7 +497,7 @@ def _batch_size_claims(acc: dict[tuple[str, int], Summary], sizes: list[int], n_
         if v is None or not cand:
             continue
         best_v, best_n = max(cand)
-        gap = v - best_v
+        gap = acc[("bgn", b)].minus(acc[(best_n, b)])  # paired over seeds
         rows.append(f"{b}: {gap:+.2f} vs {DISPLAY_NAMES.get(best_n, best_n)}")
         if gap >= 0:
             top.append(b)
@@ -669,8 +669,10 @@ def _g_claims(acc: dict[Any, Summary], sizes: list[int], gs: list[int], n_test: 
     best_big, best_small = max(cb, key=cb.get), max(cs, key=cs.get)
     # The G values within noise of each batch size's best; the claim needs the large batch's
     # near-best G to lie above the small batch's.
-    near_big = sorted(g for g, v in cb.items() if v >= cb[best_big] - tol)
-    near_small = sorted(g for g, v in cs.items() if v >= cs[best_small] - tol)
+    # (differences paired over seeds)
+    near_big = sorted(g for g in cb if acc[(big, best_big)].minus(acc[(big, g)]) <= tol)
+    near_small = sorted(g for g in cs
+                        if acc[(small, best_small)].minus(acc[(small, g)]) <= tol)
     ev = (f"Best G at batch {big}: {best_big} ({cb[best_big]:.2f}), at batch {small}: "
           f"{best_small} ({cs[best_small]:.2f}); G within noise of the best: "
           f"{{{', '.join(map(str, near_big))}}} at batch {big}, "
@@ -688,8 +690,8 @@ def _g_claims(acc: dict[Any, Summary], sizes: list[int], gs: list[int], n_test: 
     claims = [Claim(claim, verdict, ev)]
     g_max = max(set(cb) & set(cs)) if set(cb) & set(cs) else None
     if g_max is not None and best_big in cs and g_max != best_big:
-        drop_max = cb[g_max] - cs[g_max]
-        drop_best = cb[best_big] - cs[best_big]
+        drop_max = acc[(big, g_max)].minus(acc[(small, g_max)])
+        drop_best = acc[(big, best_big)].minus(acc[(small, best_big)])
         extra = drop_max - drop_best
         verdict = "held" if extra > tol else "did not hold" if extra < -tol else "inconclusive"
         claims.append(Claim(
@@ -706,7 +708,7 @@ def _g_claims(acc: dict[Any, Summary], sizes: list[int], gs: list[int], n_test: 
                          f"({c[g] - c[best]:+.2f})")
     if paper:
         within = all(
-            max(c.values()) - c[bgnorm.paper_groups(b)] <= tol
+            acc[(b, max(c, key=c.get))].minus(acc[(b, bgnorm.paper_groups(b))]) <= tol
             for b, c in ((big, cb), (small, cs)) if bgnorm.paper_groups(b) in c
         )
         claims.append(Claim(_G_POLICY,

@@ -215,3 +215,70 @@ def test_local_context_checkpoint_is_atomic(tmp_path):
     ctx2.progress(10, 10, loss=0.5)  # the last step always goes
     ctx2.log("hello")
     assert [e[0] for e in events] == ["progress", "progress", "log"]
+
+
+_RUNS: list[dict] = []
+
+
+def _counting_run(config, ctx):
+    _RUNS.append(dict(config))
+    if config["x"] == 3:
+        raise Diverged("non-finite training loss at step 1", {"step": 1})
+    return {"acc": 10.0 * config["x"] + config["seed"]}
+
+
+def test_cells_that_are_one_training_run_are_trained_once(tmp_path):
+    """Two tasks whose cells overlap in what they compute (``Task.computation``): every cell is
+    recorded, each computation is trained once, in this sweep and in a later one."""
+    def cells(task, xs):
+        return lambda preset, overrides: [{"task": task, "seed": s, "x": x, "tag": task}
+                                          for s in (0, 1) for x in xs]
+
+    def computation(config):
+        return {k: v for k, v in config.items() if k not in ("task", "tag")}
+
+    TASKS["fake-a"] = Task("fake-a", ("smoke",), cells("fake-a", [1, 2, 3]), _counting_run,
+                           lambda recs, out: "", computation=computation)
+    TASKS["fake-b"] = Task("fake-b", ("smoke",), cells("fake-b", [2, 3, 4]), _counting_run,
+                           lambda recs, out: "", computation=computation)
+    TASKS["fake-c"] = Task("fake-c", ("smoke",), cells("fake-c", [4, 5]), _counting_run,
+                           lambda recs, out: "", computation=computation)
+    _RUNS.clear()
+    try:
+        s = run_sweep(RunOptions(tasks=["fake-a", "fake-b"], preset="smoke", out_dir=tmp_path,
+                                 jobs=1, threads=1, progress=False))
+        assert sorted((r["x"], r["seed"]) for r in _RUNS) == [
+            (x, s) for x in (1, 2, 3, 4) for s in (0, 1)]  # 2 and 3 once each, not twice
+        assert (s.planned, s.finished, s.diverged, s.shared) == (12, 8, 4, 4)
+        recs = {(r.config["task"], r.config["x"], r.config["seed"]): r
+                for r in read_records(tmp_path)}
+        assert len(recs) == 12
+        for x, seed in ((2, 0), (2, 1), (3, 0), (3, 1)):
+            a, b = recs[("fake-a", x, seed)], recs[("fake-b", x, seed)]
+            assert a.status == b.status and a.config["tag"] == "fake-a"
+            assert b.result == {**a.result, "same_run_as": a.cell_id}
+        # a later sweep records fake-c's x = 4 from fake-b's record, trains only x = 5
+        _RUNS.clear()
+        s = run_sweep(RunOptions(tasks=["fake-c"], preset="smoke", out_dir=tmp_path,
+                                 jobs=1, threads=1, progress=False))
+        assert sorted((r["x"], r["seed"]) for r in _RUNS) == [(5, 0), (5, 1)]
+        assert (s.finished, s.shared) == (4, 2)
+        c4 = next(r for r in read_records(tmp_path) if r.config == {
+            "task": "fake-c", "seed": 1, "x": 4, "tag": "fake-c"})
+        assert c4.result == {"acc": 41.0, "same_run_as": recs[("fake-b", 4, 1)].cell_id}
+    finally:
+        for name in ("fake-a", "fake-b", "fake-c"):
+            del TASKS[name]
+
+
+def test_classification_cells_that_are_one_run():
+    """The G sweep at the paper's G, GBGN with e = b, and the groups study's BN are cells of
+    the batch-size table under other names."""
+    keys = {}
+    for _, cfg in plan_cells(["batch-size", "g-sweep", "groups"], "quick", {}):
+        keys.setdefault(RN.same_run_key(cfg), []).append(cfg)
+    shared = [sorted((c["task"], c["norm"], c["batch_size"]) for c in group)
+              for group in keys.values() if len(group) > 1]
+    assert [("batch-size", "bgn", 2), ("batch-size", "gbgn", 2), ("g-sweep", "bgn", 2)] in shared
+    assert [("batch-size", "bgn", 64), ("g-sweep", "bgn", 64)] in shared
+    assert all(len({c["seed"] for c in group}) == 1 for group in keys.values())

@@ -365,9 +365,12 @@ def _reproduce_in(args: argparse.Namespace, tasks: list[str], overrides: dict[st
         text = render_report(args.out, tasks)
         print(text)
     wall = time.perf_counter() - t0
+    shared = (f" ({summary.shared} of them recorded from the same run as another cell)"
+              if summary.shared else "")
     print(
-        f"{summary.finished} finished, {summary.diverged} diverged, {len(summary.failed)} failed,"
-        f" {summary.skipped} already recorded; {summary.jobs} job(s) x {summary.threads} "
+        f"{summary.finished} finished, {summary.diverged} diverged{shared}, "
+        f"{len(summary.failed)} failed, {summary.skipped} already recorded"
+        f"; {summary.jobs} job(s) x {summary.threads} "
         f"thread(s); {wall:.0f} s. Report: {args.out / 'report.md'}",
         file=sys.stderr,
     )

@@ -113,6 +113,12 @@ class Task:
         settings: the keys ``--set KEY=VALUE`` may change, each with the values the presets
             give it (:func:`bgnorm.repro.presets.preset_settings`); an unknown key or a value
             of the wrong kind is refused. None: not declared, unchecked.
+        computation: ``computation(config) -> mapping`` (optional): what a cell computes, for
+            finding cells that are the same training run under two names (a G sweep's cell at
+            the paper's G is the batch-size table's BGN cell). Cells whose computations are
+            equal (compared as cell ids, ``"runtime"`` left out) are trained once; the runner
+            records the others with the same result and ``result["same_run_as"]`` naming the
+            cell that trained. None: the config without its ``"task"`` key.
     """
 
     name: str
@@ -124,3 +130,4 @@ class Task:
     check: Callable[[Sequence[dict[str, Any]]], list[str]] | None = None
     options: frozenset[str] | None = None
     settings: Mapping[str, tuple[Any, ...]] | None = None
+    computation: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None

@@ -471,6 +471,9 @@ class RunSummary:
     seconds: float = 0.0
     jobs: int = 1
     threads: int = 1
+    #: cells recorded from another cell's training run (the same computation, see
+    #: :func:`same_run_key`), counted in ``finished``/``diverged`` too
+    shared: int = 0
 
     @property
     def ok(self) -> bool:
@@ -488,6 +491,41 @@ def _label(config: Mapping[str, Any]) -> str:
     return " ".join(p for p in parts if p)
 
 
+def same_run_key(config: Mapping[str, Any]) -> str:
+    """The id of what ``config``'s cell computes (:attr:`Task.computation
+    <bgnorm.repro.api.Task>`): two cells with the same key are one training run, which the
+    sweep trains once and records under both ids."""
+    task = TASKS.get(config.get("task"))
+    computation = getattr(task, "computation", None)
+    comp = (computation(config) if computation is not None
+            else {k: v for k, v in config.items() if k != "task"})
+    return cell_id(comp)
+
+
+def _same_run_plan(
+    todo: Sequence[tuple[str, dict[str, Any]]], recorded: Mapping[str, str]
+) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, list[tuple[str, dict[str, Any]]]],
+           list[tuple[str, dict[str, Any], str]]]:
+    """Split ``todo`` into the cells to train, the cells recorded from a trained cell's outcome
+    (``{cell to train: [followers]}``) and the cells recorded from an existing record
+    (``(cell id, config, recorded cell id)``); ``recorded`` maps same-run keys of the store's
+    records to their cell ids."""
+    train: list[tuple[str, dict[str, Any]]] = []
+    followers: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    copies: list[tuple[str, dict[str, Any], str]] = []
+    lead: dict[str, str] = {}
+    for cid, cfg in todo:
+        key = same_run_key(cfg)
+        if key in recorded:
+            copies.append((cid, cfg, recorded[key]))
+        elif key in lead:
+            followers.setdefault(lead[key], []).append((cid, cfg))
+        else:
+            lead[key] = cid
+            train.append((cid, cfg))
+    return train, followers, copies
+
+
 def run_sweep(options: RunOptions) -> RunSummary:
     """Run (or resume) the sweep described by ``options``; returns a :class:`RunSummary`.
 
@@ -502,10 +540,18 @@ def run_sweep(options: RunOptions) -> RunSummary:
         out.mkdir(parents=True, exist_ok=True)
     cells = plan_cells(options.tasks, options.preset, options.overrides)
     mine = select_shard(cells, options.shard)
-    done = {r.cell_id for r in read_records(out)} if main else set()
+    stored = read_records(out) if main else []
+    by_id = {r.cell_id: r for r in stored}
+    done = set(by_id)
+    # a cell computing what a recorded cell computed is recorded from it (diverged included)
+    recorded = {}
+    for r in stored:
+        recorded.setdefault(same_run_key(r.config), r.cell_id)
     # Every rank must train the same cells: rank 0's view of the store decides.
-    done = _dist.broadcast_object(done, "planning the sweep") if env is not None else done
+    if env is not None:
+        done, recorded = _dist.broadcast_object((done, recorded), "planning the sweep")
     todo = [(cid, cfg) for cid, cfg in mine if cid not in done]
+    to_train, followers, copies = _same_run_plan(todo, recorded)
     if todo:  # one clear message, not a traceback per cell
         read = check_environment(todo, options.device)
         for key in ("data_root", "loader_workers"):
@@ -518,6 +564,7 @@ def run_sweep(options: RunOptions) -> RunSummary:
                     f"preset for the others) or drop {flag}")
     summary = RunSummary(planned=len(mine), skipped=len(mine) - len(todo))
     store = ResultStore(store_path(out, options.shard))
+    todo = to_train
 
     device = torch.device(options.device)
     cores = available_cores()
@@ -539,7 +586,11 @@ def run_sweep(options: RunOptions) -> RunSummary:
     display = _Display(len(todo), jobs, options.progress and main)
     if summary.skipped and main:
         display.write(f"{summary.skipped} of {len(mine)} cells already recorded in {out}; "
-                      f"running the other {len(todo)}")
+                      f"running the other {len(mine) - summary.skipped}")
+    shared = len(copies) + sum(map(len, followers.values()))
+    if shared and main:
+        display.write(f"{shared} cell(s) are the same training run as another cell (e.g. a G "
+                      "sweep's cell at the paper's G): trained once, recorded under both")
     jobs_spec = {
         cid: {
             "cell_id": cid,
@@ -551,6 +602,24 @@ def run_sweep(options: RunOptions) -> RunSummary:
         }
         for cid, cfg in todo
     }
+
+    def record_same_run(cid: str, cfg: dict[str, Any], source: Record) -> None:
+        """Record ``cid`` with the outcome of ``source``, the same training run."""
+        result = dict(source.result)
+        result["same_run_as"] = result.get("same_run_as") or source.cell_id
+        rec = Record(cell_id=cid, config=cfg, status=source.status, result=result,
+                     seconds=0.0, meta=dict(source.meta))
+        store.append(rec)
+        summary.shared += 1
+        if rec.status == "ok":
+            summary.finished += 1
+        else:
+            summary.diverged += 1
+        display.write(f"recorded {_label(cfg)}: the same run as {result['same_run_as']}")
+
+    if main:
+        for cid, cfg, source_id in copies:
+            record_same_run(cid, cfg, by_id[source_id])
 
     def record(cid: str, outcome: dict[str, Any]) -> None:
         cfg = jobs_spec[cid]["config"]
@@ -564,10 +633,11 @@ def run_sweep(options: RunOptions) -> RunSummary:
                 display.cell_done(f"FAILED {label}\n{outcome['error']}")
             return
         if not main:
-            if outcome["status"] == "ok":
-                summary.finished += 1
-            else:
-                summary.diverged += 1
+            for _ in range(1 + len(followers.get(cid, ()))):
+                if outcome["status"] == "ok":
+                    summary.finished += 1
+                else:
+                    summary.diverged += 1
             return
         rec = Record(
             cell_id=cid, config=cfg, status=outcome["status"], result=outcome["result"],
@@ -591,6 +661,8 @@ def run_sweep(options: RunOptions) -> RunSummary:
             summary.diverged += 1
             what = f"diverged ({rec.result.get('error', '')})"
         display.cell_done(f"done {label}: {what} in {rec.seconds:.1f}s")
+        for fcid, fcfg in followers.get(cid, ()):
+            record_same_run(fcid, fcfg, rec)
 
     try:
         if jobs == 1:

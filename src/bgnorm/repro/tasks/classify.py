@@ -65,6 +65,7 @@ __all__ = [
     "TASK_G_SWEEP",
     "TASK_GROUPS",
     "cells_batch_size",
+    "classification_computation",
     "check_classification_data",
     "cells_g_sweep",
     "cells_groups",
@@ -314,7 +315,9 @@ def run_classify(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
         # Each rank holds W/R of the W virtual workers (see bgnorm.repro.dist); the batch
         # sources still produce the global batch, of which each rank keeps its slice.
         local = _dist.local_workers(spec.workers, env)
-        sync_norm = env.sync_norm and spec.workers == 1 and spec.name in ("bn", "bgn")
+        sync_norm = env.sync_norm and spec.workers == 1 and (
+            spec.name in ("bn", "bgn")
+            or spec.name == "gbgn" and spec.examples_per_group in (None, spec.batch_size))
         lo, hi = _dist.shard_bounds(spec.total_batch, env)
         if local != spec.workers:
             model_spec = dataclasses.replace(spec, workers=local)
@@ -847,6 +850,31 @@ def _groups_claims(err: dict[Any, Summary], gs: list[int], ks: list[int], n_test
 # Registration
 # --------------------------------------------------------------------------------------------
 
+
+def classification_computation(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What a classification cell computes (:attr:`Task.computation`): its config without the
+    task's name and the batch sizes a per-example run stands for, with GBGN whose batch groups
+    are the whole per-worker batch (e = b) named BGN, which it is.
+
+    So the G sweep's cell at the paper's G is the batch-size table's BGN cell, GBGN at b = e is
+    BGN, and the groups study's BN (and GN with 32 groups) at its batch size are the batch-size
+    table's: the runner trains each once.
+
+    Example:
+        >>> base = {"seed": 0, "batch_size": 2, "workers": 32, "num_groups": 1}
+        >>> a = classification_computation({**base, "task": "g-sweep", "norm": "bgn"})
+        >>> b = classification_computation({**base, "task": "batch-size", "norm": "gbgn",
+        ...                                 "gbgn_examples": 2})
+        >>> a == b
+        True
+    """
+    out = {k: v for k, v in config.items() if k not in ("task", "covers_batch_sizes")}
+    if out.get("norm") == "gbgn" and out.get("gbgn_examples") == out.get("batch_size"):
+        out["norm"] = "bgn"
+        del out["gbgn_examples"]
+    return out
+
+
 #: The protocol options each task applies (``Task.options``): the G sweep (``--groups``) is the
 #: g-sweep's; the g-sweep trains BGN only and the groups task GN and its baselines at
 #: ``groups_batch_size``, so they do not apply ``--norms`` (nor groups ``--batch-sizes``).
@@ -858,16 +886,17 @@ TASK_BATCH_SIZE = register_task(Task(
     name="batch-size", presets=_PRESETS, cells=cells_batch_size, run=run_classify,
     report=report_batch_size, title="Accuracy vs batch size (BGN paper Table 2, Fig. 1)",
     check=check_classification_data, options=_OPTIONS, settings=_SETTINGS,
+    computation=classification_computation,
 ))
 TASK_G_SWEEP = register_task(Task(
     name="g-sweep", presets=_PRESETS, cells=cells_g_sweep, run=run_classify,
     report=report_g_sweep, title="BGN's G sweep (BGN paper Table 1)",
     check=check_classification_data, options=_OPTIONS - {"norms"} | {"groups"},
-    settings=_SETTINGS,
+    settings=_SETTINGS, computation=classification_computation,
 ))
 TASK_GROUPS = register_task(Task(
     name="groups", presets=_PRESETS, cells=cells_groups, run=run_classify,
     report=report_groups, title="GN group division (GN paper Table 3)",
     check=check_classification_data, options=_OPTIONS - {"norms", "batch_sizes"},
-    settings=_SETTINGS,
+    settings=_SETTINGS, computation=classification_computation,
 ))

@@ -271,6 +271,18 @@ def test_cells_that_are_one_training_run_are_trained_once(tmp_path):
             del TASKS[name]
 
 
+def test_same_run_key_loads_the_tasks_it_needs():
+    """In a fresh interpreter (no task registered yet) a record's key is its task's, not the
+    fallback's (the fallback would keep ``covers_batch_sizes`` and never match)."""
+    code = ("from bgnorm.repro.runner import same_run_key\n"
+            "a = {'task': 'batch-size', 'norm': 'gbgn', 'gbgn_examples': 2, 'batch_size': 2}\n"
+            "b = {'task': 'g-sweep', 'norm': 'bgn', 'batch_size': 2}\n"
+            "assert same_run_key(a) == same_run_key(b)\n"
+            "assert same_run_key({'task': 'gone'}) == same_run_key({'task': 'other'})\n")
+    subprocess.run([sys.executable, "-c", code], check=True, env={
+        **os.environ, "PYTHONPATH": str(Path(RN.__file__).parents[2])})
+
+
 def test_classification_cells_that_are_one_run():
     """The G sweep at the paper's G, GBGN with e = b, and the groups study's BN are cells of
     the batch-size table under other names."""

@@ -54,7 +54,7 @@ from typing import Any
 import torch
 
 from . import dist as _dist
-from .api import Diverged, Record
+from .api import Diverged, Record, Task
 from .report import curves_section, training_problem, write_report
 from .store import ResultStore, cell_id, read_records, run_meta, store_path
 from .tasks.base import TASKS, get_task
@@ -495,7 +495,10 @@ def same_run_key(config: Mapping[str, Any]) -> str:
     """The id of what ``config``'s cell computes (:attr:`Task.computation
     <bgnorm.repro.api.Task>`): two cells with the same key are one training run, which the
     sweep trains once and records under both ids."""
-    task = TASKS.get(config.get("task"))
+    try:  # get_task registers the built-in tasks on first use
+        task: Task | None = get_task(str(config.get("task")))
+    except ValueError:  # a record of a task this version does not have
+        task = None
     computation = getattr(task, "computation", None)
     comp = (computation(config) if computation is not None
             else {k: v for k, v in config.items() if k != "task"})

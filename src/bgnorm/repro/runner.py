@@ -326,7 +326,11 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, Any] | None, str]:
         if hashlib.sha256(payload).digest() != trailer[-32:]:
             return None, "its SHA-256 does not match"
         return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True), ""
-    # No trailer: truncated, or written by an older version of the suite (no checksum then).
+    if _TRAILER_MAGIC in data[-2 * _TRAILER_SIZE:]:
+        return None, "its size and checksum trailer is cut"
+    # No trailer: written by an older version of the suite (no checksum then), or cut before
+    # the trailer: then torch.load finds the zip archive incomplete (or, cut exactly at the
+    # trailer, whole).
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), ""
     except Exception as exc:  # a truncated zip, garbage: whatever torch.load says

@@ -441,7 +441,7 @@ class CellLock:
         now = time.time()
         return json.dumps({
             "host": _HOST, "pid": os.getpid(), "pid_start": _process_start(os.getpid()),
-            "token": self.token, "started": self._started or now,
+            "token": self.token, "started": self._started,
             "expires": now + self.lease_seconds,
             "lease_seconds": self.lease_seconds,
         }).encode()
@@ -513,10 +513,10 @@ class CellLock:
         (:attr:`holder` says which)."""
         self.holder, self.took_over = None, None
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._started = 0.0
+        self._started = time.time()
         for _ in range(5):
             if self._create():
-                self.held, self._started = True, time.time()
+                self.held = True
                 with _LIVE_GUARD:
                     _LIVE_TOKENS.add(self.token)
                 return True

@@ -159,6 +159,7 @@ def test_concurrent_runners_train_each_cell_once(tmp_path, runners, jobs):
     assert not list(out.glob("cells/*/lock.json"))  # every lock released
 
 
+@pytest.mark.slow  # the default suite's test_kill9_then_resume... takes stale locks over too
 def test_takeover_after_kill9_resumes_to_the_same_result(tmp_path):
     ref = _reference(tmp_path, cells=2, steps=60)
     out = tmp_path / "cut"

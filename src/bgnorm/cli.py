@@ -129,6 +129,7 @@ def _overview() -> str:
         "  bgnorm tasks --settings    each task's options and --set keys",
         "  bgnorm docs                the guides installed with bgnorm",
         "  bgnorm docs reproduction   the suite's guide: presets, protocol, data, GPUs",
+        "  bgnorm docs cluster        preemption, requeued jobs, exit statuses (SLURM, k8s)",
     ]
     return "\n".join(lines)
 

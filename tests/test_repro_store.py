@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import doctest
+import errno
 import json
 import math
 import multiprocessing as mp
+import os
 import subprocess
 import sys
+import time
+from pathlib import Path
+
+import pytest
 
 import bgnorm.repro.store as S
 from bgnorm.repro.api import Record
@@ -121,3 +127,138 @@ def test_store_and_report_do_not_import_the_tasks():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]"
+
+
+# --------------------------------------------------------------------------------------------
+# Cell locks
+# --------------------------------------------------------------------------------------------
+
+
+def _write_lock(folder, **info):
+    folder.mkdir(parents=True, exist_ok=True)
+    base = {"host": "elsewhere", "pid": 1, "token": "t", "started": 0.0, "expires": 0.0}
+    (folder / S.LOCK_NAME).write_text(json.dumps({**base, **info}))
+
+
+def test_lock_claim_holder_and_release(tmp_path):
+    mine, other = S.CellLock(tmp_path / "c", 60), S.CellLock(tmp_path / "c", 60)
+    assert mine.acquire() and mine.took_over is None
+    info = json.loads((tmp_path / "c" / S.LOCK_NAME).read_text())
+    assert info["pid"] == os.getpid() and info["token"] == mine.token
+    assert info["expires"] - info["started"] == pytest.approx(60, abs=1)
+    assert not other.acquire() and other.holder["token"] == mine.token
+    assert "pid" in S.describe_holder(other.holder)
+    assert not other.renew()  # not its lock
+    mine.release()
+    assert not (tmp_path / "c" / S.LOCK_NAME).exists()
+    assert other.acquire()
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [S.LOCK_NAME]  # no temp files
+
+
+def test_lock_renew_extends_the_lease_until_taken_over(tmp_path):
+    lock = S.CellLock(tmp_path / "c", 30)
+    assert lock.acquire()
+    first = json.loads(lock.path.read_text())
+    time.sleep(0.01)
+    assert lock.renew()
+    renewed = json.loads(lock.path.read_text())
+    assert renewed["expires"] > first["expires"] and renewed["started"] == first["started"]
+    _write_lock(tmp_path / "c", token="someone else")  # taken over meanwhile
+    assert not lock.renew() and not lock.owned()
+    lock.release()  # not ours any more: left alone
+    assert json.loads(lock.path.read_text())["token"] == "someone else"
+
+
+def test_lock_of_a_dead_pid_on_this_host_is_taken_over(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _write_lock(tmp_path / "c", host=S._HOST, pid=dead.pid, expires=time.time() + 3600)
+    lock = S.CellLock(tmp_path / "c", 60)
+    assert lock.acquire() and lock.took_over["pid"] == dead.pid
+    assert json.loads(lock.path.read_text())["token"] == lock.token
+
+
+def test_lock_of_a_live_pid_on_this_host_is_held_even_past_its_lease(tmp_path):
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        _write_lock(tmp_path / "c", host=S._HOST, pid=live.pid,
+                    pid_start=S._process_start(live.pid), expires=time.time() - 10)
+        lock = S.CellLock(tmp_path / "c", 60)
+        assert not lock.acquire() and lock.holder["pid"] == live.pid
+    finally:
+        live.kill()
+        live.wait()
+    assert lock.acquire()  # now its pid is gone
+
+
+def test_lock_of_a_reused_pid_is_stale(tmp_path):
+    if S._process_start(os.getppid()) is None:
+        pytest.skip("no /proc/<pid>/stat here")
+    # a live pid, but a process started at another time: the holder is gone, its pid reused
+    _write_lock(tmp_path / "c", host=S._HOST, pid=os.getppid(), pid_start="1",
+                expires=time.time() + 3600)
+    assert S.CellLock(tmp_path / "c", 60).acquire()
+
+
+def test_lock_of_another_host_is_taken_over_when_its_lease_expired(tmp_path):
+    _write_lock(tmp_path / "a", expires=time.time() + 3600)
+    _write_lock(tmp_path / "b", expires=time.time() - 1)
+    held, expired = S.CellLock(tmp_path / "a", 60), S.CellLock(tmp_path / "b", 60)
+    assert not held.acquire() and held.holder["host"] == "elsewhere"
+    assert expired.acquire() and expired.took_over["host"] == "elsewhere"
+
+
+def test_lock_left_by_an_earlier_sweep_of_this_process_is_stale(tmp_path):
+    _write_lock(tmp_path / "c", host=S._HOST, pid=os.getpid(),
+                pid_start=S._process_start(os.getpid()), expires=time.time() + 3600,
+                token="from an earlier run_sweep that was interrupted")
+    assert S.CellLock(tmp_path / "c", 60).acquire()
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / S.LOCK_NAME).write_bytes(b'{"host": "x", "pi')  # damaged
+    assert S.CellLock(tmp_path / "d", 60).acquire()
+
+
+def _race(folder, start, out):
+    time.sleep(max(0.0, start - time.time() - 0.01))
+    while time.time() < start:  # the last 10 ms: all three start together
+        pass
+    wins = []
+    for i in range(12):  # even cells: fresh; odd cells: a stale lock to take over
+        lock = S.CellLock(Path(folder) / str(i), 60)
+        if lock.acquire():
+            wins.append(i)
+    Path(out).write_text(json.dumps(wins))
+
+
+def test_concurrent_claims_have_exactly_one_winner(tmp_path):
+    for i in range(1, 12, 2):
+        _write_lock(tmp_path / "cells" / str(i), expires=time.time() - 5)
+    ctx = mp.get_context("spawn")
+    start = time.time() + 4.0  # after the three interpreters started
+    procs = [ctx.Process(target=_race, args=(tmp_path / "cells", start, tmp_path / f"w{k}"))
+             for k in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    wins = [json.loads((tmp_path / f"w{k}").read_text()) for k in range(3)]
+    assert sorted(sum(wins, [])) == list(range(12)), wins  # every cell won once, by one
+    for i in range(12):
+        assert sorted(p.name for p in (tmp_path / "cells" / str(i)).iterdir()) == [S.LOCK_NAME]
+
+
+def test_store_write_errors_name_the_file_and_the_fix(tmp_path, monkeypatch):
+    store = ResultStore(tmp_path / "results.jsonl")
+    store.append(_rec("a"))
+
+    def full(fd, data):
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+    monkeypatch.setattr(S.os, "write", full)
+    with pytest.raises(S.DiskFaultError) as info:
+        store.append(_rec("b"))
+    assert isinstance(info.value, OSError) and info.value.errno == errno.EDQUOT
+    assert str(tmp_path / "results.jsonl") in str(info.value) and "quota" in str(info.value)
+    monkeypatch.undo()
+    assert [r.cell_id for r in store.records()] == ["a"] and store.bad_lines == 0

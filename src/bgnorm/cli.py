@@ -129,6 +129,7 @@ def _overview() -> str:
         "  bgnorm tasks --settings    each task's options and --set keys",
         "  bgnorm docs                the guides installed with bgnorm",
         "  bgnorm docs reproduction   the suite's guide: presets, protocol, data, GPUs",
+        "  bgnorm docs cluster        preemption, requeued jobs, exit statuses (SLURM, k8s)",
     ]
     return "\n".join(lines)
 
@@ -168,6 +169,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", type=_number(float, 0), default=60.0,
                    metavar="SECONDS",
                    help="checkpoint each running cell this often (default 60)")
+    g.add_argument("--grace-seconds", type=_number(float, 0), default=20.0,
+                   help="after SIGTERM/SIGINT, how long the running cells get to checkpoint "
+                   "before the sweep exits with status 75 (default 20)")
+    g.add_argument("--lease-seconds", type=_number(float, 1), default=120.0,
+                   help="a cell's lock expires this long after its runner's last heartbeat; "
+                   "runners on other hosts then take the cell over (default 120)")
     g.add_argument("--keep-checkpoints", action="store_true",
                    help="keep the cells' checkpoints after they are recorded")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -336,7 +343,15 @@ def _reproduce_in(args: argparse.Namespace, tasks: list[str], overrides: dict[st
                   device, env, t0: float) -> int:
     import time
 
-    from .repro.runner import RunOptions, plan_cells, render_report, run_sweep, select_shard
+    from .repro.runner import (
+        EXIT_DISK_FAULT,
+        RunOptions,
+        plan_cells,
+        render_report,
+        run_sweep,
+        select_shard,
+    )
+    from .repro.store import DiskFaultError
 
     main = env is None or env.is_main
     try:
@@ -354,11 +369,15 @@ def _reproduce_in(args: argparse.Namespace, tasks: list[str], overrides: dict[st
             tasks=tasks, preset=args.preset, out_dir=args.out, overrides=overrides,
             jobs=args.jobs, threads=args.threads, shard=args.shard, device=str(device),
             checkpoint_seconds=args.checkpoint_every, progress=not args.no_progress,
-            keep_checkpoints=args.keep_checkpoints,
+            keep_checkpoints=args.keep_checkpoints, grace_seconds=args.grace_seconds,
+            lease_seconds=args.lease_seconds, resume_command=_resume_command(args),
         ))
     except ValueError as exc:
         print(f"bgnorm: {exc}", file=sys.stderr)
         return 2
+    except DiskFaultError as exc:
+        print(f"bgnorm: {exc}", file=sys.stderr)
+        return EXIT_DISK_FAULT
     if not main:  # rank 0 reports
         return 1 if summary.failed else 0
     if not args.no_report:
@@ -379,6 +398,17 @@ def _reproduce_in(args: argparse.Namespace, tasks: list[str], overrides: dict[st
               file=sys.stderr)
         return 1
     return 0
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command line that resumes this sweep, as it was typed."""
+    import shlex
+
+    argv = getattr(args, "argv", None) or sys.argv[1:]
+    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    head = (["bgnorm"] if prog == "bgnorm" or getattr(args, "argv", None)
+            else [sys.executable, "-m", "bgnorm.cli"])
+    return shlex.join([*head, *argv])
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -420,9 +450,10 @@ def _list_tasks(settings: bool = False) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bgnorm`` console script."""
-    from .repro.runner import SweepInterrupted
+    from .repro.runner import EXIT_PREEMPTED, SweepInterrupted, SweepPreempted
 
     args = _parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else None
     try:
         if args.command == "reproduce":
             return _reproduce(args)
@@ -435,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as exc:
         print(f"bgnorm: {exc}", file=sys.stderr)
         return 2
+    except SweepPreempted:  # SIGTERM/SIGINT: the runner printed the resume command
+        return EXIT_PREEMPTED
     except SweepInterrupted:  # the runner printed how to resume
         return 130
     except KeyboardInterrupt:

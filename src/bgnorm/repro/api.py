@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
-__all__ = ["CellContext", "Diverged", "Record", "Task"]
+__all__ = ["CellContext", "CellStopped", "Diverged", "Record", "Task"]
 
 
 class Diverged(RuntimeError):
@@ -38,6 +38,16 @@ class Diverged(RuntimeError):
     def __init__(self, message: str, partial: Mapping[str, Any] | None = None) -> None:
         super().__init__(message)
         self.partial = dict(partial or {})
+
+
+class CellStopped(BaseException):
+    """Raised by ``ctx.save_checkpoint`` after a durable save when the runner asked the cell to
+    stop (a SIGTERM/SIGINT preempting the sweep, see ``ctx.checkpoint_due``).
+
+    The cell's checkpoint is on disk, so the same command resumes it exactly. A
+    ``BaseException`` (like ``KeyboardInterrupt``), so that a task's ``except Exception`` does
+    not swallow it: tasks let it propagate to the runner, which records nothing for the cell.
+    """
 
 
 class CellContext(Protocol):
@@ -59,7 +69,10 @@ class CellContext(Protocol):
         """The last saved state (loaded with ``weights_only=True``), or None."""
 
     def checkpoint_due(self) -> bool:
-        """True when it is time to checkpoint again (time-based, e.g. every 30 s)."""
+        """True when it is time to checkpoint again (time-based, e.g. every 30 s), and at once
+        when the runner asks the cell to stop: the next ``save_checkpoint`` then saves and
+        raises :class:`CellStopped`. Tasks call it after every step (the shared step loop
+        does)."""
 
     def progress(self, done: int, total: int, **metrics: float) -> None:
         """Report step progress (drives the per-step progress bar)."""

@@ -23,11 +23,37 @@ its own process (no worker pool), each cell trained with DDP over all ranks; onl
 the store, deletes checkpoints and prints progress; a failed cell stops the sweep (a rank that
 died leaves the process group unusable), and the same command resumes it.
 
+Clusters (see the "Running on a cluster" guide, ``bgnorm docs cluster``):
+
+* **One cell, one runner.** Before training a cell the runner claims it with a
+  :class:`~bgnorm.repro.store.CellLock` in its folder; a heartbeat thread renews the claims'
+  leases. Several runners on one directory (a requeued job while the old copy still runs, the
+  same command started twice) train different cells; a cell held by another runner is skipped
+  and come back to at the end: this runner *waits* until it is recorded (or its holder stops or
+  dies, and it takes the cell over), so that a command that exits 0 has every cell of its shard
+  recorded. A lock whose holder died (same host: its pid is gone) or whose lease expired (other
+  hosts) is taken over, and the cell resumes from its checkpoint.
+* **Graceful preemption.** SIGTERM or SIGINT: no new cell starts, each running cell is asked
+  to checkpoint at its next step and stop (``ctx.checkpoint_due()`` becomes True, then
+  ``ctx.save_checkpoint`` raises :class:`~bgnorm.repro.api.CellStopped`), the runner waits up
+  to ``grace_seconds`` for them, records nothing half-done, prints the command that resumes
+  the sweep and raises :class:`SweepPreempted` (``bgnorm reproduce`` exits with
+  :data:`EXIT_PREEMPTED` = 75, EX_TEMPFAIL). A second signal stops at once.
+* **No orphans.** Workers die with the runner, whatever killed it (Linux: a parent-death signal
+  set with ``prctl``; elsewhere and as a fallback: a thread polling the parent's pid).
+* **Disk faults.** A full disk or an unwritable directory while writing a record or a
+  checkpoint stops the sweep with one :class:`~bgnorm.repro.store.DiskFaultError` naming the
+  file and the fix (exit status 74); finished records are kept. Checkpoints carry their size
+  and SHA-256; a damaged one is moved aside with a log line and the cell resumes from the
+  previous good checkpoint (kept as ``checkpoint.prev.pt``) or restarts from step 0.
+
+Distributed runs (``torchrun``) take no cell locks and keep the default signal handling: run one
+distributed command per directory.
+
 Before the first cell starts, :func:`check_environment` checks what every cell needs (the
 ``[repro]`` extra installed, the device available, each task's data present and well-formed:
 :attr:`Task.check <bgnorm.repro.api.Task>`) and raises one ``ValueError`` naming the
-problem and the fix, instead of one traceback per failed cell. Ctrl-C stops the sweep with
-:class:`SweepInterrupted` after printing how to resume it.
+problem and the fix, instead of one traceback per failed cell.
 
 Shards: ``shard=(i, n)`` takes every n-th cell of the full grid (in grid order, starting at the
 i-th), writes ``results-shard-i-of-n.jsonl``, and skips cells any store in ``DIR`` already has;
@@ -36,12 +62,17 @@ i-th), writes ``results-shard-i-of-n.jsonl``, and skips cells any store in ``DIR
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import importlib.util
+import io
 import multiprocessing as mp
 import os
 import queue as queue_mod
 import shutil
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -54,17 +85,31 @@ from typing import Any
 import torch
 
 from . import dist as _dist
-from .api import Diverged, Record, Task
+from .api import CellStopped, Diverged, Record, Task
 from .report import curves_section, training_problem, write_report
-from .store import ResultStore, cell_id, read_records, run_meta, store_path
+from .store import (
+    DISK_ERRNOS,
+    CellLock,
+    DiskFaultError,
+    ResultStore,
+    cell_id,
+    describe_holder,
+    disk_fault,
+    read_records,
+    run_meta,
+    store_path,
+)
 from .tasks.base import TASKS, get_task
 
 __all__ = [
+    "EXIT_DISK_FAULT",
+    "EXIT_PREEMPTED",
     "REPRO_MODULES",
     "LocalCellContext",
     "RunOptions",
     "RunSummary",
     "SweepInterrupted",
+    "SweepPreempted",
     "available_cores",
     "check_environment",
     "missing_modules",
@@ -75,6 +120,15 @@ __all__ = [
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+#: The checkpoint before the last one, kept so that a damaged last one costs little.
+PREVIOUS_CHECKPOINT_NAME = "checkpoint.prev.pt"
+#: Exit status of a sweep stopped by SIGTERM/SIGINT (EX_TEMPFAIL): resumable, requeue it.
+EXIT_PREEMPTED = 75
+#: Exit status of a sweep stopped by a full disk or an unwritable directory (EX_IOERR).
+EXIT_DISK_FAULT = 74
+# A checkpoint file is torch.save's bytes followed by this trailer: magic, size, SHA-256.
+_TRAILER_MAGIC = b"BGNCKPT1"
+_TRAILER_SIZE = len(_TRAILER_MAGIC) + 8 + 32
 #: The modules of the ``[repro]`` extra: import name -> the package that installs it.
 REPRO_MODULES = {"matplotlib": "matplotlib", "mlxtend": "mlxtend", "sklearn": "scikit-learn",
                  "tqdm": "tqdm", "PIL": "pillow"}
@@ -82,6 +136,16 @@ REPRO_MODULES = {"matplotlib": "matplotlib", "mlxtend": "mlxtend", "sklearn": "s
 
 class SweepInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped a sweep; :func:`run_sweep` has printed how to resume it."""
+
+
+class SweepPreempted(SweepInterrupted):
+    """A SIGTERM or SIGINT stopped a sweep gracefully: the running cells checkpointed (within
+    the grace period), nothing half-done was recorded, and :func:`run_sweep` has printed the
+    command that resumes it. ``bgnorm reproduce`` exits with :data:`EXIT_PREEMPTED`."""
+
+
+class _StopNow(BaseException):
+    """A second signal (or the grace period's end in a one-process sweep): stop at once."""
 
 
 def available_cores() -> int:
@@ -110,6 +174,11 @@ class LocalCellContext:
     >>> ctx.load_checkpoint()["step"]
     3
 
+    A checkpoint file is ``torch.save``'s bytes followed by their size and SHA-256; the one
+    before it is kept as ``checkpoint.prev.pt``. :meth:`load_checkpoint` checks both, moves a
+    damaged file aside (``*.corrupt``) with a log line and falls back to the previous good
+    checkpoint, or to None (the cell restarts from step 0).
+
     Args:
         cell_id, config, device: as in the protocol.
         workdir: the cell's scratch directory (created when first needed).
@@ -117,6 +186,9 @@ class LocalCellContext:
         reporter: ``reporter(kind, cell_id, payload)`` receives ``"progress"`` (dict with
             ``done``, ``total`` and metrics) and ``"log"`` (str) events; progress is throttled
             to ``progress_seconds``.
+        stop: ``stop() -> bool``: True once the runner asks the cell to stop (a SIGTERM); then
+            :meth:`checkpoint_due` is True and the next :meth:`save_checkpoint` saves and
+            raises :class:`~bgnorm.repro.api.CellStopped`.
     """
 
     def __init__(
@@ -128,6 +200,7 @@ class LocalCellContext:
         checkpoint_seconds: float = 60.0,
         reporter: Callable[[str, str, Any], None] | None = None,
         progress_seconds: float = 0.25,
+        stop: Callable[[], bool] | None = None,
     ) -> None:
         self.cell_id = cell_id
         self.config = config
@@ -136,10 +209,9 @@ class LocalCellContext:
         self.checkpoint_seconds = float(checkpoint_seconds)
         self.reporter = reporter
         self.progress_seconds = progress_seconds
+        self.stop = stop
         self._last_save = time.monotonic()
         self._last_progress = 0.0
-        self._parent = os.getppid()
-        self._watch_parent = False
         #: False on the non-zero ranks of a distributed run: saving is a no-op there.
         self.writable = True
 
@@ -148,37 +220,81 @@ class LocalCellContext:
         """Where the checkpoint lives."""
         return self.workdir / CHECKPOINT_NAME
 
+    def stop_requested(self) -> bool:
+        """True once the runner asked this cell to checkpoint and stop."""
+        return self.stop is not None and bool(self.stop())
+
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        """Atomically replace the checkpoint with ``state`` (temp file, fsync, os.replace)."""
-        if not self.writable:
-            self._last_save = time.monotonic()
-            return
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        tmp = self.workdir / f".{CHECKPOINT_NAME}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.checkpoint_path)
-        try:  # make the rename itself durable
-            dfd = os.open(self.workdir, os.O_RDONLY)
+        """Atomically replace the checkpoint with ``state`` (temp file, fsync, os.replace; the
+        previous one becomes ``checkpoint.prev.pt``).
+
+        Raises :class:`~bgnorm.repro.store.DiskFaultError` when the disk is full or the
+        directory unwritable, and :class:`~bgnorm.repro.api.CellStopped` after the save when
+        the runner asked the cell to stop.
+        """
+        if self.writable:
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            payload = buffer.getvalue()
+            trailer = (_TRAILER_MAGIC + len(payload).to_bytes(8, "little")
+                       + hashlib.sha256(payload).digest())
+            tmp = self.workdir / f".{CHECKPOINT_NAME}.{os.getpid()}.tmp"
             try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:  # pragma: no cover - e.g. platforms without directory fds
-            pass
+                self.workdir.mkdir(parents=True, exist_ok=True)
+                with open(tmp, "wb") as fh:
+                    fh.write(payload)
+                    fh.write(trailer)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                if self.checkpoint_path.is_file():
+                    os.replace(self.checkpoint_path, self.workdir / PREVIOUS_CHECKPOINT_NAME)
+                os.replace(tmp, self.checkpoint_path)
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)  # a partial file only takes the space it lacks
+                if exc.errno in DISK_ERRNOS:
+                    raise disk_fault(exc, self.checkpoint_path,
+                                     f"the checkpoint of cell {self.cell_id}") from exc
+                raise
+            try:  # make the rename itself durable
+                dfd = os.open(self.workdir, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            except OSError:  # pragma: no cover - e.g. platforms without directory fds
+                pass
         self._last_save = time.monotonic()
+        if self.stop_requested():
+            raise CellStopped(f"cell {self.cell_id} checkpointed and stopped on request")
 
     def load_checkpoint(self) -> dict[str, Any] | None:
-        """The last checkpoint (``weights_only=True``, tensors on the CPU), or None."""
-        if not self.checkpoint_path.is_file():
-            return None
-        return torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        """The last good checkpoint (``weights_only=True``, tensors on the CPU), or None."""
+        previous = self.workdir / PREVIOUS_CHECKPOINT_NAME
+        for path in (self.checkpoint_path, previous):
+            if not path.is_file():
+                continue
+            state, problem = _read_checkpoint(path)
+            if state is not None:
+                if path == previous:
+                    self.log(f"resuming from the previous checkpoint {path}")
+                return state
+            fallback = ("resuming from the previous checkpoint"
+                        if path != previous and previous.is_file()
+                        else "the cell restarts from step 0")
+            self.log(f"the checkpoint {path} is damaged ({problem}); moved to "
+                     f"{path.name}.corrupt, {fallback}")
+            if self.writable:
+                try:
+                    os.replace(path, path.with_name(path.name + ".corrupt"))
+                except OSError:  # pragma: no cover - e.g. a read-only directory
+                    pass
+        return None
 
     def checkpoint_due(self) -> bool:
-        """True once ``checkpoint_seconds`` have passed since the last save (or the start)."""
-        self._check_parent()
+        """True once ``checkpoint_seconds`` have passed since the last save (or the start), or
+        once the runner asked the cell to stop."""
+        if self.stop_requested():
+            return True
         return time.monotonic() - self._last_save >= self.checkpoint_seconds
 
     def progress(self, done: int, total: int, **metrics: float) -> None:
@@ -196,11 +312,29 @@ class LocalCellContext:
         if self.reporter is not None:
             self.reporter("log", self.cell_id, message)
 
-    def _check_parent(self) -> None:
-        # A worker whose runner was killed (kill -9) stops instead of training on as an orphan;
-        # the rerun resumes its cell from the last checkpoint.
-        if self._watch_parent and os.getppid() != self._parent:
-            os._exit(3)
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """``(state, "")`` for a good checkpoint file, ``(None, what is wrong)`` for a damaged one."""
+    data = path.read_bytes()
+    if len(data) >= _TRAILER_SIZE and data[-_TRAILER_SIZE:][:len(_TRAILER_MAGIC)] == \
+            _TRAILER_MAGIC:
+        trailer = data[-_TRAILER_SIZE:]
+        size = int.from_bytes(trailer[len(_TRAILER_MAGIC):len(_TRAILER_MAGIC) + 8], "little")
+        payload = data[:-_TRAILER_SIZE]
+        if size != len(payload):
+            return None, f"{len(payload)} bytes where {size} were written"
+        if hashlib.sha256(payload).digest() != trailer[-32:]:
+            return None, "its SHA-256 does not match"
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True), ""
+    if _TRAILER_MAGIC in data[-2 * _TRAILER_SIZE:]:
+        return None, "its size and checksum trailer is cut"
+    # No trailer: written by an older version of the suite (no checksum then), or cut before
+    # the trailer: then torch.load finds the zip archive incomplete (or, cut exactly at the
+    # trailer, whole).
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), ""
+    except Exception as exc:  # a truncated zip, garbage: whatever torch.load says
+        return None, f"no size and checksum, and torch.load fails: {type(exc).__name__}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,12 +448,45 @@ def check_environment(cells: Sequence[tuple[str, Mapping[str, Any]]],
 # --------------------------------------------------------------------------------------------
 
 _QUEUE: Any = None
+_STOP: Any = None  # the runner's stop event (shared by all workers)
+_LOCAL_STOP = threading.Event()  # a SIGTERM sent to this worker itself
+_PR_SET_PDEATHSIG = 1
 
 
-def _init_worker(threads: int, q: Any) -> None:
-    global _QUEUE
-    _QUEUE = q
+def _init_worker(threads: int, q: Any, stop: Any = None, parent: int | None = None) -> None:
+    global _QUEUE, _STOP
+    _QUEUE, _STOP = q, stop
+    if parent is not None:
+        _die_with_parent(parent)
+    # Ctrl-C reaches the whole process group: the runner decides what the workers do.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A SIGTERM sent to a worker itself (a scheduler signalling every process of the job):
+    # checkpoint the cell at its next step and stop it, as the runner would ask.
+    signal.signal(signal.SIGTERM, lambda signum, frame: _LOCAL_STOP.set())
     torch.set_num_threads(threads)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Make this worker exit when the runner (pid ``parent``) dies, whatever killed it."""
+    if sys.platform.startswith("linux"):
+        try:  # the kernel kills this process when its parent exits
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover - no prctl: the thread below
+            pass
+    if os.getppid() != parent:  # the runner died before the line above
+        os._exit(3)
+    # Elsewhere (and as a second line of defence): poll the parent's pid. An idle worker
+    # blocks in the pool's queue, whose write end it holds itself, so it would never see EOF.
+    threading.Thread(target=_watch_parent, args=(parent,), name="bgnorm-parent-watch",
+                     daemon=True).start()
+
+
+def _watch_parent(parent: int, interval: float = 0.5) -> None:
+    while True:
+        time.sleep(interval)
+        if os.getppid() != parent:
+            os._exit(3)
 
 
 def _queue_reporter(kind: str, cid: str, payload: Any) -> None:
@@ -331,14 +498,17 @@ def _queue_reporter(kind: str, cid: str, payload: Any) -> None:
 
 
 def _execute(job: dict[str, Any], reporter: Callable[[str, str, Any], None] | None,
-             watch_parent: bool) -> dict[str, Any]:
-    """Run one cell; returns ``{status, result, seconds}`` (status "ok"/"diverged"/"failed")."""
+             stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Run one cell; returns ``{status, result, seconds}``: status "ok"/"diverged"/"failed",
+    "stopped" (checkpointed on request), "not started" (a stop came first) or "disk" (a
+    :class:`~bgnorm.repro.store.DiskFaultError`, its message in ``error``)."""
+    if stop is not None and stop():
+        return {"status": "not started"}
     config = job["config"]
     ctx = LocalCellContext(
         job["cell_id"], config, torch.device(job["device"]), job["workdir"],
-        job["checkpoint_seconds"], reporter,
+        job["checkpoint_seconds"], reporter, stop=stop,
     )
-    ctx._watch_parent = watch_parent
     env = _dist.active()
     ctx.writable = env is None or env.is_main
     if reporter is not None:
@@ -347,9 +517,13 @@ def _execute(job: dict[str, Any], reporter: Callable[[str, str, Any], None] | No
     try:
         result = get_task(config["task"]).run(config, ctx)
         status = "ok"
+    except CellStopped:
+        return {"status": "stopped", "seconds": time.perf_counter() - t0}
     except Diverged as exc:
         result = {"error": str(exc), **exc.partial}
         status = "diverged"
+    except DiskFaultError as exc:
+        return {"status": "disk", "error": str(exc), "seconds": time.perf_counter() - t0}
     except Exception:  # reported by the parent; the sweep goes on
         return {"status": "failed", "error": traceback.format_exc(),
                 "seconds": time.perf_counter() - t0}
@@ -357,8 +531,12 @@ def _execute(job: dict[str, Any], reporter: Callable[[str, str, Any], None] | No
             "threads": torch.get_num_threads()}
 
 
+def _worker_stop() -> bool:
+    return _LOCAL_STOP.is_set() or (_STOP is not None and _STOP.is_set())
+
+
 def _worker_main(job: dict[str, Any]) -> dict[str, Any]:
-    return _execute(job, _queue_reporter, watch_parent=True)
+    return _execute(job, _queue_reporter, _worker_stop)
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,7 +622,13 @@ class _Display:
 
 @dataclass
 class RunOptions:
-    """What ``bgnorm reproduce`` asks for (see :func:`run_sweep`)."""
+    """What ``bgnorm reproduce`` asks for (see :func:`run_sweep`).
+
+    ``grace_seconds``: after a SIGTERM/SIGINT, how long the running cells get to checkpoint
+    and stop. ``lease_seconds``: how long a cell's lock stays valid without a heartbeat (other
+    hosts take the cell over after that). ``resume_command``: the command line printed when a
+    signal stops the sweep.
+    """
 
     tasks: list[str]
     preset: str
@@ -457,6 +641,9 @@ class RunOptions:
     checkpoint_seconds: float = 60.0
     progress: bool = True
     keep_checkpoints: bool = False
+    grace_seconds: float = 20.0
+    lease_seconds: float = 120.0
+    resume_command: str | None = None
 
 
 @dataclass
@@ -474,6 +661,12 @@ class RunSummary:
     #: cells recorded from another cell's training run (the same computation, see
     #: :func:`same_run_key`), counted in ``finished``/``diverged`` too
     shared: int = 0
+    #: Cells another runner on the same directory recorded while this one ran.
+    recorded_elsewhere: int = 0
+    #: Cells whose lock this runner took over from a runner that died or stopped renewing it.
+    taken_over: int = 0
+    #: Cells checkpointed and stopped by a signal (they resume on the next run).
+    stopped: int = 0
 
     @property
     def ok(self) -> bool:
@@ -529,18 +722,182 @@ def _same_run_plan(
     return train, followers, copies
 
 
+class _Stop:
+    """The runner's stop state: set by the first SIGTERM/SIGINT (or a disk fault)."""
+
+    def __init__(self, event: Any, grace_seconds: float) -> None:
+        self.event = event  # threading.Event, or a multiprocessing Event the workers share
+        self.grace_seconds = float(grace_seconds)
+        self.reason: str | None = None
+        self.deadline = float("inf")
+        self.signals = 0
+
+    @property
+    def requested(self) -> bool:
+        return self.reason is not None
+
+    def request(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            self.deadline = time.monotonic() + self.grace_seconds
+            self.event.set()
+
+
+class _Cells:
+    """Hands out this runner's cells: claims each before it runs, skips the ones another runner
+    holds and comes back to them at the end, renews the held claims (the heartbeat)."""
+
+    def __init__(self, order: Sequence[str], out: Path, labels: Mapping[str, str],
+                 lease_seconds: float, claims: bool, say: Callable[[str], None],
+                 summary: RunSummary) -> None:
+        self.queue = list(order)
+        self.out = out
+        self.labels = labels
+        self.lease_seconds = float(lease_seconds)
+        self.claims = claims
+        self.say = say
+        self.summary = summary
+        self.held_elsewhere: dict[str, dict[str, Any] | None] = {}
+        self.locks: dict[str, CellLock] = {}
+        self._guard = threading.Lock()
+        self._halt = threading.Event()
+        self._heart: threading.Thread | None = None
+        self._waiting_said = 0.0
+        # How often to look again at cells held by other runners.
+        self.poll_seconds = max(0.05, min(2.0, self.lease_seconds / 8))
+
+    def pending(self) -> bool:
+        return bool(self.queue or self.held_elsewhere)
+
+    def _recorded(self) -> set[str]:
+        return {r.cell_id for r in read_records(self.out)}
+
+    def _claim(self, cid: str) -> bool:
+        lock = CellLock(self.out / "cells" / cid, self.lease_seconds)
+        try:
+            acquired = lock.acquire()
+        except OSError as exc:
+            if exc.errno in DISK_ERRNOS:
+                raise disk_fault(exc, lock.path, f"the lock of cell {cid}") from exc
+            raise
+        if not acquired:
+            if cid not in self.held_elsewhere:
+                self.say(f"{self.labels[cid]}: held by {describe_holder(lock.holder)}; "
+                         "coming back to it at the end")
+            self.held_elsewhere[cid] = lock.holder
+            return False
+        # Recorded by another runner just before its lock went: nothing to train.
+        if cid in self._recorded():
+            lock.release()
+            self.summary.recorded_elsewhere += 1
+            try:
+                lock.folder.rmdir()
+            except OSError:
+                pass
+            return False
+        if lock.took_over is not None:
+            self.summary.taken_over += 1
+            self.say(f"{self.labels[cid]}: took over the lock of "
+                     f"{describe_holder(lock.took_over)} (its holder is gone)")
+        with self._guard:
+            self.locks[cid] = lock
+        return True
+
+    def next(self) -> str | None:
+        """The next cell this runner now holds, or None when none is free right now."""
+        if not self.claims:
+            return self.queue.pop(0) if self.queue else None
+        done = self._recorded() if self.queue else set()
+        while self.queue:
+            cid = self.queue.pop(0)
+            if cid in done:
+                self.summary.recorded_elsewhere += 1
+                continue
+            if self._claim(cid):
+                return cid
+        if self.held_elsewhere:  # at the end: the cells other runners held
+            done = self._recorded()
+            for cid in list(self.held_elsewhere):
+                if cid in done:
+                    del self.held_elsewhere[cid]
+                    self.summary.recorded_elsewhere += 1
+                elif self._claim(cid):
+                    del self.held_elsewhere[cid]
+                    return cid
+        return None
+
+    def wait(self, stop: _Stop) -> None:
+        """Wait a little for the cells other runners hold (saying so now and then)."""
+        now = time.monotonic()
+        if now - self._waiting_said > 300:
+            self._waiting_said = now
+            holders = sorted({describe_holder(h) for h in self.held_elsewhere.values()})
+            self.say(f"waiting for {len(self.held_elsewhere)} cell(s) held by other runners "
+                     f"({'; '.join(holders)}): each is skipped once recorded, or taken over "
+                     "if its runner stops or dies")
+        stop.event.wait(self.poll_seconds)
+
+    def done(self, cid: str, removed: bool = False) -> None:
+        """Give up the claim on ``cid`` (``removed``: its folder, lock included, is gone)."""
+        with self._guard:
+            lock = self.locks.pop(cid, None)
+        if lock is not None:
+            lock.forget() if removed else lock.release()
+
+    def release_all(self) -> None:
+        for cid in list(self.locks):
+            self.done(cid)
+
+    def start_heartbeat(self) -> None:
+        if not self.claims:
+            return
+        self._heart = threading.Thread(target=self._beat, name="bgnorm-heartbeat", daemon=True)
+        self._heart.start()
+
+    def stop_heartbeat(self) -> None:
+        self._halt.set()
+        if self._heart is not None:
+            self._heart.join(5)
+
+    def _beat(self) -> None:
+        interval = max(0.02, self.lease_seconds / 4)
+        while not self._halt.wait(interval):
+            with self._guard:
+                held = list(self.locks.items())
+            for cid, lock in held:
+                try:
+                    if lock.renew():
+                        continue
+                except OSError:  # a full disk: keep the lease if we can, try again later
+                    continue
+                if lock.held:
+                    lock.forget()
+                    self.say(f"{self.labels[cid]}: lost its lock (taken over after this runner "
+                             "did not renew it within --lease-seconds); whichever runner "
+                             "finishes it first records it, once")
+
+
 def run_sweep(options: RunOptions) -> RunSummary:
     """Run (or resume) the sweep described by ``options``; returns a :class:`RunSummary`.
 
-    Records go to ``store_path(out_dir, shard)``; checkpoints to ``out_dir/cells/<id>/`` (deleted
-    once the cell is recorded unless ``keep_checkpoints``).
+    Records go to ``store_path(out_dir, shard)``; checkpoints and the cells' locks to
+    ``out_dir/cells/<id>/`` (deleted once the cell is recorded unless ``keep_checkpoints``).
+
+    Raises:
+        SweepPreempted: a SIGTERM/SIGINT stopped the sweep (the resume command is printed).
+        DiskFaultError: a full disk or an unwritable directory (finished records are kept).
     """
     t_start = time.perf_counter()
     env = _dist.active()
     main = env is None or env.is_main
     out = Path(options.out_dir)
     if main:  # other ranks never write files
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            if exc.errno in DISK_ERRNOS:
+                raise disk_fault(exc, out, "the run directory") from exc
+            raise
     cells = plan_cells(options.tasks, options.preset, options.overrides)
     mine = select_shard(cells, options.shard)
     stored = read_records(out) if main else []
@@ -605,6 +962,17 @@ def run_sweep(options: RunOptions) -> RunSummary:
         }
         for cid, cfg in todo
     }
+    # Locks and graceful signals for a runner of its own; a distributed run is one runner
+    # spread over ranks that must train the same cells in the same order: neither.
+    own = env is None
+    pool_mode = own and jobs > 1 and bool(jobs_spec)
+    mp_ctx = mp.get_context("spawn") if pool_mode else None
+    stop = _Stop(mp_ctx.Event() if mp_ctx is not None else threading.Event(),
+                 options.grace_seconds)
+    handout = _Cells(list(jobs_spec), out, {c: s["label"] for c, s in jobs_spec.items()},
+                     options.lease_seconds, claims=own and main, say=display.write,
+                     summary=summary)
+    fault: list[DiskFaultError] = []
 
     def record_same_run(cid: str, cfg: dict[str, Any], source: Record) -> None:
         """Record ``cid`` with the outcome of ``source``, the same training run."""
@@ -627,7 +995,18 @@ def run_sweep(options: RunOptions) -> RunSummary:
     def record(cid: str, outcome: dict[str, Any]) -> None:
         cfg = jobs_spec[cid]["config"]
         label = jobs_spec[cid]["label"]
-        if outcome["status"] == "failed":
+        status = outcome["status"]
+        if status in ("stopped", "not started"):
+            summary.stopped += status == "stopped"
+            handout.done(cid)
+            return
+        if status == "disk":
+            handout.done(cid)
+            fault.append(DiskFaultError(0, outcome["error"], jobs_spec[cid]["workdir"]))
+            stop.request("a disk fault")
+            return
+        if status == "failed":
+            handout.done(cid)
             summary.failed.append((label, outcome["error"]))
             if env is not None and not main:
                 print(f"rank {env.rank}: FAILED {label}\n{outcome['error']}", file=sys.stderr,
@@ -637,13 +1016,13 @@ def run_sweep(options: RunOptions) -> RunSummary:
             return
         if not main:
             for _ in range(1 + len(followers.get(cid, ()))):
-                if outcome["status"] == "ok":
+                if status == "ok":
                     summary.finished += 1
                 else:
                     summary.diverged += 1
             return
         rec = Record(
-            cell_id=cid, config=cfg, status=outcome["status"], result=outcome["result"],
+            cell_id=cid, config=cfg, status=status, result=outcome["result"],
             seconds=float(outcome["seconds"]),
             meta=run_meta(device=str(device), threads=outcome.get("threads", threads),
                           jobs=jobs, preset=options.preset, shard=options.shard),
@@ -651,9 +1030,23 @@ def run_sweep(options: RunOptions) -> RunSummary:
         if env is not None:
             rec.meta["world_size"] = env.world_size
             rec.meta["sync_norm"] = env.sync_norm
-        store.append(rec)
-        if not options.keep_checkpoints:
+        try:
+            appended = store.append(rec)
+        except DiskFaultError as exc:  # its checkpoint stays: the rerun records it quickly
+            handout.done(cid)
+            fault.append(exc)
+            stop.request("a disk fault")
+            return
+        # The record is durable before the lock goes (with the folder): a runner that claims
+        # the cell after this sees the record.
+        if options.keep_checkpoints:
+            handout.done(cid)
+        else:
             shutil.rmtree(out / "cells" / cid, ignore_errors=True)
+            handout.done(cid, removed=True)
+        if not appended:  # another runner recorded it first (its lock was lost, see _beat)
+            summary.recorded_elsewhere += 1
+            return
         if rec.status == "ok":
             summary.finished += 1
             acc = rec.result.get("acc")
@@ -667,15 +1060,25 @@ def run_sweep(options: RunOptions) -> RunSummary:
         for fcid, fcfg in followers.get(cid, ()):
             record_same_run(fcid, fcfg, rec)
 
+    restore = _install_signal_handlers(stop, inline=not pool_mode) if own else None
+    handout.start_heartbeat()
+    stopped_now = False
     try:
-        if jobs == 1:
+        if not pool_mode:
             prev = torch.get_num_threads()
             torch.set_num_threads(threads)
             try:
                 reporter = ((lambda k, c, p: display.event(k, os.getpid(), c, p))
                             if main else None)
-                for cid in jobs_spec:
-                    outcome = _execute(jobs_spec[cid], reporter, watch_parent=False)
+                while not stop.requested:
+                    cid = handout.next()
+                    if cid is None:
+                        if not handout.pending():
+                            break
+                        handout.wait(stop)
+                        continue
+                    outcome = _execute(jobs_spec[cid], reporter,
+                                       stop.event.is_set if own else None)
                     record(cid, outcome)
                     if env is not None and outcome["status"] == "failed":
                         print(f"rank {env.rank}: stopping the sweep after a failed cell (if a "
@@ -684,45 +1087,124 @@ def run_sweep(options: RunOptions) -> RunSummary:
                         break
             finally:
                 torch.set_num_threads(prev)
-        elif jobs_spec:
-            _run_pool(jobs_spec, jobs, threads, display, record, summary)
-    except KeyboardInterrupt:
+        else:
+            _run_pool(jobs_spec, jobs, threads, display, record, handout, stop, mp_ctx)
+    except _StopNow:
+        stopped_now = True
+    except KeyboardInterrupt:  # no handler installed (a distributed run, another thread)
         display.close()
         print(f"\ninterrupted: {summary.finished + summary.diverged} cells recorded; run the "
               "same command again to resume", file=sys.stderr)
         raise SweepInterrupted() from None
+    finally:
+        handout.stop_heartbeat()
+        handout.release_all()
+        if restore is not None:
+            restore()
     display.close()
     summary.seconds = time.perf_counter() - t_start
+    if fault:
+        raise fault[0]
+    if stop.requested:
+        resume = options.resume_command or "the same command"
+        how = ("at once, without waiting for the running cells" if stopped_now else
+               f"{summary.stopped} running cell(s) checkpointed")
+        print(f"\nstopped by {stop.reason} ({how}): {summary.finished + summary.diverged} "
+              "cells recorded in this run, nothing half-done recorded; resume with:\n"
+              f"  {resume}", file=sys.stderr, flush=True)
+        raise SweepPreempted()
     return summary
 
 
+def _install_signal_handlers(stop: _Stop, inline: bool) -> Callable[[], None] | None:
+    """SIGTERM/SIGINT -> ``stop.request``; a second one -> :class:`_StopNow`. In a one-process
+    sweep (``inline``) an alarm raises :class:`_StopNow` when the grace period ends. Returns
+    the function that restores the previous handlers (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.signals += 1
+        name = signal.Signals(signum).name
+        if stop.signals > 1:
+            raise _StopNow(name)
+        stop.request(name)
+        os.write(2, (f"\nbgnorm: {name}: no new cells; the running ones checkpoint at their "
+                     f"next step (up to {stop.grace_seconds:g} s, --grace-seconds); a second "
+                     "signal stops at once\n").encode())
+        if inline and hasattr(signal, "setitimer"):
+            signal.setitimer(signal.ITIMER_REAL, max(stop.grace_seconds, 0.001))
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        if stop.requested:
+            raise _StopNow("the grace period's end")
+
+    wanted = [signal.SIGTERM, signal.SIGINT]
+    if inline and hasattr(signal, "SIGALRM"):
+        wanted.append(signal.SIGALRM)
+    previous = {}
+    for sig in wanted:
+        previous[sig] = signal.signal(sig, on_alarm if sig == getattr(signal, "SIGALRM", None)
+                                      else on_signal)
+
+    def restore() -> None:
+        if inline and hasattr(signal, "setitimer"):
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
+
+
 def _run_pool(jobs_spec: dict[str, dict[str, Any]], jobs: int, threads: int, display: _Display,
-              record: Callable[[str, dict[str, Any]], None], summary: RunSummary) -> None:
-    ctx = mp.get_context("spawn")
+              record: Callable[[str, dict[str, Any]], None], handout: _Cells, stop: _Stop,
+              ctx: Any) -> None:
+    """Run the cells in ``jobs`` worker processes, handing each one out only when a worker is
+    free (claimed just before), until all are done or a stop was requested."""
     q = ctx.Queue()
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
-                             initargs=(threads, q)) as pool:
-        futures: dict[Future, str] = {pool.submit(_worker_main, spec): cid
-                                      for cid, spec in jobs_spec.items()}
-        pending = set(futures)
-        try:
-            while pending:
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
+                               initargs=(threads, q, stop.event, os.getpid()))
+    running: dict[Future, str] = {}
+    clean = False
+    try:
+        while True:
+            while not stop.requested and len(running) < jobs:
+                cid = handout.next()
+                if cid is None:
+                    break
+                running[pool.submit(_worker_main, jobs_spec[cid])] = cid
+            if not running:
+                if stop.requested or not handout.pending():
+                    break
+                handout.wait(stop)  # only cells held by other runners are left
+                continue
+            _drain(q, display)
+            finished, _ = wait(running, timeout=0.1, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                cid = running.pop(fut)
+                try:
+                    outcome = fut.result()
+                except BrokenProcessPool as exc:
+                    outcome = {"status": "failed", "error": f"worker process died: {exc}"}
+                except Exception:
+                    outcome = {"status": "failed", "error": traceback.format_exc()}
                 _drain(q, display)
-                finished, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    cid = futures[fut]
-                    try:
-                        outcome = fut.result()
-                    except BrokenProcessPool as exc:
-                        outcome = {"status": "failed", "error": f"worker process died: {exc}"}
-                    except Exception:
-                        outcome = {"status": "failed", "error": traceback.format_exc()}
-                    _drain(q, display)
-                    record(cid, outcome)
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            raise
+                record(cid, outcome)
+            if stop.requested and running and time.monotonic() > stop.deadline:
+                display.write(f"the grace period ({stop.grace_seconds:g} s) is over: stopping "
+                              f"{len(running)} cell(s) at their last checkpoint")
+                break
+        clean = not running
+    finally:
+        if not clean:  # a second signal, the grace period's end, an error: end the workers
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.kill()
+            for cid in running.values():
+                handout.done(cid)
+        pool.shutdown(wait=True, cancel_futures=True)
+        _drain(q, display)
+        q.close()
+        q.join_thread()
 
 
 def _drain(q: Any, display: _Display) -> None:

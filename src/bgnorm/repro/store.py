@@ -14,6 +14,15 @@ Guarantees (tested with ``kill -9``):
 * Appends check the cell id under the lock and never write a second record for the same cell;
   the reader also de-duplicates by cell id (first record wins), e.g. across shard files.
 
+* A full disk, an exhausted quota or an unwritable directory raises one
+  :class:`DiskFaultError` naming the file and the fix; a partly written line is cut off again
+  (the file keeps exactly its finished records).
+
+One cell, one runner: :class:`CellLock` is the claim a runner holds on a cell while it trains
+it (a lock file in the cell's folder, created atomically, with a lease that a heartbeat
+renews), so that several runners on one directory (a requeued job while the first copy still
+runs, the same command started twice) never train the same cell at once.
+
 Cell identity: :func:`cell_id` hashes the canonical JSON of a cell's config, excluding the
 ``"runtime"`` sub-dict (data paths, loader workers: how a cell is run, not what it computes), so
 the same cell run from two machines with different mount points is recognized as the same.
@@ -21,13 +30,16 @@ the same cell run from two machines with different mount points is recognized as
 
 from __future__ import annotations
 
+import errno as errno_mod
 import hashlib
 import json
 import math
 import os
 import re
 import socket
+import threading
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -40,11 +52,17 @@ except ImportError:  # pragma: no cover - platform dependent
     fcntl = None  # type: ignore[assignment]
 
 __all__ = [
+    "DISK_ERRNOS",
+    "LOCK_NAME",
     "RUNTIME_KEY",
     "SCHEMA_VERSION",
+    "CellLock",
+    "DiskFaultError",
     "ResultStore",
     "canonical_json",
     "cell_id",
+    "describe_holder",
+    "disk_fault",
     "jsonable",
     "read_records",
     "run_meta",
@@ -56,6 +74,56 @@ SCHEMA_VERSION = 1
 #: Config key whose value (a dict) is stored but not part of the cell id.
 RUNTIME_KEY = "runtime"
 _STORE_RE = re.compile(r"^results(-shard-\d+-of-\d+)?\.jsonl$")
+#: The errors of a full disk or an unwritable place: :func:`disk_fault` explains them.
+DISK_ERRNOS = frozenset(getattr(errno_mod, name) for name in (
+    "ENOSPC", "EDQUOT", "EFBIG", "EACCES", "EPERM", "EROFS") if hasattr(errno_mod, name))
+_SPACE_ERRNOS = frozenset(getattr(errno_mod, name) for name in ("ENOSPC", "EDQUOT", "EFBIG")
+                          if hasattr(errno_mod, name))
+
+
+class DiskFaultError(OSError):
+    """A file of the run directory could not be written: a full disk or quota, a file-size
+    limit, or a directory this user may not write. ``str()`` names the file and the fix; the
+    sweep stops (exit status 74) and keeps every finished record.
+    """
+
+    def __init__(self, errno: int, message: str, filename: str) -> None:
+        super().__init__(errno, message, filename)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def disk_fault(exc: OSError, path: str | os.PathLike, what: str) -> DiskFaultError:
+    """The :class:`DiskFaultError` for ``exc`` (an ``OSError`` with an errno of
+    :data:`DISK_ERRNOS`) raised while writing ``what`` at ``path``.
+
+    Example:
+        >>> import errno
+        >>> print(disk_fault(OSError(errno.ENOSPC, "No space left on device"),
+        ...                  "/runs/results.jsonl", "the results store"))
+        ... # doctest: +NORMALIZE_WHITESPACE
+        cannot write the results store /runs/results.jsonl: No space left on device (ENOSPC);
+        free space on that filesystem (or raise the quota), or pass --out on a filesystem with
+        room. Every finished cell is kept in the store; run the same command again once fixed
+        (unfinished cells resume from their last good checkpoint)
+    """
+    code = exc.errno or 0
+    name = errno_mod.errorcode.get(code, str(code))
+    reason = exc.strerror or os.strerror(code)
+    if code in _SPACE_ERRNOS:
+        fix = ("free space on that filesystem (or raise the quota), or pass --out on a "
+               "filesystem with room")
+        if code == getattr(errno_mod, "EFBIG", None):
+            fix = "raise the file-size limit (ulimit -f) or " + fix
+    else:
+        fix = ("make that directory writable for this user (e.g. chmod u+w), or pass --out "
+               "on a writable filesystem")
+    message = (f"cannot write {what} {os.fspath(path)}: {reason} ({name}); {fix}. Every "
+               "finished cell is kept in the store; run the same command again once fixed "
+               "(unfinished cells resume from their last good checkpoint)")
+    return DiskFaultError(code, message, os.fspath(path))
 
 
 def jsonable(obj: Any) -> Any:
@@ -230,8 +298,14 @@ class ResultStore:
     def append(self, record: Record) -> bool:
         """Durably append ``record``; False (nothing written) if its cell is already recorded."""
         line = (canonical_json(_record_to_json(record)) + "\n").encode()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if exc.errno in DISK_ERRNOS:
+                raise disk_fault(exc, self.path, "the results store") from exc
+            raise
+        size = None
         try:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX)
@@ -242,9 +316,20 @@ class ResultStore:
                 return False
             if data and not data.endswith(b"\n"):
                 line = b"\n" + line  # terminate a torn line left by a killed writer
-            os.write(fd, line)
+            written = os.write(fd, line)
+            if written != len(line):  # a short write: the disk filled up inside the line
+                raise OSError(errno_mod.ENOSPC, os.strerror(errno_mod.ENOSPC))
             os.fsync(fd)
             return True
+        except OSError as exc:
+            if size is not None:
+                try:  # cut a partly written line off: the file keeps its finished records
+                    os.ftruncate(fd, size)
+                except OSError:  # pragma: no cover - the reader skips a torn line anyway
+                    pass
+            if exc.errno in DISK_ERRNOS:
+                raise disk_fault(exc, self.path, "the results store") from exc
+            raise
         finally:
             os.close(fd)  # also releases the lock
 
@@ -271,3 +356,227 @@ def read_records(out_dir: str | os.PathLike, task: str | None = None) -> list[Re
     if task is not None:
         recs = [r for r in recs if r.config.get("task") == task]
     return recs
+
+
+# --------------------------------------------------------------------------------------------
+# Cell locks: one cell, one runner
+# --------------------------------------------------------------------------------------------
+
+#: The lock file in a cell's folder (``DIR/cells/<cell_id>/``).
+LOCK_NAME = "lock.json"
+_HOST = socket.gethostname()
+# Tokens of the locks held by this process: a lock with this host and pid but another token
+# was left by an earlier sweep of this same process and is stale.
+_LIVE_TOKENS: set[str] = set()
+_LIVE_GUARD = threading.Lock()
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (Linux: clock ticks since boot), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+        return stat[stat.rindex(b")") + 2:].split()[19].decode()
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except OSError:  # pragma: no cover - e.g. platforms without signals
+        return True
+    # The pid is taken, but by the same process? (pids are reused)
+    now = _process_start(pid)
+    return start is None or now is None or now == start
+
+
+class CellLock:
+    """The claim of one runner on one cell: ``lock.json`` in the cell's folder.
+
+    :meth:`acquire` creates the lock atomically (written to a temporary file, then
+    ``os.link``-ed into place, which fails if the lock exists, on local and on NFS
+    filesystems; ``O_CREAT | O_EXCL`` where links are not supported). It holds the holder's
+    host, pid (and the pid's start time, against pid reuse), a random token, the start time
+    and the lease's expiry (``time.time()`` seconds). The holder's heartbeat calls
+    :meth:`renew` well inside the lease. Another runner takes the lock over when its holder is
+    gone: on the same host when the pid no longer runs (``kill -9``, OOM kill); from another
+    host when the lease expired (clocks of the hosts must agree to well inside the lease). The
+    takeover renames the stale lock aside and checks that it moved the lock it judged, so two
+    runners racing for a stale lock cannot both win.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> mine, other = CellLock(folder, 60), CellLock(folder, 60)
+        >>> mine.acquire(), other.acquire()
+        (True, False)
+        >>> other.holder["pid"] == os.getpid() and mine.renew()
+        True
+        >>> mine.release(); other.acquire()
+        True
+
+    Args:
+        folder: the cell's folder (created when needed).
+        lease_seconds: how long the lock stays valid without a renewal.
+    """
+
+    def __init__(self, folder: str | os.PathLike, lease_seconds: float = 120.0) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.lease_seconds = float(lease_seconds)
+        self.token = uuid.uuid4().hex
+        #: The lock of the runner holding the cell, after an :meth:`acquire` that failed.
+        self.holder: dict[str, Any] | None = None
+        #: The stale lock this runner took over in its last :meth:`acquire`, else None.
+        self.took_over: dict[str, Any] | None = None
+        self.held = False
+        self._started = 0.0
+
+    def _content(self) -> bytes:
+        now = time.time()
+        return json.dumps({
+            "host": _HOST, "pid": os.getpid(), "pid_start": _process_start(os.getpid()),
+            "token": self.token, "started": self._started,
+            "expires": now + self.lease_seconds,
+            "lease_seconds": self.lease_seconds,
+        }).encode()
+
+    def _write_tmp(self) -> Path:
+        tmp = self.folder / f".{LOCK_NAME}.{self.token}.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(self._content())
+            fh.flush()
+            os.fsync(fh.fileno())
+        return tmp
+
+    def _create(self) -> bool:
+        tmp = self._write_tmp()
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:  # no hard links here (some filesystems): O_EXCL instead
+            if exc.errno in DISK_ERRNOS:
+                raise
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            try:
+                os.write(fd, tmp.read_bytes())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _read(path: Path) -> bytes | None:
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    @staticmethod
+    def _parse(raw: bytes | None) -> dict[str, Any] | None:
+        try:
+            info = json.loads(raw) if raw else None
+        except ValueError:
+            return None
+        return info if isinstance(info, dict) else None
+
+    def stale(self, info: dict[str, Any] | None, now: float | None = None) -> bool:
+        """Whether a lock with content ``info`` (None: unreadable) may be taken over."""
+        if info is None:
+            return True  # locks are written whole: an unreadable one is damaged
+        now = time.time() if now is None else now
+        try:
+            if info.get("host") == _HOST:
+                pid = int(info["pid"])
+                if pid == os.getpid():
+                    with _LIVE_GUARD:
+                        return info.get("token") not in _LIVE_TOKENS
+                return not _pid_alive(pid, info.get("pid_start"))
+            return float(info["expires"]) < now
+        except (KeyError, TypeError, ValueError):
+            return True
+
+    def acquire(self) -> bool:
+        """Claim the cell; True if this runner now holds it. False: another runner does
+        (:attr:`holder` says which)."""
+        self.holder, self.took_over = None, None
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._started = time.time()
+        for _ in range(5):
+            if self._create():
+                self.held = True
+                with _LIVE_GUARD:
+                    _LIVE_TOKENS.add(self.token)
+                return True
+            raw = self._read(self.path)
+            if raw is None:
+                continue  # released in between: try again
+            info = self._parse(raw)
+            if not self.stale(info):
+                self.holder = info
+                return False
+            aside = self.folder / f".{LOCK_NAME}.{self.token}.stale"
+            try:
+                os.rename(self.path, aside)
+            except FileNotFoundError:
+                continue  # another runner moved it first
+            moved = self._read(aside)
+            if moved != raw:  # not the stale lock we judged: a fresh one, put it back
+                try:
+                    os.link(aside, self.path)
+                except OSError:
+                    pass
+                aside.unlink(missing_ok=True)
+                self.holder = self._parse(moved)
+                return False
+            aside.unlink(missing_ok=True)
+            self.took_over = info or {}
+        self.holder = self._parse(self._read(self.path))
+        return False
+
+    def owned(self) -> bool:
+        """True while the lock file is this runner's."""
+        info = self._parse(self._read(self.path))
+        return self.held and info is not None and info.get("token") == self.token
+
+    def renew(self) -> bool:
+        """Extend the lease (the heartbeat); False if the lock is no longer this runner's (it
+        was taken over after this runner stopped renewing it, or deleted)."""
+        if not self.owned():
+            return False
+        os.replace(self._write_tmp(), self.path)
+        return True
+
+    def release(self) -> None:
+        """Remove the lock if it is still this runner's."""
+        if self.owned():
+            self.path.unlink(missing_ok=True)
+        self.forget()
+
+    def forget(self) -> None:
+        """Stop holding the lock without touching the file (e.g. after removing the folder)."""
+        self.held = False
+        with _LIVE_GUARD:
+            _LIVE_TOKENS.discard(self.token)
+
+
+def describe_holder(info: dict[str, Any] | None) -> str:
+    """``host pid N (lease until HH:MM:SS)`` for a lock's content."""
+    if not info:
+        return "another runner"
+    expires = info.get("expires")
+    until = (time.strftime("%H:%M:%S", time.localtime(float(expires)))
+             if isinstance(expires, (int, float)) else "?")
+    return f"{info.get('host', '?')} pid {info.get('pid', '?')} (lease until {until})"

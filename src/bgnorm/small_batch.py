@@ -65,6 +65,14 @@ def _stats_dtype(input: Tensor) -> torch.dtype:
     return torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
 
 
+def _moments(x: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance over ``dims`` (kept), differentiable: two passes (mean, then
+    the mean square about it). torch.var/var_mean compute the same but on CPU run about 50x
+    slower than a sum (measured: 15 ms against 0.2 ms on 8x64x32x32, one thread)."""
+    mean = x.mean(dim=dims, keepdim=True)
+    return mean, (x - mean).square().mean(dim=dims, keepdim=True)
+
+
 def _channel_shape(input: Tensor) -> tuple[int, ...]:
     """(1, C, 1, ...): a per-channel vector broadcast against ``input``."""
     return (1, -1) + (1,) * (input.dim() - 2)
@@ -232,9 +240,10 @@ class _BatchRenorm(_NormBase):
             return self._grouped(input, e, rm, rv, factor)
         if input.numel() == 0:  # as BatchNorm: empty output, statistics unchanged
             return F.batch_norm(input, rm, rv, self.weight, self.bias, True, factor, self.eps)
-        reduce = [0, *range(2, input.dim())]
         with torch.no_grad():
-            var, mean = torch.var_mean(input.to(_stats_dtype(input)), dim=reduce, correction=0)
+            # torch's own batch-norm statistics kernel: mean and biased variance per channel
+            mean, var = torch.batch_norm_update_stats(input.to(_stats_dtype(input)), None,
+                                                      None, 0.0)
             r, d = self._corrections(mean, var, rm, rv)
         # gamma * ((x - mu_B) / sigma_B * r + d) + beta is BatchNorm's training pass with
         # gamma*r and beta + gamma*d: torch's kernel, forward and backward, in one call (it also
@@ -274,7 +283,7 @@ class _BatchRenorm(_NormBase):
                 "use larger groups or eval mode")
         dtype = _stats_dtype(input)
         x = input.to(dtype).reshape(n // e, e, c, -1)
-        var, mean = torch.var_mean(x, dim=(1, 3), correction=0, keepdim=True)  # (N/e, 1, C, 1)
+        mean, var = _moments(x, (1, 3))  # (N/e, 1, C, 1)
         rstd = (var + self.eps).rsqrt()
         if rm is None or rv is None:
             scale, shift = rstd, -mean * rstd
@@ -493,14 +502,19 @@ class _FilterResponseNorm(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         _check_input(self, input, self._input_dims)
         x = input.to(_stats_dtype(input))
-        square = x.square()
-        nu2 = square.mean(dim=tuple(range(2, x.dim())), keepdim=True) if x.dim() > 2 else square
+        if x.dim() > 2:  # the mean square from the 2-norm: one pass over x
+            dims = tuple(range(2, x.dim()))
+            count = math.prod(x.shape[2:])
+            nu2 = torch.linalg.vector_norm(x, 2, dim=dims, keepdim=True).square() / count
+        else:
+            nu2 = x.square()
         eps: Tensor | float = self.eps
         if self.eps_learned is not None:
             eps = self.eps_learned.abs().to(x.dtype) + self.eps
         shape = _channel_shape(x)
-        y = x * (nu2 + eps).rsqrt() * self.weight.to(x.dtype).view(shape) \
-            + self.bias.to(x.dtype).view(shape)
+        # gamma / sqrt(nu^2 + eps) is (N, C, 1...): one multiply-add over x
+        scale = (nu2 + eps).rsqrt() * self.weight.to(x.dtype).view(shape)
+        y = torch.addcmul(self.bias.to(x.dtype).view(shape), x, scale)
         if self.tau is not None:
             y = torch.maximum(y, self.tau.to(x.dtype).view(shape))
         return y.to(input.dtype)
@@ -639,12 +653,12 @@ class EvoNorm2dS0(nn.Module):
         _check_input(self, input, (4,))
         x = input.to(_stats_dtype(input))
         n = x.shape[0]
-        var = x.reshape(n, self.groups, -1).var(dim=2, correction=0, keepdim=True)
+        var = _moments(x.reshape(n, self.groups, -1), (2,))[1]
         rstd = (var + self.eps).rsqrt().repeat_interleave(self.num_features // self.groups, 1)
         shape = _channel_shape(x)
-        y = x * torch.sigmoid(x * self.v.to(x.dtype).view(shape)) * rstd.unsqueeze(-1)
-        y = y * self.weight.to(x.dtype).view(shape) + self.bias.to(x.dtype).view(shape)
-        return y.to(input.dtype)
+        scale = rstd.unsqueeze(-1) * self.weight.to(x.dtype).view(shape)  # (N, C, 1, 1)
+        numerator = x * torch.sigmoid(x * self.v.to(x.dtype).view(shape))
+        return torch.addcmul(self.bias.to(x.dtype).view(shape), numerator, scale).to(input.dtype)
 
 
 class EvoNorm2dB0(nn.Module):
@@ -733,6 +747,9 @@ class EvoNorm2dB0(nn.Module):
         x = input.to(_stats_dtype(input))
         n, c = x.shape[:2]
         shape = _channel_shape(x)
+        # instance moments (N, C): InstanceNorm's std, and the batch variance from them (the
+        # mean of the variances plus the variance of the means: exact for equal counts)
+        instance_mean, instance_var = _moments(x.reshape(n, c, -1), (2,))
         if self.training:
             e = max(n, 1) if self.examples_per_group is None else self.examples_per_group
             _checks.check_batch_groups(self._describe, input, e)
@@ -744,8 +761,9 @@ class EvoNorm2dB0(nn.Module):
                     f"got input of shape {tuple(input.shape)}"
                     + ("" if self.examples_per_group is None else
                        f" with examples_per_group={e}") + "; use a larger batch or eval mode")
-            xg = x.reshape(n // e, e, c, spatial)
-            var = xg.var(dim=(1, 3), correction=0, keepdim=True)  # (N/e, 1, C, 1)
+            group_means = instance_mean.reshape(n // e, e, c, 1)
+            _, spread = _moments(group_means, (1,))
+            var = instance_var.reshape(n // e, e, c, 1).mean(dim=1, keepdim=True) + spread
             if x.numel() > 0:
                 with torch.no_grad():
                     unbiased = var.detach().mean(dim=0).view(c) * (count / (count - 1))
@@ -754,8 +772,8 @@ class EvoNorm2dB0(nn.Module):
             batch_std = batch_std.reshape(n, c, 1, 1)
         else:
             batch_std = (self.running_var.to(x.dtype) + self.eps).sqrt().view(shape)
-        instance_std = (x.var(dim=(2, 3), correction=0, keepdim=True) + self.eps).sqrt()
-        denominator = torch.maximum(batch_std, x * self.v.to(x.dtype).view(shape) + instance_std)
-        y = x / denominator * self.weight.to(x.dtype).view(shape) \
-            + self.bias.to(x.dtype).view(shape)
-        return y.to(input.dtype)
+        instance_std = (instance_var.unsqueeze(-1) + self.eps).sqrt()  # (N, C, 1, 1)
+        right = torch.addcmul(instance_std, x, self.v.to(x.dtype).view(shape))
+        y = x / torch.maximum(batch_std, right)
+        return torch.addcmul(self.bias.to(x.dtype).view(shape), y,
+                             self.weight.to(x.dtype).view(shape)).to(input.dtype)

@@ -553,3 +553,58 @@ def test_standardize_weights_refuses_parametrized_convs_and_warns_when_nothing_t
         standardize_weights(nn.Sequential(conv))
     with pytest.warns(UserWarning, match="no Conv1d/2d/3d"):
         standardize_weights(nn.Sequential(nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize("affine,bias", [(False, True), (True, False)])
+def test_batch_renorm_without_beta_or_affine_matches_the_paper(affine, bias):
+    torch.manual_seed(0)
+    m = BatchRenorm2d(5, affine=affine, bias=bias, r_max=1.2, d_max=0.1).double()
+    with torch.no_grad():
+        m.running_mean.fill_(0.7)
+        m.running_var.fill_(3.0)
+    if affine:
+        _random_params(m)
+    x = torch.randn(4, 5, 3, 3, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    dy = torch.randn_like(x)
+    y = m(x)
+    rm, rv = torch.full((5,), 0.7, dtype=torch.float64), torch.full((5,), 3.0, dtype=torch.float64)
+    params = [p for p in (m.weight, m.bias) if p is not None]
+    ref = [t.detach().clone().requires_grad_() for t in (x, *params)]
+    gamma = ref[1] if affine else None
+    beta = ref[2] if affine and bias else None
+    yr = brn_ref(ref[0], gamma, beta, rm, rv, 1.2, 0.1, 1e-5)[0]
+    torch.testing.assert_close(y, yr, **TOL)
+    for a, b in zip(_grads(y, dy, [x, *params]), _grads(yr, dy, ref)):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_update_bn_recomputes_batch_renorm_and_evonorm_b0_statistics():
+    """bgnorm.update_bn (SWA): the running statistics become the average over the loader's
+    batches of the batch mean and unbiased variance (EvoNorm-B0: variance only)."""
+    torch.manual_seed(0)
+    batches = [torch.randn(4, 3, 2, 2, dtype=torch.float64) * (i + 1) + i for i in range(3)]
+    means = torch.stack([b.mean(dim=(0, 2, 3)) for b in batches]).mean(0)
+    variances = torch.stack([b.var(dim=(0, 2, 3)) for b in batches]).mean(0)  # unbiased
+    for layer in (BatchRenorm2d(3, momentum=0.3), EvoNorm2dB0(3, momentum=0.3)):
+        net = nn.Sequential(layer).double().eval()
+        bgnorm.update_bn(batches, net)
+        torch.testing.assert_close(layer.running_var, variances, **TOL)
+        if isinstance(layer, BatchRenorm2d):
+            torch.testing.assert_close(layer.running_mean, means, **TOL)
+            assert int(layer.num_batches_tracked) == 3
+        assert not net.training and layer.momentum == 0.3 and not layer._forward_pre_hooks
+
+
+@pytest.mark.parametrize("make", [lambda: BatchRenorm2d(8), lambda: BatchRenorm2d(
+    8, examples_per_group=2), lambda: FilterResponseNorm2d(8, learnable_eps=True),
+    lambda: EvoNorm2dS0(8, groups=4), lambda: EvoNorm2dB0(8), lambda: StdConv2d(8, 8, 3)])
+def test_dynamo_traces_a_full_graph(make):
+    torch.manual_seed(0)
+    m, ref = make(), make()
+    ref.load_state_dict(m.state_dict())
+    compiled = torch.compile(m, backend="eager", fullgraph=True)
+    x = torch.randn(4, 8, 5, 5)
+    torch.testing.assert_close(compiled(x), ref(x))
+    m.eval(), ref.eval()
+    torch.testing.assert_close(compiled(x), ref(x))

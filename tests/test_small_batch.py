@@ -608,3 +608,26 @@ def test_dynamo_traces_a_full_graph(make):
     torch.testing.assert_close(compiled(x), ref(x))
     m.eval(), ref.eval()
     torch.testing.assert_close(compiled(x), ref(x))
+
+
+@pytest.mark.parametrize("spec", [
+    {"name": "brn", "batch_size": 2, "workers": 2}, {"name": "frn"},
+    {"name": "evonorm_s0", "num_groups": 4}, {"name": "evonorm_b0", "batch_size": 2, "workers": 2},
+    {"name": "gn", "num_groups": 4, "weight_standardization": True},
+    {"name": "bgn", "batch_size": 4, "num_groups": 8, "weight_standardization": True}])
+def test_suite_models_train_with_each_method(spec):
+    from bgnorm.repro.models import build_model
+    from bgnorm.repro.norms import NormSpec, build_normed_model
+
+    torch.manual_seed(0)
+    spec = NormSpec(**spec)
+    model, layers = build_normed_model(
+        lambda nl: build_model("small_resnet", 10, nl, in_channels=1, width=8), spec, (1, 8, 8))
+    x = torch.randn(4, 1, 8, 8)
+    loss = F.cross_entropy(model(x), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(isinstance(m, StdConv2d) for m in convs) == spec.weight_standardization
+    model.eval()
+    assert torch.isfinite(model(x)).all()

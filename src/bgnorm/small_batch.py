@@ -105,7 +105,7 @@ def _check_momentum(who: str, momentum: object, allow_none: bool) -> None:
             "statistics move by this fraction towards each batch's, e.g. momentum=0.1")
 
 
-def _check_limits(who: str, r_max: object, d_max: object) -> None:
+def _check_limits(who: _checks.Who, r_max: object, d_max: object) -> None:
     """r_max >= 1 and d_max >= 0 (inf allowed: no clipping); anything else would clip r to an
     empty interval, or d to one that excludes 0, silently."""
     for name, value, low, example in (("r_max", r_max, 1.0, "r_max=3.0"),
@@ -113,7 +113,8 @@ def _check_limits(who: str, r_max: object, d_max: object) -> None:
         if (isinstance(value, bool) or not isinstance(value, (int, float))
                 or math.isnan(value) or value < low):
             raise ValueError(
-                f"{who}: {name} must be a number >= {low:g} (inf: no clipping), got {value!r}; "
+                f"{_checks.label(who)}: {name} must be a number >= {low:g} (inf: no clipping), "
+                f"got {value!r}; "
                 f"r is clipped to [1/r_max, r_max] and d to [-d_max, d_max], so r_max=1, "
                 f"d_max=0 is BatchNorm. Pass e.g. {example}, or ramp it with "
                 "bgnorm.renorm_limits(step)")
@@ -217,7 +218,7 @@ class _BatchRenorm(_NormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        _check_limits(self._describe(), self.r_max, self.d_max)  # attributes may be set later
+        _check_limits(self._describe, self.r_max, self.d_max)  # attributes may be set later
         # running-average factor and mode, exactly as torch's _BatchNorm.forward
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
+import math
 import os
 import platform
 import statistics
@@ -46,7 +47,7 @@ class Cell:
     name: str
     shape: tuple[int, ...]
     groups: int
-    kind: str = "bgn"  # bgn | gbgn | pn
+    kind: str = "bgn"  # bgn | gbgn | pn | brn | frn | evonorm_s0 | evonorm_b0 | ws
     extra: dict = field(default_factory=dict)
 
 
@@ -68,8 +69,22 @@ def full_grid() -> list[Cell]:
         Cell("straddle", (16, 96, 28, 28), 64),
         Cell("gbgn e=4", (32, 256, 14, 14), 32, "gbgn", {"examples_per_group": 4}),
         Cell("pn", (16, 256, 28, 28), 0, "pn"),
+        *small_batch_cells((16, 256, 28, 28)),
     ]
     return cells
+
+
+def small_batch_cells(shape: tuple[int, ...]) -> list[Cell]:
+    """The small-batch methods (bgnorm.small_batch, bgnorm.weight_std) on one shape: BRN
+    against BatchNorm2d, the normalization-activation layers against BatchNorm2d + ReLU (what
+    they replace), StdConv2d against Conv2d (3x3, C -> C)."""
+    return [
+        Cell("brn", shape, 0, "brn"),
+        Cell("frn+tlu", shape, 0, "frn"),
+        Cell("evonorm-s0", shape, math.gcd(shape[1], 32), "evonorm_s0"),  # GN's 32 groups
+        Cell("evonorm-b0", shape, 0, "evonorm_b0"),
+        Cell("ws conv", shape, 0, "ws"),
+    ]
 
 
 def quick_grid() -> list[Cell]:
@@ -81,6 +96,7 @@ def quick_grid() -> list[Cell]:
         Cell("3d", (4, 16, 4, 8, 8), 4),
         Cell("gbgn", (8, 32, 8, 8), 8, "gbgn", {"examples_per_group": 2}),
         Cell("pn", (8, 32, 8, 8), 0, "pn"),
+        *small_batch_cells((8, 32, 8, 8)),
     ]
 
 
@@ -104,6 +120,19 @@ class ChannelsLastLayerNorm(nn.Module):
 def make_pair(cell: Cell) -> tuple[nn.Module, nn.Module, str]:
     c = cell.shape[1]
     dim = len(cell.shape)
+    if cell.kind == "brn":
+        return bgnorm.BatchRenorm2d(c), nn.BatchNorm2d(c), "BatchNorm2d"
+    if cell.kind in ("frn", "evonorm_s0", "evonorm_b0"):
+        ours = {"frn": lambda: bgnorm.FilterResponseNorm2d(c),
+                "evonorm_s0": lambda: bgnorm.EvoNorm2dS0(c, groups=cell.groups),
+                "evonorm_b0": lambda: bgnorm.EvoNorm2dB0(c)}[cell.kind]()
+        return ours, nn.Sequential(nn.BatchNorm2d(c), nn.ReLU()), "BatchNorm2d+ReLU"
+    if cell.kind == "ws":
+        torch.manual_seed(0)
+        native = nn.Conv2d(c, c, 3, padding=1)
+        ours = bgnorm.StdConv2d(c, c, 3, padding=1)
+        ours.load_state_dict(native.state_dict())
+        return ours, native, "Conv2d 3x3"
     if cell.kind == "pn":
         return bgnorm.PositionalNorm(c), ChannelsLastLayerNorm(c), "LayerNorm(C) channels-last"
     if cell.kind == "gbgn":
@@ -113,6 +142,10 @@ def make_pair(cell: Cell) -> tuple[nn.Module, nn.Module, str]:
 
 
 def _init(m: nn.Module, c: int) -> None:
+    if isinstance(m, nn.Sequential):  # BatchNorm2d + ReLU
+        m = m[0]
+    if isinstance(m, nn.Conv2d):
+        return  # the Weight Standardization cell: the conv's own initialisation
     with torch.no_grad():
         for name in ("weight", "bias"):
             p = getattr(m, name, None)
@@ -193,6 +226,9 @@ def reference_f64(cell: Cell, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """float64 output from the equations, with the layer's gamma/beta."""
     xd = x.double()
     n, c = xd.shape[:2]
+    small = _small_batch_reference(cell, m, xd)
+    if small is not None:
+        return small
     if cell.kind == "pn":
         mean = xd.mean(1, keepdim=True)
         var = ((xd - mean) ** 2).mean(1, keepdim=True)
@@ -205,6 +241,43 @@ def reference_f64(cell: Cell, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         y = ((v - mean) / torch.sqrt(var + 1e-5)).reshape(xd.shape)
     shape = (1, c) + (1,) * (xd.dim() - 2)
     return y * m.weight.double().view(shape) + m.bias.double().view(shape)
+
+
+def _small_batch_reference(cell: Cell, m: nn.Module, xd: torch.Tensor) -> torch.Tensor | None:
+    """float64 training output of the small-batch cells from their papers' equations (None:
+    another kind); BRN reads the layer's running statistics, so call it before the layer."""
+    def vec(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().double().view(1, -1, 1, 1)
+
+    def std(t: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tensor:
+        return torch.sqrt(t.var(dim=dims, correction=0, keepdim=True) + eps)
+
+    if cell.kind == "ws":
+        w = m.weight.detach().double().flatten(1)
+        w = (w - w.mean(1, keepdim=True)) / torch.sqrt(w.var(1, correction=0, keepdim=True)
+                                                       + m.eps)
+        return F.conv2d(xd, w.view_as(m.weight), m.bias.detach().double(), padding=1)
+    if cell.kind == "brn":
+        mean = xd.mean(dim=(0, 2, 3), keepdim=True)
+        batch_std = std(xd, (0, 2, 3), m.eps)
+        running_std = torch.sqrt(vec(m.running_var) + m.eps)
+        r = (batch_std / running_std).clamp(1 / m.r_max, m.r_max)
+        d = ((mean - vec(m.running_mean)) / running_std).clamp(-m.d_max, m.d_max)
+        y = (xd - mean) / batch_std * r + d
+    elif cell.kind == "frn":
+        y = xd / torch.sqrt(xd.square().mean(dim=(2, 3), keepdim=True) + m.eps)
+    elif cell.kind == "evonorm_s0":
+        n, c = xd.shape[:2]
+        g = xd.reshape(n, m.groups, -1)
+        group_std = std(g, (2,), m.eps).expand_as(g).reshape(xd.shape)
+        y = xd * torch.sigmoid(vec(m.v) * xd) / group_std
+    elif cell.kind == "evonorm_b0":
+        right = vec(m.v) * xd + std(xd, (2, 3), m.eps)
+        y = xd / torch.max(std(xd, (0, 2, 3), m.eps).expand_as(xd), right)
+    else:
+        return None
+    y = y * vec(m.weight) + vec(m.bias)
+    return torch.max(y, vec(m.tau).expand_as(y)) if cell.kind == "frn" else y
 
 
 def errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
@@ -242,10 +315,13 @@ def bench_cell(cell: Cell, reps: int, offset: float = 0.0) -> dict:
     native.train()
     mem_ours, mem_nat = saved_bytes(ours, x), saved_bytes(native, x)
     with torch.no_grad():
-        abs_err, rel_err = errors(ours(x), reference_f64(cell, ours, x))
+        ref = reference_f64(cell, ours, x)  # first: BRN's reference reads its running stats
+        abs_err, rel_err = errors(ours(x), ref)
         xo = torch.randn(cell.shape) + 1e4
-        off_err, _ = errors(ours(xo), reference_f64(cell, ours, xo))
-        bn_off = bn_error(xo, native) if cell.kind != "pn" else float("nan")
+        ref = reference_f64(cell, ours, xo)
+        off_err, _ = errors(ours(xo), ref)
+        with_bn = isinstance(native, nn.modules.batchnorm._BatchNorm)
+        bn_off = bn_error(xo, native) if with_bn else float("nan")
     return {
         "cell": cell.name, "kind": cell.kind, "shape": "x".join(map(str, cell.shape)),
         "G": cell.groups, "layout": _layout(cell), "native": native_name,
@@ -258,6 +334,8 @@ def bench_cell(cell: Cell, reps: int, offset: float = 0.0) -> dict:
 
 
 def _layout(cell: Cell) -> str:
+    if cell.kind == "evonorm_s0":
+        return f"{cell.shape[1] // cell.groups} ch/group"
     if cell.kind != "bgn":
         return cell.kind
     c = cell.shape[1]
@@ -427,6 +505,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{max(eval_ratios):.2f}x (target <= 1.0)")
     print(f"BGN saved bytes: worst {max(r['saved_ratio'] for r in bgn_rows):.2f}x native "
           "(target <= 1.0)")
+    for r in rows:
+        if r["kind"] in ("brn", "frn", "evonorm_s0", "evonorm_b0", "ws"):
+            print(f"{r['cell']}: train {r['train_ratio']:.2f}x, eval {r['eval_ratio']:.2f}x, "
+                  f"saved {r['saved_ratio']:.2f}x {r['native']} (no target)")
     append_csv(args.csv, "layers", rows, tags)
 
     if not args.no_compile:

@@ -90,3 +90,22 @@ def test_gpu_check_dry_run(tmp_path):
     assert all(float(r["max_rel_err"]) < 2e-2 for r in triton_rows)
     assert (tmp_path / "gpu_bench.md").read_text().count("| layer |") == sum(
         r["section"] == "layer" for r in rows)
+
+
+def test_small_batch_cells_have_the_right_references(bench):
+    """The benchmark's float64 references of the small-batch cells agree with the layers (the
+    error columns of their rows are meaningful), BRN's after its running statistics moved."""
+    import torch
+
+    for cell in bench.small_batch_cells((4, 8, 5, 5)):
+        ours, native, _ = bench.make_pair(cell)
+        bench._init(ours, 8)
+        bench._init(native, 8)
+        torch.manual_seed(0)
+        for _ in range(2):
+            x = torch.randn(cell.shape) * 2 + 1
+            with torch.no_grad():
+                ref = bench.reference_f64(cell, ours, x)
+                out = ours(x)
+            torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+            assert out.shape == native(x).shape

@@ -20,7 +20,7 @@ import bgnorm
 
 MODULES = ["bgnorm.functional", "bgnorm.ops.dispatch", "bgnorm.layers", "bgnorm.registry",
            "bgnorm.convert", "bgnorm.policy", "bgnorm.distributed", "bgnorm.fuse", "bgnorm.swa",
-           "bgnorm.frozen"]
+           "bgnorm.frozen", "bgnorm.small_batch", "bgnorm.weight_std"]
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "api"
 

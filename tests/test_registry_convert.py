@@ -23,6 +23,24 @@ def _ref_groups(x, g, per_example):
     return ((xv - mean) / torch.sqrt(var + 1e-5)).reshape(x.shape)
 
 
+def _std(x, dims, eps):
+    mean = x.mean(dim=dims, keepdim=True)
+    return torch.sqrt(((x - mean) ** 2).mean(dim=dims, keepdim=True) + eps), mean
+
+
+def _brn_first_step(x, eps=1e-5):
+    """Batch Renormalization's first training step: running mean 0, variance 1."""
+    std, mean = _std(x, (0, 2, 3), eps)
+    r = (std / (1 + eps) ** 0.5).clamp(1 / 3, 3)
+    d = (mean / (1 + eps) ** 0.5).clamp(-5, 5)
+    return (x - mean) / std * r + d
+
+
+def _evonorm_b0(x, eps=1e-3):
+    batch_std = _std(x, (0, 2, 3), eps)[0]
+    return x / torch.max(batch_std.expand_as(x), x + _std(x, (2, 3), eps)[0])
+
+
 X = torch.randn(4, 8, 3, 3, dtype=torch.float64)
 
 REFS = {
@@ -33,6 +51,11 @@ REFS = {
     "ln": lambda x: _ref_groups(x, 1, True),
     "in": lambda x: _ref_groups(x, 8, True),
     "pn": lambda x: pn_ref(x),
+    "brn": _brn_first_step,
+    "frn": lambda x: torch.clamp_min(x / torch.sqrt((x * x).mean(dim=(2, 3), keepdim=True)
+                                                    + 1e-5), 0),
+    "evonorm_s0": lambda x: x * torch.sigmoid(x) / _std(x, (2, 3), 1e-5)[0],  # 8 groups of 1
+    "evonorm_b0": _evonorm_b0,
     "none": lambda x: x,
 }
 KW = {"bgn": {"num_groups": 4}, "gbgn": {"num_groups": 4, "examples_per_group": 2},
@@ -66,7 +89,8 @@ def test_registry_classes_and_aliases():
 
 def test_registry_errors():
     with pytest.raises(ValueError, match=r"unknown norm 'batchgroup'; valid names: bn, bgn, "
-                                         r"gbgn, gn, ln, in, pn, none"):
+                                         r"gbgn, gn, ln, in, pn, brn, frn, evonorm_s0, evonorm_b0, "
+                                         r"none"):
         make_norm("batchgroup", 8)
     with pytest.raises(ValueError, match=r"num_groups=3 must divide num_features=8"):
         make_norm("gn", 8, num_groups=3)

@@ -2,7 +2,9 @@
 
 Layers (``BatchGroupNorm1d/2d/3d``, ``GeneralBatchGroupNorm1d/2d/3d``, ``PositionalNorm``), the
 functional API (:mod:`bgnorm.functional`), a norm registry (:func:`make_norm`), model conversion
-(:func:`convert_norm`) and the paper's G policy (:func:`paper_groups`).
+(:func:`convert_norm`) and the paper's G policy (:func:`paper_groups`); the small-batch
+methods BGN is compared with (Batch Renormalization, FRN, EvoNorm-S0/B0, Weight
+Standardization).
 """
 
 from . import functional
@@ -20,6 +22,22 @@ from .layers import (
 )
 from .policy import PAPER_GROUPS, channel_groups, paper_groups, values_per_statistic
 from .registry import canonical_name, make_norm, norm_names
+
+# isort: split
+# -- the small-batch methods (issue 15) --
+from .small_batch import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    EvoNorm2dB0,
+    EvoNorm2dS0,
+    FilterResponseNorm1d,
+    FilterResponseNorm2d,
+    FilterResponseNorm3d,
+    renorm_limits,
+    set_renorm_limits,
+)
+from .weight_std import StdConv1d, StdConv2d, StdConv3d, WeightStandardization, standardize_weights
 
 # isort: split
 # -- inference folding, SWA statistics, frozen norms (issue 16) --
@@ -56,4 +74,20 @@ __all__ = [
     "fuse_conv_norm",
     "fuse_conv_norm_pair",
     "update_bn",
+    # -- the small-batch methods (issue 15) --
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "EvoNorm2dB0",
+    "EvoNorm2dS0",
+    "FilterResponseNorm1d",
+    "FilterResponseNorm2d",
+    "FilterResponseNorm3d",
+    "StdConv1d",
+    "StdConv2d",
+    "StdConv3d",
+    "WeightStandardization",
+    "renorm_limits",
+    "set_renorm_limits",
+    "standardize_weights",
 ]

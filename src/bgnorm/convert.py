@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from .registry import canonical_name, make_norm, with_message
+from .registry import NORM_ACTIVATIONS, canonical_name, make_norm, with_message
 
 __all__ = ["convert_norm"]
 
@@ -141,7 +141,7 @@ def _replacement(
 ) -> tuple[nn.Module, str | None]:
     kw = dict(kwargs)
     base = _torch_base(_own_class(bn))
-    if key in ("bn", "bgn", "gbgn"):
+    if key in ("bn", "bgn", "gbgn", "brn"):
         _choose_class(bn, base, key, kw)
         kw.setdefault("momentum", bn.momentum)
         kw.setdefault("track_running_stats", bn.track_running_stats)
@@ -348,7 +348,8 @@ def convert_norm(
     ...); their values may be callables of ``num_features`` (``num_groups=lambda c: c // 16``,
     :func:`bgnorm.channel_groups`). Unless given there, each new layer takes the old one's
     ``eps``, ``affine``, ``bias=False`` (a BatchNorm without beta gives a layer without beta),
-    device and dtype, and for bn/bgn/gbgn its ``momentum`` and ``track_running_stats``. It keeps
+    device and dtype, and for bn/bgn/gbgn/brn its ``momentum`` and ``track_running_stats``. It
+    keeps
     the old layer's training mode, gamma and beta (values and ``requires_grad``; a gamma or beta
     under ``torch.nn.utils.parametrize`` keeps its parametrizations and unconstrained tensors)
     and hooks (forward, backward and state-dict hooks move over; their handles still remove
@@ -377,6 +378,13 @@ def convert_norm(
     that dimension instead (``dim=`` applies to SyncBatchNorm layers only; gbgn, which has no
     synchronized variant, needs it). ``sync=True`` makes every converted bn/bgn synchronized.
 
+    Batch Renormalization (``"brn"``, ``r_max=``/``d_max=`` keywords) keeps BatchNorm's
+    parameters and running statistics as they are (the same (C,) statistics, the same eval), so
+    a trained BatchNorm model converts and fine-tunes with BRN. The normalization-activation
+    layers (``"frn"``, ``"evonorm_s0"``, ``"evonorm_b0"``) are refused: they replace a norm *and*
+    the activation after it, which convert_norm cannot see, so the model's ReLU would follow
+    them; build the model with them instead.
+
     Running statistics are copied where they keep their meaning (same shape: G = C). With
     G != C, ``running_stats`` decides. ``"derive"`` (default) estimates the (G,) statistics from
     the per-channel ones: a group of whole channels gets the mean of their running means
@@ -403,6 +411,14 @@ def convert_norm(
         'BatchGroupNorm2d'
     """
     key = canonical_name(name)
+    if key in NORM_ACTIVATIONS:
+        raise ValueError(
+            f"convert_norm: {key!r} is a normalization-activation layer: it replaces a norm and "
+            "the activation after it (e.g. BatchNorm2d + ReLU), but convert_norm swaps the "
+            "norms only, so the model's ReLU would stay after it and the result would not be "
+            f"the paper's layer. Build the model with norm_layer=functools.partial("
+            f"bgnorm.make_norm, {key!r}) and no activation after its norms (or remove those "
+            "activations yourself)")
     if subclasses not in _SUBCLASS_POLICIES:
         raise ValueError(
             f"convert_norm: subclasses must be one of {', '.join(map(repr, _SUBCLASS_POLICIES))},"

@@ -4,24 +4,33 @@
 ``functools.partial(make_norm, "bgn", num_groups=G)`` is a ``norm_layer`` for any model that calls
 ``norm_layer(channels)``.
 
-========  ============================================================  ====================
-name      layer                                                         statistics
-========  ============================================================  ====================
-bn        torch.nn.BatchNorm{dim}d; sync=True: torch.nn.SyncBatchNorm   (C,) over N, H, W
-bgn       bgnorm.BatchGroupNorm{dim}d(C, num_groups);                   (G,) over N and D/G
-          sync=True: bgnorm.SyncBatchGroupNorm(C, num_groups)
-gbgn      bgnorm.GeneralBatchGroupNorm{dim}d(C, G, examples_per_group)  (N/e, G)
-gn        torch.nn.GroupNorm(G, C), G = 32 by default                   (N, G)
-ln        torch.nn.GroupNorm(1, C): one group over C, H, W              (N,)
-in        torch.nn.GroupNorm(C, C): one group per channel               (N, C)
-pn        bgnorm.PositionalNorm(C)                                      (N, H*W) over C
-none      torch.nn.Identity()                                           -
-========  ============================================================  ====================
+==========  ============================================================  ====================
+name        layer                                                         statistics
+==========  ============================================================  ====================
+bn          torch.nn.BatchNorm{dim}d; sync=True: torch.nn.SyncBatchNorm   (C,) over N, H, W
+bgn         bgnorm.BatchGroupNorm{dim}d(C, num_groups);                   (G,) over N and D/G
+            sync=True: bgnorm.SyncBatchGroupNorm(C, num_groups)
+gbgn        bgnorm.GeneralBatchGroupNorm{dim}d(C, G, examples_per_group)  (N/e, G)
+gn          torch.nn.GroupNorm(G, C), G = 32 by default                   (N, G)
+ln          torch.nn.GroupNorm(1, C): one group over C, H, W              (N,)
+in          torch.nn.GroupNorm(C, C): one group per channel               (N, C)
+pn          bgnorm.PositionalNorm(C)                                      (N, H*W) over C
+brn         bgnorm.BatchRenorm{dim}d(C), r_max=3, d_max=5                 (C,), renormalized
+frn         bgnorm.FilterResponseNorm{dim}d(C): FRN + TLU                 (N, C), mean square
+evonorm_s0  bgnorm.EvoNorm2dS0(C, groups), groups as gn's                 (N, G)
+evonorm_b0  bgnorm.EvoNorm2dB0(C)                                         (C,) and (N, C)
+none        torch.nn.Identity()                                           -
+==========  ============================================================  ====================
 
 bn, gn, ln and in are torch's own layers, configured as the GN and BGN papers use them in CNNs
-(per-channel affine everywhere). ``dim`` (1, 2 or 3; default 2) picks the class of bn, bgn and
-gbgn; ``sync=True`` gives the synchronized layers of bn and bgn, which take input of any
-dimension (statistics over the process group in training; without one, the per-worker layer).
+(per-channel affine everywhere). ``dim`` (1, 2 or 3; default 2) picks the class of bn, bgn,
+gbgn, brn and frn (the EvoNorms are 2d only, as timm's); ``sync=True`` gives the synchronized
+layers of bn and bgn, which take input of any dimension (statistics over the process group in
+training; without one, the per-worker layer).
+
+frn, evonorm_s0 and evonorm_b0 are normalization-activation layers (see
+:mod:`bgnorm.small_batch`): they replace a norm and the ReLU after it. Weight Standardization
+is a transform of the convolutions, :func:`bgnorm.standardize_weights`, used with any norm.
 """
 
 from __future__ import annotations
@@ -44,12 +53,24 @@ from .layers import (
     PositionalNorm,
 )
 from .policy import _as_int
+from .small_batch import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    EvoNorm2dB0,
+    EvoNorm2dS0,
+    FilterResponseNorm1d,
+    FilterResponseNorm2d,
+    FilterResponseNorm3d,
+)
 
 __all__ = ["make_norm", "norm_names", "canonical_name", "NORM_ALIASES"]
 
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _BGN = {1: BatchGroupNorm1d, 2: BatchGroupNorm2d, 3: BatchGroupNorm3d}
 _GBGN = {1: GeneralBatchGroupNorm1d, 2: GeneralBatchGroupNorm2d, 3: GeneralBatchGroupNorm3d}
+_BRN = {1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d}
+_FRN = {1: FilterResponseNorm1d, 2: FilterResponseNorm2d, 3: FilterResponseNorm3d}
 
 
 def _resolve(value: Any, num_features: int) -> Any:
@@ -144,14 +165,50 @@ def _pn(c: int, **kw: Any) -> nn.Module:
     return PositionalNorm(c, **kw)
 
 
+def _brn(c: int, **kw: Any) -> nn.Module:
+    return _BRN[_pick_dim("brn", kw)](c, **kw)
+
+
+def _frn(c: int, **kw: Any) -> nn.Module:
+    return _FRN[_pick_dim("frn", kw)](c, **kw)
+
+
+def _only_2d(name: str, kw: dict[str, Any]) -> None:
+    dim = kw.pop("dim", 2)
+    if isinstance(dim, bool) or dim != 2:
+        raise ValueError(
+            f"make_norm({name!r}): dim must be 2, got {dim!r}; EvoNorm is defined here for "
+            "(N, C, H, W) input only (as timm's EvoNorm2dS0/B0)")
+
+
+def _evonorm_s0(c: int, **kw: Any) -> nn.Module:
+    _only_2d("evonorm_s0", kw)
+    if "num_groups" in kw:  # the registry's name for G; timm's layer calls it groups
+        if "groups" in kw:
+            raise TypeError("make_norm('evonorm_s0'): pass num_groups or groups, not both")
+        kw["groups"] = kw.pop("num_groups")
+    if "groups" not in kw and kw.get("group_size") is None:
+        # as gn: 32 groups, or the largest divisor of C below 32
+        kw["groups"] = max(d for d in range(1, min(DEFAULT_NUM_GROUPS, c) + 1) if c % d == 0)
+    return EvoNorm2dS0(c, **kw)
+
+
+def _evonorm_b0(c: int, **kw: Any) -> nn.Module:
+    _only_2d("evonorm_b0", kw)
+    return EvoNorm2dB0(c, **kw)
+
+
 def _none(c: int, **kw: Any) -> nn.Module:
     return nn.Identity()
 
 
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "bn": _bn, "bgn": _bgn, "gbgn": _gbgn, "gn": _gn, "ln": _ln, "in": _in, "pn": _pn,
+    "brn": _brn, "frn": _frn, "evonorm_s0": _evonorm_s0, "evonorm_b0": _evonorm_b0,
     "none": _none,
 }
+#: Normalization-activation layers: they replace a norm *and* the activation after it.
+NORM_ACTIVATIONS = frozenset({"frn", "evonorm_s0", "evonorm_b0"})
 _SYNC_FACTORIES: dict[str, Callable[..., nn.Module]] = {"bn": _sync_bn, "bgn": _sync_bgn}
 
 #: Readable aliases (matched after lower-casing and removing "_", "-" and spaces), mapped to
@@ -160,7 +217,11 @@ NORM_ALIASES: dict[str, str] = {
     "batchnorm": "bn", "batchnorm2d": "bn", "batchgroupnorm": "bgn",
     "generalbatchgroupnorm": "gbgn", "groupnorm": "gn", "layernorm": "ln",
     "instancenorm": "in", "positionalnorm": "pn", "pono": "pn", "identity": "none",
-    "nonorm": "none",
+    "nonorm": "none", "batchrenorm": "brn", "batchrenormalization": "brn",
+    "filterresponsenorm": "frn", "filterresponsenormalization": "frn", "frntlu": "frn",
+    "filterresponsenormtlu": "frn",
+    "filterresponsenormtlu2d": "frn", "evonorms0": "evonorm_s0", "evonorm2ds0": "evonorm_s0",
+    "evonormb0": "evonorm_b0", "evonorm2db0": "evonorm_b0",
 }
 
 
@@ -168,8 +229,9 @@ def norm_names() -> list[str]:
     """The canonical registry names, in the order of the table above.
 
     Example:
-        >>> norm_names()
-        ['bn', 'bgn', 'gbgn', 'gn', 'ln', 'in', 'pn', 'none']
+        >>> norm_names()  # doctest: +NORMALIZE_WHITESPACE
+        ['bn', 'bgn', 'gbgn', 'gn', 'ln', 'in', 'pn', 'brn', 'frn', 'evonorm_s0',
+         'evonorm_b0', 'none']
     """
     return list(_FACTORIES)
 
@@ -182,11 +244,14 @@ def canonical_name(name: str) -> str:
     Example:
         >>> canonical_name("Batch_Group_Norm"), canonical_name("PONO"), canonical_name("bn")
         ('bgn', 'pn', 'bn')
+        >>> canonical_name("EvoNorm-B0"), canonical_name("FilterResponseNormTlu2d")
+        ('evonorm_b0', 'frn')
     """
     if not isinstance(name, str):
         raise TypeError(f"norm name must be a str, got {type(name).__name__}")
     key = name.lower().replace("_", "").replace("-", "").replace(" ", "")
     key = NORM_ALIASES.get(key, key)
+    key = {k.replace("_", ""): k for k in _FACTORIES}.get(key.replace("_", ""), key)
     if key not in _FACTORIES:
         raise ValueError(
             f"unknown norm {name!r}; valid names: {', '.join(_FACTORIES)} "
@@ -224,6 +289,8 @@ def make_norm(name: str, num_features: int, **kwargs: Any) -> nn.Module:
             f"make_norm({key!r}): sync=True exists for bn (torch.nn.SyncBatchNorm) and bgn "
             "(bgnorm.SyncBatchGroupNorm) only; "
             + ("gbgn's statistics are per batch group by design" if key == "gbgn" else
+               f"{key!r} has no synchronized variant (its statistics are per worker)"
+               if key in ("brn", "evonorm_b0") else
                f"{key!r} has no batch statistics to synchronize")
         )
     factory = _SYNC_FACTORIES[key] if sync else _FACTORIES[key]

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .layers import _BatchGroupNorm
+from .small_batch import EvoNorm2dB0, _BatchRenorm
 
 __all__ = ["update_bn"]
 
@@ -25,8 +26,9 @@ def update_bn(
     loader: Iterable[Any], model: nn.Module, device: int | str | torch.device | None = None
 ) -> None:
     r"""Recompute the running statistics of every BatchNorm (1d/2d/3d, SyncBatchNorm),
-    BatchGroupNorm1d/2d/3d, GeneralBatchGroupNorm2d and SyncBatchGroupNorm in ``model`` with
-    one pass over ``loader``, as :func:`torch.optim.swa_utils.update_bn` does for BatchNorm.
+    BatchGroupNorm1d/2d/3d, GeneralBatchGroupNorm2d, SyncBatchGroupNorm, BatchRenorm1d/2d/3d
+    and EvoNorm2dB0 (its running variance) in ``model`` with one pass over ``loader``, as
+    :func:`torch.optim.swa_utils.update_bn` does for BatchNorm.
 
     Each such layer's running statistics are reset and its ``momentum`` set to None (a
     cumulative average), the model is put in training mode and run on every batch under
@@ -57,13 +59,22 @@ def update_bn(
     """
     momenta: dict[nn.Module, float | None] = {}
     for module in model.modules():
-        if isinstance(module, (_BatchNorm, _BatchGroupNorm)):
+        if isinstance(module, (_BatchNorm, _BatchGroupNorm, _BatchRenorm, EvoNorm2dB0)):
             module.reset_running_stats()
             momenta[module] = module.momentum
     if not momenta:
         return
     was_training = model.training
     model.train()
+    # EvoNorm2dB0 keeps no batch count: its k-th batch gets momentum 1/k (the same average)
+    seen: dict[nn.Module, int] = {}
+
+    def cumulative(module: nn.Module, args: Any) -> None:
+        seen[module] = seen.get(module, 0) + 1
+        module.momentum = 1.0 / seen[module]
+
+    hooks = [m.register_forward_pre_hook(cumulative) for m in momenta
+             if isinstance(m, EvoNorm2dB0)]
     for module in momenta:
         module.momentum = None
     try:
@@ -75,6 +86,8 @@ def update_bn(
             model(batch)
     finally:
         # restored even when a batch fails (torch's own update_bn leaves momentum=None then)
+        for hook in hooks:
+            hook.remove()
         for module, momentum in momenta.items():
             module.momentum = momentum
         model.train(was_training)

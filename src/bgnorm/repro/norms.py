@@ -19,10 +19,21 @@ bn       ``torch.nn.BatchNorm2d(C)``                 ``GeneralBatchGroupNorm2d(C
 bgn      ``BatchGroupNorm2d(C, G)``                  ``GeneralBatchGroupNorm2d(C, G, b)``
 gbgn     ``GeneralBatchGroupNorm2d(C, G, e)``        the same (e divides b, so slices of e never
                                                      cross a worker boundary)
+brn      ``BatchRenorm2d(C)``                        ``BatchRenorm2d(C, examples_per_group=b)``
+evonorm  ``EvoNorm2dB0(C)``                          ``EvoNorm2dB0(C, examples_per_group=b)``
+_b0
 gn, ln,  per-example statistics: unaffected by       the same
 in, pn,  the split
+frn,
+evonorm
+_s0,
 none
 =======  ==========================================  =============================================
+
+frn, evonorm_s0 and evonorm_b0 are normalization-activation layers (they replace a norm and the
+ReLU after it); in a model that applies ReLU after every norm they are followed by that ReLU.
+``weight_standardization=True`` turns every convolution of the model into a weight-standardized
+one (:func:`bgnorm.standardize_weights`), e.g. GN+WS.
 
 The optimizer sees the whole batch (the gradient is averaged over all ``W * b`` examples, as
 DDP averages the workers' gradients).
@@ -60,12 +71,13 @@ __all__ = [
 ]
 
 #: Norms whose statistics depend on other examples of the batch (they see the worker split).
-BATCH_DEPENDENT = frozenset({"bn", "bgn", "gbgn"})
+BATCH_DEPENDENT = frozenset({"bn", "bgn", "gbgn", "brn", "evonorm_b0"})
 #: Norms computed per example (the batch split does not change them).
-PER_EXAMPLE = frozenset({"gn", "ln", "in", "pn", "none"})
+PER_EXAMPLE = frozenset({"gn", "ln", "in", "pn", "frn", "evonorm_s0", "none"})
 #: How tables name the norms (the papers' abbreviations).
 DISPLAY_NAMES = {
     "bn": "BN", "in": "IN", "ln": "LN", "gn": "GN", "pn": "PN", "gbgn": "GBGN", "bgn": "BGN",
+    "brn": "BRN", "frn": "FRN", "evonorm_s0": "EvoNorm-S0", "evonorm_b0": "EvoNorm-B0",
     "none": "none",
 }
 
@@ -113,14 +125,18 @@ class NormSpec:
 
     Args:
         name: registry name or alias (``bn``, ``bgn``, ``gbgn``, ``gn``, ``ln``, ``in``, ``pn``,
-            ``none``).
-        batch_size: per-worker batch size b (the statistics' batch for bn/bgn).
+            ``brn``, ``frn``, ``evonorm_s0``, ``evonorm_b0``, ``none``).
+        batch_size: per-worker batch size b (the statistics' batch for the batch-dependent
+            norms).
         workers: W virtual workers; the training batch has ``W * b`` examples.
         num_groups: BGN/GBGN's G (``None``: :func:`bgnorm.paper_groups` of ``batch_size``), or
-            GN's number of groups (``None``: 32, as the GN paper).
+            GN's and EvoNorm-S0's number of groups (``None``: 32, as the GN paper).
         channels_per_group: GN only, instead of ``num_groups`` (the GN paper's second study).
         examples_per_group: GBGN's e, a divisor of ``batch_size`` (``None``: ``batch_size``).
-        eps, momentum: passed to every layer that has them.
+        eps: passed to every layer that has one; ``None`` (default): each layer's default
+            (1e-5; 1e-3 for EvoNorm-B0, as timm's).
+        momentum: passed to every layer with running statistics.
+        weight_standardization: standardize every convolution's weight (GN+WS, BGN+WS, ...).
 
     Example:
         >>> spec = NormSpec("bn", batch_size=2, workers=8)
@@ -134,8 +150,9 @@ class NormSpec:
     num_groups: int | None = None
     channels_per_group: int | None = None
     examples_per_group: int | None = None
-    eps: float = 1e-5
+    eps: float | None = None
     momentum: float | None = 0.1
+    weight_standardization: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "name", bgnorm.canonical_name(self.name))
@@ -152,6 +169,9 @@ class NormSpec:
                 )
         if self.num_groups is not None and self.channels_per_group is not None:
             raise ValueError("pass num_groups or channels_per_group, not both")
+        if self.name == "evonorm_b0" and self.momentum is None:
+            raise ValueError("evonorm_b0: momentum must be a number in [0, 1] (EvoNorm-B0 "
+                             "keeps no batch count for a cumulative average), got None")
         if self.channels_per_group is not None and self.name != "gn":
             raise ValueError(f"channels_per_group applies to gn only, not {self.name!r}")
 
@@ -177,6 +197,7 @@ class NormSpec:
                 if name == "gbgn" and config.get("gbgn_examples") is not None
                 else None
             ),
+            weight_standardization=bool(config.get("weight_standardization", False)),
         )
 
     @property
@@ -191,11 +212,12 @@ class NormSpec:
 
     @property
     def groups(self) -> int | None:
-        """The requested group count: G for bgn/gbgn (paper policy by default), GN's groups."""
+        """The requested group count: G for bgn/gbgn (paper policy by default), GN's and
+        EvoNorm-S0's groups."""
         if self.name in ("bgn", "gbgn"):
             return self.num_groups if self.num_groups is not None else bgnorm.paper_groups(
                 self.batch_size)
-        if self.name == "gn":
+        if self.name in ("gn", "evonorm_s0"):
             return self.num_groups if self.num_groups is not None else bgnorm.DEFAULT_NUM_GROUPS
         return None
 
@@ -210,6 +232,10 @@ class NormSpec:
         elif self.name == "gn":
             label += (f"(C/G={self.channels_per_group})" if self.channels_per_group
                       else f"(G={self.groups})")
+        elif self.name == "evonorm_s0":
+            label += f"(G={self.groups})"
+        if self.weight_standardization:
+            label += "+WS"
         if self.batch_dependent and self.workers > 1:
             label += f" x {self.workers} workers of {self.batch_size}"
         return label
@@ -225,13 +251,23 @@ class NormSpec:
             if self.channels_per_group is not None:
                 return max(1, channels // self.channels_per_group)
             return largest_divisor_at_most(channels, self.groups)
+        if self.name == "evonorm_s0":
+            return largest_divisor_at_most(channels, self.groups)
         return None
 
     def make(self, channels: int, spatial: Sequence[int] | None = None) -> nn.Module:
         """The norm layer for ``channels`` (and ``spatial`` = (H, W) when known)."""
-        kw: dict[str, Any] = {"eps": self.eps}
+        kw: dict[str, Any] = {} if self.eps is None else {"eps": self.eps}
         g = self.layer_groups(channels, spatial)
         name = self.name
+        # the batch-dependent norms of bgnorm.small_batch: statistics per worker slice
+        split = {"examples_per_group": self.batch_size} if self.workers > 1 else {}
+        if name == "brn":
+            return bgnorm.BatchRenorm2d(channels, momentum=self.momentum, **kw, **split)
+        if name == "evonorm_b0":
+            return bgnorm.EvoNorm2dB0(channels, momentum=self.momentum, **kw, **split)
+        if name == "evonorm_s0":
+            return bgnorm.EvoNorm2dS0(channels, groups=g, **kw)
         if name == "bn":
             if self.workers == 1:
                 return nn.BatchNorm2d(channels, momentum=self.momentum, **kw)
@@ -330,4 +366,6 @@ def build_normed_model(
         return module
 
     model = build(norm_layer)
+    if spec.weight_standardization:
+        model = bgnorm.standardize_weights(model)
     return model, infos

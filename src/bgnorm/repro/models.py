@@ -352,8 +352,8 @@ def strides_to_final_size(image_size: int, num_stages: int, final_size: int) -> 
 
     A stride-2 3x3 convolution (padding 1) maps n positions to ceil(n / 2). The first stage
     keeps stride 1; the following stages halve the size until it reaches ``final_size``, and
-    the rest keep it (so networks ending at 4x4, 2x2 and 1x1 have the same layers and
-    parameters and differ only in where they stop downsampling).
+    the rest keep it (so, with widths doubling every stage, networks ending at 4x4, 2x2 and 1x1
+    have the same layers and parameters and differ only in where they stop downsampling).
 
     Example:
         >>> [strides_to_final_size(16, 5, s) for s in (4, 2, 1)]

@@ -592,7 +592,8 @@ def convergence(record: Record, metric: str = "acc") -> tuple[str, str]:
                        f"{-fall:+.0%} {span}")
 
 
-_CELL_KEYS = ("experiment", "method", "source", "target", "num_groups", "gn_groups", "model")
+_CELL_KEYS = ("experiment", "method", "source", "target", "num_groups", "gn_groups", "model",
+              "final_size")
 
 
 def _cell_label(record: Record, varying: Sequence[str]) -> str:

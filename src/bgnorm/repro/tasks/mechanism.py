@@ -326,29 +326,29 @@ def _order(variants: Sequence[str]) -> list[str]:
     return known + fixed + sorted(set(variants) - set(known) - set(fixed))
 
 
-def bn_threshold(points: Mapping[int, Summary], tol: float
+def bn_threshold(points: Sequence[tuple[int, Summary]], tol: float
                  ) -> tuple[str, int | None, int | None, float]:
-    """Where BN fails, from its cells keyed by their smallest values per statistic.
+    """Where BN fails, from its cells as ``(smallest values per statistic, accuracy)`` pairs.
 
-    A point *fails* when its mean accuracy is more than ``tol`` below the best BN point (or
-    every seed diverged). Returns ``(kind, fail_max, hold_min, best)``: ``kind`` is
-    ``"threshold"`` (every failing point has fewer values than every holding one: BN fails
-    at ``fail_max`` values or fewer and holds from ``hold_min``), ``"none failed"``,
-    ``"interleaved"`` (failing and holding points alternate: no single threshold) or
-    ``"no data"`` (no point finished).
+    A cell *fails* when its mean accuracy is more than ``tol`` below the best BN cell (or every
+    seed diverged). Returns ``(kind, fail_max, hold_min, best)``: ``kind`` is ``"threshold"``
+    (every failing cell has fewer values than every holding one: BN fails at ``fail_max``
+    values or fewer and holds from ``hold_min``), ``"none failed"``, ``"interleaved"``
+    (failing and holding cells alternate: no single threshold) or ``"no data"`` (no cell
+    finished).
 
     Example:
-        >>> pts = {2: Summary((26.0,)), 8: Summary((98.1,)), 32: Summary((98.2,))}
-        >>> bn_threshold(pts, 1.0)
+        >>> cells = [(2, Summary((26.0,))), (8, Summary((98.1,))), (32, Summary((98.2,)))]
+        >>> bn_threshold(cells, 1.0)
         ('threshold', 2, 8, 98.2)
     """
-    ok = {v: s.mean for v, s in points.items() if s.ok}
+    ok = [(v, s.mean) for v, s in points if s.ok]
     if not ok:
         return "no data", None, None, float("nan")
-    best = max(ok.values())
-    fail = sorted([v for v, a in ok.items() if a < best - tol]
-                  + [v for v, s in points.items() if s.all_diverged])
-    hold = sorted(v for v, a in ok.items() if a >= best - tol)
+    best = max(a for _, a in ok)
+    fail = sorted([v for v, a in ok if a < best - tol]
+                  + [v for v, s in points if s.all_diverged])
+    hold = sorted(v for v, a in ok if a >= best - tol)
     if not fail:
         return "none failed", None, min(hold), best
     if max(fail) < min(hold):
@@ -386,40 +386,51 @@ def report_mechanism(records: list[Record], out_dir: Path) -> str:
                 if k not in acc:
                     continue
                 vs = values.get(k)
-                rows.append([_label(v), f"{f}x{f}", str(b),
+                groups = {r.config.get("num_groups") or r.config.get("gn_groups")
+                          for r in records if k in _key(r)} - {None}
+                rows.append([_label(v), ",".join(map(str, sorted(groups))), f"{f}x{f}", str(b),
                              str(vs[0]) if vs else "?", f"{vs[1]:g}" if vs else "?",
                              fmt_summary(acc[k]), flags[k]])
-    table = markdown_table(["norm", "last stage", "b per worker", "values/stat (smallest)",
+    table = markdown_table(["norm", "G", "last stage", "b per worker", "values/stat (smallest)",
                             "values/stat (median)", "top-1 accuracy (%)", "convergence"],
-                           rows, align="lllrrrl")
+                           rows, align="lrlrrrrl")
     series = {}
     for v in variants:
         pts: dict[int, list[float]] = {}
         for (vv, f, b), s in acc.items():
-            if vv == v and (vv, f, b) in values and s.ok and not s.unconverged:
+            if vv == v and (vv, f, b) in values and s.ok:
                 pts.setdefault(values[(vv, f, b)][0], []).append(s.mean)
         series[_label(v)] = [(x, statistics.fmean(ys)) for x, ys in sorted(pts.items())]
-    plot = line_plot(out_dir / "mechanism.png", {k: v for k, v in series.items() if v},
+    series = {k: v for k, v in series.items() if v}
+    moving = sum(bool(s.unconverged) for s in acc.values())
+    plot = line_plot(out_dir / "mechanism.png", series,
                      xlabel="values per statistic (smallest over the norm layers, log scale)",
                      ylabel="top-1 accuracy (%)", title="Accuracy vs values per statistic",
-                     note="converged cells only; mean over seeds")
+                     note=f"mean over seeds; {moving} point(s) still improving (see the table)"
+                     ) if series else None
     tol, tol_txt = noise_level(acc.values(), _n_test(records))
     claims = _claims(acc, values, tol, tol_txt)
     c = records[0].config
     seeds = sorted({r.config["seed"] for r in records})
+    split = sorted({(r.config["batch_size"], r.config["workers"]) for r in records
+                    if r.config["norm"] not in PER_EXAMPLE}, reverse=True)
+    workers = ", ".join(f"{w} x {b}" for b, w in split) or "per-example norms only"
+    epochs = sorted({int(r.config["epochs"]) for r in records})
+    epochs_txt = (f"{epochs[0]}" if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}")
     protocol = (
-        f"*Protocol:* {c['dataset']} ({c.get('image_size') or 'native'} px), {c['model']} "
-        f"{c['model_kwargs'].get('width')} channels doubling over "
-        f"{len(c['model_kwargs']['blocks_per_stage'])} stages, the last stage ending at "
-        f"{', '.join(f'{f}x{f}' for f in finals)} (only the strides differ); per-worker "
-        f"batch b on {c['workers'] if c['norm'] not in PER_EXAMPLE else 'the same'} virtual "
-        f"workers, lr {c['base_lr']:g} per {c['lr_reference_batch']} examples per step, SGD "
-        f"momentum {c['momentum']:g}, cosine with {c.get('warmup_epochs', 0):g} warm-up "
-        f"epoch(s), {sorted({r.config['epochs'] for r in records})} epochs; accuracy = median "
-        f"of the last {c['median_of']} epochs, mean ± 95% interval over {len(seeds)} seed(s).")
+        f"*Protocol:* {c['dataset']} ({c.get('image_size') or 'native'} px), {c['model']} of "
+        f"{len(c['model_kwargs']['blocks_per_stage'])} stages from "
+        f"{c['model_kwargs'].get('width')} channels, the last stage ending at "
+        f"{', '.join(f'{f}x{f}' for f in finals)} (only the strides differ); virtual workers x "
+        f"examples per worker: {workers} (GN: the same examples per step on one worker); lr "
+        f"{c['base_lr']:g} per {c['lr_reference_batch']} examples per step, SGD momentum "
+        f"{c['momentum']:g}, weight decay {c['weight_decay']:g}, cosine after "
+        f"{c.get('warmup_epochs', 0):g} warm-up epoch(s), {epochs_txt} epochs; accuracy = "
+        f"median of the last {c['median_of']} epochs' test accuracies, mean ± 95% interval "
+        f"over {len(seeds)} seed(s).")
     framing = (
-        "*What this is:* the paper's mechanism (statistics from few values are noisy) on "
-        "5,000 digits, made visible by a network whose last stage reaches 1x1 as an "
+        f"*What this is:* the paper's mechanism (statistics from few values are noisy) on "
+        f"{c['dataset']} digits, made visible by a network whose last stage reaches 1x1 as an "
         "ImageNet-style ResNet does on 28-32 px inputs. It is not a reproduction of the "
         "paper's ImageNet numbers: the threshold below is where BN fails on this data and "
         "network; ImageNet's ResNet-50 still loses ~10 points at 98 values per statistic.")
@@ -454,26 +465,23 @@ def _claims(acc: Mapping[tuple[str, int, int], Summary],
     if unjudged is not None:
         claims.append(unjudged)
     else:
-        # cells with the same smallest values pool their seeds
-        points: dict[int, list[Summary]] = {}
-        for k in bn_keys:
-            points.setdefault(values[k][0], []).append(acc[k])
-        pooled = {v: Summary(tuple(x for s in ss for x in s.values),
-                             sum(s.diverged for s in ss)) for v, ss in points.items()}
-        kind, fail_max, hold_min, best = bn_threshold(pooled, tol)
-        listing = "; ".join(f"{v} values: {fmt_summary(pooled[v])}" for v in sorted(pooled))
+        points = sorted(((values[k][0], acc[k]) for k in bn_keys), key=lambda p: p[0])
+        kind, fail_max, hold_min, best = bn_threshold(points, tol)
+        listing = "; ".join(f"{k[1]}x{k[1]}, b={k[2]}: {values[k][0]} values, "
+                            f"{fmt_summary(acc[k])}"
+                            for k in sorted(bn_keys, key=lambda k: (values[k][0], -k[1])))
         if kind == "threshold":
             failing = [k for k in bn_keys if values[k][0] <= fail_max]
             claims.append(Claim(name, "held",
                                 f"BN failed (more than the noise below its best, {best:.2f}) "
                                 f"with {fail_max} values per statistic or fewer and held from "
                                 f"{hold_min}: the threshold lies between {fail_max} and "
-                                f"{hold_min} values. BN by smallest values per statistic: "
-                                f"{listing}; {tol_txt}."))
+                                f"{hold_min} values. BN (last stage, b: smallest values per "
+                                f"statistic, accuracy): {listing}; {tol_txt}."))
         elif kind == "none failed":
             claims.append(Claim(name, "did not hold",
                                 f"BN stayed within the noise of its best ({best:.2f}) down to "
-                                f"{min(pooled)} values per statistic: no failure in the tested "
+                                f"{points[0][0]} values per statistic: no failure in the tested "
                                 f"range. {listing}; {tol_txt}."))
         else:
             failing = [k for k in bn_keys if acc[k].ok and acc[k].mean < best - tol]
@@ -548,7 +556,7 @@ def _large_batch_claim(acc: Mapping[tuple[str, int, int], Summary],
         if not ok or not bn.ok:
             continue
         k = max(ok, key=ok.get)
-        gaps.append((f"{f}x{f}: best BGN {_label(k[0])} {ok[k]:.2f} "
+        gaps.append((f"{f}x{f}: {_label(k[0])} (the best BGN) {ok[k]:.2f} "
                      f"({values.get(k, ('?',))[0]} values) vs BN {bn.mean:.2f} "
                      f"({values.get(('bn', f, big), ('?',))[0]} values)", ok[k] - bn.mean))
     if not gaps:

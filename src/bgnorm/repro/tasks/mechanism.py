@@ -13,7 +13,9 @@ Norms are named in the preset's ``norms`` list (:data:`NORM_VARIANTS`): ``bn``, 
 groups, capped per layer at the layer's channels), ``bgn`` (the paper's G for the batch size,
 :func:`bgnorm.paper_groups`) and ``bgn-g<G>`` (a fixed G in every layer). A new variant, such
 as BGN with a per-layer G policy, is one more entry of :data:`NORM_VARIANTS` (a function of
-the per-worker batch returning the cell's norm keys).
+the per-worker batch returning the cell's norm keys). ``--norms bn,gn,bgn`` selects among the
+registry names; the fixed-G variants go through ``--set 'norms=["bn", "bgn-g16"]'``, as do
+``final_sizes``, ``workers``, ``min_steps`` and every other key of :data:`MECHANISM_PRESETS`.
 
 The report gives, for every cell, the smallest and median values per statistic over the norm
 layers, the accuracy against the smallest (table and PNG, a line per norm), the number of

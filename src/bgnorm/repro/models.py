@@ -37,6 +37,7 @@ __all__ = [
     "resnet18",
     "resnet50",
     "small_resnet",
+    "strides_to_final_size",
 ]
 
 NormFactory = Callable[[int], nn.Module]
@@ -164,7 +165,8 @@ class ResNet(nn.Module):
     """Generic ResNet: ``stem -> stages of residual blocks -> global avg-pool -> linear``.
 
     Use the constructors (:func:`resnet18`, :func:`resnet50`, :func:`cifar_resnet`,
-    :func:`small_resnet`) rather than this class directly.
+    :func:`small_resnet`) rather than this class directly. ``stage_strides`` gives the stride
+    of each stage's first block (default: 1, then 2 for every later stage).
     """
 
     def __init__(
@@ -179,10 +181,19 @@ class ResNet(nn.Module):
         stem: str = "imagenet",
         stem_width: int | None = None,
         zero_init_residual: bool = False,
+        stage_strides: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if len(layers) != len(widths) or not layers:
             raise ValueError("layers and widths must be non-empty and of equal length")
+        if stage_strides is None:
+            stage_strides = [1] + [2] * (len(layers) - 1)
+        stage_strides = [int(s) for s in stage_strides]
+        if len(stage_strides) != len(layers) or any(s not in (1, 2) for s in stage_strides):
+            raise ValueError(
+                f"stage_strides must give 1 or 2 for each of the {len(layers)} stages, got "
+                f"{list(stage_strides)}"
+            )
         recorder = _NormRecorder(norm_layer)
         stem_width = widths[0] if stem_width is None else stem_width
         if stem == "imagenet":
@@ -204,7 +215,7 @@ class ResNet(nn.Module):
         for i, (n_blocks, planes) in enumerate(zip(layers, widths)):
             blocks = []
             for j in range(n_blocks):
-                stride = 2 if (i > 0 and j == 0) else 1
+                stride = stage_strides[i] if j == 0 else 1
                 blocks.append(block(ch, planes, stride, recorder))
                 ch = planes * block.expansion
             stages.append(nn.Sequential(*blocks))
@@ -297,16 +308,31 @@ def small_resnet(
     width: int = 16,
     blocks_per_stage: Sequence[int] = (1, 1, 1),
     zero_init_residual: bool = False,
+    stage_strides: Sequence[int] | None = None,
+    max_width: int | None = None,
 ) -> ResNet:
     """Small fast ResNet for CPU runs on 28x28 / 8x8 digits.
 
     3x3 stem conv to ``width`` channels + norm + ReLU, then one stage per entry of
-    ``blocks_per_stage`` with ``width * 2**i`` channels (stride 2 at the start of every stage but
-    the first), global average pooling and a linear classifier.
+    ``blocks_per_stage`` with ``min(width * 2**i, max_width)`` channels, global average pooling
+    and a linear classifier. Each stage's first block has stride ``stage_strides[i]`` (default:
+    1 for the first stage, 2 for every later one); :func:`strides_to_final_size` picks them so
+    that the last stage ends at a chosen spatial size.
+
+    Example:
+        >>> strides = strides_to_final_size(16, 5, final_size=1)
+        >>> model = small_resnet(10, in_channels=1, width=8, blocks_per_stage=[1] * 5,
+        ...                      stage_strides=strides, max_width=64)
+        >>> strides, model.num_features, model.layers(model.stem(torch.zeros(2, 1, 16, 16))).shape
+        ([1, 2, 2, 2, 2], 64, torch.Size([2, 64, 1, 1]))
     """
     if width < 1 or not blocks_per_stage or any(b < 1 for b in blocks_per_stage):
         raise ValueError("width must be >= 1 and blocks_per_stage a non-empty list of ints >= 1")
+    if max_width is not None and max_width < width:
+        raise ValueError(f"max_width={max_width} must be >= width={width} (or None: no cap)")
     widths = [width * 2**i for i in range(len(blocks_per_stage))]
+    if max_width is not None:
+        widths = [min(w, max_width) for w in widths]
     return ResNet(
         BasicBlock,
         list(blocks_per_stage),
@@ -316,7 +342,40 @@ def small_resnet(
         norm_layer=norm_layer,
         stem="cifar",
         zero_init_residual=zero_init_residual,
+        stage_strides=stage_strides,
     )
+
+
+def strides_to_final_size(image_size: int, num_stages: int, final_size: int) -> list[int]:
+    """Stage strides of a ``num_stages``-stage :func:`small_resnet` on ``image_size`` px inputs
+    whose last stage ends at ``final_size`` x ``final_size``.
+
+    A stride-2 3x3 convolution (padding 1) maps n positions to ceil(n / 2). The first stage
+    keeps stride 1; the following stages halve the size until it reaches ``final_size``, and
+    the rest keep it (so, with widths doubling every stage, networks ending at 4x4, 2x2 and 1x1
+    have the same layers and parameters and differ only in where they stop downsampling).
+
+    Example:
+        >>> [strides_to_final_size(16, 5, s) for s in (4, 2, 1)]
+        [[1, 2, 2, 1, 1], [1, 2, 2, 2, 1], [1, 2, 2, 2, 2]]
+    """
+    if image_size < 1 or num_stages < 1 or final_size < 1:
+        raise ValueError(f"image_size, num_stages and final_size must be >= 1, got "
+                         f"{image_size}, {num_stages} and {final_size}")
+    strides, size, reachable = [1], image_size, [image_size]
+    for _ in range(num_stages - 1):
+        if size > final_size:
+            size = -(-size // 2)
+            strides.append(2)
+            reachable.append(size)
+        else:
+            strides.append(1)
+    if size != final_size:
+        raise ValueError(
+            f"a {num_stages}-stage small_resnet on {image_size} px inputs cannot end at "
+            f"{final_size}x{final_size}: it reaches "
+            f"{', '.join(str(s) for s in reachable)} (add stages or pick one of these sizes)")
+    return strides
 
 
 MODELS: dict[str, Callable[..., ResNet]] = {
@@ -341,7 +400,8 @@ def build_model(
     """Build a registered model by name (see :data:`MODELS`).
 
     Extra keyword arguments go to the constructor (e.g. ``depth`` for ``"cifar_resnet"``,
-    ``width`` / ``blocks_per_stage`` for ``"small_resnet"``, ``zero_init_residual``).
+    ``width`` / ``blocks_per_stage`` / ``stage_strides`` / ``max_width`` for
+    ``"small_resnet"``, ``zero_init_residual``).
     """
     try:
         ctor = MODELS[name]

@@ -678,7 +678,7 @@ def _label(config: Mapping[str, Any]) -> str:
     parts = [config["task"], str(config.get("norm", ""))]
     for key, fmt in (("batch_size", "b={}"), ("workers", "W={}"), ("num_groups", "G={}"),
                      ("gn_groups", "G={}"), ("gn_channels_per_group", "C/G={}"),
-                     ("seed", "seed={}")):
+                     ("final_size", "last {0}x{0}"), ("seed", "seed={}")):
         if config.get(key) is not None and not (key == "workers" and config[key] == 1):
             parts.append(fmt.format(config[key]))
     return " ".join(p for p in parts if p)

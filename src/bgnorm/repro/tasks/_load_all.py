@@ -8,6 +8,7 @@ _MODULES = [
     "fewshot",         # Table 6
     "domain",          # Table 7
     "nas",             # Tables 3 and 4
+    "mechanism",       # accuracy vs values per statistic (issue 19)
 ]
 
 for _name in _MODULES:

@@ -2,7 +2,8 @@
 
 Layers (``BatchGroupNorm1d/2d/3d``, ``GeneralBatchGroupNorm1d/2d/3d``, ``PositionalNorm``), the
 functional API (:mod:`bgnorm.functional`), a norm registry (:func:`make_norm`), model conversion
-(:func:`convert_norm`) and the paper's G policy (:func:`paper_groups`).
+(:func:`convert_norm`), the paper's G policy (:func:`paper_groups`) and a G per layer
+(:func:`auto_groups`, ``num_groups="auto"``).
 """
 
 from . import functional

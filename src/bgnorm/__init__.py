@@ -19,7 +19,18 @@ from .layers import (
     GeneralBatchGroupNorm3d,
     PositionalNorm,
 )
-from .policy import PAPER_GROUPS, channel_groups, paper_groups, values_per_statistic
+from .policy import (
+    PAPER_GROUPS,
+    REFERENCE_FEATURES,
+    GroupsReport,
+    auto_groups,
+    channel_groups,
+    groups_report,
+    paper_groups,
+    paper_values_per_statistic,
+    resolve_groups,
+    values_per_statistic,
+)
 from .registry import canonical_name, make_norm, norm_names
 
 # isort: split
@@ -49,6 +60,13 @@ __all__ = [
     "norm_names",
     "paper_groups",
     "values_per_statistic",
+    # -- a G per layer (issue 15) --
+    "REFERENCE_FEATURES",
+    "GroupsReport",
+    "auto_groups",
+    "groups_report",
+    "paper_values_per_statistic",
+    "resolve_groups",
     # -- inference folding, SWA statistics, frozen norms (issue 16) --
     "FrozenBatchGroupNorm",
     "FrozenBatchNorm",

@@ -267,7 +267,9 @@ def _spatial(spatial_shape: Sequence[int] | int, fn: str) -> tuple[int, ...]:
 
 
 def _log_distance(groups: int, ideal: float) -> float:
-    return abs(math.log2(groups / ideal))
+    """|log2(groups / ideal)|, rounded so that candidates equally far in exact arithmetic tie
+    (the tie then goes to the smaller G) whatever the floating-point round-off."""
+    return round(abs(math.log2(groups / ideal)), 9)
 
 
 def auto_groups(

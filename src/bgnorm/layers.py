@@ -152,9 +152,9 @@ class _BatchGroupNorm(nn.Module):
         self._auto_groups = isinstance(num_groups, str) and num_groups == AUTO
         if isinstance(num_groups, str) and not self._auto_groups:
             raise TypeError(
-                f"{cls}: num_groups must be a positive int or 'auto', got {num_groups!r}; pass "
-                "an integer such as num_groups=32, or num_groups='auto' to choose G from the "
-                "first training input (bgnorm.auto_groups)")
+                f"{cls}: num_groups must be a positive int, got str {num_groups!r}; pass an "
+                "integer such as num_groups=32, or num_groups='auto' to choose G from the first "
+                "training input (bgnorm.auto_groups)")
         self.num_groups: int | str = AUTO if self._auto_groups else _checks.check_num_groups(
             num_groups, fn=cls)
         self.eps = eps

@@ -217,7 +217,8 @@ def test_auto_layer_refuses_eval_before_its_first_training_input():
 
 
 def test_bad_num_groups_strings_and_sync_are_refused():
-    with pytest.raises(TypeError, match="num_groups must be a positive int, got str 'Auto'.*or num_groups='auto'"):
+    with pytest.raises(TypeError, match="num_groups must be a positive int, got str 'Auto'"
+                                        ".*or num_groups='auto'"):
         bgnorm.BatchGroupNorm2d(8, "Auto")
     with pytest.raises(ValueError, match="SyncBatchGroupNorm: num_groups='auto' is not supported"):
         bgnorm.SyncBatchGroupNorm(8, "auto")
@@ -381,3 +382,33 @@ def test_cli_groups(capsys):
     assert "aiming at 100 values" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["groups", "--model", "resnet50"])  # --batch-size is required
+
+
+def test_compile_chooses_eagerly_or_refuses_with_fullgraph():
+    torch._dynamo.reset()
+    x = torch.randn(4, 8, 3, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="resolve_groups"):  # dynamo's Unsupported is one
+        torch.compile(bgnorm.BatchGroupNorm2d(8, "auto"), backend="eager", fullgraph=True)(x)
+    layer = bgnorm.BatchGroupNorm2d(8, "auto").double()
+    y = torch.compile(layer, backend="eager")(x)
+    twin = bgnorm.BatchGroupNorm2d(8, layer.num_groups).double()
+    torch.testing.assert_close(y, twin(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(layer.running_var, twin.running_var, rtol=0, atol=1e-12)
+
+
+def test_the_guide_table_is_what_the_code_chooses(resnet50_meta):
+    from pathlib import Path
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "choosing-g.md").read_text()
+    rows = [line for line in guide.splitlines() if line.startswith("| ") and " x " in line
+            and line.split("|")[2].strip().isdigit()]
+    assert len(rows) == 12
+    batches = sorted(PAPER_GROUPS, reverse=True)
+    reports = {b: groups_report(resnet50_meta, (b, 3, 224, 224)) for b in batches}
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        c, h, w = (int(v) for v in cells[0].split(" x "))
+        chosen = [next(r.groups for r in reports[b].rows if r.input_shape[1:] == (c, h, w))
+                  for b in batches]
+        count = sum(r.input_shape[1:] == (c, h, w) for r in reports[batches[0]].rows)
+        assert [int(v) for v in cells[3:]] == chosen and int(cells[2]) == count, line

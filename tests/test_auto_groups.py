@@ -412,3 +412,58 @@ def test_the_guide_table_is_what_the_code_chooses(resnet50_meta):
                   for b in batches]
         count = sum(r.input_shape[1:] == (c, h, w) for r in reports[batches[0]].rows)
         assert [int(v) for v in cells[3:]] == chosen and int(cells[2]) == count, line
+
+
+def _bn_model_with_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16),
+                          nn.Conv2d(16, 8, 3, padding=1), nn.BatchNorm2d(8)).double()
+    for bn in (model[1], model[3]):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.num_batches_tracked.fill_(7)
+    return model
+
+
+@pytest.mark.parametrize("running_stats", ["derive", "reset"])
+@pytest.mark.parametrize("target", [4096, 256, 16])  # G = 1 / whole channels, G = C, bands
+def test_convert_norm_auto_carries_batchnorm_statistics_when_g_is_chosen(running_stats, target,
+                                                                           monkeypatch):
+    real = bgnorm.policy.auto_groups
+    monkeypatch.setattr(bgnorm.policy, "auto_groups",
+                        lambda *a, **k: real(*a, target_values=target))
+    shape = (4, 3, 4, 4)
+    auto = bgnorm.convert_norm(_bn_model_with_statistics(), "bgn", num_groups="auto",
+                               running_stats=running_stats)
+    resolve_groups(auto, shape)
+    layers = [auto[1], auto[3]]
+    chosen = [m.num_groups for m in layers]
+    assert chosen == [real(c, (4, 4), 4, target_values=target) for c in (16, 8)]
+    fixed = _bn_model_with_statistics()
+    for i, g in zip((1, 3), chosen):  # the same conversion with the G given
+        fixed[i] = bgnorm.convert_norm(fixed[i], "bgn", num_groups=g,
+                                       running_stats=running_stats)
+    for a, f in zip(layers, (fixed[1], fixed[3])):
+        assert torch.equal(a.running_mean, f.running_mean)
+        assert torch.equal(a.running_var, f.running_var)
+        assert torch.equal(a.num_batches_tracked, f.num_batches_tracked)
+    # and through the first training step
+    auto2 = bgnorm.convert_norm(_bn_model_with_statistics(), "bgn", num_groups="auto",
+                                running_stats=running_stats)
+    x = torch.randn(shape, dtype=torch.float64)
+    auto2(x)
+    fixed(x)
+    for a, f in zip((auto2[1], auto2[3]), (fixed[1], fixed[3])):
+        torch.testing.assert_close(a.running_var, f.running_var, rtol=0, atol=1e-12)
+
+
+def test_a_checkpoint_wins_over_the_carried_statistics():
+    auto = bgnorm.convert_norm(_bn_model_with_statistics(), "bgn", num_groups="auto")
+    trained = bgnorm.convert_norm(_bn_model_with_statistics(), "bgn", num_groups="auto")
+    resolve_groups(trained, (4, 3, 4, 4))
+    for m in (trained[1], trained[3]):
+        m.running_mean.fill_(3.0)
+    auto.load_state_dict(trained.state_dict())
+    assert auto[1]._pending_channel_stats is None
+    resolve_groups(auto, (4, 3, 4, 4))  # nothing left to choose or carry
+    assert torch.equal(auto[1].running_mean, trained[1].running_mean)

@@ -129,6 +129,9 @@ class _BatchGroupNorm(nn.Module):
     examples_per_group: int | None = None  # GBGN's e; None: one batch group (BGN)
     #: Built with num_groups="auto": G is chosen from the first training input and saved.
     _auto_groups = False
+    #: convert_norm(..., num_groups="auto"): the replaced BatchNorm's (running_mean,
+    #: running_var, num_batches_tracked, running_stats policy), carried over when G is chosen.
+    _pending_channel_stats: tuple[Any, ...] | None = None
     #: The layer's qualified name in its model (set by convert_norm), named in error messages.
     _bgnorm_path: str | None = None
 
@@ -271,6 +274,30 @@ class _BatchGroupNorm(nn.Module):
                 f"(shape {tuple(input.shape)}); its first training input must hold at least "
                 "one example and one value per channel")
         self._settle_num_groups(self._policy_groups(tuple(int(s) for s in input.shape)))
+        self._carry_pending_stats()
+
+    def _carry_pending_stats(self) -> None:
+        """Running statistics from the BatchNorm that convert_norm replaced by this auto layer,
+        now that G is known: copied at G = C, else estimated (running_stats="derive") as
+        convert_norm does for a given G; mean 0 / variance 1 where it cannot."""
+        pending, self._pending_channel_stats = self._pending_channel_stats, None
+        if pending is None or self.running_mean is None or self.running_var is None:
+            return
+        from .convert import _group_statistics
+
+        mean, var, count, policy = pending
+        if mean.shape == self.running_mean.shape:
+            stats = (mean, var)
+        elif policy == "derive":
+            stats = _group_statistics(mean, var, self.num_groups)
+        else:
+            stats = None
+        if stats is not None:
+            with torch.no_grad():
+                self.running_mean.copy_(stats[0])
+                self.running_var.copy_(stats[1])
+                if count is not None and self.num_batches_tracked is not None:
+                    self.num_batches_tracked.copy_(count)
 
     # The group layout recorded by straddling groups is the layer's extra state. It is saved
     # only when there is one, so a layer without (any G that divides C or is a multiple of C,
@@ -350,6 +377,7 @@ class _BatchGroupNorm(nn.Module):
             return
         if not self.groups_resolved:
             self._settle_num_groups(saved)
+            self._pending_channel_stats = None  # the checkpoint's statistics win
         elif not (isinstance(mean, Tensor) and self.running_mean is not None):
             error_msgs.append(
                 f"{self._describe()}: the checkpoint's layer has num_groups={saved} but this "

@@ -404,7 +404,9 @@ def _norm_input_shapes(
             raise ValueError(
                 "example_input must be a tensor or the shape of one, (b, C, *spatial) with "
                 f"every size >= 1; got {example_input!r}")
-        real = torch.zeros(shape, device="meta")
+        dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()),
+                     torch.get_default_dtype())
+        real = torch.zeros(shape, device="meta", dtype=dtype)  # the dtype the model computes in
 
     def run(twin: nn.Module, x: Tensor) -> dict[str, tuple[int, ...]]:
         shapes: dict[str, tuple[int, ...]] = {}
@@ -443,8 +445,9 @@ def resolve_groups(model: nn.Module, example_input: Tensor | Sequence[int]) -> n
     evaluate or inspect a model before training. The pass runs on a copy of the model on the
     meta device (or, where the meta device cannot run the model, a copy in eval mode without
     gradients), so parameters, running statistics and modes are untouched; each auto layer gets
-    running statistics of G values (mean 0, variance 1). Layers the pass does not reach keep
-    waiting for their first training input.
+    running statistics of G values (mean 0, variance 1, or those of the BatchNorm that
+    :func:`bgnorm.convert_norm` replaced by it). Layers the pass does not reach keep waiting for
+    their first training input.
 
     Returns ``model``.
 
@@ -459,6 +462,7 @@ def resolve_groups(model: nn.Module, example_input: Tensor | Sequence[int]) -> n
     for name, layer in _batch_norms(model):
         if name in shapes and getattr(layer, "num_groups", None) == "auto":
             layer._settle_num_groups(layer._policy_groups(shapes[name]))
+            layer._carry_pending_stats()
     return model
 
 

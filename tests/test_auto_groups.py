@@ -384,6 +384,7 @@ def test_cli_groups(capsys):
         main(["groups", "--model", "resnet50"])  # --batch-size is required
 
 
+@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace")
 def test_compile_chooses_eagerly_or_refuses_with_fullgraph():
     torch._dynamo.reset()
     x = torch.randn(4, 8, 3, 3, dtype=torch.float64)
@@ -467,3 +468,18 @@ def test_a_checkpoint_wins_over_the_carried_statistics():
     assert auto[1]._pending_channel_stats is None
     resolve_groups(auto, (4, 3, 4, 4))  # nothing left to choose or carry
     assert torch.equal(auto[1].running_mean, trained[1].running_mean)
+
+
+def test_tools_name_a_layer_that_has_not_chosen():
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 8, 3), bgnorm.BatchGroupNorm2d(8, "auto")).eval()
+
+    report = bgnorm.fuse_conv_norm(net(), warn=False)
+    assert not report.folded
+    assert "has not chosen its G yet" in report.skipped[0][1]
+    with pytest.raises(ValueError, match="num_groups='auto'\\) has not chosen its G yet"):
+        bgnorm.freeze_norms(net())
+    model = net()
+    bgnorm.update_bn([torch.randn(4, 3, 6, 6)], model)  # a training pass: it chooses
+    assert model[1].groups_resolved and not model[1].training
+    bgnorm.freeze_norms(model)

@@ -2,9 +2,9 @@
 
 Layers (``BatchGroupNorm1d/2d/3d``, ``GeneralBatchGroupNorm1d/2d/3d``, ``PositionalNorm``), the
 functional API (:mod:`bgnorm.functional`), a norm registry (:func:`make_norm`), model conversion
-(:func:`convert_norm`) and the paper's G policy (:func:`paper_groups`); the small-batch
-methods BGN is compared with (Batch Renormalization, FRN, EvoNorm-S0/B0, Weight
-Standardization).
+(:func:`convert_norm`), the paper's G policy (:func:`paper_groups`), a G per layer
+(:func:`auto_groups`, ``num_groups="auto"``), and the small-batch methods BGN is compared with
+(Batch Renormalization, FRN, EvoNorm-S0/B0, Weight Standardization).
 """
 
 from . import functional
@@ -20,7 +20,18 @@ from .layers import (
     GeneralBatchGroupNorm3d,
     PositionalNorm,
 )
-from .policy import PAPER_GROUPS, channel_groups, paper_groups, values_per_statistic
+from .policy import (
+    PAPER_GROUPS,
+    REFERENCE_FEATURES,
+    GroupsReport,
+    auto_groups,
+    channel_groups,
+    groups_report,
+    paper_groups,
+    paper_values_per_statistic,
+    resolve_groups,
+    values_per_statistic,
+)
 from .registry import canonical_name, make_norm, norm_names
 
 # isort: split
@@ -66,6 +77,13 @@ __all__ = [
     "norm_names",
     "paper_groups",
     "values_per_statistic",
+    # -- a G per layer (issue 15) --
+    "REFERENCE_FEATURES",
+    "GroupsReport",
+    "auto_groups",
+    "groups_report",
+    "paper_values_per_statistic",
+    "resolve_groups",
     # -- inference folding, SWA statistics, frozen norms (issue 16) --
     "FrozenBatchGroupNorm",
     "FrozenBatchNorm",

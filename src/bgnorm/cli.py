@@ -8,6 +8,9 @@
     List the tasks and their presets (and each task's options and ``--set`` keys).
 ``bgnorm docs [NAME]``
     List the guides installed with the package (``bgnorm/docs/*.md``), or print one.
+``bgnorm groups --model resnet50 --batch-size 8 [--image-size 224]``
+    Per norm layer of one of the suite's models: the G ``num_groups="auto"`` chooses, the
+    paper's G and the values per statistic of each (``bgnorm docs choosing-g``).
 ``torchrun --nproc-per-node=N -m bgnorm.cli reproduce ...``
     The same sweep, each cell trained with DDP over N processes (``bgnorm docs distributed``).
 
@@ -229,7 +232,48 @@ def _parser() -> argparse.ArgumentParser:
         description="The guides (markdown) ship with the package: without NAME, list them with "
                     "their installed paths; with NAME (e.g. reproduction), print one.")
     dp.add_argument("name", nargs="?", default=None, help="a guide's name, e.g. reproduction")
+
+    from .repro.models import MODELS
+
+    gp = sub.add_parser(
+        "groups", help="per norm layer of a model: the G num_groups='auto' chooses",
+        description="For each norm layer of one of the suite's models (built with BatchNorm, "
+                    "on the meta device: nothing is computed), print the G that "
+                    "num_groups='auto' (bgnorm.auto_groups) chooses for the per-worker batch, "
+                    "the paper's single G (bgnorm.paper_groups) and the values per statistic "
+                    "of each, as a markdown table. `bgnorm docs choosing-g` explains the rule.")
+    gp.add_argument("--model", choices=sorted(MODELS), default="resnet50",
+                    help="the model (default: resnet50)")
+    gp.add_argument("--batch-size", type=_number(int, 1), required=True,
+                    help="examples per worker (what one statistic sees)")
+    gp.add_argument("--image-size", type=_number(int, 1), default=None,
+                    help="input height and width (default: 224 for resnet18/50, 32 otherwise)")
+    gp.add_argument("--in-channels", type=_number(int, 1), default=3,
+                    help="input channels (default: 3)")
+    gp.add_argument("--values", type=_number(float, 0, strict=True), default=None,
+                    help="aim at this many values per statistic instead of the paper's "
+                         "(bgnorm.paper_values_per_statistic)")
     return parser
+
+
+def _groups(args: argparse.Namespace) -> int:
+    import torch
+
+    from .policy import groups_report
+    from .repro.models import build_model
+
+    size = args.image_size or (224 if args.model in ("resnet18", "resnet50") else 32)
+    with torch.device("meta"):
+        model = build_model(args.model, num_classes=10, in_channels=args.in_channels)
+    try:
+        report = groups_report(model, (args.batch_size, args.in_channels, size, size),
+                               target_values=args.values)
+    except RuntimeError as exc:  # e.g. an image too small for the model's down-sampling
+        raise _UsageError(f"groups: {args.model} cannot run on {size}x{size} inputs: "
+                          f"{str(exc).splitlines()[0]}") from None
+    print(f"{args.model}, {size}x{size} px, {args.batch_size} per worker\n")
+    print(report)
+    return 0
 
 
 def _docs_dir() -> Path | None:
@@ -463,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
             return _list_tasks(args.settings)
         if args.command == "docs":
             return _docs(args.name)
+        if args.command == "groups":
+            return _groups(args)
     except _UsageError as exc:
         print(f"bgnorm: {exc}", file=sys.stderr)
         return 2

@@ -174,6 +174,14 @@ def _carry_running_stats(bn: _BatchNorm, new: nn.Module, policy: str) -> str | N
     (returns "reset"). None: copied, or nothing to carry."""
     old_mean, old_var = bn.running_mean, bn.running_var
     mean, var = getattr(new, "running_mean", None), getattr(new, "running_var", None)
+    if getattr(new, "num_groups", None) == "auto":
+        # no G yet: the layer carries them over (as below) when it chooses its G
+        if isinstance(old_mean, torch.Tensor) and isinstance(old_var, torch.Tensor):
+            count = bn.num_batches_tracked
+            new._pending_channel_stats = (  # type: ignore[assignment]
+                old_mean.detach().clone(), old_var.detach().clone(),
+                None if count is None else count.detach().clone(), policy)
+        return None
     if not (isinstance(old_mean, torch.Tensor) and isinstance(old_var, torch.Tensor)
             and isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor)):
         return None  # one side keeps no statistics
@@ -346,7 +354,11 @@ def convert_norm(
 
     Keyword arguments go to :func:`bgnorm.make_norm` (``num_groups``, ``examples_per_group``,
     ...); their values may be callables of ``num_features`` (``num_groups=lambda c: c // 16``,
-    :func:`bgnorm.channel_groups`). Unless given there, each new layer takes the old one's
+    :func:`bgnorm.channel_groups`). ``num_groups="auto"`` (bgn, gbgn) gives each layer the G
+    of :func:`bgnorm.auto_groups` for its own size, chosen from its first training input (or
+    by :func:`bgnorm.resolve_groups`); BatchNorm's running statistics are carried over (as
+    below, by ``running_stats``) when G is chosen, and are lost if the model is saved before.
+    Unless given there, each new layer takes the old one's
     ``eps``, ``affine``, ``bias=False`` (a BatchNorm without beta gives a layer without beta),
     device and dtype, and for bn/bgn/gbgn/brn its ``momentum`` and ``track_running_stats``. It
     keeps

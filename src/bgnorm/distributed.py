@@ -251,6 +251,13 @@ class SyncBatchGroupNorm(_BatchGroupNorm):
         *,
         bias: bool = True,
     ) -> None:
+        if isinstance(num_groups, str) and num_groups == "auto":
+            raise ValueError(
+                "SyncBatchGroupNorm: num_groups='auto' is not supported: the statistics see the "
+                "global batch of the process group, which one rank's first input does not show, "
+                "and every rank must choose the same G. Choose G with bgnorm.auto_groups(C, "
+                "spatial_shape, batch_size=<global batch>) and pass it, or resolve a per-worker "
+                "model's auto layers (bgnorm.resolve_groups) before synchronizing them")
         super().__init__(
             num_features, num_groups, eps, momentum, affine, track_running_stats, device, dtype,
             bias=bias,

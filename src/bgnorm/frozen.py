@@ -225,6 +225,11 @@ class FrozenBatchGroupNorm(_FrozenNorm):
             raise ValueError(
                 f"FrozenBatchGroupNorm.from_module: {type(bgn).__name__} has "
                 "track_running_stats=False, so there are no statistics to freeze")
+        if not bgn.groups_resolved:
+            raise ValueError(
+                f"FrozenBatchGroupNorm.from_module: {bgn._describe()} has not chosen its G yet, "
+                "so there are no statistics to freeze; train it first (its first training "
+                "input chooses G), or load a checkpoint saved after training")
         frozen = cls(bgn.num_features, bgn.num_groups, bgn.eps, bgn.weight is not None,
                      bias=bgn.bias is not None)
         frozen._copy_from(bgn)

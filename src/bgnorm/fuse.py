@@ -95,6 +95,9 @@ def _channel_affine(norm: nn.Module) -> tuple[Tensor, Tensor] | str:
     if norm.running_mean is None or norm.running_var is None:
         return (f"{name} has track_running_stats=False, so it normalizes with batch statistics "
                 "in eval mode too; only layers with running statistics fold")
+    if isinstance(norm, _BatchGroupNorm) and not norm.groups_resolved:
+        return (f"{name}(num_groups='auto') has not chosen its G yet (it has no statistics): "
+                "train it first, or load a checkpoint saved after training")
     c = norm.num_features
     rm = norm.running_mean.detach().to(torch.float64)
     rv = norm.running_var.detach().to(torch.float64)

@@ -33,8 +33,12 @@ __all__ = [
 _EXTRA_STATE = "_extra_state"  # torch's key for get_extra_state()
 
 #: Default G of the BatchGroupNorm layers (the GN paper's default group count). The BGN paper
-#: chooses G by batch size: see :func:`bgnorm.paper_groups`.
+#: chooses G by batch size: see :func:`bgnorm.paper_groups`; ``num_groups="auto"`` chooses it
+#: per layer (:func:`bgnorm.auto_groups`).
 DEFAULT_NUM_GROUPS = 32
+
+#: The ``num_groups`` value that lets a layer choose G from its first training input.
+AUTO = "auto"
 
 
 def _without_bias(module: nn.Module) -> bool:
@@ -123,13 +127,18 @@ class _BatchGroupNorm(nn.Module):
     _abbr_ = "bgn"
     _input_dims: tuple[int, ...] = ()  # accepted input.dim() values; empty: any (N, C, *)
     examples_per_group: int | None = None  # GBGN's e; None: one batch group (BGN)
+    #: Built with num_groups="auto": G is chosen from the first training input and saved.
+    _auto_groups = False
+    #: convert_norm(..., num_groups="auto"): the replaced BatchNorm's (running_mean,
+    #: running_var, num_batches_tracked, running_stats policy), carried over when G is chosen.
+    _pending_channel_stats: tuple[Any, ...] | None = None
     #: The layer's qualified name in its model (set by convert_norm), named in error messages.
     _bgnorm_path: str | None = None
 
     def __init__(
         self,
         num_features: int,
-        num_groups: int = DEFAULT_NUM_GROUPS,
+        num_groups: int | str = DEFAULT_NUM_GROUPS,
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         affine: bool = True,
@@ -143,7 +152,14 @@ class _BatchGroupNorm(nn.Module):
         super().__init__()
         cls = type(self).__name__
         self.num_features = _checks.check_num_features(num_features, cls)
-        self.num_groups = _checks.check_num_groups(num_groups, fn=cls)
+        self._auto_groups = isinstance(num_groups, str) and num_groups == AUTO
+        if isinstance(num_groups, str) and not self._auto_groups:
+            raise TypeError(
+                f"{cls}: num_groups must be a positive int, got str {num_groups!r}; pass an "
+                "integer such as num_groups=32, or num_groups='auto' to choose G from the first "
+                "training input (bgnorm.auto_groups)")
+        self.num_groups: int | str = AUTO if self._auto_groups else _checks.check_num_groups(
+            num_groups, fn=cls)
         self.eps = eps
         self.momentum = momentum
         self.affine = affine
@@ -158,8 +174,10 @@ class _BatchGroupNorm(nn.Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
         if track_running_stats:
-            mean, var = _running_stats(self._describe, self.num_features, self.num_groups,
-                                       factory_kwargs)
+            # num_groups="auto": empty statistics until G is chosen (_settle_num_groups)
+            mean, var = (torch.zeros(0, **factory_kwargs), torch.ones(0, **factory_kwargs)) \
+                if self._auto_groups else _running_stats(
+                    self._describe, self.num_features, self.num_groups, factory_kwargs)
             self.register_buffer("running_mean", mean)
             self.register_buffer("running_var", var)
             self.register_buffer(
@@ -195,22 +213,105 @@ class _BatchGroupNorm(nn.Module):
     def straddles_channels(self) -> bool:
         """True when groups are neither whole channels nor bands inside one channel."""
         c, g = self.num_features, self.num_groups
-        return c % g != 0 and g % c != 0
+        return isinstance(g, int) and c % g != 0 and g % c != 0
+
+    @property
+    def groups_resolved(self) -> bool:
+        """False while ``num_groups="auto"`` waits for the first training input."""
+        return self.num_groups != AUTO
 
     def extra_repr(self) -> str:
         return (
-            "{num_features}, num_groups={num_groups}, eps={eps}, momentum={momentum}, "
+            "{num_features}, num_groups={groups}, eps={eps}, momentum={momentum}, "
             "affine={affine}, {no_bias}track_running_stats={track_running_stats}".format(
-                **self.__dict__, no_bias="bias=False, " if _without_bias(self) else "")
+                **self.__dict__, groups=repr(self.num_groups),
+                no_bias="bias=False, " if _without_bias(self) else "")
         )
+
+    # -- num_groups="auto" ---------------------------------------------------------------------
+    def _policy_groups(self, input_shape: tuple[int, ...]) -> int:
+        """The G :func:`bgnorm.auto_groups` picks for a training input of ``input_shape``: the
+        statistics see the batch (GBGN: e of its examples), C and the spatial size."""
+        from .policy import auto_groups
+
+        b = int(input_shape[0])
+        if self.examples_per_group is not None:
+            b = min(b, self.examples_per_group)
+        return auto_groups(self.num_features, tuple(input_shape[2:]), b)
+
+    def _settle_num_groups(self, num_groups: int) -> None:
+        """Fix G (an auto layer's choice, or the G of a checkpoint it loads): running
+        statistics of G values (mean 0, variance 1) on the device and dtype of the empty ones."""
+        g = _checks.check_num_groups(num_groups, fn=self._describe)
+        if self.running_mean is not None and self.running_var is not None:
+            kw = {"device": self.running_mean.device, "dtype": self.running_mean.dtype}
+            self.running_mean, self.running_var = _running_stats(
+                self._describe, self.num_features, g, kw)
+        self.num_groups = g
+        self._checked = None
+
+    def _resolve_from_input(self, input: Tensor) -> None:
+        """num_groups="auto" and no G yet: choose it from this input, in training only."""
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                f"{self._describe()}: num_groups='auto' is chosen from the first training "
+                "input, which torch.compile and torch.export cannot do inside a graph; resolve "
+                "G before compiling or exporting: one eager training step, or "
+                "bgnorm.resolve_groups(model, example_input)")
+        if not self.training:
+            raise RuntimeError(
+                f"{self._describe()}: num_groups='auto' is chosen from the first training-mode "
+                "input (its batch size, channels and spatial size), and this layer has not seen "
+                "one, so it has no G and no running statistics for eval. Run a training step "
+                "first (model.train(); model(x)), load a state dict saved after one, or choose "
+                "G now with bgnorm.resolve_groups(model, example_input)")
+        self._check_input_dim(input)
+        _checks.check_input(self._describe, input)
+        _checks.check_channels(self._describe, input, self.num_features)
+        if input.numel() == 0:
+            raise ValueError(
+                f"{self._describe()}: num_groups='auto' cannot choose G from an empty input "
+                f"(shape {tuple(input.shape)}); its first training input must hold at least "
+                "one example and one value per channel")
+        self._settle_num_groups(self._policy_groups(tuple(int(s) for s in input.shape)))
+        self._carry_pending_stats()
+
+    def _carry_pending_stats(self) -> None:
+        """Running statistics from the BatchNorm that convert_norm replaced by this auto layer,
+        now that G is known: copied at G = C, else estimated (running_stats="derive") as
+        convert_norm does for a given G; mean 0 / variance 1 where it cannot."""
+        pending, self._pending_channel_stats = self._pending_channel_stats, None
+        if pending is None or self.running_mean is None or self.running_var is None:
+            return
+        from .convert import _group_statistics
+
+        mean, var, count, policy = pending
+        if mean.shape == self.running_mean.shape:
+            stats = (mean, var)
+        elif policy == "derive":
+            stats = _group_statistics(mean, var, self.num_groups)
+        else:
+            stats = None
+        if stats is not None:
+            with torch.no_grad():
+                self.running_mean.copy_(stats[0])
+                self.running_var.copy_(stats[1])
+                if count is not None and self.num_batches_tracked is not None:
+                    self.num_batches_tracked.copy_(count)
 
     # The group layout recorded by straddling groups is the layer's extra state. It is saved
     # only when there is one, so a layer without (any G that divides C or is a multiple of C,
     # or straddling groups before their first input) has exactly BatchNorm's state dict keys:
     # at G = C a stock BatchNorm checkpoint loads strictly, and back. A state dict without the
     # key means "no layout recorded" (checkpoints of version 1 always have it).
+    # An auto layer (num_groups="auto") also saves its G ("auto" before its first training
+    # input), so a checkpoint restores the choice even without running statistics.
     def get_extra_state(self) -> dict[str, Any]:
-        return {"layout_shape": None if self.layout_shape is None else list(self.layout_shape)}
+        state: dict[str, Any] = {
+            "layout_shape": None if self.layout_shape is None else list(self.layout_shape)}
+        if self._auto_groups:
+            state["num_groups"] = self.num_groups
+        return state
 
     def set_extra_state(self, state: Any) -> None:
         shape = state.get("layout_shape") if isinstance(state, dict) else None
@@ -219,7 +320,7 @@ class _BatchGroupNorm(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.layout_shape is None:
+        if self.layout_shape is None and not self._auto_groups:
             destination.pop(prefix + _EXTRA_STATE, None)
 
     def _load_from_state_dict(
@@ -233,6 +334,7 @@ class _BatchGroupNorm(nn.Module):
             # no layout recorded): no layout. A dict with none of its entries (strict=False
             # loads of another part of a model) leaves the recorded layout alone.
             state_dict.setdefault(prefix + _EXTRA_STATE, {"layout_shape": None})
+        self._load_num_groups(state_dict, prefix, error_msgs)
         version = local_metadata.get("version", None)
         if version is None:
             # A dict without our metadata (hand-made, or from an older format): fill in what the
@@ -242,7 +344,13 @@ class _BatchGroupNorm(nn.Module):
         key = prefix + "running_mean"
         if key in state_dict and self.running_mean is not None:
             saved = state_dict[key]
-            if saved.dim() == 1 and saved.shape[0] != self.num_groups:
+            if (saved.dim() == 1 and saved.shape[0] == 0 and self.groups_resolved
+                    and self.num_groups != 0):
+                error_msgs.append(
+                    f"{self._describe()}: the checkpoint was saved before its num_groups='auto' "
+                    "layer chose G (no running statistics yet); save it after a training step")
+            elif (saved.dim() == 1 and self.groups_resolved
+                    and saved.shape[0] != self.num_groups):
                 error_msgs.append(
                     f"{self._describe()}: the checkpoint's running statistics have "
                     f"{saved.shape[0]} groups but this layer has num_groups={self.num_groups}; "
@@ -252,12 +360,36 @@ class _BatchGroupNorm(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
+    def _load_num_groups(self, state_dict: dict[str, Any], prefix: str,
+                         error_msgs: list[str]) -> None:
+        """The checkpoint's G: a layer still waiting for it (num_groups="auto") takes it, from
+        the saved num_groups or else the length of the running statistics (a torch BatchNorm
+        checkpoint: G = C); a layer with another G gets an error (from the running statistics'
+        check below where the checkpoint has them)."""
+        extra = state_dict.get(prefix + _EXTRA_STATE)
+        saved = extra.get("num_groups") if isinstance(extra, dict) else None
+        mean = state_dict.get(prefix + "running_mean")
+        if not _checks._is_int(saved):  # "auto" (saved before its first input) or absent
+            saved = None
+            if isinstance(mean, Tensor) and mean.dim() == 1 and mean.shape[0] > 0:
+                saved = int(mean.shape[0])
+        if saved is None or saved == self.num_groups:
+            return
+        if not self.groups_resolved:
+            self._settle_num_groups(saved)
+            self._pending_channel_stats = None  # the checkpoint's statistics win
+        elif not (isinstance(mean, Tensor) and self.running_mean is not None):
+            error_msgs.append(
+                f"{self._describe()}: the checkpoint's layer has num_groups={saved} but this "
+                f"layer has num_groups={self.num_groups}; construct the layer with "
+                f"num_groups={saved} (or num_groups='auto') to load it")
+
     # -- forward -------------------------------------------------------------------------------
     def _describe(self) -> str:
         """The layer as error messages name it: its short repr and, when known, its place in
         the model, e.g. ``BatchGroupNorm2d(96, num_groups=24) at 'layer2.1.bn1'``."""
         e = self.examples_per_group
-        text = f"{type(self).__name__}({self.num_features}, num_groups={self.num_groups}" + (
+        text = f"{type(self).__name__}({self.num_features}, num_groups={self.num_groups!r}" + (
             ")" if e is None else f", examples_per_group={e})")
         return text if self._bgnorm_path is None else f"{text} at {self._bgnorm_path!r}"
 
@@ -312,6 +444,8 @@ class _BatchGroupNorm(nn.Module):
         )
 
     def _common_checks(self, input: Tensor) -> None:
+        if self.num_groups == AUTO:
+            self._resolve_from_input(input)
         _checks.check_num_groups(self.num_groups, fn=self._describe)  # may have been set since
         self._check_input_dim(input)
         _checks.check_channels(self._describe, input, self.num_features)
@@ -417,10 +551,22 @@ class _BatchGroupNormNd(_BatchGroupNorm):
     Statistics are computed in float32 for float16/bfloat16 inputs; the output keeps the input
     dtype.
 
+    ``num_groups="auto"`` lets the layer choose G from its first training-mode input with
+    :func:`bgnorm.auto_groups` (the batch size, C and the spatial size: the values per
+    statistic that the paper's G gives on ResNet-50), the way torch's lazy modules settle their
+    shapes: until then the running statistics are empty and ``num_groups`` is ``'auto'``; from
+    then on G is fixed (later inputs of other sizes do not change it) and saved in the state
+    dict (``_extra_state``), so a fresh ``num_groups="auto"`` layer loads a checkpoint taken
+    after the choice (so does a layer built with that G). Eval before the first training input
+    raises (there are no statistics to use); so does a first call under ``torch.compile`` or
+    ``torch.export``, which cannot change a module's buffers inside a graph: choose G first with
+    an eager training step or :func:`bgnorm.resolve_groups`, which also suits wrapping in DDP
+    (DDP registers the buffers it broadcasts when it wraps the model).
+
     Args:
         num_features: C, the number of channels.
-        num_groups: G, any divisor of D. Default: 32 (see :func:`bgnorm.paper_groups` for the
-            paper's choice by batch size).
+        num_groups: G, any divisor of D, or ``"auto"`` (see above). Default: 32 (see
+            :func:`bgnorm.paper_groups` for the paper's choice by batch size).
         eps: added to the variance. Default: 1e-5.
         momentum: running-average factor, or None for a cumulative average. Default: 0.1.
         affine: learn per-channel gamma and beta. Default: True.
@@ -489,7 +635,9 @@ class GeneralBatchGroupNorm2d(_BatchGroupNorm):
 
     Args:
         num_features: C.
-        num_groups: G, any divisor of C*H*W.
+        num_groups: G, any divisor of C*H*W, or ``"auto"``: chosen by
+            :func:`bgnorm.auto_groups` from the first training input for statistics of e
+            examples, as in BatchGroupNorm2d.
         examples_per_group: e; the training batch size must be a multiple of it.
         eps, momentum, affine, track_running_stats, device, dtype, bias (keyword-only): as in
             BatchGroupNorm2d.
@@ -513,7 +661,7 @@ class GeneralBatchGroupNorm2d(_BatchGroupNorm):
     def __init__(
         self,
         num_features: int,
-        num_groups: int,
+        num_groups: int | str,
         examples_per_group: int,
         eps: float = 1e-5,
         momentum: float | None = 0.1,

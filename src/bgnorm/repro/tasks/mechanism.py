@@ -41,7 +41,6 @@ from ..presets import apply_overrides, preset_settings, workers_for
 from ..report import (
     Claim,
     Summary,
-    curves_section,
     fmt_summary,
     line_plot,
     markdown_table,
@@ -449,8 +448,7 @@ def report_mechanism(records: list[Record], out_dir: Path) -> str:
     if plot:
         parts += ["![accuracy vs values per statistic](mechanism.png)", ""]
     parts += ["### Claims checked", "", render_claims(claims), ""]
-    parts += [curves_section("mechanism", records, out_dir)]
-    return "\n".join(parts)
+    return "\n".join(parts)  # the runner appends the convergence section, as for every task
 
 
 def _claims(acc: Mapping[tuple[str, int, int], Summary],

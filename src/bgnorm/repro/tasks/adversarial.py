@@ -83,7 +83,7 @@ _ADV_KEYS = ("dataset", "image_size", "depth", "widen_factor", "steps", "lr", "e
 
 def cells_adversarial(preset: str, overrides: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One cell per norm x seed."""
-    cfg = task_preset(ADV_PRESETS, preset, overrides)
+    cfg = task_preset(ADV_PRESETS, preset, overrides, task="adversarial")
     if cfg["dataset"] == "cifar10" and not cfg.get("data_root"):
         raise ValueError("the paper preset reads CIFAR-10 from your own copy: pass --data-root "
                          "DIR (nothing is downloaded)")

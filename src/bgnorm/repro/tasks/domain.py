@@ -42,6 +42,8 @@ from .common import (
 __all__ = ["DOMAIN_PRESETS", "TASK_DOMAIN", "cells_domain", "report_domain", "run_domain"]
 
 _PRESETS = ("smoke", "quick", "paper")
+#: The protocol options the task applies: its domains name their data sets (no --dataset).
+_OPTIONS = TASK_OPTIONS - {"dataset"}
 _DIGITS = {"mnist5k": "MNIST", "digits": "Digits"}
 DOMAIN_PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
@@ -85,7 +87,8 @@ _KEYS = ("image_size", "model", "model_kwargs", "warmup_steps", "loops", "loop_s
 
 def cells_domain(preset: str, overrides: Mapping[str, Any]) -> list[dict[str, Any]]:
     """CAN cells per norm x direction x seed, plus source-only cells."""
-    cfg = task_preset(DOMAIN_PRESETS, preset, overrides)
+    cfg = task_preset(DOMAIN_PRESETS, preset, overrides, _OPTIONS,
+                      task="domain-adaptation")
     if preset == "paper" and not cfg.get("data_root"):
         raise ValueError("the paper preset reads the domains from your own copy: pass "
                          "--data-root DIR with one class-folder tree per domain")
@@ -284,6 +287,6 @@ TASK_DOMAIN = register_task(Task(
     name="domain-adaptation", presets=_PRESETS, cells=cells_domain, run=run_domain,
     report=report_domain, title="Unsupervised domain adaptation (BGN paper Table 7)",
     check=check_domain_data,
-    options=TASK_OPTIONS - {"dataset"},
+    options=_OPTIONS,
     settings=preset_settings(*DOMAIN_PRESETS.values(), NORM_SETTINGS),
 ))

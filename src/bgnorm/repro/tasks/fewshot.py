@@ -83,7 +83,7 @@ _KEYS = ("dataset", "image_size", "channels", "steps", "lr", "momentum", "weight
 
 def cells_fewshot(preset: str, overrides: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One cell per norm x seed."""
-    cfg = task_preset(FEWSHOT_PRESETS, preset, overrides)
+    cfg = task_preset(FEWSHOT_PRESETS, preset, overrides, task="few-shot")
     if cfg["dataset"] == "imagefolder" and not cfg.get("data_root"):
         raise ValueError("the paper preset reads base/novel class folders from your own copy: "
                          "pass --data-root DIR with DIR/base and DIR/novel")

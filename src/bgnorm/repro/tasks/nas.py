@@ -89,7 +89,7 @@ _KEYS = ("dataset", "image_size", "search_C", "search_layers", "search_steps", "
 
 def cells_nas(preset: str, overrides: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One cell per experiment (search+eval, DARTS_V2 retrain) x norm x seed."""
-    cfg = task_preset(NAS_PRESETS, preset, overrides)
+    cfg = task_preset(NAS_PRESETS, preset, overrides, task="nas")
     if cfg["dataset"] == "cifar10" and not cfg.get("data_root"):
         raise ValueError("the paper preset reads CIFAR-10 from your own copy: pass --data-root")
     return [norm_cell("nas", cfg, s, n, _KEYS, experiment=e) for e in cfg["experiments"]

@@ -346,3 +346,17 @@ def test_check_finite_and_devices():
         pass
     with pytest.raises(ValueError, match="amp"):
         T.autocast(torch.device("cpu"), "fp8")
+
+
+def test_batch_cursor_gives_each_steps_batch_in_order_and_after_a_jump():
+    # The tasks' step_batch read batch `step` as next(source.batches(epoch, index)), drawing
+    # the epoch's order again for each step; the cursor must give exactly those batches.
+    x, y = _data(44)
+    src = T.InMemoryBatches(x, y, 8, seed=5, crop_padding=1, hflip=True)  # 5 per epoch
+    cursor = T.BatchCursor(src)
+    for step in [*range(12), 3, 4, 17, 18, 19, 20, 0]:  # in order, back, forward, across epochs
+        want = next(src.batches(*divmod(step, len(src))))
+        got = cursor.batch(step)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), step
+    cursor.close()
+    cursor.close()  # idempotent

@@ -29,7 +29,7 @@ from ..report import (
     render_claims,
     summarize,
 )
-from ..train import InMemoryBatches, derive_seed
+from ..train import BatchCursor, InMemoryBatches, derive_seed
 from .base import CellContext, Record, Task, register_task
 from .common import (
     NORM_SETTINGS,
@@ -113,12 +113,13 @@ def run_adversarial(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
     clamp = (lo.to(device), hi.to(device))
     train = InMemoryBatches(split.x_train, split.y_train, spec.total_batch,
                             seed=derive_seed(config["seed"], "data"))
+    batches = BatchCursor(train)
     optimizer = torch.optim.Adam(model.parameters(), lr=float(config["lr"]))
     total = int(config["steps"])
     n = min(int(config["eval_examples"]), len(split.y_test))
 
     def update(step: int) -> dict[str, Any]:
-        xb, yb = step_batch(train, step, device)
+        xb, yb = step_batch(batches, step, device)
         g = torch.Generator(device=device)
         g.manual_seed(derive_seed(config["seed"], "pgd", step))
         return adversarial_train_step(model, optimizer, xb, yb, eps=eps, step_size=step_size,

@@ -17,7 +17,7 @@ import bgnorm
 
 from ..norms import DISPLAY_NAMES, NormSpec, build_normed_model
 from ..report import untrained_note
-from ..train import InMemoryBatches, derive_seed, standard_layout
+from ..train import BatchCursor, derive_seed, standard_layout
 from .base import Record
 
 __all__ = [
@@ -129,11 +129,13 @@ def build_with_norm(build: Callable[[Callable[[int], nn.Module]], nn.Module],
     return model, spec, layers
 
 
-def step_batch(source: InMemoryBatches, step: int, device: torch.device
+def step_batch(batches: BatchCursor, step: int, device: torch.device
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch number ``step`` of an endless sequence of epochs (a pure function of the step)."""
-    epoch, index = divmod(step, len(source))
-    xb, yb = next(source.batches(epoch, index))
+    """Batch number ``step`` of an endless sequence of epochs of ``batches``' source (for
+    :class:`~bgnorm.repro.train.InMemoryBatches` a pure function of the step), on ``device``
+    in the standard layout. The cursor iterates each epoch once, instead of drawing the
+    epoch's order again for every step."""
+    xb, yb = batches.batch(step)
     return standard_layout(xb.to(device)), yb.to(device)
 
 

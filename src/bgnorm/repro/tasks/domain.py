@@ -25,7 +25,7 @@ from ..loop import StepLoop
 from ..norms import DISPLAY_NAMES
 from ..presets import preset_settings
 from ..report import DIVERGED, MISSING, NOT_TRAINED, fmt_summary, markdown_table, summarize
-from ..train import InMemoryBatches, derive_seed, standard_layout
+from ..train import BatchCursor, InMemoryBatches, derive_seed, standard_layout
 from .base import CellContext, Record, Task, register_task
 from .common import (
     NORM_SETTINGS,
@@ -160,6 +160,7 @@ def run_domain(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
     model.to(device)
     train = InMemoryBatches(src.x_train, src.y_train, spec.total_batch,
                             seed=derive_seed(config["seed"], "data"))
+    batches = BatchCursor(train)
     optimizer = torch.optim.SGD(model.parameters(), lr=float(config["lr"]),
                                 momentum=float(config["momentum"]),
                                 weight_decay=float(config["weight_decay"]))
@@ -184,7 +185,7 @@ def run_domain(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
             task["pseudo"] = cl.labels.cpu()
             task["classes"] = [int(c) for c in cl.classes]
             task["kept_classes"].append(len(cl.classes))
-        xb, yb = step_batch(train, step, device)
+        xb, yb = step_batch(batches, step, device)
         loss = F.cross_entropy(model(xb), yb)
         cdd_value = 0.0
         if can and step >= warm and task.get("classes"):

@@ -51,7 +51,7 @@ Example:
     >>> def update(step):
     ...     loss = (w ** 2).sum()
     ...     opt.zero_grad(); loss.backward(); opt.step()
-    ...     return {"loss": float(loss)}
+    ...     return {"loss": float(loss.detach())}
     >>> loop = StepLoop(ctx, total=4)
     >>> _ = loop.run({"opt": opt}, update, evaluate=lambda: {"metric": float(w.detach())})
     >>> [(p["step"], p["train_loss"], p["metric"]) for p in loop.curve]

@@ -139,3 +139,81 @@ def test_a_stage_restores_its_modules_only_from_its_own_checkpoint():
     loop2.run({"a": a}, lambda s: {"loss": 1.0}, stop=2, stage="first")  # already done
     loop2.run({"b": b}, lambda s: {"loss": 1.0}, start=2, stage="second")
     assert torch.equal(b.weight, before) and loop2.step == 4
+
+
+class _Recorder(_Ctx):
+    """Records progress and checkpoint writes; ``due_at``: the steps a checkpoint is due."""
+
+    def __init__(self, due_at=()):
+        super().__init__()
+        self.due_at, self.progressed, self.writes, self.done = set(due_at), [], [], 0
+
+    def progress(self, done, total, **metrics):
+        self.done = done
+        self.progressed.append((done, metrics))
+
+    def checkpoint_due(self):
+        return self.done + 1 in self.due_at  # asked after step done + 1, before its progress
+
+    def save_checkpoint(self, state):
+        self.writes.append(state["state"]["step"])
+        super().save_checkpoint(state)
+
+
+def test_schedule_sets_every_optimizers_lr_before_each_step_and_reports_it():
+    ctx = _Recorder()
+    w = torch.nn.Parameter(torch.zeros(1))
+    opts = {"a": torch.optim.SGD([w], lr=1.0), "b": torch.optim.SGD([w], lr=1.0)}
+    seen = []
+
+    def update(step):
+        seen.append((opts["a"].param_groups[0]["lr"], opts["b"].param_groups[0]["lr"]))
+        return {"loss": 1.0}
+
+    StepLoop(ctx, 4).run(opts, update, schedule=lambda s: 0.5 ** s)
+    assert seen == [(1.0, 1.0), (0.5, 0.5), (0.25, 0.25), (0.125, 0.125)]
+    assert [m["lr"] for _, m in ctx.progressed] == [1.0, 0.5, 0.25, 0.125]
+
+
+def test_deferred_checks_read_tensor_losses_in_chunks_and_at_every_evaluation():
+    ctx = _Recorder(due_at={7})
+    losses = [torch.tensor(float(s + 1)) for s in range(8)]
+    loop = StepLoop(ctx, 8, check_every=3)
+    loop.run({}, lambda s: {"loss": losses[s]}, evaluate=lambda: {"metric": 0.0},
+             eval_at=[4])
+    # every 3 steps since the last check, at the evaluation (4), when a checkpoint is due (7)
+    # and at the end
+    assert [d for d, _ in ctx.progressed] == [3, 4, 7, 8]
+    assert [m["loss"] for _, m in ctx.progressed] == [2.0, 4.0, 6.0, 8.0]  # chunk means
+    assert loop.losses == [float(s + 1) for s in range(8)]
+    assert [p["train_loss"] for p in loop.curve] == [2.5, 6.5]
+    assert ctx.writes == [8]  # the checkpoint due at 7 is taken at the stage's end
+    bad = [torch.tensor(1.0), torch.tensor(float("inf")), torch.tensor(1.0)]
+    with pytest.raises(Diverged, match="non-finite training loss at step 2 ") as e:
+        StepLoop(_Recorder(), 3, check_every=3).run({}, lambda s: {"loss": bad[s]})
+    assert e.value.partial["step"] == 1  # the steps before the non-finite one
+
+
+def test_distributed_rank_syncs_before_evaluations_and_checkpoints_and_only_rank_0_writes():
+    from bgnorm.repro.dist import DistEnv
+
+    events = []
+    for rank in (0, 1):
+        ctx = _Recorder(due_at={2})
+        loop = StepLoop(ctx, 4, env=DistEnv(rank=rank, world_size=2))
+
+        def update(step):
+            events.append(("step", step))
+            return {"loss": torch.tensor(3.0)}
+
+        loop.run({}, update, evaluate=lambda: events.append(("eval",)) or {"metric": 1.0},
+                 eval_at=[3], sync=lambda: events.append(("sync",)))
+        # no process group here: the sum over the ranks is this rank's share, 3.0 / 2
+        assert loop.losses == [1.5] * 4
+        assert ctx.writes == ([2, 4] if rank == 0 else [])
+        # rank 0 decides the checkpoint after step 2 (the all-reduce carries it to the others;
+        # without a process group rank 1 does not hear of it)
+        checkpoint = [("sync",)] if rank == 0 else []
+        assert events == [("step", 0), ("step", 1), *checkpoint, ("step", 2), ("sync",),
+                          ("eval",), ("step", 3), ("sync",), ("eval",), ("sync",)]
+        events.clear()

@@ -122,3 +122,27 @@ def test_diverged_cell_shows_a_dash(tmp_path):
         assert "| BN   |                  - |" in text or "| -" in text or " - |" in text
     else:  # Adam's step is bounded by lr: a huge lr need not give a NaN loss on every backend
         pytest.skip("lr=1e30 did not diverge")
+
+
+@pytest.mark.parametrize("task", ["adversarial", "few-shot", "domain-adaptation", "nas"])
+def test_a_task_applies_every_option_it_receives_or_refuses_it(task):
+    from bgnorm.repro.presets import OPTIONS, task_overrides
+    from bgnorm.repro.runner import plan_cells
+
+    t = get_task(task)
+    plain = t.cells("smoke", {})
+    assert [c["seed"] for c in t.cells("smoke", {"seeds": [3]})] == [3] * len(plain)
+    refused = {"epochs": 3, "model": "resnet18", "amp": "bf16", "batch_sizes": [8],
+               "groups": [4], "loader_workers": 2}
+    if task == "domain-adaptation":
+        refused["dataset"] = "digits"  # its domains name their data sets
+    for key, value in refused.items():
+        assert key in OPTIONS and key not in t.options
+        flag = "--" + key.replace("_", "-")
+        with pytest.raises(ValueError, match=f"^{flag} is not applied by the {task} task"):
+            t.cells("smoke", {key: value})
+    # Several tasks selected: each receives only the options it applies.
+    assert task_overrides(t, {**refused, "seeds": [0], "set": {}}) == {"seeds": [0], "set": {}}
+    cells = [c for _, c in plan_cells(["batch-size", task], "smoke", {"epochs": 1})]
+    assert [c for c in cells if c["task"] == task] == plain
+    assert {c["epochs"] for c in cells if c["task"] == "batch-size"} == {1}

@@ -160,8 +160,9 @@ class _Crash(Exception):
 class _CrashingContext(LocalCellContext):
     """Checkpoints at every step and dies (like kill -9, but catchable) at step ``crash_at``."""
 
-    def __init__(self, workdir, crash_at=None):
-        super().__init__("cell", {}, torch.device("cpu"), workdir, checkpoint_seconds=0.0)
+    def __init__(self, workdir, crash_at=None, checkpoint_seconds=0.0):
+        super().__init__("cell", {}, torch.device("cpu"), workdir,
+                         checkpoint_seconds=checkpoint_seconds)
         self.crash_at = crash_at
 
     def progress(self, done, total, **metrics):
@@ -205,10 +206,18 @@ def test_train_classifier_resumes_bit_for_bit(tmp_path, crash_at):
     assert again["acc"] == ref["acc"]
 
 
-def test_train_classifier_discards_an_old_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("version", [1, 2])
+def test_train_classifier_discards_an_old_checkpoint(tmp_path, monkeypatch, version):
     ref = _train(tmp_path / "ref")
     old = LocalCellContext("cell", {}, torch.device("cpu"), tmp_path / "old")
-    old.save_checkpoint({"version": 1, "total": 12, "step": 5})  # before learning curves
+    saved = {"version": version, "total": 12, "step": 5}  # 1: before learning curves
+    if version == 2:  # train_classifier's own format before it moved onto the shared loop
+        model = build_model("small_resnet", 10, nn.BatchNorm2d, in_channels=1, width=4,
+                            blocks_per_stage=(1, 1))
+        saved.update(model=model.state_dict(), optimizer=T.make_sgd(model, 0.1).state_dict(),
+                     rng=torch.get_rng_state(), evals=[], epoch_loss=[1.0, 1.0],
+                     train_losses=[2.0], seconds=1.0, curve=[])
+    old.save_checkpoint(saved)
     logs = []
     monkeypatch.setattr(_CrashingContext, "log", lambda self, m: logs.append(m), raising=False)
     resumed = _train(tmp_path / "old")
@@ -224,6 +233,97 @@ def test_train_classifier_follows_the_recipes_cosine_schedule(tmp_path):
             for s in range(12)]
     assert [d for d, _ in seen] == list(range(1, 13))
     assert [lr for _, lr in seen] == pytest.approx(want, abs=1e-12)
+
+
+class _NoisyDigits(torch.utils.data.Dataset):
+    """A dataset whose transform draws from torch's global RNG (as torchvision's do in the
+    loader's process): the training loop's RNG consumption order shows in every batch."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.1 * torch.randn_like(self.x[i]), self.y[i]
+
+
+def _reference_classifier(model, train, test, recipe):
+    """What train_classifier computes, written as a plain loop (one process, CPU): per epoch,
+    one ``for`` over ``train.batches(epoch)``, the schedule's lr set before each SGD step on
+    the mean cross-entropy, the epoch's mean loss added left to right, then one evaluation.
+    Returns the per-epoch points and the lr of every step."""
+    spe = len(train)
+    schedule = T.Schedule.from_epochs(recipe.lr, recipe.epochs, spe, recipe.milestones,
+                                      recipe.gamma, recipe.warmup_epochs, recipe.schedule)
+    opt = T.make_sgd(model, recipe.lr, recipe.momentum, recipe.weight_decay, recipe.nesterov)
+    step, points, lrs = 0, [], []
+    model.train()
+    for epoch in range(recipe.epochs):
+        loss_sum, n = 0.0, 0
+        for xb, yb in train.batches(epoch):
+            lrs.append(schedule(step))
+            T.set_lr(opt, lrs[-1])
+            loss = nn.functional.cross_entropy(model(T.standard_layout(xb)).float(), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            loss_sum += float(loss.detach())
+            n += 1
+        m = T.evaluate(model, test, torch.device("cpu"))
+        points.append({"step": step, "epoch": epoch + 1, "progress": (epoch + 1) / recipe.epochs,
+                       "train_loss": loss_sum / n, "metric": m["acc"], "test_loss": m["loss"]})
+    return points, lrs
+
+
+def _pinned_cell(loader):
+    x, y = _data(56)
+    if loader:  # global-RNG transforms and dropout: pins the order the RNG is drawn in
+        train = T.LoaderBatches(_NoisyDigits(x[:40], y[:40]), 8, seed=1)
+        test = T.LoaderBatches(_NoisyDigits(x[40:], y[40:]), 16, shuffle=False,
+                               drop_last=False)
+    else:
+        train = T.InMemoryBatches(x[:40], y[:40], 8, seed=0, crop_padding=1, hflip=True)
+        test = T.InMemoryBatches(x[40:], y[40:], 16, shuffle=False, drop_last=False)
+    torch.manual_seed(0)
+    model = build_model("small_resnet", 10, nn.BatchNorm2d, in_channels=1, width=4,
+                        blocks_per_stage=(1, 1))
+    if loader:
+        model = nn.Sequential(nn.Dropout(0.2), model)
+    return model, train, test
+
+
+@pytest.mark.parametrize("loader", [False, True])
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_train_classifier_computes_exactly_the_reference_loop(tmp_path, loader, check_every):
+    # The stored results of the classification tasks stay valid across refactors of the loop:
+    # the same losses, learning rates, evaluations and accuracies, bit for bit.
+    recipe = T.ClassifyRecipe(epochs=4, lr=0.05, median_of=2, schedule="cosine",
+                              warmup_epochs=1, check_every=check_every)
+    ref_model, train, test = _pinned_cell(loader)
+    torch.manual_seed(7)  # the global RNG as the cell leaves it for the loop
+    want, want_lrs = _reference_classifier(ref_model, train, test, recipe)
+    model, train, test = _pinned_cell(loader)
+    torch.manual_seed(7)
+    ctx = _CrashingContext(tmp_path, checkpoint_seconds=1e9)  # no checkpoint forces a check
+    ctx.lrs = []
+    got = T.train_classifier(model, train, test, recipe, ctx, torch.device("cpu"))
+    assert [{k: p[k] for k in want[0]} for p in got["curve"]] == want
+    assert all(p["stage"] == "train" for p in got["curve"])
+    assert got["train_losses"] == [p["train_loss"] for p in want]
+    assert got["evals"] == [[p["epoch"] - 1, p["metric"], p["test_loss"]] for p in want[2:]]
+    assert got["acc"] == T.median([p["metric"] for p in want[2:]])
+    assert got["final_acc"] == want[-1]["metric"] and got["steps"] == 20
+    # progress reports the lr of every step (deferred checks: of every check_every-th step
+    # since the last check and of each epoch's last step)
+    reported = dict(ctx.lrs)
+    assert sorted(reported) == sorted(
+        {5 * e + k for e in range(4) for k in (*range(check_every, 5, check_every), 5)})
+    assert all(reported[s] == want_lrs[s - 1] for s in reported)
+    for a, b in zip(model.state_dict().values(), ref_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_train_classifier_raises_diverged(tmp_path):
@@ -246,3 +346,17 @@ def test_check_finite_and_devices():
         pass
     with pytest.raises(ValueError, match="amp"):
         T.autocast(torch.device("cpu"), "fp8")
+
+
+def test_batch_cursor_gives_each_steps_batch_in_order_and_after_a_jump():
+    # The tasks' step_batch read batch `step` as next(source.batches(epoch, index)), drawing
+    # the epoch's order again for each step; the cursor must give exactly those batches.
+    x, y = _data(44)
+    src = T.InMemoryBatches(x, y, 8, seed=5, crop_padding=1, hflip=True)  # 5 per epoch
+    cursor = T.BatchCursor(src)
+    for step in [*range(12), 3, 4, 17, 18, 19, 20, 0]:  # in order, back, forward, across epochs
+        want = next(src.batches(*divmod(step, len(src))))
+        got = cursor.batch(step)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), step
+    cursor.close()
+    cursor.close()  # idempotent

@@ -404,6 +404,26 @@ def check_overrides(tasks: Sequence[Task], overrides: Mapping[str, Any]) -> list
     return notes
 
 
+def task_overrides(task: Task, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``overrides`` as ``task.cells`` receives them: the options of :data:`OPTIONS` the task
+    does not apply (not in its :attr:`Task.options <bgnorm.repro.api.Task>`) are left out,
+    everything else (``set``, ``device``...) is kept. A task that declares no options (None)
+    receives them all.
+
+    :func:`check_overrides` has refused an option no selected task applies; this hands each
+    task the ones it applies, so that a task can refuse any other (as
+    :func:`bgnorm.repro.tasks.common.task_preset` does) when called on its own.
+
+    Example:
+        >>> from bgnorm.repro.tasks.base import get_task
+        >>> task_overrides(get_task("adversarial"), {"epochs": 3, "seeds": [0], "set": {}})
+        {'seeds': [0], 'set': {}}
+    """
+    if task.options is None:
+        return dict(overrides)
+    return {k: v for k, v in overrides.items() if k not in OPTIONS or k in task.options}
+
+
 #: Command-line options that map to preset keys one to one.
 _DIRECT = ("epochs", "seeds", "norms", "batch_sizes", "model", "amp", "data_root",
            "loader_workers", "image_size")

@@ -349,9 +349,10 @@ def plan_cells(
     duplicates.
 
     Raises ``ValueError`` for an option or ``--set`` key no task of ``tasks`` applies
-    (:func:`~bgnorm.repro.presets.check_overrides`).
+    (:func:`~bgnorm.repro.presets.check_overrides`); each task receives the options it applies
+    (:func:`~bgnorm.repro.presets.task_overrides`).
     """
-    from .presets import check_overrides
+    from .presets import check_overrides, task_overrides
 
     out: list[tuple[str, dict[str, Any]]] = []
     seen: set[str] = set()
@@ -363,7 +364,7 @@ def plan_cells(
             raise ValueError(
                 f"task {name!r} has no preset {preset!r}; its presets: {', '.join(task.presets)}"
             )
-        for config in task.cells(preset, overrides):
+        for config in task.cells(preset, task_overrides(task, overrides)):
             if config.get("task") != name:
                 raise ValueError(f"task {name!r} produced a cell of task {config.get('task')!r}")
             cid = cell_id(config)

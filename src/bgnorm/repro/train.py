@@ -9,11 +9,14 @@ device, independent of what it trains:
 * batches with exact mid-epoch resume: :class:`InMemoryBatches` (tensors, e.g. the bundled
   digits) and :class:`LoaderBatches` (a ``Dataset``, e.g. users' ImageNet/CIFAR-10): batch ``i`` of
   epoch ``e`` depends only on ``(seed, e, i)``, so a resumed run sees exactly the batches an
-  uninterrupted one would;
+  uninterrupted one would; :class:`BatchCursor` reads batch ``step`` of an endless sequence
+  of epochs, iterating each epoch once as a ``for`` loop does;
 * :func:`evaluate` (top-1 accuracy and loss), :func:`check_finite` (raises
   :class:`~bgnorm.repro.api.Diverged`), :func:`median`;
-* :func:`train_classifier`: the supervised loop of the classification tasks, checkpointing
-  through a :class:`~bgnorm.repro.api.CellContext` and resuming from it bit for bit on CPU.
+* :func:`train_classifier`: the supervised training of the classification tasks, its step and
+  evaluation run by the shared step loop (:class:`~bgnorm.repro.loop.StepLoop`), which
+  checkpoints through a :class:`~bgnorm.repro.api.CellContext` and resumes from it bit for bit
+  on CPU.
 
 Distributed training (torchrun/DDP, :mod:`bgnorm.repro.dist`): given a
 :class:`~bgnorm.repro.dist.DistEnv`, :func:`train_classifier` wraps the model in DDP (optionally
@@ -30,9 +33,8 @@ import hashlib
 import math
 import random
 import statistics
-import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -44,8 +46,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from . import dist as _dist
 from .api import CellContext, Diverged
 from .data import random_crop_batch, seed_worker
+from .loop import StepLoop
 
 __all__ = [
+    "BatchCursor",
     "BatchSource",
     "ClassifyRecipe",
     "InMemoryBatches",
@@ -446,6 +450,53 @@ class LoaderBatches:
                 torch.set_rng_state(torch_rng)
 
 
+class BatchCursor:
+    """Batch ``step`` of an endless sequence of epochs of ``source``, read in order.
+
+    ``batch(step)`` is batch ``step % len(source)`` of epoch ``step // len(source)``. Asked for
+    the steps in order (as a training loop asks), the cursor iterates one
+    ``source.batches(epoch, start)`` per epoch, exactly as a ``for`` loop over the epoch does
+    (the same calls, in the same order, so a source that draws from a global RNG draws the
+    same numbers); asked for another step (a resumed run), it starts a new iteration there.
+    :meth:`close` ends the current iteration (call it when training stops).
+
+    Example:
+        >>> src = InMemoryBatches(torch.arange(6.0).view(6, 1), torch.arange(6), 2, shuffle=False)
+        >>> cursor = BatchCursor(src)
+        >>> [cursor.batch(s)[1].tolist() for s in (0, 1, 2, 3, 5)]
+        [[0, 1], [2, 3], [4, 5], [0, 1], [4, 5]]
+        >>> cursor.close()
+    """
+
+    def __init__(self, source: BatchSource) -> None:
+        self.source = source
+        self._it: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._next: tuple[int, int] | None = None  # (epoch, index) the iterator yields next
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch number ``step`` (``(x, y)`` as the source yields it)."""
+        at = divmod(int(step), len(self.source))
+        if at != self._next:
+            self.close()
+            self._it = iter(self.source.batches(*at))
+        batch = next(self._it)
+        self._next = (at[0], at[1] + 1)
+        return batch
+
+    def close(self) -> None:
+        """End the current epoch's iteration: run to its end when its last batch was read
+        (as a ``for`` loop does), else close it."""
+        it, self._it, at = self._it, None, self._next
+        self._next = None
+        if it is None:
+            return
+        if at is not None and at[1] >= len(self.source):
+            for _ in it:  # nothing left to yield: this lets the source finish its epoch
+                pass
+        elif hasattr(it, "close"):
+            it.close()
+
+
 # --------------------------------------------------------------------------------------------
 # Evaluation and divergence
 # --------------------------------------------------------------------------------------------
@@ -536,14 +587,13 @@ class ClassifyRecipe:
         return sorted(last)
 
 
-@dataclass
-class _TrainState:
-    step: int = 0
-    evals: list[list[float]] = field(default_factory=list)  # [epoch, acc, loss]
-    epoch_loss: list[float] = field(default_factory=lambda: [0.0, 0.0])  # [sum, count]
-    train_losses: list[float] = field(default_factory=list)  # mean loss per finished epoch
-    seconds: float = 0.0
-    curve: list[dict[str, Any]] = field(default_factory=list)  # one point per epoch
+def _classify_partial(curve: Sequence[Mapping[str, Any]], steps_per_epoch: int,
+                      eval_epochs: Sequence[int]) -> dict[str, Any]:
+    """``evals`` (``[epoch, acc, test loss]`` of the epochs in ``eval_epochs``) and
+    ``train_losses`` (mean training loss per epoch) from the per-epoch learning curve."""
+    evals = [[p["step"] // steps_per_epoch - 1, p["metric"], p["test_loss"]] for p in curve
+             if p["step"] // steps_per_epoch - 1 in eval_epochs]
+    return {"evals": evals, "train_losses": [p["train_loss"] for p in curve]}
 
 
 def train_classifier(
@@ -557,20 +607,25 @@ def train_classifier(
     env: _dist.DistEnv | None = None,
     sync_norm: bool = False,
 ) -> dict[str, Any]:
-    """Train ``model`` with cross-entropy and SGD; checkpoint through ``ctx``; resume from it.
+    """Train ``model`` with cross-entropy and SGD on the shared step loop
+    (:class:`~bgnorm.repro.loop.StepLoop`); checkpoint through ``ctx``; resume from it.
 
     The model must already be on ``device``. Each step takes one batch of ``train`` (the whole
     batch of all virtual workers: the loss is its mean, so the gradient is averaged over every
-    example), sets the learning rate of :class:`Schedule` and steps SGD. After each epoch of
-    :meth:`ClassifyRecipe.eval_epochs` the model is evaluated on ``test``.
+    example), sets the learning rate of :class:`Schedule` and steps SGD. After every epoch the
+    model is evaluated on ``test`` (the learning curve); the reported accuracy is the median
+    over the epochs of :meth:`ClassifyRecipe.eval_epochs`.
 
-    Checkpoints (model, optimizer, step, evaluations, RNG) are saved when
-    ``ctx.checkpoint_due()`` and at the end; a run restarted from one reproduces the
-    uninterrupted run exactly on CPU.
+    Checkpoints (the loop's: model, optimizer, step, losses, learning curve, RNG) are saved
+    when ``ctx.checkpoint_due()`` and at the end; a run restarted from one reproduces the
+    uninterrupted run exactly on CPU. A checkpoint of this function's own format before it
+    moved onto the shared loop is discarded with a log line (the cell restarts).
 
     Returns a JSON-serializable dict: ``acc`` (median of the last ``median_of`` evaluations, %),
     ``final_acc``, ``evals`` (``[epoch, acc, loss]``), ``train_loss`` (mean of the last epoch),
-    ``train_losses``, ``steps``, ``steps_per_epoch``, ``examples_per_step``, ``lr``, ``recipe``.
+    ``train_losses``, ``steps``, ``steps_per_epoch``, ``examples_per_step``, ``lr``,
+    ``train_seconds``, ``recipe`` and ``curve`` (one point per epoch: ``stage``, ``step``,
+    ``epoch``, ``progress``, ``train_loss``, ``metric`` = test accuracy, ``test_loss``).
 
     Distributed (``env``, by default :func:`bgnorm.repro.dist.active`): the model is wrapped in
     DDP (after converting BN/BGN to their synchronized versions when ``sync_norm``); each rank
@@ -582,7 +637,8 @@ def train_classifier(
     times are rank 0's decision, so every rank resumes from the same step.
 
     Raises:
-        Diverged: the training loss became NaN or infinite.
+        Diverged: the training loss (or the test loss of an epoch of ``eval_epochs``) became
+            NaN or infinite.
     """
     env = env if env is not None else _dist.active()
     distributed = env is not None
@@ -597,148 +653,68 @@ def train_classifier(
         recipe.schedule)
     optimizer = make_sgd(module, recipe.lr, recipe.momentum, recipe.weight_decay, recipe.nesterov)
     eval_epochs = recipe.eval_epochs()
-    state = _TrainState()
+    loop = StepLoop(ctx, total, spe, check_every=recipe.check_every, env=env)
+    cursor = BatchCursor(train)
 
-    saved = ctx.load_checkpoint()
-    if saved is not None and (saved.get("version") != CHECKPOINT_VERSION
-                              or saved.get("total") != total):
-        ctx.log(f"discarding the checkpoint in {ctx.workdir}: written by another version of the "
-                "suite or for another number of steps; the cell restarts from step 0")
-        saved = None
-    if saved is not None:
-        module.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        torch.set_rng_state(saved["rng"])
-        state = _TrainState(
-            step=int(saved["step"]),
-            evals=[list(e) for e in saved["evals"]],
-            epoch_loss=list(saved["epoch_loss"]),
-            train_losses=list(saved["train_losses"]),
-            seconds=float(saved["seconds"]),
-            curve=[dict(p) for p in saved["curve"]],
-        )
-        ctx.log(f"resumed at step {state.step}/{total}")
-
-    def save() -> None:
+    def update(step: int) -> dict[str, Any]:
+        xb, yb = cursor.batch(step)
         if distributed:
-            _dist.average_buffers(net)
-            if not env.is_main:
-                _dist.barrier("the checkpoint barrier")
-                return
-        ctx.save_checkpoint({
-            "version": CHECKPOINT_VERSION,
-            "total": total,
-            "model": module.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "rng": torch.get_rng_state(),
-            "step": state.step,
-            "evals": state.evals,
-            "epoch_loss": state.epoch_loss,
-            "train_losses": state.train_losses,
-            "seconds": state.seconds + (time.perf_counter() - t0),
-            "curve": state.curve,
-        })
+            n_global = len(yb)
+            xb, yb = _dist.shard_batch(xb, yb, env)
+        xb = standard_layout(xb.to(device, non_blocking=True))
+        yb = yb.to(device, non_blocking=True)
+        with autocast(device, amp):
+            out = net(xb)
         if distributed:
-            _dist.barrier("the checkpoint barrier")
+            # DDP averages the ranks' gradients: sum * R / N gives the global batch's mean.
+            loss = F.cross_entropy(out.float(), yb, reduction="sum") * (
+                env.world_size / n_global)
+        else:
+            loss = F.cross_entropy(out.float(), yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss}
 
-    def partial() -> dict[str, Any]:
-        return {"step": state.step, "evals": state.evals, "train_losses": state.train_losses,
-                "curve": state.curve}
-
-    def finish_epoch(epoch: int) -> None:
-        s, c = state.epoch_loss
-        state.train_losses.append(s / c if c else float("nan"))
-        state.epoch_loss = [0.0, 0.0]
-        if any(p["epoch"] == epoch + 1 for p in state.curve):
-            return
-        # Every epoch is evaluated for the learning curve; the reported accuracy stays the
-        # median over eval_epochs (evaluation changes no weights, buffers or RNG state).
-        if distributed:
-            _dist.average_buffers(net)
+    def evaluate_epoch() -> dict[str, Any]:
         m = evaluate(module, test, device, amp)
-        if epoch in eval_epochs:
-            check_finite(m["loss"], f"test loss after epoch {epoch + 1}", partial())
-            state.evals.append([epoch, m["acc"], m["loss"]])
-        state.curve.append({"epoch": epoch + 1, "step": (epoch + 1) * spe,
-                            "progress": (epoch + 1) / recipe.epochs,
-                            "train_loss": state.train_losses[-1], "metric": m["acc"],
-                            "test_loss": m["loss"]})
+        epoch = loop.step // spe - 1
+        if epoch in eval_epochs and not math.isfinite(m["loss"]):
+            partial = {"step": loop.step,
+                       **_classify_partial(loop.curve, spe, eval_epochs), "curve": loop.curve}
+            partial["train_losses"].append(loop.segment_loss("train"))
+            raise Diverged(f"non-finite test loss after epoch {epoch + 1} ({m['loss']})",
+                           partial)
+        return {"metric": m["acc"], "test_loss": m["loss"]}
 
-    t0 = time.perf_counter()
     net.train()
-    # A checkpoint taken right after an epoch's last step but before its end-of-epoch work.
-    if state.step and state.step % spe == 0 and len(state.train_losses) < state.step // spe:
-        finish_epoch(state.step // spe - 1)
-    pending = torch.zeros((), dtype=torch.float64, device=device)
-    pending_n = 0
-    last_loss = float("nan")
-    while state.step < total:
-        epoch, start = divmod(state.step, spe)
-        for xb, yb in train.batches(epoch, start):
-            set_lr(optimizer, schedule(state.step))
-            if distributed:
-                n_global = len(yb)
-                xb, yb = _dist.shard_batch(xb, yb, env)
-            xb = standard_layout(xb.to(device, non_blocking=True))
-            yb = yb.to(device, non_blocking=True)
-            with autocast(device, amp):
-                out = net(xb)
-            if distributed:
-                # DDP averages the ranks' gradients: sum * R / N gives the global batch's mean.
-                loss = F.cross_entropy(out.float(), yb, reduction="sum") * (
-                    env.world_size / n_global)
-            else:
-                loss = F.cross_entropy(out.float(), yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            state.step += 1
-            # Distributed: this rank's share of the global batch's mean loss (summed below).
-            pending += loss.detach().double() / (env.world_size if distributed else 1)
-            pending_n += 1
-            at_end = state.step % spe == 0
-            if distributed:
-                check = pending_n >= recipe.check_every or at_end
-                due = False
-                if check:  # the same steps on every rank: one all-reduce of (loss, due)
-                    flags = torch.stack([
-                        pending.detach().to(torch.float64),
-                        torch.tensor(float(env.is_main and ctx.checkpoint_due()),
-                                     dtype=torch.float64, device=pending.device),
-                    ])
-                    _dist.all_reduce_sum(flags, f"the loss all-reduce at step {state.step}")
-                    pending.copy_(flags[0])
-                    due = bool(flags[1] > 0)
-            else:
-                due = ctx.checkpoint_due()
-                check = pending_n >= recipe.check_every or at_end or due
-            if check:
-                loss_sum = float(pending)
-                check_finite(loss_sum, f"training loss at step {state.step}", partial())
-                state.epoch_loss[0] += loss_sum
-                state.epoch_loss[1] += pending_n
-                last_loss = loss_sum / pending_n
-                pending.zero_()
-                pending_n = 0
-                ctx.progress(state.step, total, loss=last_loss, lr=schedule(state.step - 1))
-                if at_end:
-                    finish_epoch(epoch)
-                if due:
-                    save()
-    save()  # final state: a rerun after a crash before the record is written returns at once
-    accs = [e[1] for e in state.evals if int(e[0]) >= recipe.epochs - recipe.median_of]
-    elapsed = state.seconds + (time.perf_counter() - t0)
+    try:
+        loop.run({"model": module, "optimizer": optimizer}, update, evaluate=evaluate_epoch,
+                 eval_at=range(spe, total + 1, spe), schedule=schedule,
+                 sync=(lambda: _dist.average_buffers(net)) if distributed else None)
+    except Diverged as exc:
+        if "evals" not in exc.partial:  # the loop's: a non-finite training loss
+            curve = exc.partial.get("curve", [])
+            # "step": the steps taken, the one with the non-finite loss included
+            exc.partial = {"step": loop.step,
+                           **_classify_partial(curve, spe, eval_epochs), "curve": curve}
+        raise
+    finally:
+        cursor.close()
+    curve = loop.curve
+    done = _classify_partial(curve, spe, eval_epochs)
+    accs = [e[1] for e in done["evals"] if int(e[0]) >= recipe.epochs - recipe.median_of]
     return {
         "acc": median(accs),
-        "final_acc": state.evals[-1][1] if state.evals else float("nan"),
-        "evals": state.evals,
-        "train_loss": state.train_losses[-1] if state.train_losses else float("nan"),
-        "train_losses": state.train_losses,
+        "final_acc": done["evals"][-1][1] if done["evals"] else float("nan"),
+        "evals": done["evals"],
+        "train_loss": done["train_losses"][-1] if done["train_losses"] else float("nan"),
+        "train_losses": done["train_losses"],
         "steps": total,
         "steps_per_epoch": spe,
         "examples_per_step": getattr(train, "batch_size", None),
         "lr": recipe.lr,
-        "train_seconds": elapsed,
+        "train_seconds": loop.seconds,
         "recipe": asdict(recipe),
-        "curve": state.curve,
+        "curve": curve,
     }

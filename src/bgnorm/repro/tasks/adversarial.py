@@ -29,7 +29,7 @@ from ..report import (
     render_claims,
     summarize,
 )
-from ..train import InMemoryBatches, derive_seed
+from ..train import BatchCursor, InMemoryBatches, derive_seed
 from .base import CellContext, Record, Task, register_task
 from .common import (
     NORM_SETTINGS,
@@ -83,7 +83,7 @@ _ADV_KEYS = ("dataset", "image_size", "depth", "widen_factor", "steps", "lr", "e
 
 def cells_adversarial(preset: str, overrides: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One cell per norm x seed."""
-    cfg = task_preset(ADV_PRESETS, preset, overrides)
+    cfg = task_preset(ADV_PRESETS, preset, overrides, task="adversarial")
     if cfg["dataset"] == "cifar10" and not cfg.get("data_root"):
         raise ValueError("the paper preset reads CIFAR-10 from your own copy: pass --data-root "
                          "DIR (nothing is downloaded)")
@@ -113,12 +113,13 @@ def run_adversarial(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
     clamp = (lo.to(device), hi.to(device))
     train = InMemoryBatches(split.x_train, split.y_train, spec.total_batch,
                             seed=derive_seed(config["seed"], "data"))
+    batches = BatchCursor(train)
     optimizer = torch.optim.Adam(model.parameters(), lr=float(config["lr"]))
     total = int(config["steps"])
     n = min(int(config["eval_examples"]), len(split.y_test))
 
     def update(step: int) -> dict[str, Any]:
-        xb, yb = step_batch(train, step, device)
+        xb, yb = step_batch(batches, step, device)
         g = torch.Generator(device=device)
         g.manual_seed(derive_seed(config["seed"], "pgd", step))
         return adversarial_train_step(model, optimizer, xb, yb, eps=eps, step_size=step_size,

@@ -17,7 +17,7 @@ import bgnorm
 
 from ..norms import DISPLAY_NAMES, NormSpec, build_normed_model
 from ..report import untrained_note
-from ..train import InMemoryBatches, derive_seed, standard_layout
+from ..train import BatchCursor, derive_seed, standard_layout
 from .base import Record
 
 __all__ = [
@@ -51,20 +51,42 @@ NORM_SETTINGS = {"num_groups": bgnorm.paper_groups(32), "gn_groups": bgnorm.DEFA
 
 
 def task_preset(presets: Mapping[str, Mapping[str, Any]], preset: str,
-                overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """A deep copy of ``presets[preset]`` with the CLI overrides applied.
+                overrides: Mapping[str, Any], options: frozenset[str] = TASK_OPTIONS,
+                task: str = "") -> dict[str, Any]:
+    """A deep copy of ``presets[preset]`` with the CLI overrides applied, every one of them or
+    refused.
 
-    Applied: :data:`TASK_OPTIONS` (``norms``, ``seeds``, ``dataset``, ``data_root``,
-    ``image_size``), ``loader_workers`` (kept with the cell's runtime settings) and ``set``
-    (``--set key=value``, applied last). The tasks declare these in ``Task.options``, so the
-    runner refuses ``--epochs``, ``--model``, ``--amp``, ``--batch-sizes`` and ``--groups``
-    unless another selected task applies them (:func:`bgnorm.repro.presets.check_overrides`).
+    Applied: the protocol options in ``options`` (the task's ``Task.options``; by default
+    :data:`TASK_OPTIONS`: ``norms``, ``seeds``, ``dataset``, ``data_root``, ``image_size``),
+    then ``set`` (``--set key=value``, applied last). Any other protocol option
+    (:data:`bgnorm.repro.presets.OPTIONS`: ``--epochs``, ``--model``, ``--amp``,
+    ``--batch-sizes``, ``--groups``, ``--loader-workers``...) raises ``ValueError`` naming it
+    (exit status 2 from the CLI); the runner hands each task only the options it applies
+    (:func:`bgnorm.repro.presets.task_overrides`) after refusing those no selected task applies.
+
+    Example:
+        >>> task_preset({"quick": {"steps": 10, "seeds": [0]}}, "quick", {"seeds": [1, 2]})
+        {'steps': 10, 'seeds': [1, 2]}
+        >>> task_preset({"quick": {"steps": 10}}, "quick", {"epochs": 3}, task="nas")
+        Traceback (most recent call last):
+        ...
+        ValueError: --epochs is not applied by the nas task (it applies --data-root, ...)
     """
+    from ..presets import OPTIONS, option_flag
+
     if preset not in presets:
         raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(presets)}")
+    refused = [option_flag(k) for k in OPTIONS if overrides.get(k) is not None
+               and k not in options]
+    if refused:
+        name = f"the {task} task" if task else "this task"
+        raise ValueError(
+            f"{', '.join(refused)} {'is' if len(refused) == 1 else 'are'} not applied by {name} "
+            f"(it applies {', '.join(sorted(option_flag(k) for k in options))}; set its other "
+            "keys with --set KEY=VALUE: `bgnorm tasks --settings` lists them)")
     cfg = copy.deepcopy(dict(presets[preset]))
-    for key in ("norms", "seeds", "dataset", "data_root", "image_size", "loader_workers"):
-        if overrides.get(key) is not None:
+    for key in OPTIONS:
+        if key in options and overrides.get(key) is not None:
             cfg[key] = overrides[key]
     for key, value in (overrides.get("set") or {}).items():
         cfg[key] = value
@@ -107,11 +129,13 @@ def build_with_norm(build: Callable[[Callable[[int], nn.Module]], nn.Module],
     return model, spec, layers
 
 
-def step_batch(source: InMemoryBatches, step: int, device: torch.device
+def step_batch(batches: BatchCursor, step: int, device: torch.device
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch number ``step`` of an endless sequence of epochs (a pure function of the step)."""
-    epoch, index = divmod(step, len(source))
-    xb, yb = next(source.batches(epoch, index))
+    """Batch number ``step`` of an endless sequence of epochs of ``batches``' source (for
+    :class:`~bgnorm.repro.train.InMemoryBatches` a pure function of the step), on ``device``
+    in the standard layout. The cursor iterates each epoch once, instead of drawing the
+    epoch's order again for every step."""
+    xb, yb = batches.batch(step)
     return standard_layout(xb.to(device)), yb.to(device)
 
 

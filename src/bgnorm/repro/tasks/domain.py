@@ -25,7 +25,7 @@ from ..loop import StepLoop
 from ..norms import DISPLAY_NAMES
 from ..presets import preset_settings
 from ..report import DIVERGED, MISSING, NOT_TRAINED, fmt_summary, markdown_table, summarize
-from ..train import InMemoryBatches, derive_seed, standard_layout
+from ..train import BatchCursor, InMemoryBatches, derive_seed, standard_layout
 from .base import CellContext, Record, Task, register_task
 from .common import (
     NORM_SETTINGS,
@@ -42,6 +42,8 @@ from .common import (
 __all__ = ["DOMAIN_PRESETS", "TASK_DOMAIN", "cells_domain", "report_domain", "run_domain"]
 
 _PRESETS = ("smoke", "quick", "paper")
+#: The protocol options the task applies: its domains name their data sets (no --dataset).
+_OPTIONS = TASK_OPTIONS - {"dataset"}
 _DIGITS = {"mnist5k": "MNIST", "digits": "Digits"}
 DOMAIN_PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
@@ -85,7 +87,8 @@ _KEYS = ("image_size", "model", "model_kwargs", "warmup_steps", "loops", "loop_s
 
 def cells_domain(preset: str, overrides: Mapping[str, Any]) -> list[dict[str, Any]]:
     """CAN cells per norm x direction x seed, plus source-only cells."""
-    cfg = task_preset(DOMAIN_PRESETS, preset, overrides)
+    cfg = task_preset(DOMAIN_PRESETS, preset, overrides, _OPTIONS,
+                      task="domain-adaptation")
     if preset == "paper" and not cfg.get("data_root"):
         raise ValueError("the paper preset reads the domains from your own copy: pass "
                          "--data-root DIR with one class-folder tree per domain")
@@ -157,6 +160,7 @@ def run_domain(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
     model.to(device)
     train = InMemoryBatches(src.x_train, src.y_train, spec.total_batch,
                             seed=derive_seed(config["seed"], "data"))
+    batches = BatchCursor(train)
     optimizer = torch.optim.SGD(model.parameters(), lr=float(config["lr"]),
                                 momentum=float(config["momentum"]),
                                 weight_decay=float(config["weight_decay"]))
@@ -181,7 +185,7 @@ def run_domain(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
             task["pseudo"] = cl.labels.cpu()
             task["classes"] = [int(c) for c in cl.classes]
             task["kept_classes"].append(len(cl.classes))
-        xb, yb = step_batch(train, step, device)
+        xb, yb = step_batch(batches, step, device)
         loss = F.cross_entropy(model(xb), yb)
         cdd_value = 0.0
         if can and step >= warm and task.get("classes"):
@@ -284,6 +288,6 @@ TASK_DOMAIN = register_task(Task(
     name="domain-adaptation", presets=_PRESETS, cells=cells_domain, run=run_domain,
     report=report_domain, title="Unsupervised domain adaptation (BGN paper Table 7)",
     check=check_domain_data,
-    options=TASK_OPTIONS - {"dataset"},
+    options=_OPTIONS,
     settings=preset_settings(*DOMAIN_PRESETS.values(), NORM_SETTINGS),
 ))

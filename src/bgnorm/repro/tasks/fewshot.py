@@ -37,7 +37,7 @@ from ..report import (
     markdown_table,
     training_problem,
 )
-from ..train import InMemoryBatches, check_finite, derive_seed
+from ..train import BatchCursor, InMemoryBatches, check_finite, derive_seed
 from .base import CellContext, Record, Task, register_task
 from .common import (
     NORM_SETTINGS,
@@ -83,7 +83,7 @@ _KEYS = ("dataset", "image_size", "channels", "steps", "lr", "momentum", "weight
 
 def cells_fewshot(preset: str, overrides: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One cell per norm x seed."""
-    cfg = task_preset(FEWSHOT_PRESETS, preset, overrides)
+    cfg = task_preset(FEWSHOT_PRESETS, preset, overrides, task="few-shot")
     if cfg["dataset"] == "imagefolder" and not cfg.get("data_root"):
         raise ValueError("the paper preset reads base/novel class folders from your own copy: "
                          "pass --data-root DIR with DIR/base and DIR/novel")
@@ -154,6 +154,7 @@ def run_fewshot(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
     model.to(device)
     train = InMemoryBatches(data.x_base_train, data.y_base_train, spec.total_batch,
                             seed=derive_seed(config["seed"], "data"))
+    batches = BatchCursor(train)
     optimizer = torch.optim.SGD(model.parameters(), lr=float(config["lr"]),
                                 momentum=float(config["momentum"]),
                                 weight_decay=float(config["weight_decay"]))
@@ -165,7 +166,7 @@ def run_fewshot(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
             torch.pi * step / total)).item())
         for group in optimizer.param_groups:
             group["lr"] = lr
-        xb, yb = step_batch(train, step, device)
+        xb, yb = step_batch(batches, step, device)
         loss = F.cross_entropy(model(xb), yb)
         value = float(loss.detach())
         if math.isfinite(value):  # a non-finite loss is the loop's Diverged, without a step

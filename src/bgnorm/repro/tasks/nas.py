@@ -35,7 +35,7 @@ from ..nas import (
 from ..norms import DISPLAY_NAMES
 from ..presets import preset_settings
 from ..report import fmt_summary, markdown_table, summarize
-from ..train import InMemoryBatches, derive_seed, standard_layout
+from ..train import BatchCursor, InMemoryBatches, derive_seed, standard_layout
 from .base import CellContext, Record, Task, register_task
 from .common import (
     NORM_SETTINGS,
@@ -89,7 +89,7 @@ _KEYS = ("dataset", "image_size", "search_C", "search_layers", "search_steps", "
 
 def cells_nas(preset: str, overrides: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One cell per experiment (search+eval, DARTS_V2 retrain) x norm x seed."""
-    cfg = task_preset(NAS_PRESETS, preset, overrides)
+    cfg = task_preset(NAS_PRESETS, preset, overrides, task="nas")
     if cfg["dataset"] == "cifar10" and not cfg.get("data_root"):
         raise ValueError("the paper preset reads CIFAR-10 from your own copy: pass --data-root")
     return [norm_cell("nas", cfg, s, n, _KEYS, experiment=e) for e in cfg["experiments"]
@@ -130,10 +130,10 @@ def run_nas(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
         perm = torch.randperm(len(split.y_train), generator=g)
         half = len(perm) // 2
         b = int(config["batch_size"])
-        tr = InMemoryBatches(split.x_train[perm[:half]], split.y_train[perm[:half]], b,
-                             seed=derive_seed(seed, "search-train"))
-        va = InMemoryBatches(split.x_train[perm[half:]], split.y_train[perm[half:]], b,
-                             seed=derive_seed(seed, "search-val"))
+        tr = BatchCursor(InMemoryBatches(split.x_train[perm[:half]], split.y_train[perm[:half]],
+                                         b, seed=derive_seed(seed, "search-train")))
+        va = BatchCursor(InMemoryBatches(split.x_train[perm[half:]], split.y_train[perm[half:]],
+                                         b, seed=derive_seed(seed, "search-val")))
         search_net, _, _ = build_with_norm(
             lambda nl: SearchNetwork(int(config["search_C"]), ncls, int(config["search_layers"]),
                                      nl, split.in_channels), config, shape, "search-init")
@@ -172,13 +172,14 @@ def run_nas(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
     train = InMemoryBatches(split.x_train, split.y_train, int(config["eval_batch_size"]),
                             seed=derive_seed(seed, "eval-data"))
     loop.steps_per_epoch = len(train)
+    batches = BatchCursor(train)
 
     def update(step: int) -> dict[str, Any]:
         k = step - s_steps
         for group in opt.param_groups:
             group["lr"] = _cosine(float(config["lr"]), 0.0, k, e_steps)
         net.drop_path_prob = float(config.get("drop_path_prob") or 0.0) * k / e_steps
-        xb, yb = step_batch(train, k, device)
+        xb, yb = step_batch(batches, k, device)
         logits, aux = net.forward_with_aux(xb)
         loss = F.cross_entropy(logits, yb)
         if aux is not None:

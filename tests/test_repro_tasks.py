@@ -180,3 +180,24 @@ def test_nas_report_flags_a_blind_norm_instead_of_showing_chance():
     assert "n/t" in in_row and "89.69" not in in_row and not math.isnan(records[1].result["acc"])
     assert "| BN " in text and "97.77" in text
     assert "*Inherent, not a tuning problem:* with IN the network cannot see its input" in text
+
+
+def test_lr_schedule_cosine_with_warm_up_and_constant():
+    from bgnorm.repro.tasks.common import lr_schedule
+
+    cos = lr_schedule({"lr": 0.01, "schedule": "cosine", "lr_warmup_steps": 4}, 20)
+    assert [cos(s) for s in (0, 3)] == pytest.approx([0.0025, 0.01])
+    assert cos(12) == pytest.approx(0.005) and cos(20) == pytest.approx(0.0)
+    const = lr_schedule({"lr": 0.01}, 20)  # the paper's Adam: constant
+    assert {const(s) for s in range(20)} == {0.01}
+    with pytest.raises(ValueError, match="unknown schedule 'step'.*--set schedule=cosine"):
+        lr_schedule({"lr": 0.01, "schedule": "step"}, 20)
+
+
+@pytest.mark.parametrize("task", ["adversarial", "domain-adaptation"])
+def test_quick_presets_anneal_the_lr_the_same_for_every_norm(task):
+    cells = get_task(task).cells("quick", {})
+    assert {(c["schedule"], c["lr"], c["lr_warmup_steps"]) for c in cells} == {
+        ("cosine", cells[0]["lr"], cells[0]["lr_warmup_steps"])}
+    paper = get_task(task).cells("paper", {"data_root": "/nonexistent"})
+    assert {c.get("schedule") for c in paper} == {None}  # the paper's own schedule

@@ -201,3 +201,16 @@ def test_quick_presets_anneal_the_lr_the_same_for_every_norm(task):
         ("cosine", cells[0]["lr"], cells[0]["lr_warmup_steps"])}
     paper = get_task(task).cells("paper", {"data_root": "/nonexistent"})
     assert {c.get("schedule") for c in paper} == {None}  # the paper's own schedule
+
+
+@pytest.mark.parametrize("task", ["adversarial", "few-shot", "domain-adaptation", "nas"])
+def test_quick_presets_run_every_norm_on_the_same_seeds(task):
+    # paired comparisons over seeds need >= 2 seeds, each run by every cell (same data order)
+    cells = get_task(task).cells("quick", {})
+    seeds = {c["seed"] for c in cells}
+    assert len(seeds) >= 2
+    per_cell = {}
+    for c in cells:
+        key = tuple(sorted((k, repr(v)) for k, v in c.items() if k != "seed"))
+        per_cell.setdefault(key, set()).add(c["seed"])
+    assert all(s == seeds for s in per_cell.values())

@@ -68,7 +68,7 @@ ADV_PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 64, "steps": 120, "lr": PAPER_ADV["lr"], "schedule": "cosine",
         "lr_warmup_steps": 12, "eps": PAPER_ADV["eps"],
         "step_size": PAPER_ADV["step_size"], "attack_steps": PAPER_ADV["steps"],
-        "eval_examples": 300, "eval_batch_size": 300, "norms": NORMS, "seeds": [0],
+        "eval_examples": 300, "eval_batch_size": 300, "norms": NORMS, "seeds": [0, 1, 2],
     },
     "paper": {
         # WRN-10-2, PGD-4 (2/255, 0.0157), Adam 0.01 (paper); 100 epochs of batch 128 at a
@@ -161,6 +161,11 @@ def run_adversarial(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+def _seeds_text(records: list[Record]) -> str:
+    n = len({r.config.get("seed") for r in records})
+    return "one seed" if n == 1 else f"{n} seeds"
+
+
 def _schedule_text(config: Mapping[str, Any]) -> str:
     if (config.get("schedule") or "constant") == "cosine":
         return f"cosine to 0 after {int(config.get('lr_warmup_steps') or 0)} warm-up steps"
@@ -193,7 +198,7 @@ def report_adversarial(records: list[Record], out_dir: Path) -> str:
         notes.append(
             "*What this preset can show:* the pipeline end to end and coarse differences "
             "between norms after a short run on digits; not the paper's CIFAR-10 numbers, and "
-            "gaps of a few points are within the noise of one seed and "
+            f"gaps of a few points are within the noise of {_seeds_text(records)} and "
             f"{n_test} test images.")
     d = diverged_note(records)
     if d:

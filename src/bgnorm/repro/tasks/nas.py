@@ -71,7 +71,7 @@ NAS_PRESETS: dict[str, dict[str, Any]] = {
         "search_steps": 20, "eval_C": 8, "eval_layers": 5, "eval_steps": 150,
         "batch_size": 32, "eval_batch_size": 64, "w_lr": 0.05, "w_lr_min": 0.001,
         "a_lr": 3e-3, "lr": 0.05, "drop_path_prob": 0.0, "auxiliary_weight": 0.0,
-        "gn_groups": 4, "experiments": ["search", "darts_v2"], "norms": NORMS, "seeds": [0],
+        "gn_groups": 4, "experiments": ["search", "darts_v2"], "norms": NORMS, "seeds": [0, 1],
     },
     "paper": {
         # DARTS' CIFAR-10 settings (PAPER_NAS); 50 search epochs of 25,000 images at 64 and
@@ -269,8 +269,9 @@ def report_nas(records: list[Record], out_dir: Path) -> str:
             "*What this preset can show:* that search, derivation and retraining run with each "
             "norm and how the norms compare when training a tiny DARTS network briefly on "
             "8x8 digits; a search this short barely moves the alphas, so the derived cells say "
-            "little about the norms' effect on the search itself, and one run per norm is "
-            "within a few points of noise. Not the paper's CIFAR-10 numbers.")
+            "little about the norms' effect on the search itself, and "
+            f"{len({r.config.get('seed') for r in records})} seed(s) per norm are within a few "
+            "points of noise. Not the paper's CIFAR-10 numbers.")
     dn = diverged_note(records)
     if dn:
         notes.append(dn)

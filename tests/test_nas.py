@@ -28,6 +28,7 @@ from bgnorm.repro.nas import (
     drop_path,
     genotype_from_dict,
     genotype_to_dict,
+    input_blind,
     make_op,
     num_edges,
 )
@@ -398,3 +399,28 @@ def test_docstring_examples():
     result = doctest.testmod(module, extraglobs={"torch": torch, "nn": nn},
                              optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0
+
+
+@pytest.mark.parametrize("name,blind", [("in", True), ("gn4", False), ("bn", False)])
+def test_input_blind_on_the_evaluation_network(name, blind):
+    factory = {
+        "in": functools.partial(nn.InstanceNorm2d, affine=True),
+        "gn4": lambda c: nn.GroupNorm(4, c),  # 4..16 channels: 1 to 4 channels a group
+        "bn": nn.BatchNorm2d,
+    }[name]
+    torch.manual_seed(0)
+    # 4 cells: the last is a normal cell (DARTS_V2's: convs and skips, no pooling)
+    net = EvalNetwork(DARTS_V2, 4, 4, 10, factory, 1)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert input_blind(net, (1, 8, 8)) is blind
+    # the check leaves the network as it was (running statistics included)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_input_blind_on_the_search_network():
+    # GN with one channel a group is IN: blind; the search network too (its pools are normed)
+    torch.manual_seed(0)
+    one_per_group = lambda c, affine=True: nn.GroupNorm(c, c, affine=affine)  # noqa: E731
+    assert input_blind(SearchNetwork(2, 10, 3, one_per_group, 1), (1, 8, 8))
+    two_per_group = lambda c, affine=True: nn.GroupNorm(c // 2, c, affine=affine)  # noqa: E731
+    assert not input_blind(SearchNetwork(2, 10, 3, two_per_group, 1), (1, 8, 8))

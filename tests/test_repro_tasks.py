@@ -146,3 +146,95 @@ def test_a_task_applies_every_option_it_receives_or_refuses_it(task):
     cells = [c for _, c in plan_cells(["batch-size", task], "smoke", {"epochs": 1})]
     assert [c for c in cells if c["task"] == task] == plain
     assert {c["epochs"] for c in cells if c["task"] == "batch-size"} == {1}
+
+
+# --------------------------------------------------------------------------------------------
+# NAS: which norms let the DARTS networks of each preset see their input (a structural check,
+# no training: the IN/GN rows at 89.69% error, i.e. chance)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["smoke", "quick"])
+def test_nas_networks_see_their_input_with_every_norm_but_in(preset):
+    from bgnorm.repro import data as D
+    from bgnorm.repro.nas import DARTS_V2, input_blind
+    from bgnorm.repro.tasks.common import NORMS
+    from bgnorm.repro.tasks.nas import build_eval_network, build_search_network
+
+    t = get_task("nas")
+    cells = t.cells(preset, {"set": {"norms": NORMS, "experiments": ["search"]}})
+    split = D.bundled_dataset(cells[0]["dataset"], seed=0, size=cells[0]["image_size"])
+    shape = (split.in_channels, *split.image_size)
+    blind = {}
+    for cfg in cells:
+        search = build_search_network(cfg, shape, split.num_classes)
+        evaluation, _, _ = build_eval_network(cfg, DARTS_V2, shape, split.num_classes)
+        blind[cfg["norm"]] = (input_blind(search, shape), input_blind(evaluation, shape))
+    # GN's 32 groups on these 4-32 channel layers were one channel a group (IN): the quick
+    # preset's GN networks were blind and sat at chance. IN is blind at any size (inherent) in
+    # the search network, and in the DARTS_V2 network when its last cell is a normal cell (the
+    # smoke network's 3 cells end with a reduction cell, whose max-pools keep the input).
+    layers = cells[0]["eval_layers"]
+    last_is_normal = layers - 1 not in (layers // 3, 2 * layers // 3)
+    assert blind == {n: (n == "in", n == "in" and last_is_normal) for n in NORMS}
+    if preset == "quick":
+        assert last_is_normal
+
+
+def test_nas_report_flags_a_blind_norm_instead_of_showing_chance():
+    import math
+
+    from bgnorm.repro.api import Record
+    from bgnorm.repro.tasks.nas import report_nas
+
+    cfg = get_task("nas").cells("quick", {"set": {"norms": ["bn", "in"],
+                                                  "experiments": ["darts_v2"]}})
+    curve = [{"step": 75 * k, "progress": k / 2, "metric": 10.306, "train_loss": 2.30,
+              "stage": "train"} for k in (1, 2)]
+    records = []
+    for c in cfg:
+        trained = c["norm"] == "bn"
+        acc = 97.77 if trained else 10.306  # IN: the majority class of the 359 test digits
+        curve = [{**p, "metric": acc, "train_loss": 0.01 if trained else 2.30} for p in curve]
+        records.append(Record(c["norm"], c, "ok", {
+            "acc": acc, "error": 100.0 - acc, "n_test": 359, "steps": 150, "num_classes": 10,
+            "input_blind": [] if trained else ["eval"], "curve": curve}, 1.0))
+    text = report_nas(records, None)
+    in_row = next(line for line in text.splitlines() if line.startswith("| IN "))
+    assert "n/t" in in_row and "89.69" not in in_row and not math.isnan(records[1].result["acc"])
+    assert "| BN " in text and "97.77" in text
+    assert "*Inherent, not a tuning problem:* with IN the network cannot see its input" in text
+
+
+def test_lr_schedule_cosine_with_warm_up_and_constant():
+    from bgnorm.repro.tasks.common import lr_schedule
+
+    cos = lr_schedule({"lr": 0.01, "schedule": "cosine", "lr_warmup_steps": 4}, 20)
+    assert [cos(s) for s in (0, 3)] == pytest.approx([0.0025, 0.01])
+    assert cos(12) == pytest.approx(0.005) and cos(20) == pytest.approx(0.0)
+    const = lr_schedule({"lr": 0.01}, 20)  # the paper's Adam: constant
+    assert {const(s) for s in range(20)} == {0.01}
+    with pytest.raises(ValueError, match="unknown schedule 'step'.*--set schedule=cosine"):
+        lr_schedule({"lr": 0.01, "schedule": "step"}, 20)
+
+
+@pytest.mark.parametrize("task", ["adversarial", "domain-adaptation"])
+def test_quick_presets_anneal_the_lr_the_same_for_every_norm(task):
+    cells = get_task(task).cells("quick", {})
+    assert {(c["schedule"], c["lr"], c["lr_warmup_steps"]) for c in cells} == {
+        ("cosine", cells[0]["lr"], cells[0]["lr_warmup_steps"])}
+    paper = get_task(task).cells("paper", {"data_root": "/nonexistent"})
+    assert {c.get("schedule") for c in paper} == {None}  # the paper's own schedule
+
+
+@pytest.mark.parametrize("task", ["adversarial", "few-shot", "domain-adaptation", "nas"])
+def test_quick_presets_run_every_norm_on_the_same_seeds(task):
+    # paired comparisons over seeds need >= 2 seeds, each run by every cell (same data order)
+    cells = get_task(task).cells("quick", {})
+    seeds = {c["seed"] for c in cells}
+    assert len(seeds) >= 2
+    per_cell = {}
+    for c in cells:
+        key = tuple(sorted((k, repr(v)) for k, v in c.items() if k != "seed"))
+        per_cell.setdefault(key, set()).add(c["seed"])
+    assert all(s == seeds for s in per_cell.values())

@@ -57,6 +57,7 @@ __all__ = [
     "derive_genotype",
     "drop_path",
     "freeze_affine",
+    "input_blind",
     "genotype_from_dict",
     "genotype_to_dict",
     "make_op",
@@ -682,6 +683,58 @@ class EvalNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_aux(x)[0]
+
+
+def input_blind(model: nn.Module, input_shape: Sequence[int], batch: int = 8,
+                seed: int = 0) -> bool:
+    r"""Whether the features ``model`` pools for its classifier ignore the input (a structural
+    property, checked on one random batch before any training).
+
+    Every operation of a search cell ends with a norm (convolutions, the factorized reduce, the
+    pools, which the search network follows by a norm) or is zero or the identity of a state
+    that did, and a cell outputs sums of them; so does an evaluation network's last cell when
+    its genotype has no pooling there (DARTS_V2's normal cell, which ends the paper's
+    network). With a norm whose statistic is one channel of one example (IN, or GN with one
+    channel per group), each output channel then has spatial mean exactly its bias
+    :math:`\beta_c` (0 without affine), for every input, so the global average pooling before
+    the classifier yields a constant: the logits cannot depend on the image and the network
+    stays at chance however it is trained. Per-example norms over several channels (LN, PN, GN
+    with >= 2 channels a group) and batch norms keep an input-dependent pooled feature.
+
+    ``model`` is a :class:`SearchNetwork` or :class:`EvalNetwork` (anything with a
+    ``classifier`` module); it is run once in training mode without gradients and restored.
+    Blind means: across the batch the classifier's input varies by at most ``1e-4`` times its
+    largest magnitude (round-off is ~1e-6; a network that sees its input varies by O(1)).
+
+    Example:
+        >>> import functools
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> inorm = functools.partial(nn.InstanceNorm2d, affine=True)
+        >>> input_blind(EvalNetwork(DARTS_V2, 4, 4, 10, inorm, 1), (1, 8, 8))
+        True
+        >>> input_blind(EvalNetwork(DARTS_V2, 4, 4, 10, nn.BatchNorm2d, 1), (1, 8, 8))
+        False
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch, *input_shape), generator=g)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    seen: list[torch.Tensor] = []
+    hook = model.classifier.register_forward_hook(
+        lambda _m, inputs, _out: seen.append(inputs[0].detach()))
+    was = model.training
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # running stats move in train
+    try:
+        model.train()
+        with torch.no_grad():
+            model(x.to(device))
+    finally:
+        hook.remove()
+        model.load_state_dict(state)
+        model.train(was)
+    features = seen[0].float()
+    spread = (features - features.mean(0)).abs().max()
+    return bool(spread <= 1e-4 * max(1.0, float(features.abs().max())))
 
 
 def genotype_to_dict(genotype: Genotype) -> dict[str, list]:

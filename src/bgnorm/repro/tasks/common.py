@@ -17,7 +17,7 @@ import bgnorm
 
 from ..norms import DISPLAY_NAMES, NormSpec, build_normed_model
 from ..report import untrained_note
-from ..train import BatchCursor, derive_seed, standard_layout
+from ..train import BatchCursor, Schedule, derive_seed, standard_layout
 from .base import Record
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "check_tensor_data",
     "diverged_note",
     "load_tensors",
+    "lr_schedule",
     "norm_cell",
     "norm_label",
     "norm_order",
@@ -127,6 +128,31 @@ def build_with_norm(build: Callable[[Callable[[int], nn.Module]], nn.Module],
     torch.manual_seed(derive_seed(config["seed"], seed_tag))
     model, layers = build_normed_model(build, spec, tuple(input_shape))
     return model, spec, layers
+
+
+def lr_schedule(config: Mapping[str, Any], total_steps: int, default: str = "constant"
+                ) -> Schedule:
+    """The learning rate of a cell by optimizer step, from its ``lr``, ``schedule`` and
+    ``lr_warmup_steps`` (see :class:`~bgnorm.repro.train.Schedule`).
+
+    ``schedule``: ``"constant"`` (``lr`` throughout, after the warm-up) or ``"cosine"`` (linear
+    warm-up over ``lr_warmup_steps``, then cosine from ``lr`` to 0 at ``total_steps``); a cell
+    without the key gets ``default``. Every norm of a task's preset gets the same schedule.
+
+    Example:
+        >>> s = lr_schedule({"lr": 0.01, "schedule": "cosine", "lr_warmup_steps": 10}, 110)
+        >>> [round(s(i), 4) for i in (0, 9, 10, 60, 109)]
+        [0.001, 0.01, 0.01, 0.005, 0.0]
+    """
+    kind = config.get("schedule") or default
+    warmup = int(config.get("lr_warmup_steps") or 0)
+    peak = float(config["lr"])
+    if kind == "constant":
+        return Schedule(peak, warmup_steps=warmup)
+    if kind == "cosine":
+        return Schedule(peak, warmup_steps=warmup, kind="cosine", total_steps=int(total_steps))
+    raise ValueError(f"unknown schedule {kind!r}; expected 'constant' or 'cosine' (the preset "
+                     "key `schedule`, e.g. --set schedule=cosine)")
 
 
 def step_batch(batches: BatchCursor, step: int, device: torch.device

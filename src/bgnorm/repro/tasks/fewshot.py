@@ -65,7 +65,7 @@ FEWSHOT_PRESETS: dict[str, dict[str, Any]] = {
         "dataset": "mnist5k", "image_size": 16, "channels": [16, 32, 64, 128],
         "batch_size": 64, "steps": 300, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
         "n_way": 5, "shots": [1, 5], "n_query": 15, "episodes": 600, "norms": NORMS,
-        "seeds": [0],
+        "seeds": [0, 1, 2, 3],
     },
     "paper": {
         # ResNet-12 (64-160-320-640), 5-way 1/5-shot, 600 episodes, 15 queries (paper

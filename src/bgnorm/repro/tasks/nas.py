@@ -14,7 +14,7 @@ network (C=4, 3 cells) and evaluation network (C=8, 5 cells) on the bundled 8x8 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,14 @@ from ..nas import (
     DARTS_V2,
     PAPER_NAS,
     EvalNetwork,
+    Genotype,
     SearchNetwork,
     darts_search_step,
     genotype_from_dict,
     genotype_to_dict,
+    input_blind,
 )
-from ..norms import DISPLAY_NAMES
+from ..norms import DISPLAY_NAMES, LayerInfo, NormSpec
 from ..presets import preset_settings
 from ..report import fmt_summary, markdown_table, summarize
 from ..train import BatchCursor, InMemoryBatches, derive_seed, standard_layout
@@ -51,7 +53,8 @@ from .common import (
     task_preset,
 )
 
-__all__ = ["NAS_PRESETS", "TASK_NAS", "cells_nas", "report_nas", "run_nas"]
+__all__ = ["NAS_PRESETS", "TASK_NAS", "build_eval_network", "build_search_network", "cells_nas",
+           "report_nas", "run_nas"]
 
 _PRESETS = ("smoke", "quick", "paper")
 _S, _E = PAPER_NAS["search"], PAPER_NAS["eval"]
@@ -60,7 +63,7 @@ NAS_PRESETS: dict[str, dict[str, Any]] = {
         "dataset": "digits", "image_size": None, "search_C": 2, "search_layers": 3,
         "search_steps": 2, "eval_C": 4, "eval_layers": 3, "eval_steps": 3, "batch_size": 16,
         "eval_batch_size": 32, "w_lr": 0.025, "w_lr_min": 0.001, "a_lr": 3e-4,
-        "lr": 0.025, "drop_path_prob": 0.0, "auxiliary_weight": 0.0,
+        "lr": 0.025, "drop_path_prob": 0.0, "auxiliary_weight": 0.0, "gn_groups": 2,
         "experiments": ["search", "darts_v2"], "norms": ["bn", "bgn"], "seeds": [0],
     },
     "quick": {
@@ -68,7 +71,7 @@ NAS_PRESETS: dict[str, dict[str, Any]] = {
         "search_steps": 20, "eval_C": 8, "eval_layers": 5, "eval_steps": 150,
         "batch_size": 32, "eval_batch_size": 64, "w_lr": 0.05, "w_lr_min": 0.001,
         "a_lr": 3e-3, "lr": 0.05, "drop_path_prob": 0.0, "auxiliary_weight": 0.0,
-        "experiments": ["search", "darts_v2"], "norms": NORMS, "seeds": [0],
+        "gn_groups": 4, "experiments": ["search", "darts_v2"], "norms": NORMS, "seeds": [0, 1],
     },
     "paper": {
         # DARTS' CIFAR-10 settings (PAPER_NAS); 50 search epochs of 25,000 images at 64 and
@@ -82,6 +85,12 @@ NAS_PRESETS: dict[str, dict[str, Any]] = {
         "norms": NORMS, "seeds": [0],
     },
 }
+# GN's groups (``gn_groups``): GN's default 32 groups on these small networks (8-32 channels in
+# the quick evaluation network) would be one channel a group, i.e. IN, and a DARTS network with
+# IN cannot see its input (:func:`bgnorm.repro.nas.input_blind`): it stays at chance. 4 groups
+# give 2 channels a group in the first stage (as the paper's C=36 network has: GN(32) -> 18
+# groups of 2) and more later. The paper preset keeps 32 (capped per layer, 2-6 channels a
+# group there).
 _KEYS = ("dataset", "image_size", "search_C", "search_layers", "search_steps", "eval_C",
          "eval_layers", "eval_steps", "eval_batch_size", "w_lr", "w_lr_min", "a_lr", "lr",
          "drop_path_prob", "auxiliary_weight")
@@ -99,6 +108,31 @@ def cells_nas(preset: str, overrides: Mapping[str, Any]) -> list[dict[str, Any]]
 def _cosine(lr: float, lr_min: float, step: int, total: int) -> float:
     return lr_min + 0.5 * (lr - lr_min) * (1 + torch.cos(torch.tensor(
         torch.pi * step / max(total, 1))).item())
+
+
+def build_search_network(config: Mapping[str, Any], input_shape: Sequence[int],
+                         num_classes: int) -> SearchNetwork:
+    """The search network of a ``nas`` cell with its norm (seeded from the cell), on CPU.
+
+    ``input_shape`` = (C, H, W) of the cell's images.
+    """
+    model, _, _ = build_with_norm(
+        lambda nl: SearchNetwork(int(config["search_C"]), num_classes,
+                                 int(config["search_layers"]), nl, int(input_shape[0])),
+        config, input_shape, "search-init")
+    return model
+
+
+def build_eval_network(config: Mapping[str, Any], genotype: Genotype,
+                       input_shape: Sequence[int], num_classes: int
+                       ) -> tuple[EvalNetwork, NormSpec, list[LayerInfo]]:
+    """The evaluation network of a ``nas`` cell for ``genotype`` with its norm (seeded from the
+    cell), on CPU, with the norm spec and what each norm layer got."""
+    aux = float(config.get("auxiliary_weight") or 0.0) > 0
+    return build_with_norm(
+        lambda nl: EvalNetwork(genotype, int(config["eval_C"]), int(config["eval_layers"]),
+                               num_classes, nl, int(input_shape[0]), auxiliary=aux),
+        config, input_shape)
 
 
 def run_nas(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
@@ -134,10 +168,10 @@ def run_nas(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
                                          b, seed=derive_seed(seed, "search-train")))
         va = BatchCursor(InMemoryBatches(split.x_train[perm[half:]], split.y_train[perm[half:]],
                                          b, seed=derive_seed(seed, "search-val")))
-        search_net, _, _ = build_with_norm(
-            lambda nl: SearchNetwork(int(config["search_C"]), ncls, int(config["search_layers"]),
-                                     nl, split.in_channels), config, shape, "search-init")
+        search_net = build_search_network(config, shape, ncls)
         search_net.to(device)
+        if input_blind(search_net, shape):
+            task["blind"] = ["search"]
         w_opt = torch.optim.SGD(search_net.weights_parameters(), lr=float(config["w_lr"]),
                                 momentum=_S["w_momentum"], weight_decay=_S["w_weight_decay"])
         a_opt = torch.optim.Adam(search_net.arch_parameters(), lr=float(config["a_lr"]),
@@ -161,10 +195,11 @@ def run_nas(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
     genotype = genotype_from_dict(task["genotype"]) if search else DARTS_V2
     # ---- stage 2: train the evaluation network --------------------------------------------
     aux_w = float(config.get("auxiliary_weight") or 0.0)
-    net, spec, layers = build_with_norm(
-        lambda nl: EvalNetwork(genotype, int(config["eval_C"]), int(config["eval_layers"]), ncls,
-                               nl, split.in_channels, auxiliary=aux_w > 0), config, shape)
+    net, spec, layers = build_eval_network(config, genotype, shape, ncls)
     net.to(device)
+    # a structural check before training: does the network's output depend on its input at
+    # all? (not with IN in DARTS cells; see input_blind)
+    blind = [*task.get("blind", []), *(["eval"] if input_blind(net, shape) else [])]
     opt = torch.optim.SGD(net.parameters(), lr=float(config["lr"]), momentum=_E["momentum"],
                           weight_decay=_E["weight_decay"])
     if loop.step == s_steps:
@@ -201,7 +236,7 @@ def run_nas(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
             "genotype": genotype_to_dict(genotype), "norm": spec.describe(),
             "params": sum(p.numel() for p in net.parameters()),
             "groups_adjusted": sum(l.adjusted for l in layers),
-            "train_seconds": loop.seconds, "curve": loop.curve}
+            "input_blind": blind, "train_seconds": loop.seconds, "curve": loop.curve}
 
 
 def report_nas(records: list[Record], out_dir: Path) -> str:
@@ -235,11 +270,24 @@ def report_nas(records: list[Record], out_dir: Path) -> str:
             "*What this preset can show:* that search, derivation and retraining run with each "
             "norm and how the norms compare when training a tiny DARTS network briefly on "
             "8x8 digits; a search this short barely moves the alphas, so the derived cells say "
-            "little about the norms' effect on the search itself, and one run per norm is "
-            "within a few points of noise. Not the paper's CIFAR-10 numbers.")
+            "little about the norms' effect on the search itself, and "
+            f"{len({r.config.get('seed') for r in records})} seed(s) per norm are within a few "
+            "points of noise. Not the paper's CIFAR-10 numbers.")
     dn = diverged_note(records)
     if dn:
         notes.append(dn)
+    blind = norm_order([r for r in records if r.status == "ok" and r.result.get("input_blind")])
+    if blind:
+        names = ", ".join(DISPLAY_NAMES.get(n, n) for n in blind)
+        notes.append(
+            f"*Inherent, not a tuning problem:* with {names} the network cannot see its input, "
+            "so it stays at chance however long it trains. "
+            "Every operation of a search cell, and of the last DARTS_V2 cell, ends with a norm "
+            "or passes on a state that did, and a norm whose statistic is one channel of one "
+            "example (IN; GN with one channel a group) makes each channel's spatial mean equal "
+            "its bias for every image: the global average pooling before the classifier then "
+            "gives a constant, at any network size. Checked on each built network before "
+            "training (`bgnorm.repro.nas.input_blind`).")
     parts += [" ".join(notes), ""]
     return "\n".join(parts)
 

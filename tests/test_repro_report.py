@@ -417,3 +417,25 @@ def test_claims_noise_is_paired_over_seeds():
                    1.0) for s, v in ((1, 80.0), (0, 70.0))]
     summary = R.summarize(recs, lambda r: "bn")["bn"]
     assert summary.by_seed() == {1: 80.0, 0: 70.0}
+
+
+def test_a_cell_that_did_not_fit_is_a_result_not_a_run_cut_short():
+    """The mechanism study's BN at 2 values per statistic: its test accuracy jumps between
+    evaluations and its cross-entropy stays near a uniform guess's (2.09 of 2.30 after 45
+    epochs). It is flagged *did not fit*, judged (its number stands, marked), not *still
+    improving* (which would leave every claim about it unjudged forever)."""
+    cfg = {"seed": 0, "norm": "bn", "batch_size": 2}
+    accs, losses = [26.6, 21.5, 17.8, 28.6, 21.2, 29.5], [2.28, 2.22, 2.29, 2.07, 2.24, 2.09]
+    rec = _curved(cfg, accs, losses, num_classes=10, loss="cross-entropy")
+    flag, why = R.convergence(rec)
+    assert flag == R.DID_NOT_FIT and "ended at 2.090, above 0.5 ln 10 = 1.151" in why
+    s = R.summarize([rec], lambda r: "bn")["bn"]
+    assert s.unfit and not s.unconverged and R.fmt_summary(s) == "29.50 §"
+    assert R.not_judged("BN fails", {"BN at b=2": s}) is None
+    # a loss that is not the labels' cross-entropy (PGD's, CAN's) is never judged this way
+    other = _curved(cfg, accs, losses, num_classes=10)
+    assert R.convergence(other)[0] == R.STILL_IMPROVING
+    # a cell that fits is judged as before
+    fits = _curved(cfg, [96, 97.0, 97.1, 97.2], [0.5, 0.1, 0.025, 0.016], num_classes=10,
+                   loss="cross-entropy")
+    assert R.convergence(fits)[0] == R.CONVERGED

@@ -37,6 +37,7 @@ __all__ = [
     "NOT_TRAINED",
     "CONVERGED",
     "CONVERGENCE_CRITERION",
+    "DID_NOT_FIT",
     "DID_NOT_TRAIN",
     "NOT_MEASURED",
     "STILL_IMPROVING",
@@ -74,6 +75,13 @@ NOT_JUDGED = "not judged"
 #: Flags of :func:`convergence`.
 CONVERGED, STILL_IMPROVING, DID_NOT_TRAIN, NOT_MEASURED = (
     "converged", "still improving", "did not train", "not measured")
+#: :func:`convergence`: a cell whose training loss (the labels' cross-entropy: records with
+#: ``result["loss"] == "cross-entropy"``) ended above ``FIT_LOSS * ln K`` (K classes) did not
+#: fit its training data: a result (the norm failed), not a run cut short.
+DID_NOT_FIT = "did not fit"
+FIT_LOSS = 0.5
+#: Table mark of a cell with a seed that did not fit its training data.
+DID_NOT_FIT_MARK = "§"
 #: Table mark of a cell with a seed still improving.
 STILL_IMPROVING_MARK = "‡"
 #: :func:`convergence`: the last quarter of training is the part after this fraction.
@@ -93,6 +101,9 @@ CONVERGENCE_CRITERION = (
     "the n test examples; for episodic metrics the 95% interval over episodes), or the "
     "training loss fell by more than "
     f"{LOSS_FALL:.0%} of its whole fall over training (from its highest point to the end); "
+    "*did not fit*: neither of the above, but its training loss ended above "
+    f"{FIT_LOSS:g} ln K, half a uniform guess's (the network did not fit its training data: "
+    "the norm failed, whatever the last quarter did; a result, judged like a converged cell); "
     "*converged*: otherwise. A cell with "
     "fewer than two evaluations (or a record from before learning curves were stored) is "
     "*not measured* and judged as before. Claims are judged on converged cells only.")
@@ -233,6 +244,9 @@ class Summary:
     unconverged: tuple[str, ...] = ()
     #: the seed of each entry of ``values`` (empty when unknown)
     seeds: tuple[Hashable, ...] = ()
+    #: seeds counted in ``values`` that did not fit their training data (see
+    #: :func:`convergence`): a result, judged, but marked
+    unfit: tuple[str, ...] = ()
 
     def by_seed(self) -> dict[Hashable, float]:
         """``{seed: value}`` (empty when the seeds are unknown)."""
@@ -309,6 +323,7 @@ def summarize(
     diverged: dict[Hashable, int] = {}
     untrained: dict[Hashable, list[str]] = {}
     unconverged: dict[Hashable, list[str]] = {}
+    unfit: dict[Hashable, list[str]] = {}
     for rec in records:
         keys = key(rec)
         if keys is None:
@@ -325,6 +340,7 @@ def summarize(
             diverged.setdefault(k, 0)
             untrained.setdefault(k, [])
             unconverged.setdefault(k, [])
+            unfit.setdefault(k, [])
             if rec.status != "ok":
                 diverged[k] += 1
             elif problem is not None:
@@ -334,8 +350,11 @@ def summarize(
                 seeds[k].append(_seed_key(rec.config.get("seed")))
                 if flag == STILL_IMPROVING:
                     unconverged[k].append(f"seed {rec.config.get('seed', '?')}: {why}")
+                elif flag == DID_NOT_FIT:
+                    unfit[k].append(f"seed {rec.config.get('seed', '?')}: {why}")
     return {k: Summary(tuple(values[k]), diverged[k], tuple(untrained[k]),
-                       tuple(unconverged[k]), _unique_or_empty(seeds[k])) for k in values}
+                       tuple(unconverged[k]), _unique_or_empty(seeds[k]), tuple(unfit[k]))
+            for k in values}
 
 
 def _seed_key(seed: Any) -> Hashable:
@@ -366,6 +385,8 @@ def fmt_summary(summary: Summary | None, digits: int = 2, show_std: bool = True)
         text += f" †({', '.join(marks)})"
     if summary.unconverged:
         text += f" {STILL_IMPROVING_MARK}"
+    if summary.unfit:
+        text += f" {DID_NOT_FIT_MARK}"
     return text
 
 
@@ -629,8 +650,26 @@ def _metric_noise(point: Mapping[str, Any], n_test: Any, z: float = 1.96) -> flo
     return 100.0 * z * math.sqrt(p * (1 - p) / n_test)
 
 
+def _did_not_fit(record: Record, last: Mapping[str, Any]) -> str | None:
+    """Why ``record`` did not fit its training data (:data:`DID_NOT_FIT`), or None."""
+    classes = record.result.get("num_classes")
+    loss = last.get("train_loss")
+    if record.result.get("loss") != "cross-entropy":  # e.g. PGD's or CAN's training losses
+        return None
+    if not isinstance(classes, int) or classes < 2 or not isinstance(loss, (int, float)):
+        return None
+    limit = FIT_LOSS * math.log(classes)
+    if not math.isfinite(loss) or loss <= limit:
+        return None
+    return (f"its training loss ended at {loss:.3f}, above {FIT_LOSS:g} ln {classes} = "
+            f"{limit:.3f} (a uniform guess: {math.log(classes):.3f}): it did not fit its "
+            "training data")
+
+
 def convergence(record: Record, metric: str = "acc") -> tuple[str, str]:
-    """``(flag, reason)``: :data:`CONVERGED`, :data:`STILL_IMPROVING`, :data:`DID_NOT_TRAIN` or
+    """``(flag, reason)``: :data:`CONVERGED`, :data:`STILL_IMPROVING`, :data:`DID_NOT_TRAIN`,
+    :data:`DID_NOT_FIT` (the training loss ended above ``FIT_LOSS * ln K``: judged as a
+    result, checked before "still improving") or
     :data:`NOT_MEASURED`, by :data:`CONVERGENCE_CRITERION`, from the record's learning curve
     (the points of its last stage in ``result["curve"]``, each with ``metric``, ``train_loss``
     and ``progress``, the fraction of the stage done).
@@ -663,6 +702,7 @@ def convergence(record: Record, metric: str = "acc") -> tuple[str, str]:
         return NOT_MEASURED, ("no learning curve in the record" if not points
                               else "one evaluation only")
     last = points[-1]
+    unfit = _did_not_fit(record, last)
 
     def frac(i: int, p: Mapping[str, Any]) -> float:
         v = p.get("progress")
@@ -680,6 +720,8 @@ def convergence(record: Record, metric: str = "acc") -> tuple[str, str]:
     total = top - lb
     fall = (la - lb) / total if total > 0 and math.isfinite(la) and math.isfinite(lb) else 0.0
     span = f"over the last quarter ({ref.get('progress', 0):.0%} -> 100% of training)"
+    if unfit is not None:
+        return DID_NOT_FIT, unfit
     if gain > noise:
         return STILL_IMPROVING, (f"the metric rose {gain:+.2f} pp {span}, more than its noise "
                                  f"±{noise:.2f}")
@@ -770,13 +812,14 @@ def curves_section(task: str, records: Sequence[Record], out_dir: str | os.PathL
         rows.append([_cell_label(r, varying), r.config.get("batch_size", ""),
                      r.config.get("seed", ""), flag, why])
     counts = {f: sum(row[3] == f for row in rows) for f in
-              (CONVERGED, STILL_IMPROVING, DID_NOT_TRAIN, NOT_MEASURED)}
+              (CONVERGED, DID_NOT_FIT, STILL_IMPROVING, DID_NOT_TRAIN, NOT_MEASURED)}
     summary = ", ".join(f"{n} {f}" for f, n in counts.items() if n)
     parts = [f"### Convergence ({task})", ""]
     if png is not None:
         parts += [f"![learning curves of {task}]({png.name})", ""]
     parts += [f"{summary}. Criterion: {CONVERGENCE_CRITERION} "
-              f"\"{STILL_IMPROVING_MARK}\" in a table: a seed of that cell was still improving.",
+              f"\"{STILL_IMPROVING_MARK}\" in a table: a seed of that cell was still improving; "
+              f"\"{DID_NOT_FIT_MARK}\": a seed did not fit its training data.",
               "", markdown_table(["cell", "batch", "seed", "flag", "why"], rows,
                                  align="lrrll"), ""]
     return "\n".join(parts)

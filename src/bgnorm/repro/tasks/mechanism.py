@@ -378,7 +378,8 @@ def report_mechanism(records: list[Record], out_dir: Path) -> str:
     finals = sorted({k[1] for k in acc}, reverse=True)
     sizes = sorted({k[2] for k in acc}, reverse=True)
     flags = {k: ("still improving" if s.unconverged else "did not train" if s.untrained
-                 else "diverged" if s.all_diverged else "converged") for k, s in acc.items()}
+                 else "diverged" if s.all_diverged else "did not fit" if s.unfit
+                 else "converged") for k, s in acc.items()}
     rows = []
     for v in variants:
         for f in finals:

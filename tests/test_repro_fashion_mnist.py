@@ -123,7 +123,8 @@ _LABELS = np.arange(12, dtype=np.uint8) % 10
     (_idx_bytes(_images(2))[:10], 2051, r"truncated inside its header \(10 of 16 bytes\)"),
     (b"\0\0", 2049, "2 bytes, too short for an IDX header"),
     (_idx_bytes(np.zeros((0,), np.uint8)), 2049, r"empty IDX file of shape \(0,\)"),
-])
+], ids=["labels-as-images", "images-as-labels", "little-endian", "html", "truncated-labels",
+        "truncated-images", "overlong", "truncated-header", "two-bytes", "empty"])
 def test_read_idx_errors_name_file_and_problem(tmp_path, gz, payload, magic, message):
     path = tmp_path / "file-idx-ubyte"
     _write(path, payload, gz)
@@ -188,8 +189,11 @@ def test_stratified_subset():
     idx = stratified_subset(y, 10, seed=3)
     assert idx.dtype == torch.int64 and idx.tolist() == sorted(set(idx.tolist()))
     assert torch.bincount(y[idx]).tolist() == [5, 3, 2]
-    # Largest remainders: 7 of (50, 30, 20) -> quotas 3.5, 2.1, 1.4 -> 3 + 1, 2, 1.
+    # Largest remainders: 7 of (50, 30, 20) -> quotas 3.5, 2.1, 1.4 -> 3 + 1, 2, 1; of
+    # (20, 30, 50) -> 1.4, 2.1, 3.5 -> 1, 2, 3 + 1.
     assert torch.bincount(y[stratified_subset(y, 7)]).tolist() == [4, 2, 1]
+    flipped = 2 - y
+    assert torch.bincount(flipped[stratified_subset(flipped, 7)]).tolist() == [1, 2, 4]
     assert torch.equal(stratified_subset(y, 10, seed=3), idx)
     assert not torch.equal(stratified_subset(y, 10, seed=4), idx)
     assert stratified_subset(y, 100).tolist() == list(range(100))

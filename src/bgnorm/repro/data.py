@@ -438,7 +438,7 @@ def load_fashion_mnist(
 
     Example (with the Debian package installed):
         >>> x, y = load_fashion_mnist(train=False)  # doctest: +SKIP
-        >>> x.shape, y.shape
+        >>> x.shape, y.shape  # doctest: +SKIP
         (torch.Size([10000, 1, 28, 28]), torch.Size([10000]))
     """
     x, y = _fashion_raw(root, train)

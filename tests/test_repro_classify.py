@@ -97,3 +97,69 @@ def test_paper_preset_defaults():
     assert (gn["batch_size"], gn["workers"], gn["gn_groups"]) == (256, 1, 32)
     groups = cells_groups("paper", {"data_root": "/x"})
     assert len(groups) == 7 + 7 + 2
+
+
+# --------------------------------------------------------------------------------------------
+# Fashion-MNIST (IDX files written here; the real ones in test_repro_fashion_mnist.py)
+# --------------------------------------------------------------------------------------------
+
+
+def _write_fashion(root, n_train=40, n_test=24):
+    import gzip
+
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for stem, n in (("train", n_train), ("t10k", n_test)):
+        x = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        y = (np.arange(n) % 10).astype(np.uint8)
+        for kind, arr, magic in (("images-idx3", x, 2051), ("labels-idx1", y, 2049)):
+            head = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in arr.shape)
+            (root / f"{stem}-{kind}-ubyte.gz").write_bytes(gzip.compress(head + arr.tobytes()))
+
+
+def test_fashion_mnist_cells_through_the_runner(tmp_path):
+    _write_fashion(tmp_path / "data")
+    over = {**TINY, "dataset": "fashion-mnist", "data_root": str(tmp_path / "data"), "seeds": [0],
+            "set": {**TINY["set"], "train_subset": 20, "epochs": 2}}
+    s = run_sweep(RunOptions(tasks=["batch-size"], preset="quick", out_dir=tmp_path / "run",
+                             overrides=over, jobs=1, threads=1, progress=False))
+    assert (s.finished, s.failed) == (3, [])
+    recs = read_records(tmp_path / "run")
+    bn = next(r for r in recs if r.config["norm"] == "bn")
+    # The dataset's defaults (16 px), the subset of 20 training images (2 workers x 4 per
+    # step: 2 steps per epoch; cosine after a warm-up epoch), and its own test set, whole.
+    assert (bn.config["dataset"], bn.config["image_size"], bn.config["train_subset"]) == (
+        "fashion-mnist", 16, 20)
+    assert bn.result["n_test"] == 24 and bn.result["steps_per_epoch"] == 2
+    assert bn.config["runtime"] == {"data_root": str(tmp_path / "data"), "loader_workers": 0}
+    assert "fashion-mnist (16 px, 20 training images)" in render_report(tmp_path / "run")
+
+
+def test_fashion_mnist_defaults_and_subset_checks(tmp_path, monkeypatch):
+    from bgnorm.repro import data as D
+    from bgnorm.repro.runner import check_environment
+
+    # Without a data root the Debian package's folder is read; absent, one message says how
+    # to get the data.
+    monkeypatch.setattr(D, "FASHION_MNIST_DIR", tmp_path / "absent")
+    cells = cells_batch_size("full", {"dataset": "fashion-mnist"})
+    assert all(c["train_subset"] == 20000 and "runtime" not in c for c in cells)
+    with pytest.raises(ValueError, match=r"the batch-size cells cannot read their data: "
+                                         r"Fashion-MNIST is not installed .*apt-get install "
+                                         r"dataset-fashion-mnist.*--data-root"):
+        check_environment([("batch-size", c) for c in cells])
+    _write_fashion(tmp_path / "absent")
+    with pytest.raises(ValueError, match="train_subset=20000: the training set at .* has 40"):
+        check_environment([("batch-size", c) for c in cells])
+    small = cells_batch_size("full", {"dataset": "fashion-mnist", "set": {"train_subset": 40}})
+    assert check_environment([("batch-size", c) for c in small]) == [str(tmp_path / "absent")]
+    # Bundled digits take a subset too, checked against their training split.
+    digits = cells_batch_size("smoke", {"set": {"train_subset": 1439}})
+    with pytest.raises(ValueError, match="train_subset=1439: the digits training split has "
+                                         "1438 images"):
+        check_environment([("batch-size", c) for c in digits])
+    # Configs without a subset keep their cells (and so their ids) as before.
+    assert not any("train_subset" in c for c in cells_batch_size("quick", {}))
+    with pytest.raises(ValueError, match="train_subset applies to the datasets held in memory"):
+        cells_batch_size("paper", {"dataset": "cifar10", "data_root": "/x",
+                                   "set": {"train_subset": 100}})

@@ -133,6 +133,21 @@ def test_bad_dataset_directory_is_one_message_before_any_cell(tmp_path, capsys, 
     assert not (out / "results.jsonl").exists() and not (out / "cells").exists()
 
 
+def test_fashion_mnist_not_installed_is_one_message(tmp_path, capsys, monkeypatch):
+    from bgnorm.repro import data
+
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path / "not-installed")
+    out = tmp_path / "run"
+    assert main([*TINY, "--dataset", "fashion-mnist", "--out", str(out)]) == 2
+    line = _one_message(capsys.readouterr().err)
+    assert "Fashion-MNIST is not installed" in line
+    assert "apt-get install dataset-fashion-mnist" in line and "--data-root FOLDER" in line
+    assert main([*TINY, "--dataset", "fashion-mnist", "--data-root", str(tmp_path),
+                 "--out", str(out)]) == 2
+    assert "train-images-idx3-ubyte(.gz)" in _one_message(capsys.readouterr().err)
+    assert not (out / "results.jsonl").exists() and not (out / "cells").exists()
+
+
 def test_missing_repro_extra_is_one_message(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn", None)  # as if scikit-learn were not installed
     monkeypatch.setitem(sys.modules, "tqdm", None)

@@ -167,6 +167,18 @@ def test_bundled_dataset_resize():
         bundled_dataset("svhn")
 
 
+def test_bundled_dataset_train_subset():
+    full = bundled_dataset("mnist5k", size=8)
+    sub = bundled_dataset("mnist5k", size=8, train_subset=1000)
+    assert sub.x_train.shape == (1000, 1, 8, 8)
+    assert torch.bincount(sub.y_train).tolist() == [100] * 10
+    assert torch.equal(sub.y_test, full.y_test)  # the test set stays whole
+    # Standardized with the kept images' statistics, not the whole training split's.
+    assert abs(sub.x_train.mean().item()) < 1e-5 and sub.mean != full.mean
+    with pytest.raises(ValueError, match="train_subset=4001: the mnist5k training split has 4000"):
+        bundled_dataset("mnist5k", train_subset=4001)
+
+
 def test_import_without_optional_dependencies():
     code = (
         "import sys\n"

@@ -196,8 +196,12 @@ def _parser() -> argparse.ArgumentParser:
                         "(default 300)")
     o = rp.add_argument_group("protocol overrides (defaults come from the preset)")
     o.add_argument("--dataset", default=None,
-                   help="digits, mnist5k (bundled), cifar10, imagenet, imagefolder (yours)")
-    o.add_argument("--data-root", default=None, help="root of your dataset copy")
+                   help="digits, mnist5k (bundled), fashion-mnist (apt-get install "
+                        "dataset-fashion-mnist, or its 4 IDX files in --data-root), cifar10, "
+                        "imagenet, imagefolder (yours)")
+    o.add_argument("--data-root", default=None,
+                   help="root of your dataset copy (fashion-mnist: default "
+                        "/usr/share/datasets/fashion-mnist)")
     o.add_argument("--loader-workers", type=_number(int, 0), default=None,
                    help="DataLoader workers (0: load in the training process)")
     o.add_argument("--model", default=None,

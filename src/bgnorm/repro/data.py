@@ -7,6 +7,12 @@ Two kinds of data:
   ``scikit-learn``), split with :func:`stratified_split` and packaged by :func:`bundled_dataset`
   into a normalized :class:`TensorSplit` (batched in memory by
   :class:`bgnorm.repro.train.InMemoryBatches`).
+* Fashion-MNIST (60,000 training and 10,000 test images, 28x28, 10 clothing classes) from the
+  standard IDX files, which ``apt-get install dataset-fashion-mnist`` puts in
+  :data:`FASHION_MNIST_DIR` (or any folder given as the data root): :func:`read_idx`,
+  :func:`load_fashion_mnist`, :func:`check_fashion_mnist` and :func:`fashion_mnist_dataset`,
+  the same :class:`TensorSplit` with its own test set and an optional stratified training
+  subset (:func:`stratified_subset`).
 * Users' own copies of the paper's datasets: :class:`CIFAR10` (python-pickle batch format) and
   :class:`ImageFolder` (ImageNet-style class folders), with torch-only transforms
   (:class:`RandomResizedCrop`, :class:`RandomCrop`, ...) and :func:`make_loader`.
@@ -24,10 +30,12 @@ would draw the same augmentations, whereas DataLoader seeds each worker's global
 from __future__ import annotations
 
 import functools
+import gzip
 import math
 import os
 import pickle
 import random
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +49,10 @@ __all__ = [
     "CIFAR10",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_DIR",
+    "IDX_IMAGES_MAGIC",
+    "IDX_LABELS_MAGIC",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMG_EXTENSIONS",
@@ -56,17 +68,23 @@ __all__ = [
     "TensorSplit",
     "bundled_dataset",
     "check_cifar10",
+    "check_fashion_mnist",
     "check_image_folders",
     "cifar_eval_transform",
     "cifar_train_transform",
+    "fashion_mnist_dataset",
+    "fashion_mnist_files",
     "imagenet_eval_transform",
     "imagenet_train_transform",
     "load_digits8x8",
+    "load_fashion_mnist",
     "load_mnist5k",
     "make_loader",
     "random_crop_batch",
+    "read_idx",
     "seed_worker",
     "stratified_split",
+    "stratified_subset",
 ]
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -221,12 +239,15 @@ def bundled_dataset(
     seed: int = 0,
     test_fraction: float = 0.2,
     size: int | tuple[int, int] | None = None,
+    train_subset: int | None = None,
 ) -> TensorSplit:
     """Load a bundled digit dataset (``"mnist5k"`` or ``"digits"``) as a normalized split.
 
     ``size`` optionally resizes the images (bilinear, antialiased) so that both digit domains
     can share one input size. The split is stratified and deterministic for a given ``seed``;
-    the images are standardized with the train set's per-channel mean and std.
+    ``train_subset`` keeps that many of the training images (:func:`stratified_subset`, drawn
+    with ``seed``; the test set stays whole). The images are standardized with the (kept)
+    training images' per-channel mean and std.
     """
     try:
         loader = _BUNDLED_LOADERS[name]
@@ -238,6 +259,240 @@ def bundled_dataset(
     if size is not None:
         x = _resize_batch(x, size)
     x_tr, y_tr, x_te, y_te = stratified_split(x, y, test_fraction=test_fraction, seed=seed)
+    if train_subset is not None:
+        if not 1 <= train_subset <= len(y_tr):
+            raise ValueError(f"train_subset={train_subset}: the {name} training split has "
+                             f"{len(y_tr)} images; use 1 to {len(y_tr)}")
+        idx = stratified_subset(y_tr, train_subset, seed)
+        x_tr, y_tr = x_tr[idx], y_tr[idx]
+    return _standardized_split(x_tr, y_tr, x_te, y_te, int(y.max().item()) + 1, name)
+
+
+# --------------------------------------------------------------------------------------------
+# Fashion-MNIST (IDX files from the Debian package or a user's download)
+# --------------------------------------------------------------------------------------------
+
+#: Where the Debian package ``dataset-fashion-mnist`` installs the four IDX ``.gz`` files; the
+#: default when no data root is given (looked up at call time, so it can be patched in tests).
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+#: The standard file names' stems: ``<stem>-idx3-ubyte`` (images), ``<stem>-idx1-ubyte``
+#: (labels), each raw or ``.gz``; a dot instead of the dash (``train-images.idx3-ubyte``, as
+#: some mirrors spell it) is accepted too.
+_FASHION_FILES = {"train": ("train-images", "train-labels"), "test": ("t10k-images", "t10k-labels")}
+#: IDX magic numbers: 0, 0, element type (0x08 = unsigned byte), number of dimensions.
+IDX_IMAGES_MAGIC = 2051
+IDX_LABELS_MAGIC = 2049
+_FASHION_HOW_TO_GET = (
+    "install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu; files in "
+    f"{FASHION_MNIST_DIR}), or download train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+    "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz from "
+    "https://github.com/zalandoresearch/fashion-mnist into a folder and pass --data-root FOLDER "
+    "(nothing is downloaded at run time)"
+)
+
+
+def read_idx(path: str | os.PathLike, magic: int) -> np.ndarray:
+    """Read an IDX file of unsigned bytes (the MNIST / Fashion-MNIST format), gzip or raw.
+
+    The file is a 4-byte big-endian magic number (``0x0000`` ``0x08`` ``ndim``: 2051 for
+    ``(N, rows, cols)`` images, 2049 for ``(N,)`` labels), ``ndim`` big-endian 32-bit sizes,
+    then the ``prod(sizes)`` bytes in row-major order. Gzip is recognized by its content, not
+    the name. Returns a read-only ``uint8`` array of the stored shape.
+
+    Raises ``ValueError`` naming the file when it is not gzip-readable, its magic number is not
+    ``magic`` (e.g. the labels file given for the images), a size is 0, or it holds fewer or
+    more bytes than its header announces (a truncated download).
+
+    Example:
+        >>> import gzip, os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "labels-idx1-ubyte.gz")
+        >>> with gzip.open(path, "wb") as fh:
+        ...     _ = fh.write((2049).to_bytes(4, "big") + (3).to_bytes(4, "big") + bytes([7, 0, 9]))
+        >>> read_idx(path, 2049)
+        array([7, 0, 9], dtype=uint8)
+    """
+    path = Path(path)
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise ValueError(f"{path} is a damaged or truncated gzip file ({exc}); download it "
+                             "again or reinstall the package") from None
+    kind = {IDX_IMAGES_MAGIC: "images (N, rows, cols)", IDX_LABELS_MAGIC: "labels (N,)"}
+    expected = kind.get(magic, f"magic {magic}")
+    if len(raw) < 4:
+        raise ValueError(f"{path}: {len(raw)} bytes, too short for an IDX header (expected an "
+                         f"IDX file of {expected}, magic number {magic}); download it again")
+    found = int.from_bytes(raw[:4], "big")
+    if found != magic:
+        what = (f"the magic number of IDX {kind[found]}: the images and labels files are "
+                "swapped" if found in kind else
+                "byte-swapped: written little-endian, not the standard IDX layout"
+                if int.from_bytes(raw[:4], "little") == magic else "not an IDX file")
+        raise ValueError(f"{path}: magic number {found} (0x{found:08x}), expected {magic} "
+                         f"(IDX {expected} of unsigned bytes): {what}; pass the standard "
+                         "Fashion-MNIST files")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated inside its header ({len(raw)} of {header} bytes); "
+                         "download it again")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    if 0 in shape:
+        raise ValueError(f"{path}: empty IDX file of shape {shape}; download it again")
+    size = math.prod(shape)
+    if len(raw) - header != size:
+        problem = "truncated" if len(raw) - header < size else "longer than its header says"
+        raise ValueError(f"{path}: {problem}: {len(raw) - header} data bytes where its header "
+                         f"(shape {shape}) announces {size}; download it again")
+    return np.frombuffer(raw, dtype=np.uint8, count=size, offset=header).reshape(shape)
+
+
+def _find_idx(folder: Path, stem: str, ndim: int) -> Path | None:
+    for sep in ("-", "."):
+        for suffix in ("", ".gz"):
+            path = folder / f"{stem}{sep}idx{ndim}-ubyte{suffix}"
+            if path.is_file():
+                return path
+    return None
+
+
+def fashion_mnist_files(root: str | os.PathLike | None = None) -> dict[str, tuple[Path, Path]]:
+    """The ``(images, labels)`` IDX files of each split (``"train"``, ``"test"``).
+
+    ``root`` is the folder of the four standard files (``train-images-idx3-ubyte``,
+    ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each
+    raw or ``.gz``) or a torchvision root holding them in ``FashionMNIST/raw``; None means
+    :data:`FASHION_MNIST_DIR`, where ``apt-get install dataset-fashion-mnist`` puts them.
+    Raises ``FileNotFoundError`` naming the missing files and how to get them.
+    """
+    default = root is None
+    base = FASHION_MNIST_DIR if default else Path(root).expanduser()
+    if not base.is_dir():
+        where = ("Fashion-MNIST is not installed (no folder " f"{base})" if default
+                 else f"Fashion-MNIST data root {base} does not exist")
+        raise FileNotFoundError(f"{where}: {_FASHION_HOW_TO_GET}")
+    folders = [base, base / "FashionMNIST" / "raw"]
+    folder = next((f for f in folders if _find_idx(f, "train-images", 3)), base)
+    files: dict[str, tuple[Path, Path]] = {}
+    missing: list[str] = []
+    for split, (images, labels) in _FASHION_FILES.items():
+        found = _find_idx(folder, images, 3), _find_idx(folder, labels, 1)
+        missing += [f"{stem}-idx{n}-ubyte(.gz)" for stem, n, p
+                    in ((images, 3, found[0]), (labels, 1, found[1])) if p is None]
+        files[split] = found  # type: ignore[assignment]
+    if missing:
+        raise FileNotFoundError(f"Fashion-MNIST files missing in {folder}: {', '.join(missing)}; "
+                                f"{_FASHION_HOW_TO_GET}")
+    return files
+
+
+@functools.lru_cache(maxsize=4)
+def _fashion_split_raw(images: Path, labels: Path, stamp: tuple) -> tuple[np.ndarray, np.ndarray]:
+    # ``stamp`` (sizes and modification times) keys the cache to the files' contents.
+    x = read_idx(images, IDX_IMAGES_MAGIC)
+    y = read_idx(labels, IDX_LABELS_MAGIC)
+    if x.shape[1:] != (28, 28):
+        raise ValueError(f"{images}: images of {x.shape[1]}x{x.shape[2]} pixels; Fashion-MNIST "
+                         "images are 28x28 (is it another dataset?)")
+    if len(x) != len(y):
+        raise ValueError(f"{images} holds {len(x)} images but {labels} holds {len(y)} labels; "
+                         "the two files must come from the same split and download")
+    if int(y.max()) >= len(FASHION_MNIST_CLASSES):
+        bad = int(np.flatnonzero(y >= len(FASHION_MNIST_CLASSES))[0])
+        raise ValueError(f"{labels}: label {int(y[bad])} at index {bad}; Fashion-MNIST labels "
+                         f"are 0 to {len(FASHION_MNIST_CLASSES) - 1}")
+    return x, y
+
+
+def _fashion_raw(root: str | os.PathLike | None, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = fashion_mnist_files(root)["train" if train else "test"]
+    stamp = tuple((s.st_size, s.st_mtime_ns) for s in (images.stat(), labels.stat()))
+    return _fashion_split_raw(images.resolve(), labels.resolve(), stamp)
+
+
+def load_fashion_mnist(
+    root: str | os.PathLike | None = None, train: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST (Xiao et al. 2017) from its IDX files (see :func:`fashion_mnist_files`).
+
+    ``train`` selects the 60,000 training images, else the 10,000 test images. Returns
+    ``(x, y)``: ``x`` float32 ``(N, 1, 28, 28)`` in [0, 1], ``y`` int64 ``(N,)`` in 0..9
+    (:data:`FASHION_MNIST_CLASSES`). The files are read and checked (:func:`read_idx`, 28x28
+    images, as many labels as images, labels 0 to 9) once per process and cached.
+    Never downloads.
+
+    Example (with the Debian package installed):
+        >>> x, y = load_fashion_mnist(train=False)  # doctest: +SKIP
+        >>> x.shape, y.shape  # doctest: +SKIP
+        (torch.Size([10000, 1, 28, 28]), torch.Size([10000]))
+    """
+    x, y = _fashion_raw(root, train)
+    x_t = torch.from_numpy(x.copy()).unsqueeze(1).float().div_(255.0)
+    return x_t, torch.from_numpy(y.astype(np.int64))
+
+
+def check_fashion_mnist(
+    root: str | os.PathLike | None = None, train_subset: int | None = None
+) -> Path:
+    """Check a Fashion-MNIST copy before training on it; returns the folder of its files.
+
+    Reads both splits as :func:`load_fashion_mnist` does (raising ``FileNotFoundError`` for
+    missing files, with how to get them, and ``ValueError`` naming the bad file) and checks
+    that ``train_subset`` (if given) is at most the number of training images.
+    """
+    files = fashion_mnist_files(root)
+    for train in (True, False):
+        _, y = _fashion_raw(root, train)
+        if train and train_subset is not None and not 1 <= train_subset <= len(y):
+            raise ValueError(f"train_subset={train_subset}: the training set at "
+                             f"{files['train'][0].parent} has {len(y)} images; use 1 to {len(y)}")
+    return files["train"][0].parent
+
+
+def stratified_subset(y: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """Indices of ``n`` examples of ``y`` with the class proportions kept, drawn with ``seed``.
+
+    Each class gets ``floor(n * n_c / N)`` examples, and the ``n`` minus their sum left over go
+    one each to the classes with the largest remainders (the smaller class label first on
+    ties); inside a class the examples are a seeded random draw. Returns sorted int64 indices.
+
+    Example:
+        >>> y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2])
+        >>> torch.bincount(y[stratified_subset(y, 5)]).tolist()
+        [2, 2, 1]
+    """
+    labels = np.asarray(y.detach().cpu() if isinstance(y, torch.Tensor) else y)
+    if not 1 <= n <= len(labels):
+        raise ValueError(f"a subset of {n} examples out of {len(labels)}: use 1 to {len(labels)}")
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = n * counts / len(labels)
+    take = np.floor(quota).astype(np.int64)
+    extra = np.argsort(-(quota - take), kind="stable")[: n - int(take.sum())]
+    take[extra] += 1
+    rng = np.random.default_rng(seed)
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+    return torch.from_numpy(np.sort(np.concatenate(picked)))
+
+
+def _standardized_split(
+    x_tr: torch.Tensor, y_tr: torch.Tensor, x_te: torch.Tensor, y_te: torch.Tensor,
+    num_classes: int, name: str,
+) -> TensorSplit:
     mean = x_tr.mean(dim=(0, 2, 3))
     std = x_tr.std(dim=(0, 2, 3)).clamp_min(1e-8)
     shape = (1, -1, 1, 1)
@@ -248,12 +503,40 @@ def bundled_dataset(
         y_train=y_tr,
         x_test=x_te.contiguous(),
         y_test=y_te,
-        num_classes=int(y.max().item()) + 1,
-        in_channels=int(x.shape[1]),
+        num_classes=num_classes,
+        in_channels=int(x_tr.shape[1]),
         name=name,
         mean=tuple(float(v) for v in mean),
         std=tuple(float(v) for v in std),
     )
+
+
+def fashion_mnist_dataset(
+    root: str | os.PathLike | None = None,
+    size: int | tuple[int, int] | None = None,
+    train_subset: int | None = None,
+    seed: int = 0,
+) -> TensorSplit:
+    """Fashion-MNIST as a normalized in-memory split: its training set (or a stratified subset
+    of ``train_subset`` images drawn with ``seed``, :func:`stratified_subset`) and its own
+    10,000-image test set, always whole.
+
+    ``size`` optionally resizes the images (bilinear, antialiased); they are standardized with
+    the (subset's) training images' mean and std, as :func:`bundled_dataset` does. ``root`` as
+    in :func:`fashion_mnist_files` (None: the Debian package's folder).
+    """
+    x_tr, y_tr = load_fashion_mnist(root, train=True)
+    x_te, y_te = load_fashion_mnist(root, train=False)
+    if train_subset is not None:
+        if not 1 <= train_subset <= len(y_tr):
+            raise ValueError(f"train_subset={train_subset}: Fashion-MNIST's training set has "
+                             f"{len(y_tr)} images; use 1 to {len(y_tr)}")
+        idx = stratified_subset(y_tr, train_subset, seed)
+        x_tr, y_tr = x_tr[idx], y_tr[idx]
+    if size is not None:
+        x_tr, x_te = _resize_batch(x_tr, size), _resize_batch(x_te, size)
+    return _standardized_split(x_tr, y_tr, x_te, y_te, len(FASHION_MNIST_CLASSES),
+                               "fashion-mnist")
 
 
 # --------------------------------------------------------------------------------------------

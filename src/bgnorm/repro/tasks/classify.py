@@ -85,6 +85,9 @@ _CELL_KEYS = (
     "hflip", "amp", "eval_batch_size",
 )
 _RUNTIME_KEYS = ("data_root", "loader_workers")
+#: Datasets held in memory as one standardized TensorSplit; the others stream from a data root.
+_IN_MEMORY = ("digits", "mnist5k", "fashion-mnist")
+_LOADER_DATASETS = ("cifar10", "imagenet", "imagefolder")
 _COST_RANK = {"gbgn": 0, "bn": 1, "bgn": 2, "pn": 3, "ln": 4, "gn": 5, "in": 6, "none": 7}
 
 
@@ -97,10 +100,15 @@ def _preset(preset: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
     from ..models import MODELS
 
     cfg = apply_overrides(classify_preset(preset), overrides)
-    if cfg["dataset"] in ("imagenet", "imagefolder", "cifar10") and not cfg.get("data_root"):
+    if cfg["dataset"] in _LOADER_DATASETS and not cfg.get("data_root"):
         raise ValueError(
             f"dataset {cfg['dataset']!r} is read from your own copy: pass --data-root DIR "
             "(nothing is downloaded); see `bgnorm docs reproduction`"
+        )
+    if cfg.get("train_subset") is not None and cfg["dataset"] in _LOADER_DATASETS:
+        raise ValueError(
+            f"train_subset applies to the datasets held in memory ({', '.join(_IN_MEMORY)}), "
+            f"not to {cfg['dataset']!r}: drop --set train_subset, or subset your copy"
         )
     if cfg["model"] not in MODELS:
         raise ValueError(f"unknown model {cfg['model']!r}; valid models: "
@@ -115,6 +123,9 @@ def _cell(task: str, cfg: Mapping[str, Any], seed: int, norm: str, batch_size: i
     workers = workers_for(cfg, batch_size)
     cell: dict[str, Any] = {"task": task, "seed": int(seed), "norm": name}
     cell.update({k: cfg.get(k) for k in _CELL_KEYS})
+    if cfg.get("train_subset") is not None:
+        # Only when set: the cells of configs without a subset keep their ids.
+        cell["train_subset"] = int(cfg["train_subset"])
     cell["batch_size"] = int(batch_size)
     cell["workers"] = workers
     if name in ("bgn", "gbgn"):
@@ -208,22 +219,36 @@ def cells_groups(preset: str, overrides: Mapping[str, Any]) -> list[dict[str, An
 
 
 @functools.lru_cache(maxsize=4)
-def _bundled(name: str, size: int | None, split_seed: int, test_fraction: float):
-    from ..data import bundled_dataset
+def _in_memory(name: str, root: str | None, size: int | None, split_seed: int,
+               test_fraction: float, train_subset: int | None):
+    from .. import data as D
 
-    return bundled_dataset(name, seed=split_seed, test_fraction=test_fraction, size=size)
+    if name == "fashion-mnist":
+        # Its own 10,000-image test set: test_fraction does not apply.
+        return D.fashion_mnist_dataset(root, size=size, train_subset=train_subset,
+                                       seed=split_seed)
+    return D.bundled_dataset(name, seed=split_seed, test_fraction=test_fraction, size=size,
+                             train_subset=train_subset)
 
 
 def check_classification_data(configs: Sequence[Mapping[str, Any]]) -> list[str]:
     """The three tasks' :attr:`~bgnorm.repro.api.Task.check`: every cell's dataset is
-    bundled, or a well-formed copy at ``--data-root`` (CIFAR-10 batches; ``train/`` and
-    ``val/`` (or ``test/``) class folders with the same classes)."""
+    bundled, Fashion-MNIST's IDX files (the Debian package's folder, or ``--data-root``), or a
+    well-formed copy at ``--data-root`` (CIFAR-10 batches; ``train/`` and ``val/`` (or
+    ``test/``) class folders with the same classes); a ``train_subset`` fits the training set."""
     from .. import data as D
 
     checked: list[str] = []
-    for name, root in sorted({(c["dataset"], (c.get("runtime") or {}).get("data_root"))
-                              for c in configs}, key=str):
+    for name, root, subset in sorted({(c["dataset"], (c.get("runtime") or {}).get("data_root"),
+                                       c.get("train_subset")) for c in configs}, key=str):
         if name in D.BUNDLED_DATASETS:
+            if subset is not None:
+                c = next(c for c in configs if c["dataset"] == name)
+                _in_memory(name, None, c.get("image_size"), int(c.get("split_seed", 0)),
+                           float(c.get("test_fraction", 0.2)), int(subset))
+            continue
+        if name == "fashion-mnist":
+            checked.append(str(D.check_fashion_mnist(root, subset)))
             continue
         if not root:
             raise ValueError(f"dataset {name!r} needs a data root (--data-root)")
@@ -241,8 +266,10 @@ def load_classification_data(
 ) -> tuple[Any, Any, dict[str, Any]]:
     """``(train, test, info)`` batch sources for a cell config.
 
-    Bundled digits (``mnist5k``, ``digits``) are held in memory on ``device``
-    (:class:`~bgnorm.repro.train.InMemoryBatches`); ``cifar10`` (python-pickle batches) and
+    Bundled digits (``mnist5k``, ``digits``) and Fashion-MNIST (its IDX files, see
+    :func:`bgnorm.repro.data.fashion_mnist_dataset`) are held in memory on ``device``
+    (:class:`~bgnorm.repro.train.InMemoryBatches`), a stratified ``train_subset`` of the
+    training images if set; ``cifar10`` (python-pickle batches) and
     ``imagenet``/``imagefolder`` (``root/train``, ``root/val`` class folders) are read from
     ``config["runtime"]["data_root"]`` through DataLoaders. ``info`` has ``num_classes``,
     ``in_channels``, ``input_shape`` and ``n_test``.
@@ -252,9 +279,12 @@ def load_classification_data(
     name = config["dataset"]
     seed = derive_seed(config["seed"], "data")
     runtime = config.get("runtime") or {}
-    if name in D.BUNDLED_DATASETS:
-        split = _bundled(name, config.get("image_size"), int(config.get("split_seed", 0)),
-                         float(config.get("test_fraction", 0.2)))
+    if name in _IN_MEMORY:
+        subset = config.get("train_subset")
+        split = _in_memory(name, runtime.get("data_root"), config.get("image_size"),
+                           int(config.get("split_seed", 0)),
+                           float(config.get("test_fraction", 0.2)),
+                           None if subset is None else int(subset))
         xtr, ytr = split.x_train.to(device), split.y_train.to(device)
         xte, yte = split.x_test.to(device), split.y_test.to(device)
         train = InMemoryBatches(
@@ -386,8 +416,10 @@ def _protocol(records: Sequence[Record]) -> str:
              if (c.get("schedule") or "step") == "step" else "cosine decay to 0")
     if warm:
         decay = f"linear warm-up over {warm:g} epoch(s), {decay}"
+    subset = c.get("train_subset")
+    data = f"{c['dataset']} ({size} px" + (f", {subset} training images)" if subset else ")")
     return (
-        f"*Protocol:* {c['dataset']} ({size} px), {model}; {c['epochs']} epochs, SGD momentum "
+        f"*Protocol:* {data}, {model}; {c['epochs']} epochs, SGD momentum "
         f"{c['momentum']:g}, weight decay {c['weight_decay']:g}, lr {c['base_lr']:g} per "
         f"{c['lr_reference_batch']} examples per step scaled linearly, {decay}; "
         f"accuracy = median of the last "

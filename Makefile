@@ -26,7 +26,7 @@ test-all: install lint
 	$(BIN)/python -m pytest -q
 
 reproduce: install
-	$(BIN)/bgnorm reproduce --task batch-size,g-sweep --preset quick --out runs/quick
+	$(BIN)/bgnorm reproduce --task batch-size,g-sweep,mechanism --preset quick --out runs/quick
 
 bench: install
 	$(BIN)/python benchmarks/bench_norms.py

@@ -126,7 +126,7 @@ def _overview() -> str:
         "  DIR/cells/          checkpoints of unfinished cells (the same command resumes)",
         "",
         "example:",
-        "  bgnorm reproduce --task batch-size,g-sweep --preset quick --out runs/quick",
+        "  bgnorm reproduce --task batch-size,g-sweep,mechanism --preset quick --out runs/quick",
         "",
         "more:",
         "  bgnorm tasks --settings    each task's options and --set keys",

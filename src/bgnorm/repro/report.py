@@ -101,9 +101,10 @@ CONVERGENCE_CRITERION = (
     "the n test examples; for episodic metrics the 95% interval over episodes), or the "
     "training loss fell by more than "
     f"{LOSS_FALL:.0%} of its whole fall over training (from its highest point to the end); "
-    "*did not fit*: neither of the above, but its training loss ended above "
-    f"{FIT_LOSS:g} ln K, half a uniform guess's (the network did not fit its training data: "
-    "the norm failed, whatever the last quarter did; a result, judged like a converged cell); "
+    "*did not fit* (checked first, for a training loss that is the labels' cross-entropy): "
+    f"it trained, but its training loss ended above {FIT_LOSS:g} ln K, half a uniform "
+    "guess's: the network did not fit its training data, the norm failed whatever its last "
+    "quarter did (a result, judged like a converged cell and marked); "
     "*converged*: otherwise. A cell with "
     "fewer than two evaluations (or a record from before learning curves were stored) is "
     "*not measured* and judged as before. Claims are judged on converged cells only.")

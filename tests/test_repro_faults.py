@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -93,6 +94,34 @@ def _trained(out):
     return counts
 
 
+def _steps(out):
+    """(cell id, step) -> how many times that optimizer step was trained (``steps.log``)."""
+    counts: dict[tuple[str, int], int] = {}
+    path = out / "steps.log"
+    for line in (path.read_text().splitlines() if path.is_file() else []):
+        cid, _, step, _ = line.split()
+        counts[cid, int(step)] = counts.get((cid, int(step)), 0) + 1
+    return counts
+
+
+def _completed_by_survivors(out, killed):
+    """Cell id -> how many processes not in ``killed`` trained it to completion. A killed
+    process may have finished a cell whose result it could not hand on; the rerun then
+    completes it again (from the final checkpoint when it was written)."""
+    counts: dict[str, int] = {}
+    path = out / "trained.log"
+    for line in (path.read_text().splitlines() if path.is_file() else []):
+        cid, pid = line.split()
+        if int(pid) not in killed:
+            counts[cid] = counts.get(cid, 0) + 1
+    return counts
+
+
+def _ran_cells(out):
+    """The pids of the processes that trained a step of some cell (``started-*`` files)."""
+    return {int(p.name.rsplit("-", 1)[1]) for p in out.glob("started-*")}
+
+
 def _wait_for(predicate, timeout, what):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -114,6 +143,20 @@ def _children(pid):
             fields = stat[stat.rindex(")") + 2:].split()
             if int(fields[1]) == pid and fields[0] != "Z":
                 kids.append(int(entry))
+    return kids
+
+
+def _workers(pid):
+    """The worker processes of runner ``pid`` (its children but multiprocessing's resource
+    tracker)."""
+    kids = []
+    for kid in _children(pid):
+        try:
+            cmdline = Path(f"/proc/{kid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"resource_tracker" not in cmdline:
+            kids.append(kid)
     return kids
 
 
@@ -341,6 +384,74 @@ def test_workers_exit_when_the_runner_is_killed(tmp_path):
         finally:
             for k in _children(proc.pid) + [k for k in locals().get("kids", []) if _alive(k)]:
                 os.kill(k, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------------------------
+# kill -9 at random moments
+# --------------------------------------------------------------------------------------------
+
+#: The sweep the random kills cut: 4 cells of 30 steps on 2 workers, each step sleeping 30 ms.
+KILL = {"cells": 4, "steps": 30}
+KILL_SLEEP = 0.03
+
+
+def _kill_moment(rng, jobs):
+    """A moment of the sweep, drawn from ``rng``: seconds after its first step, inside a lower
+    bound of its training time (every step sleeps), so the sweep is still running then."""
+    training = -(-KILL["cells"] // jobs) * KILL["steps"] * KILL_SLEEP
+    return rng.uniform(0.0, 0.8 * training)
+
+
+def _seeds():
+    """Cell id -> the seed in its label (``fault-test seed=N``)."""
+    fault_sweep.register()
+    return {cid: cfg["seed"] for cid, cfg in
+            RN.plan_cells(["fault-test"], "smoke", {"set": _settings(**KILL)})}
+
+
+@pytest.mark.skipif(not LINUX, reason="reads the process table from /proc")
+@pytest.mark.parametrize("trial", [0, *(pytest.param(t, marks=pytest.mark.slow)
+                                        for t in (1, 2, 3, 4))])
+def test_kill9_of_a_worker_at_a_random_moment(tmp_path, trial):
+    """One worker dies (the OOM killer, kill -9) at a random moment: the cell it ran is reported
+    failed, the other cells go on and are recorded, the runner exits 1 with the resume command,
+    and the rerun resumes the cell from its checkpoint to the uninterrupted numbers."""
+    rng = random.Random(2000 + trial)
+    ref = _reference(tmp_path, **KILL)
+    seeds = _seeds()
+    out = tmp_path / "run"
+    with open(tmp_path / "run.log", "w") as log:
+        proc = _spawn(out, log, "--checkpoint-every", "0.1", jobs=2, sleep=KILL_SLEEP, **KILL)
+        try:
+            _wait_for(lambda: _started(out, 1) or proc.poll() is not None, 60, "the first cell")
+            time.sleep(_kill_moment(rng, 2))
+            workers = sorted(_workers(proc.pid))
+            assert proc.poll() is None and workers, "the sweep ended before the kill"
+            victim = rng.choice(workers)
+            os.kill(victim, signal.SIGKILL)
+            code = _finish(proc, 60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = (tmp_path / "run.log").read_text()
+    assert "Traceback" not in text and "leaked" not in text, text
+    everyone = set(workers) | _ran_cells(out)
+    _wait_for(lambda: not any(_alive(p) for p in everyone), 5, "every worker to exit")
+    left = set(ref) - set(_results(out))
+    failed = [line for line in text.splitlines() if line.startswith("FAILED")]
+    if code == 1:  # it ran a cell: that one failed, the others were recorded
+        (cid,) = left
+        assert failed == [f"FAILED fault-test seed={seeds[cid]}"], text
+        assert f"worker process (pid {victim})" in text and "SIGKILL" in text, text
+        assert "resume with:" in text and "reproduce --task fault-test" in text, text
+    else:  # it was idle between two cells
+        assert code == 0 and not failed and not left, text
+    assert not list(out.glob("cells/*/lock.json"))
+    resumed = subprocess.run(_cmd(out, jobs=1, **KILL), capture_output=True, text=True,
+                             env=_env(), timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _results(out) == ref
+    assert _completed_by_survivors(out, {victim}) == {cid: 1 for cid in ref}
 
 
 # --------------------------------------------------------------------------------------------

@@ -199,6 +199,10 @@ def test_concurrent_runners_train_each_cell_once(tmp_path, runners, jobs):
     assert _results(out) == ref  # every cell recorded once, with the uninterrupted numbers
     trained = _trained(out)
     assert set(trained) == set(ref) and max(trained.values()) == 1, (trained, text)
+    # and no step was trained twice: the runners together spent one sweep's compute
+    steps = _steps(out)
+    assert set(steps) == {(c, k) for c in ref for k in range(12)}, steps
+    assert set(steps.values()) == {1}, steps
     assert not list(out.glob("cells/*/lock.json"))  # every lock released
 
 
@@ -447,11 +451,45 @@ def test_kill9_of_a_worker_at_a_random_moment(tmp_path, trial):
     else:  # it was idle between two cells
         assert code == 0 and not failed and not left, text
     assert not list(out.glob("cells/*/lock.json"))
-    resumed = subprocess.run(_cmd(out, jobs=1, **KILL), capture_output=True, text=True,
+    s = run_sweep(_opts(out, **KILL))  # the rerun, in this process (no worker to start)
+    assert s.ok and s.finished == len(left)
+    assert _results(out) == ref
+    assert _completed_by_survivors(out, {victim}) == {cid: 1 for cid in ref}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LINUX, reason="reads the process table from /proc")
+@pytest.mark.parametrize("trial", range(4))
+def test_kill9_of_the_runner_at_a_random_moment(tmp_path, trial):
+    """The runner alone is killed (the OOM killer, kill -9) at a random moment: its workers
+    follow it, its locks stay behind, and the same command takes them over and resumes the
+    sweep to the uninterrupted numbers; no cell finished before the kill trains again."""
+    rng = random.Random(3000 + trial)
+    ref = _reference(tmp_path, **KILL)
+    out = tmp_path / "run"
+    with open(tmp_path / "run.log", "w") as log:
+        proc = _spawn(out, log, "--checkpoint-every", "0.1", jobs=2, sleep=KILL_SLEEP, **KILL)
+        try:
+            _wait_for(lambda: _started(out, 1) or proc.poll() is not None, 60, "the first cell")
+            time.sleep(_kill_moment(rng, 2))
+            workers = _workers(proc.pid)
+            assert proc.poll() is None and workers, "the sweep ended before the kill"
+            os.kill(proc.pid, signal.SIGKILL)  # the runner only: the workers must follow it
+            proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    killed = {proc.pid} | set(workers) | _ran_cells(out)
+    _wait_for(lambda: not any(_alive(p) for p in killed), 5, "the workers to exit")
+    before = set(_results(out)) if (out / "results.jsonl").exists() else set()
+    assert before < set(ref)
+    resumed = subprocess.run(_cmd(out, jobs=2, **KILL), capture_output=True, text=True,
                              env=_env(), timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert _results(out) == ref
-    assert _completed_by_survivors(out, {victim}) == {cid: 1 for cid in ref}
+    # the cells recorded before the kill are not trained again, the others once to the end
+    assert _completed_by_survivors(out, killed) == {c: 1 for c in ref if c not in before}
+    assert not list(out.glob("cells/*/lock.json"))
 
 
 # --------------------------------------------------------------------------------------------

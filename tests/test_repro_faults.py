@@ -399,11 +399,19 @@ KILL = {"cells": 4, "steps": 30}
 KILL_SLEEP = 0.03
 
 
-def _kill_moment(rng, jobs):
-    """A moment of the sweep, drawn from ``rng``: seconds after its first step, inside a lower
-    bound of its training time (every step sleeps), so the sweep is still running then."""
-    training = -(-KILL["cells"] // jobs) * KILL["steps"] * KILL_SLEEP
-    return rng.uniform(0.0, 0.8 * training)
+def _wait_for_kill_moment(rng, out, proc):
+    """Wait for a moment of the sweep drawn from ``rng``: after its k-th trained step (k uniform
+    over the sweep's steps but the last two, as logged in ``steps.log``) and a fraction of a
+    step more. Drawn by progress rather than by seconds, the moments cover the whole sweep
+    (cells starting, running, being recorded) whatever the machine's speed."""
+    at = rng.randrange(1, KILL["cells"] * KILL["steps"] - 1)
+    log = out / "steps.log"
+
+    def reached():
+        return log.is_file() and log.read_bytes().count(b"\n") >= at or proc.poll() is not None
+
+    _wait_for(reached, 120, f"step {at} of the sweep")
+    time.sleep(rng.uniform(0.0, KILL_SLEEP / 2))
 
 
 def _seeds():
@@ -427,8 +435,7 @@ def test_kill9_of_a_worker_at_a_random_moment(tmp_path, trial):
     with open(tmp_path / "run.log", "w") as log:
         proc = _spawn(out, log, "--checkpoint-every", "0.1", jobs=2, sleep=KILL_SLEEP, **KILL)
         try:
-            _wait_for(lambda: _started(out, 1) or proc.poll() is not None, 60, "the first cell")
-            time.sleep(_kill_moment(rng, 2))
+            _wait_for_kill_moment(rng, out, proc)
             workers = sorted(_workers(proc.pid))
             assert proc.poll() is None and workers, "the sweep ended before the kill"
             victim = rng.choice(workers)
@@ -470,8 +477,7 @@ def test_kill9_of_the_runner_at_a_random_moment(tmp_path, trial):
     with open(tmp_path / "run.log", "w") as log:
         proc = _spawn(out, log, "--checkpoint-every", "0.1", jobs=2, sleep=KILL_SLEEP, **KILL)
         try:
-            _wait_for(lambda: _started(out, 1) or proc.poll() is not None, 60, "the first cell")
-            time.sleep(_kill_moment(rng, 2))
+            _wait_for_kill_moment(rng, out, proc)
             workers = _workers(proc.pid)
             assert proc.poll() is None and workers, "the sweep ended before the kill"
             os.kill(proc.pid, signal.SIGKILL)  # the runner only: the workers must follow it

@@ -16,6 +16,9 @@
 * A cell whose loss becomes NaN/inf is recorded with ``status="diverged"``; a cell that raises
   anything else is reported as failed at the end (exit status 1), and the rest of the sweep
   goes on.
+* Each worker reports on a pipe of its own. A worker that dies (``kill -9``, the OOM killer)
+  fails only the cell it was running (its checkpoint stays, and the same command resumes
+  it); the other workers go on and a new worker takes the next cell.
 
 Distributed (``torchrun``, see :mod:`bgnorm.repro.dist`): when a process group was set up by
 :func:`bgnorm.repro.dist.init_distributed`, every rank runs the same cells one after the other in

@@ -104,17 +104,22 @@ def _steps(out):
     return counts
 
 
-def _completed_by_survivors(out, killed):
-    """Cell id -> how many processes not in ``killed`` trained it to completion. A killed
-    process may have finished a cell whose result it could not hand on; the rerun then
-    completes it again (from the final checkpoint when it was written)."""
-    counts: dict[str, int] = {}
+def _assert_trained_once(out, cells, killed, left):
+    """No cell of ``cells`` was trained twice to completion (``trained.log``) around a kill of
+    the processes ``killed``: a cell recorded before the kill was completed once; a cell the
+    kill left unrecorded (``left``) was completed once after it, and at most once by a killed
+    process (which may have finished it without handing its result on: the rerun then
+    completes it again, from the final checkpoint when that was written)."""
+    by_cell: dict[str, list[bool]] = {cid: [] for cid in cells}
     path = out / "trained.log"
     for line in (path.read_text().splitlines() if path.is_file() else []):
         cid, pid = line.split()
-        if int(pid) not in killed:
-            counts[cid] = counts.get(cid, 0) + 1
-    return counts
+        by_cell[cid].append(int(pid) in killed)
+    for cid, by_killed in by_cell.items():
+        if cid in left:
+            assert by_killed.count(False) == 1 and by_killed.count(True) <= 1, (cid, by_cell)
+        else:
+            assert len(by_killed) == 1, (cid, by_cell)
 
 
 def _ran_cells(out):
@@ -461,7 +466,7 @@ def test_kill9_of_a_worker_at_a_random_moment(tmp_path, trial):
     s = run_sweep(_opts(out, **KILL))  # the rerun, in this process (no worker to start)
     assert s.ok and s.finished == len(left)
     assert _results(out) == ref
-    assert _completed_by_survivors(out, {victim}) == {cid: 1 for cid in ref}
+    _assert_trained_once(out, ref, {victim}, left)
 
 
 @pytest.mark.slow
@@ -493,8 +498,7 @@ def test_kill9_of_the_runner_at_a_random_moment(tmp_path, trial):
                              env=_env(), timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert _results(out) == ref
-    # the cells recorded before the kill are not trained again, the others once to the end
-    assert _completed_by_survivors(out, killed) == {c: 1 for c in ref if c not in before}
+    _assert_trained_once(out, ref, killed, set(ref) - before)
     assert not list(out.glob("cells/*/lock.json"))
 
 

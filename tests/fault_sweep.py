@@ -8,7 +8,9 @@ with SGD on random targets through the shared step loop (so it checkpoints, resu
 on request like the real tasks); ``runtime`` knobs (not part of the cell id) slow it down:
 ``sleep`` seconds per step, and ``hang`` seconds after step ``hang_at`` of the cells whose seed
 is in ``hang_seeds``. A cell appends ``<cell_id> <pid>`` to ``DIR/trained.log`` when it has
-trained to completion and writes ``DIR/started-<cell_id>-<pid>`` at its first step.
+trained to completion, writes ``DIR/started-<cell_id>-<pid>`` at its first step, and appends
+``<cell_id> <pid> <step> <CPU seconds>`` to ``DIR/steps.log`` after every optimizer step (the
+compute a sweep spent, lost work included).
 """
 
 from __future__ import annotations
@@ -35,6 +37,14 @@ def cells(preset, overrides):
             for i in range(int(s.get("cells", 4)))]
 
 
+def _append(path, line):
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
 def run(config, ctx):
     runtime = config.get("runtime") or {}
     out = Path(ctx.workdir).parent.parent
@@ -49,11 +59,14 @@ def run(config, ctx):
             (out / f"started-{ctx.cell_id}-{os.getpid()}").touch()
             update.marked = True
         time.sleep(runtime.get("sleep", 0.0))
+        cpu = time.thread_time()
         x = torch.randn(8, config["width"], dtype=torch.float64)  # resuming must restore RNG
         loss = ((model(x).squeeze(1) - x.sum(1)) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
+        _append(out / "steps.log",
+                f"{ctx.cell_id} {os.getpid()} {step} {time.thread_time() - cpu:.6f}\n")
         if hang and step + 1 == runtime.get("hang_at", 1):
             time.sleep(hang)
         return {"loss": loss.detach()}
@@ -61,11 +74,7 @@ def run(config, ctx):
     loop = StepLoop(ctx, config["steps"])
     m = loop.run({"model": model, "opt": opt}, update,
                  evaluate=lambda: {"metric": float(model.weight.detach().sum())})
-    fd = os.open(out / "trained.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, f"{ctx.cell_id} {os.getpid()}\n".encode())
-    finally:
-        os.close(fd)
+    _append(out / "trained.log", f"{ctx.cell_id} {os.getpid()}\n")
     return {"acc": m["metric"], "curve": loop.curve, "losses": loop.losses}
 
 

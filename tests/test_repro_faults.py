@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -93,6 +94,39 @@ def _trained(out):
     return counts
 
 
+def _steps(out):
+    """(cell id, step) -> how many times that optimizer step was trained (``steps.log``)."""
+    counts: dict[tuple[str, int], int] = {}
+    path = out / "steps.log"
+    for line in (path.read_text().splitlines() if path.is_file() else []):
+        cid, _, step, _ = line.split()
+        counts[cid, int(step)] = counts.get((cid, int(step)), 0) + 1
+    return counts
+
+
+def _assert_trained_once(out, cells, killed, left):
+    """No cell of ``cells`` was trained twice to completion (``trained.log``) around a kill of
+    the processes ``killed``: a cell recorded before the kill was completed once; a cell the
+    kill left unrecorded (``left``) was completed once after it, and at most once by a killed
+    process (which may have finished it without handing its result on: the rerun then
+    completes it again, from the final checkpoint when that was written)."""
+    by_cell: dict[str, list[bool]] = {cid: [] for cid in cells}
+    path = out / "trained.log"
+    for line in (path.read_text().splitlines() if path.is_file() else []):
+        cid, pid = line.split()
+        by_cell[cid].append(int(pid) in killed)
+    for cid, by_killed in by_cell.items():
+        if cid in left:
+            assert by_killed.count(False) == 1 and by_killed.count(True) <= 1, (cid, by_cell)
+        else:
+            assert len(by_killed) == 1, (cid, by_cell)
+
+
+def _ran_cells(out):
+    """The pids of the processes that trained a step of some cell (``started-*`` files)."""
+    return {int(p.name.rsplit("-", 1)[1]) for p in out.glob("started-*")}
+
+
 def _wait_for(predicate, timeout, what):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -114,6 +148,20 @@ def _children(pid):
             fields = stat[stat.rindex(")") + 2:].split()
             if int(fields[1]) == pid and fields[0] != "Z":
                 kids.append(int(entry))
+    return kids
+
+
+def _workers(pid):
+    """The worker processes of runner ``pid`` (its children but multiprocessing's resource
+    tracker)."""
+    kids = []
+    for kid in _children(pid):
+        try:
+            cmdline = Path(f"/proc/{kid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"resource_tracker" not in cmdline:
+            kids.append(kid)
     return kids
 
 
@@ -156,6 +204,10 @@ def test_concurrent_runners_train_each_cell_once(tmp_path, runners, jobs):
     assert _results(out) == ref  # every cell recorded once, with the uninterrupted numbers
     trained = _trained(out)
     assert set(trained) == set(ref) and max(trained.values()) == 1, (trained, text)
+    # and no step was trained twice: the runners together spent one sweep's compute
+    steps = _steps(out)
+    assert set(steps) == {(c, k) for c in ref for k in range(12)}, steps
+    assert set(steps.values()) == {1}, steps
     assert not list(out.glob("cells/*/lock.json"))  # every lock released
 
 
@@ -341,6 +393,113 @@ def test_workers_exit_when_the_runner_is_killed(tmp_path):
         finally:
             for k in _children(proc.pid) + [k for k in locals().get("kids", []) if _alive(k)]:
                 os.kill(k, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------------------------
+# kill -9 at random moments
+# --------------------------------------------------------------------------------------------
+
+#: The sweep the random kills cut: 4 cells of 30 steps on 2 workers, each step sleeping 30 ms.
+KILL = {"cells": 4, "steps": 30}
+KILL_SLEEP = 0.03
+
+
+def _wait_for_kill_moment(rng, out, proc):
+    """Wait for a moment of the sweep drawn from ``rng``: after its k-th trained step (k uniform
+    over the sweep's steps but the last two, as logged in ``steps.log``) and a fraction of a
+    step more. Drawn by progress rather than by seconds, the moments cover the whole sweep
+    (cells starting, running, being recorded) whatever the machine's speed."""
+    at = rng.randrange(1, KILL["cells"] * KILL["steps"] - 1)
+    log = out / "steps.log"
+
+    def reached():
+        return log.is_file() and log.read_bytes().count(b"\n") >= at or proc.poll() is not None
+
+    _wait_for(reached, 120, f"step {at} of the sweep")
+    time.sleep(rng.uniform(0.0, KILL_SLEEP / 2))
+
+
+def _seeds():
+    """Cell id -> the seed in its label (``fault-test seed=N``)."""
+    fault_sweep.register()
+    return {cid: cfg["seed"] for cid, cfg in
+            RN.plan_cells(["fault-test"], "smoke", {"set": _settings(**KILL)})}
+
+
+@pytest.mark.skipif(not LINUX, reason="reads the process table from /proc")
+@pytest.mark.parametrize("trial", [0, *(pytest.param(t, marks=pytest.mark.slow)
+                                        for t in (1, 2, 3, 4))])
+def test_kill9_of_a_worker_at_a_random_moment(tmp_path, trial):
+    """One worker dies (the OOM killer, kill -9) at a random moment: the cell it ran is reported
+    failed, the other cells go on and are recorded, the runner exits 1 with the resume command,
+    and the rerun resumes the cell from its checkpoint to the uninterrupted numbers."""
+    rng = random.Random(2000 + trial)
+    ref = _reference(tmp_path, **KILL)
+    seeds = _seeds()
+    out = tmp_path / "run"
+    with open(tmp_path / "run.log", "w") as log:
+        proc = _spawn(out, log, "--checkpoint-every", "0.1", jobs=2, sleep=KILL_SLEEP, **KILL)
+        try:
+            _wait_for_kill_moment(rng, out, proc)
+            workers = sorted(_workers(proc.pid))
+            assert proc.poll() is None and workers, "the sweep ended before the kill"
+            victim = rng.choice(workers)
+            os.kill(victim, signal.SIGKILL)
+            code = _finish(proc, 60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = (tmp_path / "run.log").read_text()
+    assert "Traceback" not in text and "leaked" not in text, text
+    everyone = set(workers) | _ran_cells(out)
+    _wait_for(lambda: not any(_alive(p) for p in everyone), 5, "every worker to exit")
+    left = set(ref) - set(_results(out))
+    failed = [line for line in text.splitlines() if line.startswith("FAILED")]
+    if code == 1:  # it ran a cell: that one failed, the others were recorded
+        (cid,) = left
+        assert failed == [f"FAILED fault-test seed={seeds[cid]}"], text
+        assert f"worker process (pid {victim})" in text and "SIGKILL" in text, text
+        assert "resume with:" in text and "reproduce --task fault-test" in text, text
+    else:  # it was idle between two cells
+        assert code == 0 and not failed and not left, text
+    assert not list(out.glob("cells/*/lock.json"))
+    s = run_sweep(_opts(out, **KILL))  # the rerun, in this process (no worker to start)
+    assert s.ok and s.finished == len(left)
+    assert _results(out) == ref
+    _assert_trained_once(out, ref, {victim}, left)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LINUX, reason="reads the process table from /proc")
+@pytest.mark.parametrize("trial", range(4))
+def test_kill9_of_the_runner_at_a_random_moment(tmp_path, trial):
+    """The runner alone is killed (the OOM killer, kill -9) at a random moment: its workers
+    follow it, its locks stay behind, and the same command takes them over and resumes the
+    sweep to the uninterrupted numbers; no cell finished before the kill trains again."""
+    rng = random.Random(3000 + trial)
+    ref = _reference(tmp_path, **KILL)
+    out = tmp_path / "run"
+    with open(tmp_path / "run.log", "w") as log:
+        proc = _spawn(out, log, "--checkpoint-every", "0.1", jobs=2, sleep=KILL_SLEEP, **KILL)
+        try:
+            _wait_for_kill_moment(rng, out, proc)
+            workers = _workers(proc.pid)
+            assert proc.poll() is None and workers, "the sweep ended before the kill"
+            os.kill(proc.pid, signal.SIGKILL)  # the runner only: the workers must follow it
+            proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    killed = {proc.pid} | set(workers) | _ran_cells(out)
+    _wait_for(lambda: not any(_alive(p) for p in killed), 5, "the workers to exit")
+    before = set(_results(out)) if (out / "results.jsonl").exists() else set()
+    assert before < set(ref)
+    resumed = subprocess.run(_cmd(out, jobs=2, **KILL), capture_output=True, text=True,
+                             env=_env(), timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _results(out) == ref
+    _assert_trained_once(out, ref, killed, set(ref) - before)
+    assert not list(out.glob("cells/*/lock.json"))
 
 
 # --------------------------------------------------------------------------------------------

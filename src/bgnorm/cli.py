@@ -444,6 +444,9 @@ def _reproduce_in(args: argparse.Namespace, tasks: list[str], overrides: dict[st
     if summary.failed:
         print("failed cells:\n" + "\n".join(f"  {label}" for label, _ in summary.failed),
               file=sys.stderr)
+        print("they are not recorded, and rerun from their last checkpoints once the cause is "
+              "fixed (a worker killed by the OOM killer or kill -9 needs no fix); resume with:\n"
+              f"  {_resume_command(args)}", file=sys.stderr)
         return 1
     return 0
 

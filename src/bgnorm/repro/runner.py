@@ -16,6 +16,9 @@
 * A cell whose loss becomes NaN/inf is recorded with ``status="diverged"``; a cell that raises
   anything else is reported as failed at the end (exit status 1), and the rest of the sweep
   goes on.
+* Each worker reports on a pipe of its own. A worker that dies (``kill -9``, the OOM killer)
+  fails only the cell it was running (its checkpoint stays, and the same command resumes
+  it); the other workers go on and a new worker takes the next cell.
 
 Distributed (``torchrun``, see :mod:`bgnorm.repro.dist`): when a process group was set up by
 :func:`bgnorm.repro.dist.init_distributed`, every rank runs the same cells one after the other in
@@ -68,7 +71,6 @@ import importlib.util
 import io
 import multiprocessing as mp
 import os
-import queue as queue_mod
 import shutil
 import signal
 import sys
@@ -76,9 +78,8 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_connections
 from pathlib import Path
 from typing import Any
 
@@ -448,15 +449,15 @@ def check_environment(cells: Sequence[tuple[str, Mapping[str, Any]]],
 # Workers
 # --------------------------------------------------------------------------------------------
 
-_QUEUE: Any = None
-_STOP: Any = None  # the runner's stop event (shared by all workers)
+_CONN: Any = None  # this worker's end of its pipe to the runner
+_STOP: Any = None  # the runner's stop flag (a shared byte, read without a lock)
 _LOCAL_STOP = threading.Event()  # a SIGTERM sent to this worker itself
 _PR_SET_PDEATHSIG = 1
 
 
-def _init_worker(threads: int, q: Any, stop: Any = None, parent: int | None = None) -> None:
-    global _QUEUE, _STOP
-    _QUEUE, _STOP = q, stop
+def _init_worker(threads: int, conn: Any, stop: Any = None, parent: int | None = None) -> None:
+    global _CONN, _STOP
+    _CONN, _STOP = conn, stop
     if parent is not None:
         _die_with_parent(parent)
     # Ctrl-C reaches the whole process group: the runner decides what the workers do.
@@ -490,11 +491,11 @@ def _watch_parent(parent: int, interval: float = 0.5) -> None:
             os._exit(3)
 
 
-def _queue_reporter(kind: str, cid: str, payload: Any) -> None:
-    if _QUEUE is not None:
+def _pipe_reporter(kind: str, cid: str, payload: Any) -> None:
+    if _CONN is not None:
         try:
-            _QUEUE.put_nowait((kind, os.getpid(), cid, payload))
-        except Exception:  # pragma: no cover - a full or closed queue must not kill the cell
+            _CONN.send(("event", kind, os.getpid(), cid, payload))
+        except Exception:  # pragma: no cover - a closed pipe (the runner is gone) or pickling
             pass
 
 
@@ -533,11 +534,30 @@ def _execute(job: dict[str, Any], reporter: Callable[[str, str, Any], None] | No
 
 
 def _worker_stop() -> bool:
-    return _LOCAL_STOP.is_set() or (_STOP is not None and _STOP.is_set())
+    return _LOCAL_STOP.is_set() or (_STOP is not None and bool(_STOP.value))
 
 
-def _worker_main(job: dict[str, Any]) -> dict[str, Any]:
-    return _execute(job, _queue_reporter, _worker_stop)
+def _worker_loop(conn: Any, threads: int, stop: Any, parent: int) -> None:
+    """A worker process: run the cells the runner sends on ``conn`` until it sends None (or
+    goes away), answering each with ``("outcome", cell id, outcome)``; progress and log events
+    go on the same pipe. Each worker has a pipe of its own, so a worker killed in the middle of
+    a message tears only its own pipe."""
+    _init_worker(threads, conn, stop, parent)
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        outcome = _execute(job, _pipe_reporter, _worker_stop)
+        try:
+            conn.send(("outcome", job["cell_id"], outcome))
+        except (EOFError, OSError):
+            return
+        except Exception:  # a result that does not pickle: the cell failed, say why
+            conn.send(("outcome", job["cell_id"],
+                       {"status": "failed", "error": traceback.format_exc()}))
 
 
 # --------------------------------------------------------------------------------------------
@@ -726,8 +746,11 @@ def _same_run_plan(
 class _Stop:
     """The runner's stop state: set by the first SIGTERM/SIGINT (or a disk fault)."""
 
-    def __init__(self, event: Any, grace_seconds: float) -> None:
-        self.event = event  # threading.Event, or a multiprocessing Event the workers share
+    def __init__(self, grace_seconds: float, shared: Any = None) -> None:
+        self.event = threading.Event()
+        # The flag the worker processes read (a multiprocessing RawValue): a byte in shared
+        # memory, read and written without a lock that a killed worker could leave taken.
+        self.shared = shared
         self.grace_seconds = float(grace_seconds)
         self.reason: str | None = None
         self.deadline = float("inf")
@@ -741,6 +764,8 @@ class _Stop:
         if self.reason is None:
             self.reason = reason
             self.deadline = time.monotonic() + self.grace_seconds
+            if self.shared is not None:
+                self.shared.value = 1
             self.event.set()
 
 
@@ -968,8 +993,8 @@ def run_sweep(options: RunOptions) -> RunSummary:
     own = env is None
     pool_mode = own and jobs > 1 and bool(jobs_spec)
     mp_ctx = mp.get_context("spawn") if pool_mode else None
-    stop = _Stop(mp_ctx.Event() if mp_ctx is not None else threading.Event(),
-                 options.grace_seconds)
+    stop = _Stop(options.grace_seconds,
+                 mp_ctx.RawValue("b", 0) if mp_ctx is not None else None)
     handout = _Cells(list(jobs_spec), out, {c: s["label"] for c, s in jobs_spec.items()},
                      options.lease_seconds, claims=own and main, say=display.write,
                      summary=summary)
@@ -1157,66 +1182,141 @@ def _install_signal_handlers(stop: _Stop, inline: bool) -> Callable[[], None] | 
     return restore
 
 
+class _Worker:
+    """One worker process of a sweep and the runner's end of its pipe."""
+
+    def __init__(self, ctx: Any, threads: int, stop: _Stop) -> None:
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker_loop, name="bgnorm-worker", daemon=True,
+                                   args=(child, threads, stop.shared, os.getpid()))
+        self.process.start()
+        child.close()  # the worker holds the only other end: its death reads as EOF here
+        self.cid: str | None = None
+
+    def give(self, job: dict[str, Any]) -> bool:
+        """Send the worker ``job``; False if it is gone."""
+        try:
+            self.conn.send(job)
+        except OSError:
+            return False
+        self.cid = job["cell_id"]
+        return True
+
+    def messages(self) -> tuple[list[tuple[Any, ...]], bool]:
+        """The messages waiting on the pipe, and whether the worker is gone (the pipe closed,
+        or torn in the middle of a message by the worker's death)."""
+        got = []
+        try:
+            while self.conn.poll():
+                got.append(self.conn.recv())
+        except (EOFError, OSError):
+            return got, True
+        return got, False
+
+    def death(self) -> str:
+        """How the (dead) worker ended, for the failed cell's report."""
+        self.process.join(5)
+        code = self.process.exitcode
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+            how = f"killed by {name}" + (" (the OOM killer or kill -9?)"
+                                         if -code == signal.SIGKILL else "")
+        else:
+            how = f"exit status {code}"
+        return (f"the worker process (pid {self.process.pid}) running this cell died: {how}. "
+                "Its last checkpoint is kept: run the same command again to resume the cell.")
+
+    def end(self, kill: bool) -> None:
+        """Ask an idle worker to exit, or kill a busy one; ``join`` waits for it."""
+        if kill or self.cid is not None:
+            self.process.kill()
+        else:
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+
+    def join(self) -> None:
+        self.process.join(5)
+        if self.process.exitcode is None:  # pragma: no cover - did not exit when asked
+            self.process.kill()
+            self.process.join(5)
+        self.conn.close()
+
+
 def _run_pool(jobs_spec: dict[str, dict[str, Any]], jobs: int, threads: int, display: _Display,
               record: Callable[[str, dict[str, Any]], None], handout: _Cells, stop: _Stop,
               ctx: Any) -> None:
-    """Run the cells in ``jobs`` worker processes, handing each one out only when a worker is
-    free (claimed just before), until all are done or a stop was requested."""
-    q = ctx.Queue()
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
-                               initargs=(threads, q, stop.event, os.getpid()))
-    running: dict[Future, str] = {}
+    """Run the cells in up to ``jobs`` worker processes, handing each one out only when a
+    worker is free (claimed just before), until all are done or a stop was requested.
+
+    A worker that dies (``kill -9``, the OOM killer) fails only the cell it was running (its
+    checkpoint stays for the rerun); the other workers go on, and a new worker takes its
+    place for the next cell."""
+    workers: list[_Worker] = []
     clean = False
     try:
         while True:
-            while not stop.requested and len(running) < jobs:
+            while not stop.requested:
+                worker = next((w for w in workers if w.cid is None), None)
+                if worker is None and len(workers) >= jobs:
+                    break
                 cid = handout.next()
                 if cid is None:
                     break
-                running[pool.submit(_worker_main, jobs_spec[cid])] = cid
-            if not running:
+                if worker is None:
+                    worker = _Worker(ctx, threads, stop)
+                    workers.append(worker)
+                if not worker.give(jobs_spec[cid]):  # died while idle: a new one takes it
+                    workers.remove(worker)
+                    worker.join()
+                    worker = _Worker(ctx, threads, stop)
+                    workers.append(worker)
+                    if not worker.give(jobs_spec[cid]):
+                        workers.remove(worker)
+                        worker.join()
+                        record(cid, {"status": "failed", "error": worker.death()})
+            busy = [w for w in workers if w.cid is not None]
+            if not busy:
                 if stop.requested or not handout.pending():
                     break
                 handout.wait(stop)  # only cells held by other runners are left
                 continue
-            _drain(q, display)
-            finished, _ = wait(running, timeout=0.1, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                cid = running.pop(fut)
-                try:
-                    outcome = fut.result()
-                except BrokenProcessPool as exc:
-                    outcome = {"status": "failed", "error": f"worker process died: {exc}"}
-                except Exception:
-                    outcome = {"status": "failed", "error": traceback.format_exc()}
-                _drain(q, display)
-                record(cid, outcome)
-            if stop.requested and running and time.monotonic() > stop.deadline:
+            wait_connections([w.conn for w in workers] + [w.process.sentinel for w in workers],
+                             timeout=0.1)
+            for worker in list(workers):
+                got, gone = worker.messages()
+                if not gone and worker.process.exitcode is not None:
+                    got += worker.messages()[0]  # what it sent before it died
+                    gone = True
+                for message in got:
+                    if message[0] == "event":
+                        display.event(*message[1:])
+                    else:
+                        _, cid, outcome = message
+                        worker.cid = None
+                        record(cid, outcome)
+                if gone:
+                    workers.remove(worker)
+                    if worker.cid is not None:
+                        cid, worker.cid = worker.cid, None
+                        record(cid, {"status": "failed", "error": worker.death()})
+                    worker.join()
+            if stop.requested and any(w.cid is not None for w in workers) and \
+                    time.monotonic() > stop.deadline:
                 display.write(f"the grace period ({stop.grace_seconds:g} s) is over: stopping "
-                              f"{len(running)} cell(s) at their last checkpoint")
+                              f"{sum(w.cid is not None for w in workers)} cell(s) at their last "
+                              "checkpoint")
                 break
-        clean = not running
+        clean = True
     finally:
-        if not clean:  # a second signal, the grace period's end, an error: end the workers
-            for process in list((getattr(pool, "_processes", None) or {}).values()):
-                process.kill()
-            for cid in running.values():
-                handout.done(cid)
-        pool.shutdown(wait=True, cancel_futures=True)
-        _drain(q, display)
-        q.close()
-        q.join_thread()
-
-
-def _drain(q: Any, display: _Display) -> None:
-    while True:
-        try:
-            kind, pid, cid, payload = q.get_nowait()
-        except queue_mod.Empty:
-            return
-        except (EOFError, OSError):  # pragma: no cover - queue torn down
-            return
-        display.event(kind, pid, cid, payload)
+        # a second signal, the grace period's end, an error: kill the busy workers
+        for worker in workers:
+            if worker.cid is not None:
+                handout.done(worker.cid)
+            worker.end(kill=not clean)
+        for worker in workers:
+            worker.join()
 
 
 # --------------------------------------------------------------------------------------------

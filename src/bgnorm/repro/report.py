@@ -527,11 +527,8 @@ def seed_residual(summaries: Iterable[Summary]) -> tuple[float, int, int] | None
     if not cells:
         return None
     # the seed set most cells share (ties: the larger set)
-    counts: dict[tuple[Hashable, ...], int] = {}
-    for c in cells:
-        key = tuple(sorted(c, key=repr))
-        counts[key] = counts.get(key, 0) + 1
-    seeds = max(counts, key=lambda k: (sum(set(k) <= set(c) for c in cells), len(k)))
+    candidates = dict.fromkeys(tuple(sorted(c, key=repr)) for c in cells)  # first-seen order
+    seeds = max(candidates, key=lambda k: (sum(set(k) <= set(c) for c in cells), len(k)))
     rows = [[c[k] for k in seeds] for c in cells if set(seeds) <= set(c)]
     n_cells, n_seeds = len(rows), len(seeds)
     row_mean = [statistics.fmean(r) for r in rows]

@@ -230,6 +230,31 @@ def _race(folder, start, out):
     Path(out).write_text(json.dumps(wins))
 
 
+@pytest.mark.parametrize("links", [True, False])
+def test_lock_folder_removed_between_mkdir_and_claim(tmp_path, monkeypatch, links):
+    """A runner that records a cell removes its folder; another runner claiming that cell
+    right then must not crash (seen in CI with three runners): it makes the folder again."""
+    import shutil
+
+    if not links:  # the O_EXCL path of filesystems without hard links
+        def no_link(src, dst):
+            raise OSError(errno.EPERM, "no hard links here")
+        monkeypatch.setattr(S.os, "link", no_link)
+    lock = S.CellLock(tmp_path / "c", 60)
+    real, calls = S.CellLock._write_tmp, []
+
+    def removed_first(self):
+        tmp = real(self)
+        calls.append(tmp)
+        if len(calls) == 1:
+            shutil.rmtree(self.folder)  # the other runner's cleanup, after our mkdir
+        return tmp
+
+    monkeypatch.setattr(S.CellLock, "_write_tmp", removed_first)
+    assert lock.acquire() and len(calls) == 2
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [S.LOCK_NAME]
+
+
 def test_concurrent_claims_have_exactly_one_winner(tmp_path):
     for i in range(1, 12, 2):
         _write_lock(tmp_path / "cells" / str(i), expires=time.time() - 5)

@@ -461,8 +461,11 @@ class CellLock:
             return True
         except FileExistsError:
             return False
-        except OSError as exc:  # no hard links here (some filesystems): O_EXCL instead
-            if exc.errno in DISK_ERRNOS:
+        except OSError as exc:
+            # FileNotFoundError: the folder went (the cell was recorded meanwhile). Other
+            # errors but a full disk (EPERM, EOPNOTSUPP, ...) mean no hard links on this
+            # filesystem (the temporary file was just written there): O_EXCL instead.
+            if exc.errno in _SPACE_ERRNOS or isinstance(exc, FileNotFoundError):
                 raise
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -512,10 +515,17 @@ class CellLock:
         """Claim the cell; True if this runner now holds it. False: another runner does
         (:attr:`holder` says which)."""
         self.holder, self.took_over = None, None
-        self.folder.mkdir(parents=True, exist_ok=True)
         self._started = time.time()
         for _ in range(5):
-            if self._create():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                created = self._create()
+            except FileNotFoundError:
+                # Another runner recorded the cell and removed its folder between the mkdir
+                # and the lock: make the folder again and claim it (the caller then finds
+                # the cell recorded and lets it go).
+                continue
+            if created:
                 self.held = True
                 with _LIVE_GUARD:
                     _LIVE_TOKENS.add(self.token)

@@ -124,3 +124,33 @@ def test_build_normed_model_is_seeded_like_a_plain_build():
         NormSpec("bn", batch_size=32), (1, 8, 8))
     for a, b in zip(plain.state_dict().values(), net.state_dict().values()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name,workers,b,e", [
+    ("bgn", 1, 64, None), ("bgn", 8, 2, None), ("gbgn", 2, 8, 2),
+])
+def test_auto_groups_come_from_the_policy_layer_by_layer(name, workers, b, e):
+    spec = NormSpec.from_config({"norm": name, "batch_size": b, "workers": workers,
+                                 "num_groups": "auto", "gbgn_examples": e})
+    assert spec.auto and spec.describe().startswith(f"{name.upper()}(G=auto")
+    torch.manual_seed(0)
+    net, layers = build_normed_model(
+        lambda nl: build_model("small_resnet", 10, nl, in_channels=1, width=16), spec,
+        (1, 16, 16))
+    kinds = (bgnorm.BatchGroupNorm2d, bgnorm.GeneralBatchGroupNorm2d)
+    norms = [m for m in net.modules() if isinstance(m, kinds)]
+    assert len(norms) == len(layers) == 9
+    stat_batch = e or b  # the examples one statistic sees
+    for m, info in zip(norms, layers):
+        want = bgnorm.auto_groups(info.channels, info.spatial, stat_batch)
+        assert m.num_groups == info.groups == want
+        assert info.requested_groups is None and not info.adjusted
+    if b == 64:  # the policy differs by layer size here (8, 4, 2 for D = 4096, 2048, 1024)
+        assert sorted({i.groups for i in layers}) == [2, 4, 8]
+
+
+def test_auto_groups_need_shapes_and_a_bgn():
+    with pytest.raises(ValueError, match="applies to bgn and gbgn only"):
+        NormSpec("gn", num_groups="auto")
+    with pytest.raises(ValueError, match="needs each layer's spatial size"):
+        NormSpec("bgn", num_groups="auto").make(16)

@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 import bgnorm
+from bgnorm.layers import AUTO
 
 __all__ = [
     "BATCH_DEPENDENT",
@@ -129,7 +130,9 @@ class NormSpec:
         batch_size: per-worker batch size b (the statistics' batch for the batch-dependent
             norms).
         workers: W virtual workers; the training batch has ``W * b`` examples.
-        num_groups: BGN/GBGN's G (``None``: :func:`bgnorm.paper_groups` of ``batch_size``), or
+        num_groups: BGN/GBGN's G (``None``: :func:`bgnorm.paper_groups` of ``batch_size``;
+            ``"auto"``: the per-layer policy :func:`bgnorm.auto_groups` of each layer's C,
+            spatial size and the examples one statistic sees, b for BGN and e for GBGN), or
             GN's and EvoNorm-S0's number of groups (``None``: 32, as the GN paper).
         channels_per_group: GN only, instead of ``num_groups`` (the GN paper's second study).
         examples_per_group: GBGN's e, a divisor of ``batch_size`` (``None``: ``batch_size``).
@@ -147,7 +150,7 @@ class NormSpec:
     name: str
     batch_size: int = 32
     workers: int = 1
-    num_groups: int | None = None
+    num_groups: int | str | None = None
     channels_per_group: int | None = None
     examples_per_group: int | None = None
     eps: float | None = None
@@ -167,6 +170,9 @@ class NormSpec:
                     f"gbgn: examples_per_group={e} must divide the per-worker batch size "
                     f"{self.batch_size} (so no batch group spans two workers)"
                 )
+        if self.num_groups == AUTO and self.name not in ("bgn", "gbgn"):
+            raise ValueError(f"num_groups='auto' (the per-layer G policy) applies to bgn and "
+                             f"gbgn only, not {self.name!r}")
         if self.num_groups is not None and self.channels_per_group is not None:
             raise ValueError("pass num_groups or channels_per_group, not both")
         if self.name == "evonorm_b0" and self.momentum is None:
@@ -186,7 +192,8 @@ class NormSpec:
             name=name,
             batch_size=int(config.get("batch_size", 32)),
             workers=int(config.get("workers", 1)),
-            num_groups=None if groups is None else int(groups),
+            num_groups=None if groups is None else (
+                AUTO if groups == AUTO else int(groups)),
             channels_per_group=(
                 int(config["gn_channels_per_group"])
                 if name == "gn" and config.get("gn_channels_per_group") is not None
@@ -211,9 +218,14 @@ class NormSpec:
         return self.workers * self.batch_size
 
     @property
-    def groups(self) -> int | None:
-        """The requested group count: G for bgn/gbgn (paper policy by default), GN's and
-        EvoNorm-S0's groups."""
+    def auto(self) -> bool:
+        """True when every layer's G comes from the per-layer policy (``num_groups="auto"``)."""
+        return self.num_groups == AUTO
+
+    @property
+    def groups(self) -> int | str | None:
+        """The requested group count: G for bgn/gbgn (paper policy by default, ``"auto"``
+        for the per-layer policy), GN's and EvoNorm-S0's groups."""
         if self.name in ("bgn", "gbgn"):
             return self.num_groups if self.num_groups is not None else bgnorm.paper_groups(
                 self.batch_size)
@@ -243,6 +255,13 @@ class NormSpec:
     def layer_groups(self, channels: int, spatial: Sequence[int] | None) -> int | None:
         """The group count a layer of ``channels`` x ``spatial`` gets (None: not grouped)."""
         if self.name in ("bgn", "gbgn"):
+            if self.auto:
+                if spatial is None:
+                    raise ValueError(
+                        f"{self.describe()}: the per-layer G policy needs each layer's spatial "
+                        "size; build the model with build_normed_model(..., input_shape)")
+                return bgnorm.auto_groups(channels, tuple(spatial),
+                                          self.examples_per_group or self.batch_size)
             g = self.groups
             if spatial is None:
                 return g
@@ -344,6 +363,11 @@ def build_normed_model(
         [(8, 512), (8, 512), (8, 512)]
         >>> sorted({l.groups for l in layers if l.adjusted})
         [128, 256]
+        >>> model, layers = build_normed_model(  # the per-layer policy: G from each layer's D
+        ...     lambda nl: build_model("small_resnet", 10, nl, in_channels=1, width=8),
+        ...     NormSpec("bgn", batch_size=2, workers=8, num_groups="auto"), (1, 8, 8))
+        >>> [(l.channels, l.spatial, l.groups) for l in layers][:2]
+        [(8, (8, 8), 1), (8, (8, 8), 1)]
     """
     probed = probe_norm_inputs(build, input_shape) if input_shape is not None else None
     infos: list[LayerInfo] = []
@@ -361,7 +385,8 @@ def build_normed_model(
         module = spec.make(channels, spatial)
         infos.append(LayerInfo(
             index=i, channels=channels, spatial=tuple(spatial or ()), module=repr(module),
-            requested_groups=spec.groups, groups=spec.layer_groups(channels, spatial),
+            requested_groups=None if spec.auto else spec.groups,
+            groups=spec.layer_groups(channels, spatial),
         ))
         return module
 

@@ -130,7 +130,9 @@ def _cell(task: str, cfg: Mapping[str, Any], seed: int, norm: str, batch_size: i
     cell["workers"] = workers
     if name in ("bgn", "gbgn"):
         g = extra.pop("num_groups", None)
-        cell["num_groups"] = int(bgnorm.paper_groups(batch_size) if g is None else g)
+        # "auto": every layer's G from the per-layer policy (bgnorm.auto_groups)
+        cell["num_groups"] = (g if g == "auto" else
+                              int(bgnorm.paper_groups(batch_size) if g is None else g))
     if name == "gbgn":
         cell["gbgn_examples"] = min(int(cfg.get("gbgn_examples") or batch_size), batch_size)
     if name == "gn" and "gn_channels_per_group" not in extra:

@@ -12,12 +12,19 @@ and a conv or linear layer producing x folds it exactly: output channel c's weig
 by :math:`s_c` and its bias becomes :math:`s_c b_c + t_c`. The norm is then replaced by
 ``nn.Identity``. Bands (G a multiple of C) and groups that straddle channels are a different
 affine per *position* and do not fold; neither do norms with per-example statistics (GroupNorm,
-LayerNorm, InstanceNorm, PositionalNorm). They are left in place and reported.
+LayerNorm, InstanceNorm, PositionalNorm) nor the normalization-activation layers of
+:mod:`bgnorm.small_batch` (FilterResponseNorm1d/2d/3d, EvoNorm2dS0, EvoNorm2dB0: per-example
+statistics and a nonlinearity, in eval mode too). They are left in place and reported.
 
-Folded layers: BatchNorm1d/2d/3d and SyncBatchNorm, BatchGroupNorm1d/2d/3d,
+Folded norms: BatchNorm1d/2d/3d and SyncBatchNorm, BatchGroupNorm1d/2d/3d,
 GeneralBatchGroupNorm2d (its eval mode uses the (G,) running statistics like BGN),
-SyncBatchGroupNorm, and the frozen forms of :mod:`bgnorm.frozen`; into Conv1d/2d/3d (any
-``groups``, any padding mode), ConvTranspose1d/2d/3d (any ``groups``) and Linear.
+SyncBatchGroupNorm, BatchRenorm1d/2d/3d (whose eval mode is BatchNorm's, with its running
+statistics) and the frozen forms of :mod:`bgnorm.frozen`; into Conv1d/2d/3d (any ``groups``,
+any padding mode), ConvTranspose1d/2d/3d (any ``groups``), Linear and the weight-standardized
+StdConv1d/2d/3d of :mod:`bgnorm.weight_std`. A StdConv computes a conv with the fixed weights
+:math:`\hat W` (its standardized weights) at inference; folding scales :math:`\hat W`, which
+a StdConv would standardize again, so the folded layer is torch's Conv1d/2d/3d with the
+weights :math:`s_c \hat W_c` (same arguments, the same parameter tensors, new values).
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ from torch.nn.utils import parametrize
 
 from .distributed import SyncBatchGroupNorm
 from .layers import PositionalNorm, _BatchGroupNorm
+from .small_batch import EvoNorm2dB0, EvoNorm2dS0, _BatchRenorm, _FilterResponseNorm
+from .weight_std import StdConv1d, StdConv2d, StdConv3d, _StdConvMixin, standardize
 
 __all__ = ["FuseReport", "fuse_conv_norm", "fuse_conv_norm_pair"]
 
@@ -48,8 +57,17 @@ _FOLD_INTO = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
     nn.Linear,
 )
+# Weight-standardized convs: a conv with fixed (standardized) weights at inference; the folded
+# layer is the torch conv they derive from.
+_STD_CONVS: dict[type[nn.Module], type[nn.Module]] = {
+    StdConv1d: nn.Conv1d, StdConv2d: nn.Conv2d, StdConv3d: nn.Conv3d,
+}
 # Norms with per-example statistics: never a constant affine at inference.
 _PER_EXAMPLE = (nn.GroupNorm, nn.LayerNorm, _InstanceNorm, PositionalNorm)
+# Normalization-activation layers: per-example statistics and a nonlinearity, in eval too.
+_NORM_ACTIVATIONS = (_FilterResponseNorm, EvoNorm2dS0, EvoNorm2dB0)
+# Norms whose eval mode is an affine map of running statistics (if the layout allows).
+_RUNNING_STATS = (_BatchNorm, _BatchGroupNorm, _BatchRenorm)
 
 
 def _frozen_types() -> tuple[type, ...]:
@@ -62,7 +80,7 @@ def _frozen_types() -> tuple[type, ...]:
 
 def _norm_types() -> tuple[type, ...]:
     """Every norm class the report speaks about."""
-    return (_BatchNorm, _BatchGroupNorm, *_frozen_types(), *_PER_EXAMPLE)
+    return (*_RUNNING_STATS, *_frozen_types(), *_PER_EXAMPLE, *_NORM_ACTIVATIONS)
 
 
 def _torch_forward(module: nn.Module, bases: Sequence[type]) -> bool:
@@ -72,6 +90,29 @@ def _torch_forward(module: nn.Module, bases: Sequence[type]) -> bool:
 
 def _describe(module: nn.Module) -> str:
     return type(module).__name__
+
+
+def _is_std_conv(layer: nn.Module) -> bool:
+    """A StdConv1d/2d/3d running its own (weight-standardizing) forward."""
+    return isinstance(layer, tuple(_STD_CONVS)) and (
+        type(layer).forward is _StdConvMixin.forward)
+
+
+def _norm_activation_problem(norm: nn.Module) -> str:
+    """Why a normalization-activation layer of bgnorm.small_batch does not fold."""
+    name = _describe(norm)
+    if isinstance(norm, _FilterResponseNorm):
+        what = ("divides each example's channel by its own root mean square (per-example "
+                "statistics, in eval mode too)"
+                + (", then applies its TLU max(y, tau)" if norm.tau is not None else ""))
+    elif isinstance(norm, EvoNorm2dS0):
+        what = ("computes x * sigmoid(v x) divided by each example's group standard deviation "
+                "(per-example statistics and a nonlinearity, in eval mode too)")
+    else:
+        what = ("divides by max(running std, v x + each example's standard deviation) (a "
+                "nonlinearity of per-example statistics, in eval mode too)")
+    return (f"{name} {what}, so it is not a fixed affine map at inference; it stays as it is "
+            "after the layer (nothing to fold: it normalizes and activates in one layer)")
 
 
 def _channel_affine(norm: nn.Module) -> tuple[Tensor, Tensor] | str:
@@ -84,10 +125,12 @@ def _channel_affine(norm: nn.Module) -> tuple[Tensor, Tensor] | str:
     if isinstance(norm, _PER_EXAMPLE):
         return (f"{name} normalizes each example with its own statistics, so it is not a fixed "
                 "affine map at inference")
-    if not isinstance(norm, (_BatchNorm, _BatchGroupNorm)):
+    if isinstance(norm, _NORM_ACTIVATIONS):
+        return _norm_activation_problem(norm)
+    if not isinstance(norm, _RUNNING_STATS):
         return f"{name} is not a norm fuse_conv_norm knows"
     if not _torch_forward(norm, (_BatchNorm, nn.SyncBatchNorm, _BatchGroupNorm,
-                                 SyncBatchGroupNorm)):
+                                 SyncBatchGroupNorm, _BatchRenorm)):
         return f"{name} overrides forward(); only the library's own forward is folded"
     if norm.training:
         return (f"{name} is in training mode (it normalizes with batch statistics); call "
@@ -136,9 +179,9 @@ def _out_channels(layer: nn.Module) -> int:
 def _layer_problem(layer: nn.Module, num_features: int) -> str | None:
     """Why ``layer`` cannot take a norm's affine, or None."""
     name = _describe(layer)
-    if not _torch_forward(layer, _FOLD_INTO):
+    if not (_torch_forward(layer, _FOLD_INTO) or _is_std_conv(layer)):
         return (f"{name} is not a Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear running torch's "
-                "own forward")
+                "own forward, nor a bgnorm StdConv1d/2d/3d running its own")
     if parametrize.is_parametrized(layer):
         return f"{name} has parametrized weights (the stored tensors are not the weights used)"
     weight = layer.weight
@@ -152,12 +195,39 @@ def _layer_problem(layer: nn.Module, num_features: int) -> str | None:
     return None
 
 
+def _plain_conv(layer: nn.Module) -> nn.Module:
+    """The torch conv a StdConv derives from, with its arguments, training mode and the very
+    same parameter tensors (whose values the caller replaces)."""
+    cls = _STD_CONVS[next(k for k in type(layer).__mro__ if k in _STD_CONVS)]
+    with torch.device("meta"):  # no memory: the parameters are replaced right after
+        plain = cls(layer.in_channels, layer.out_channels, layer.kernel_size,
+                    stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+                    groups=layer.groups, bias=layer.bias is not None,
+                    padding_mode=layer.padding_mode)
+    plain.weight = layer.weight
+    plain.bias = layer.bias
+    return plain.train(layer.training)
+
+
 @torch.no_grad()
-def _fold_into(layer: nn.Module, scale: Tensor, shift: Tensor) -> None:
-    """Scale ``layer``'s output channels by ``scale`` and add ``shift``, in place (float64
-    arithmetic, stored in the layer's dtype)."""
+def _folded(layer: nn.Module, scale: Tensor, shift: Tensor) -> nn.Module:
+    """``layer`` with output channel c scaled by ``scale[c]`` and ``shift[c]`` added: ``layer``
+    itself, changed in place, or for a StdConv the torch conv computing its inference function
+    (with the StdConv's parameter tensors, changed in place)."""
+    if _is_std_conv(layer):
+        w64 = standardize(layer.weight.detach().to(torch.float64), layer.eps)
+        layer = _plain_conv(layer)
+    else:
+        w64 = layer.weight.detach().to(torch.float64)
+    _fold_into(layer, w64, scale, shift)
+    return layer
+
+
+def _fold_into(layer: nn.Module, w64: Tensor, scale: Tensor, shift: Tensor) -> None:
+    """Set ``layer``'s weights to ``w64`` (the weights its forward uses, float64) with output
+    channels scaled by ``scale``, and add ``shift`` to its bias, in place (float64 arithmetic,
+    stored in the layer's dtype)."""
     weight = layer.weight
-    w64 = weight.detach().to(torch.float64)
     scale = scale.to(w64.device)
     shift = shift.to(w64.device)
     if isinstance(layer, _ConvNd) and layer.transposed:
@@ -182,22 +252,26 @@ def _fold_into(layer: nn.Module, scale: Tensor, shift: Tensor) -> None:
 
 
 def fuse_conv_norm_pair(layer: nn.Module, norm: nn.Module) -> nn.Module:
-    r"""A copy of ``layer`` (Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear) with the eval-mode
-    ``norm`` that follows it folded in: ``new(x) == norm(layer(x))`` to float round-off.
+    r"""A copy of ``layer`` (Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear or StdConv1d/2d/3d)
+    with the eval-mode ``norm`` that follows it folded in: ``new(x) == norm(layer(x))`` to float
+    round-off. The copy of a StdConv is torch's Conv1d/2d/3d with the folded standardized
+    weights (a StdConv would standardize them again).
 
     ``norm`` is a BatchNorm, a BatchGroupNorm/GeneralBatchGroupNorm2d/SyncBatchGroupNorm with
-    groups of whole channels (C a multiple of G) and running statistics, or a frozen norm of
-    :mod:`bgnorm.frozen`. With :math:`s_c = \gamma_c / \sqrt{\hat\sigma^2_{g(c)} +
-    \epsilon}` and :math:`t_c = \beta_c - \hat\mu_{g(c)} s_c`, output channel c's weights
-    are multiplied by :math:`s_c` and its bias becomes :math:`s_c b_c + t_c` (a bias is added
-    when the layer had none). The arithmetic is float64, stored in the layer's dtype. Neither
+    groups of whole channels (C a multiple of G) and running statistics, a BatchRenorm1d/2d/3d
+    with running statistics, or a frozen norm of :mod:`bgnorm.frozen`. With
+    :math:`s_c = \gamma_c / \sqrt{\hat\sigma^2_{g(c)} + \epsilon}` and
+    :math:`t_c = \beta_c - \hat\mu_{g(c)} s_c`, output channel c's weights are multiplied
+    by :math:`s_c` and its bias becomes :math:`s_c b_c + t_c` (a bias is added when the layer
+    had none). The arithmetic is float64, stored in the layer's dtype. Neither
     argument is modified.
 
     The channel axis the norm normalizes must be the layer's output-channel axis: always so for
     a batched conv; for Linear it means the linear output is (N, C) (BatchNorm1d on a (N, L, C)
     output would normalize L). Raises ``ValueError`` naming the reason when the pair does not
     fold (training mode, ``track_running_stats=False``, bands or straddling groups, per-example
-    norms, channel counts that differ, a subclass with its own forward).
+    norms, the normalization-activation layers FilterResponseNorm and EvoNorm, channel counts
+    that differ, a subclass with its own forward).
 
     Example:
         >>> conv, bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8).eval()
@@ -212,9 +286,7 @@ def fuse_conv_norm_pair(layer: nn.Module, norm: nn.Module) -> nn.Module:
     problem = _layer_problem(layer, int(affine[0].shape[0]))
     if problem is not None:
         raise ValueError(f"fuse_conv_norm_pair: cannot fold into this layer: {problem}")
-    fused = copy.deepcopy(layer)
-    _fold_into(fused, *affine)
-    return fused
+    return _folded(copy.deepcopy(layer), *affine)
 
 
 @dataclass
@@ -261,7 +333,8 @@ class _Tracer(fx.Tracer):
     """fx tracer that keeps every norm a leaf (their forwards branch on input properties)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, _norm_types()) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, (*_norm_types(), *_STD_CONVS)) or super().is_leaf_module(
+            m, module_qualified_name)
 
 
 def _join(prefix: str, name: str) -> str:
@@ -362,16 +435,19 @@ def fuse_conv_norm(
     """Fold every eval-mode norm that directly follows a conv or linear layer into it.
 
     Pairs are found by torch.fx symbolic tracing: a norm module called on the output of a
-    Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear module, that output used by nothing else,
-    each module called once. Where a module does not trace (data-dependent control flow), its
-    pairs are taken from consecutive children of ``nn.Sequential`` containers and its children
-    are traced one by one. Each pair is folded with :func:`fuse_conv_norm_pair` and the norm is
-    replaced by ``nn.Identity``, so the model class, module names and the other modules stay;
-    the result exports with ``torch.export`` like the original.
+    Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear or StdConv1d/2d/3d module, that output used by
+    nothing else, each module called once. Where a module does not trace (data-dependent
+    control flow), its pairs are taken from consecutive children of ``nn.Sequential``
+    containers and its children are traced one by one. Each pair is folded with
+    :func:`fuse_conv_norm_pair` and the norm is replaced by ``nn.Identity``, so the model
+    class, module names and the other modules stay (a folded StdConv becomes torch's conv of
+    its dimension, under the same name with the same parameter tensors); the result exports
+    with ``torch.export`` like the original.
 
     Every norm that is not folded is left unchanged and listed in the report with its reason:
     bands or straddling groups of BatchGroupNorm (a per-position affine), per-example norms
-    (GroupNorm, LayerNorm, InstanceNorm, PositionalNorm), ``track_running_stats=False``, a norm
+    (GroupNorm, LayerNorm, InstanceNorm, PositionalNorm), the normalization-activation layers
+    (FilterResponseNorm1d/2d/3d, EvoNorm2dS0/B0), ``track_running_stats=False``, a norm
     in training mode, a norm whose input is not a conv/linear output or whose conv output is
     also used elsewhere, modules with forward hooks or shared between places in the model.
 
@@ -434,7 +510,10 @@ def fuse_conv_norm(
                                   else f"cannot fold into {layer_name}: {problem}")
             continue
         assert not isinstance(affine, str)
-        _fold_into(layer, *affine)
+        new_layer = _folded(layer, *affine)
+        if new_layer is not layer:  # a StdConv, now a torch conv
+            parent_name, _, child = layer_name.rpartition(".")
+            setattr(target.get_submodule(parent_name), child, new_layer)
         parent_name, _, child = norm_name.rpartition(".")
         setattr(target.get_submodule(parent_name), child, nn.Identity())
         folded.add(norm_name)

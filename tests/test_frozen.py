@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import doctest
+import re
 import warnings
 
 import pytest
@@ -105,6 +106,61 @@ def test_frozen_bn_is_batchnorm_eval_bit_for_bit(cls, shape):
     back = cls(6)
     back.load_state_dict(frozen.state_dict())
     assert torch.equal(back.eval()(x), bn(x))
+
+
+BN_LIKE = {
+    # layers whose eval mode is BatchNorm's with their running statistics, and their inputs
+    "bn-nobias": (lambda: nn.BatchNorm2d(6, bias=False), (4, 6, 3, 3)),
+    "brn1d-2D": (lambda: bgnorm.BatchRenorm1d(6), (8, 6)),
+    "brn1d-3D": (lambda: bgnorm.BatchRenorm1d(6, momentum=None), (4, 6, 5)),
+    "brn2d": (lambda: bgnorm.BatchRenorm2d(6, r_max=2.0, d_max=1.0), (4, 6, 3, 3)),
+    "brn3d-grouped": (lambda: bgnorm.BatchRenorm3d(6, examples_per_group=1), (2, 6, 2, 3, 3)),
+    "brn2d-nobias": (lambda: bgnorm.BatchRenorm2d(6, bias=False), (4, 6, 3, 3)),
+    "brn2d-noaffine": (lambda: bgnorm.BatchRenorm2d(6, affine=False), (4, 6, 3, 3)),
+}
+
+
+@pytest.mark.parametrize("case", list(BN_LIKE))
+def test_frozen_bn_of_batchnorm_like_layers(case):
+    """BatchRenorm (and BatchNorm(bias=False)) freeze to FrozenBatchNorm: their eval mode in
+    any mode, bit for bit, with their own state-dict keys both ways."""
+    make, shape = BN_LIKE[case]
+    layer = _trained(make(), shape)
+    frozen = FrozenBatchNorm.from_module(layer).train()
+    x = torch.randn(shape) * 2 - 1
+    assert torch.equal(frozen(x), layer(x))
+    assert list(frozen.parameters()) == []
+    assert list(frozen.state_dict()) == list(layer.state_dict())
+    back = make()
+    back.load_state_dict(frozen.state_dict())
+    assert torch.equal(back.eval()(x), layer(x))
+    net = freeze_norms(nn.Sequential(copy.deepcopy(layer)).train())
+    assert type(net[0]) is FrozenBatchNorm and torch.equal(net(x), layer(x))
+    net.load_state_dict(nn.Sequential(layer).state_dict())  # strict: the same keys
+
+
+def test_freeze_norms_small_batch_layers():
+    net = nn.Sequential(bgnorm.BatchRenorm2d(4), bgnorm.FilterResponseNorm2d(4),
+                        bgnorm.EvoNorm2dS0(4, groups=2), bgnorm.EvoNorm2dB0(4),
+                        bgnorm.BatchRenorm2d(4, track_running_stats=False))
+    with pytest.warns(UserWarning) as caught:
+        out = freeze_norms(copy.deepcopy(net))
+    assert [type(m).__name__ for m in out] == [
+        "FrozenBatchNorm", "FilterResponseNorm2d", "EvoNorm2dS0", "EvoNorm2dB0",
+        "BatchRenorm2d"]
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2
+    assert "track_running_stats=False" in messages[0] and "left in place: 4" in messages[0]
+    assert re.search(r"1 EvoNorm2dB0 layer\(s\) were left in place: 3\. .*not a per-channel "
+                     r"affine.*batch statistics.*eval mode", messages[1])
+    kept = freeze_norms(nn.Sequential(bgnorm.BatchRenorm2d(4), nn.BatchNorm2d(4)), brn=False)
+    assert [type(m).__name__ for m in kept] == ["BatchRenorm2d", "FrozenBatchNorm"]
+    with warnings.catch_warnings():  # nothing batch-dependent left: no warning
+        warnings.simplefilter("error")
+        freeze_norms(nn.Sequential(bgnorm.FilterResponseNorm2d(4), bgnorm.BatchRenorm2d(4)))
+    with pytest.raises(TypeError, match="expected a BatchNorm or BatchRenorm layer, got "
+                                        "EvoNorm2dB0"):
+        FrozenBatchNorm.from_module(bgnorm.EvoNorm2dB0(4))
 
 
 def test_torchvision_style_state_dict_without_count_loads():

@@ -1,8 +1,9 @@
 r"""Frozen norms: fixed statistics and affine, stored as buffers (for fine-tuning with frozen
 BatchNorm, as detection and segmentation models do), and :func:`freeze_norms` to convert a model.
 
-:class:`FrozenBatchNorm` computes BatchNorm's eval mode; :class:`FrozenBatchGroupNorm` computes
-BatchGroupNorm's eval mode, for any input (N, C, \*) and any group layout:
+:class:`FrozenBatchNorm` computes BatchNorm's eval mode (which is Batch Renormalization's too);
+:class:`FrozenBatchGroupNorm` computes BatchGroupNorm's eval mode, for any input (N, C, \*) and
+any group layout:
 
 .. math::
     y = \frac{x - \hat\mu_{g}}{\sqrt{\hat\sigma^2_{g} + \epsilon}} \gamma_c + \beta_c
@@ -30,6 +31,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import _checks
 from . import functional as BF
 from .layers import DEFAULT_NUM_GROUPS, _BatchGroupNorm
+from .small_batch import EvoNorm2dB0, _BatchRenorm
 
 __all__ = ["FrozenBatchGroupNorm", "FrozenBatchNorm", "freeze_norms"]
 
@@ -117,12 +119,16 @@ class FrozenBatchNorm(_FrozenNorm):
     computed by :func:`torch.nn.functional.batch_norm` with ``training=False``, so the output
     equals an eval-mode :class:`torch.nn.BatchNorm2d` with the same buffers exactly; eps is
     added to the variance as there (and in torchvision's FrozenBatchNorm2d). Any input
-    (N, C, \*): one class for 1d, 2d and 3d. The state dict has BatchNorm's keys.
+    (N, C, \*): one class for 1d, 2d and 3d. The state dict has BatchNorm's keys. It is also
+    the frozen form of :class:`bgnorm.BatchRenorm2d` (1d, 3d), whose eval mode is BatchNorm's
+    with its running statistics and whose state dict has the same keys.
 
     Args:
         num_features: C.
         eps: added to the variance. Default: 1e-5.
         affine: keep ``weight`` and ``bias`` (gamma, beta) buffers. Default: True.
+        bias: keep the ``bias`` buffer when ``affine`` (keyword only; BatchNorm's
+            ``bias=False``). Default: True.
 
     Shape:
         - Input: (N, C, \*); Output: same shape.
@@ -138,20 +144,21 @@ class FrozenBatchNorm(_FrozenNorm):
     _abbr_ = "bn"  # the attribute name mmcv's build_norm_layer gives it (bn1, ...)
 
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True,
-                 device: Any = None, dtype: Any = None) -> None:
-        super().__init__(num_features, num_features, eps, affine, True, device, dtype)
+                 device: Any = None, dtype: Any = None, *, bias: bool = True) -> None:
+        super().__init__(num_features, num_features, eps, affine, bias, device, dtype)
 
     @classmethod
-    def from_module(cls, bn: _BatchNorm) -> FrozenBatchNorm:
-        """A frozen copy of a BatchNorm (1d/2d/3d, SyncBatchNorm) with running statistics."""
-        if not isinstance(bn, _BatchNorm):
-            raise TypeError(f"FrozenBatchNorm.from_module: expected a BatchNorm layer, got "
-                            f"{type(bn).__name__}")
-        if bn.running_mean is None:
+    def from_module(cls, bn: _BatchNorm | _BatchRenorm) -> FrozenBatchNorm:
+        """A frozen copy of a BatchNorm (1d/2d/3d, SyncBatchNorm) or a BatchRenorm1d/2d/3d with
+        running statistics (the eval mode of each)."""
+        if not isinstance(bn, (_BatchNorm, _BatchRenorm)):
+            raise TypeError(f"FrozenBatchNorm.from_module: expected a BatchNorm or BatchRenorm "
+                            f"layer, got {type(bn).__name__}")
+        if bn.running_mean is None or bn.running_var is None:
             raise ValueError(
                 f"FrozenBatchNorm.from_module: {type(bn).__name__} has "
                 "track_running_stats=False, so there are no statistics to freeze")
-        frozen = cls(bn.num_features, bn.eps, bn.affine)
+        frozen = cls(bn.num_features, bn.eps, bn.affine, bias=bn.bias is not None)
         frozen._copy_from(bn)
         return frozen
 
@@ -300,17 +307,24 @@ class FrozenBatchGroupNorm(_FrozenNorm):
                                    self.weight, self.bias, training=False, eps=self.eps)
 
 
-def freeze_norms(module: nn.Module, *, bn: bool = True, bgn: bool = True) -> nn.Module:
+def freeze_norms(
+    module: nn.Module, *, bn: bool = True, bgn: bool = True, brn: bool = True
+) -> nn.Module:
     """Replace the BatchNorm (1d/2d/3d, SyncBatchNorm) layers of ``module`` by
-    :class:`FrozenBatchNorm` (``bn=True``) and the BatchGroupNorm1d/2d/3d,
+    :class:`FrozenBatchNorm` (``bn=True``), the BatchGroupNorm1d/2d/3d,
     GeneralBatchGroupNorm2d and SyncBatchGroupNorm layers by :class:`FrozenBatchGroupNorm`
-    (``bgn=True``), with their statistics, affine, eps, device and dtype.
+    (``bgn=True``) and the BatchRenorm1d/2d/3d layers by :class:`FrozenBatchNorm` (``brn=True``;
+    their eval mode is BatchNorm's), with their statistics, affine, eps, device and dtype.
 
     Each frozen layer computes its layer's eval mode, whatever the model's mode, and the
     model's state dict keeps its keys: the frozen model loads the unfrozen model's state dict
     and the other way round. Layers with ``track_running_stats=False`` have nothing to freeze
-    and are left in place with a warning. To freeze part of a model, call it on that part
-    (``freeze_norms(model.backbone)``).
+    and are left in place with a warning. EvoNorm2dB0 keeps a running variance too, but its
+    eval mode is not a per-channel affine map (no frozen layer computes it): it is left in
+    place with a warning, as in training mode it still uses and updates batch statistics.
+    Layers without batch statistics (GroupNorm, LayerNorm, InstanceNorm, PositionalNorm,
+    FilterResponseNorm, EvoNorm2dS0) compute the same in both modes and are left as they are.
+    To freeze part of a model, call it on that part (``freeze_norms(model.backbone)``).
 
     Returns ``module``, modified in place, or the frozen layer when ``module`` is itself a norm.
 
@@ -325,19 +339,23 @@ def freeze_norms(module: nn.Module, *, bn: bool = True, bgn: bool = True) -> nn.
         <All keys matched successfully>
     """
     left: list[str] = []
+    evonorm_b0: list[str] = []
 
     def convert(norm: nn.Module, name: str) -> nn.Module:
-        if bn and isinstance(norm, _BatchNorm):
-            if norm.running_mean is None:
-                left.append(name)
-                return norm
-            return FrozenBatchNorm.from_module(norm)
-        if bgn and isinstance(norm, _BatchGroupNorm):
-            if norm.running_mean is None:
-                left.append(name)
-                return norm
-            return FrozenBatchGroupNorm.from_module(norm)
-        return norm
+        if isinstance(norm, EvoNorm2dB0):
+            evonorm_b0.append(name)
+            return norm
+        frozen: type[_FrozenNorm] | None = None
+        if (bn and isinstance(norm, _BatchNorm)) or (brn and isinstance(norm, _BatchRenorm)):
+            frozen = FrozenBatchNorm
+        elif bgn and isinstance(norm, _BatchGroupNorm):
+            frozen = FrozenBatchGroupNorm
+        if frozen is None:
+            return norm
+        if norm.running_mean is None:
+            left.append(name)
+            return norm
+        return frozen.from_module(norm)  # type: ignore[attr-defined]
 
     def walk(parent: nn.Module, prefix: str) -> None:
         for child_name, child in parent.named_children():
@@ -356,6 +374,18 @@ def freeze_norms(module: nn.Module, *, bn: bool = True, bgn: bool = True) -> nn.
             f"freeze_norms: {len(left)} layer(s) have track_running_stats=False (no "
             f"statistics to freeze) and were left in place: {', '.join(left[:8])}"
             + (" ..." if len(left) > 8 else ""),
+            stacklevel=2,
+        )
+    if evonorm_b0:
+        warnings.warn(
+            f"freeze_norms: {len(evonorm_b0)} EvoNorm2dB0 layer(s) were left in place: "
+            f"{', '.join(evonorm_b0[:8])}" + (" ..." if len(evonorm_b0) > 8 else "") + ". "
+            "EvoNorm-B0 divides by max(running std, v x + each example's std), not a "
+            "per-channel affine map, so no frozen layer computes it; in training mode it still "
+            "normalizes with batch statistics and updates running_var. To keep them frozen, put "
+            "them in eval mode after each model.train() (e.g. for m in model.modules(): if "
+            "isinstance(m, bgnorm.EvoNorm2dB0): m.eval()) and set requires_grad=False on their "
+            "parameters",
             stacklevel=2,
         )
     return out

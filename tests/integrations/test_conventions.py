@@ -60,6 +60,10 @@ def test_mmcv_abbreviations_are_class_attributes():
         bgnorm.GeneralBatchGroupNorm1d: "gbgn", bgnorm.GeneralBatchGroupNorm2d: "gbgn",
         bgnorm.GeneralBatchGroupNorm3d: "gbgn", bgnorm.PositionalNorm: "pn",
         bgnorm.FrozenBatchNorm: "bn", bgnorm.FrozenBatchGroupNorm: "bgn",
+        bgnorm.BatchRenorm1d: "brn", bgnorm.BatchRenorm2d: "brn", bgnorm.BatchRenorm3d: "brn",
+        bgnorm.FilterResponseNorm1d: "frn", bgnorm.FilterResponseNorm2d: "frn",
+        bgnorm.FilterResponseNorm3d: "frn", bgnorm.EvoNorm2dS0: "evonorm",
+        bgnorm.EvoNorm2dB0: "evonorm",
     }
     for cls, abbr in expected.items():
         assert cls._abbr_ == abbr, cls.__name__

@@ -4,6 +4,8 @@ After :func:`register`, a config selects a norm by name like torch's (``"BN"``, 
 
     norm_cfg = dict(type="BGN", num_groups=32)          # BatchGroupNorm2d
     norm_cfg = dict(type="FrozenBGN", num_groups=32)    # FrozenBatchGroupNorm
+    norm_cfg = dict(type="BRN", r_max=3.0, d_max=5.0)   # BatchRenorm2d
+    conv_cfg = dict(type="StdConv")                     # StdConv2d (weight standardization)
 
 mmcv's ``build_norm_layer(cfg, num_features, postfix)`` looks the name up in ``MODELS``, calls
 ``layer(num_features, eps=1e-5 unless given, **rest)`` and names the attribute from the class's
@@ -21,7 +23,34 @@ GBGN           GeneralBatchGroupNorm2d     gbgn
 PN             PositionalNorm              pn
 FrozenBN       FrozenBatchNorm             bn
 FrozenBGN      FrozenBatchGroupNorm        bgn
+BRN, BRN2d     BatchRenorm2d               brn
+BRN1d          BatchRenorm1d               brn
+BRN3d          BatchRenorm3d               brn
+FRN, FRN2d     FilterResponseNorm2d        frn
+FRN1d          FilterResponseNorm1d        frn
+FRN3d          FilterResponseNorm3d        frn
+EvoNormS0      EvoNorm2dS0                 evonorm
+EvoNormB0      EvoNorm2dB0                 evonorm
 =============  ==========================  ======
+
+FRN and the EvoNorms are normalization-*activation* layers (see :mod:`bgnorm.small_batch`): a
+module built with them should have no activation after its norm (``act_cfg=None`` where the
+module takes one). build_norm_layer passes ``eps=1e-5`` when the config gives none, which is
+the layers' own default except EvoNorm-B0's (1e-3, timm's): give ``eps=1e-3`` in its config to
+keep timm's. EvoNorm-S0 takes ``groups`` (or ``group_size``), not ``num_groups``.
+
+The weight-standardized convolutions are in :data:`CONV_LAYERS`, for mmcv's
+``build_conv_layer(conv_cfg, in_channels, out_channels, kernel_size, ...)``, which calls
+``layer(*args, **kwargs, **rest)`` (torch's conv arguments, and ``eps=`` from the config):
+
+=============  ==========================
+name           class
+=============  ==========================
+StdConv        StdConv2d
+StdConv1d      StdConv1d
+StdConv2d      StdConv2d
+StdConv3d      StdConv3d
+=============  ==========================
 
 mmengine is imported only when :func:`register` runs; it is not a dependency of bgnorm.
 """
@@ -41,8 +70,19 @@ from ..layers import (
     GeneralBatchGroupNorm2d,
     PositionalNorm,
 )
+from ..small_batch import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    EvoNorm2dB0,
+    EvoNorm2dS0,
+    FilterResponseNorm1d,
+    FilterResponseNorm2d,
+    FilterResponseNorm3d,
+)
+from ..weight_std import StdConv1d, StdConv2d, StdConv3d
 
-__all__ = ["LAYERS", "register"]
+__all__ = ["CONV_LAYERS", "LAYERS", "register"]
 
 #: registry name -> class; each class carries the ``_abbr_`` build_norm_layer names the
 #: attribute with (a class attribute, so it is there whether or not :func:`register` ran)
@@ -56,11 +96,29 @@ LAYERS: dict[str, type[nn.Module]] = {
     "PN": PositionalNorm,
     "FrozenBN": FrozenBatchNorm,
     "FrozenBGN": FrozenBatchGroupNorm,
+    "BRN": BatchRenorm2d,
+    "BRN1d": BatchRenorm1d,
+    "BRN2d": BatchRenorm2d,
+    "BRN3d": BatchRenorm3d,
+    "FRN": FilterResponseNorm2d,
+    "FRN1d": FilterResponseNorm1d,
+    "FRN2d": FilterResponseNorm2d,
+    "FRN3d": FilterResponseNorm3d,
+    "EvoNormS0": EvoNorm2dS0,
+    "EvoNormB0": EvoNorm2dB0,
+}
+
+#: registry name -> conv class, for mmcv's build_conv_layer (``conv_cfg=dict(type=...)``)
+CONV_LAYERS: dict[str, type[nn.Module]] = {
+    "StdConv": StdConv2d,
+    "StdConv1d": StdConv1d,
+    "StdConv2d": StdConv2d,
+    "StdConv3d": StdConv3d,
 }
 
 
 def register(registry: Any = None, *, force: bool = False) -> Any:
-    """Register the layers of :data:`LAYERS` in ``registry`` by name.
+    """Register the layers of :data:`LAYERS` and :data:`CONV_LAYERS` in ``registry`` by name.
 
     Calling it again is harmless; a name already taken by another class raises ``KeyError``
     unless ``force=True``, which replaces it.
@@ -92,7 +150,7 @@ def register(registry: Any = None, *, force: bool = False) -> Any:
                 "or pass the registry to register the layers in"
             ) from err
         registry = MODELS
-    for name, cls in LAYERS.items():
+    for name, cls in {**LAYERS, **CONV_LAYERS}.items():
         existing = registry.module_dict.get(name)
         if existing is cls:
             continue

@@ -37,6 +37,43 @@ def test_docstring_examples():
     assert result.failed == 0 and result.attempted > 0
 
 
+def test_handing_out_cells_reads_the_store_once_not_once_per_claim(tmp_path, monkeypatch):
+    """_Cells re-checks the store after each claim (a cell recorded by another runner between
+    the check and the lock): only what was appended since is read, not the whole store."""
+    import bgnorm.repro.store as S
+    from bgnorm.repro.api import Record
+
+    store = S.ResultStore(S.store_path(tmp_path))
+    for i in range(60):  # recorded earlier (by this or another runner)
+        store.append(Record(f"old{i}", {"task": "t"}, "ok", {}, 0.1))
+    parsed = []  # bytes parsed while handing out cells (appends parse the store too)
+    parse, counting = S._parse_lines, [False]
+    monkeypatch.setattr(S, "_parse_lines", lambda data: (
+        parsed.append(len(data) if counting[0] else 0), parse(data))[1])
+    order = [f"new{i}" for i in range(40)] + ["old3", "old7"]
+    cells = RN._Cells(order, tmp_path, {c: c for c in order}, 60.0, True, lambda line: None,
+                      RN.RunSummary())
+    got = []
+
+    def next_cell():
+        counting[0] = True
+        try:
+            return cells.next()
+        finally:
+            counting[0] = False
+
+    while (cid := next_cell()) is not None:
+        got.append(cid)
+        if cid == "new5":  # another runner records new9 while this one holds new5
+            store.append(Record("new9", {"task": "t"}, "ok", {}, 0.1))
+        store.append(Record(cid, {"task": "t"}, "ok", {}, 0.1))
+        cells.done(cid)
+    assert got == [f"new{i}" for i in range(40) if i != 9]
+    assert cells.summary.recorded_elsewhere == 3  # new9, old3, old7
+    size = S.store_path(tmp_path).stat().st_size
+    assert sum(parsed) <= size, (sum(parsed), size)  # every byte parsed at most once
+
+
 def test_plan_cells_and_shards():
     cells = plan_cells(["batch-size"], "smoke", SMALL)
     assert len(cells) == 5  # bn x2, bgn x2, gn once for both batch sizes (64 examples/step)

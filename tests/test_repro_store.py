@@ -94,6 +94,82 @@ def test_shard_paths_and_merge(tmp_path):
     assert read_records(tmp_path / "missing") == []
 
 
+def _line(cid):
+    return (S.canonical_json(S._record_to_json(_rec(cid))) + "\n").encode()
+
+
+def test_recorded_ids_read_only_what_was_appended(tmp_path):
+    path = store_path(tmp_path)
+    store = ResultStore(path)
+    for cid in "abc":
+        store.append(_rec(cid))
+    ids = S.RecordedIds(tmp_path)
+    ids.refresh()
+    assert [c for c in "abcd" if c in ids] == list("abc") and len(ids) == 3
+    assert ids.bytes_read == path.stat().st_size
+    before = ids.bytes_read
+    store.append(_rec("d"))
+    ids.refresh()
+    assert "d" in ids and ids.bytes_read - before == len(_line("d"))  # the new line only
+    ids.refresh()
+    assert ids.bytes_read - before == len(_line("d"))  # nothing new: nothing read
+
+
+def test_recorded_ids_torn_lines_shrinking_replaced_and_new_files(tmp_path):
+    path = store_path(tmp_path)
+    store = ResultStore(path)
+    store.append(_rec("a"))
+    ids = S.RecordedIds(tmp_path)
+
+    def check():
+        ids.refresh()
+        assert len(ids) == len({r.cell_id for r in read_records(tmp_path)})
+        assert all(r.cell_id in ids for r in read_records(tmp_path))
+
+    line_b = _line("b")
+    with open(path, "ab") as fh:  # a writer killed in the middle of its line
+        fh.write(line_b[:-10])
+    check()
+    assert "b" not in ids
+    with open(path, "ab") as fh:  # a complete record without its newline yet: not counted
+        fh.write(line_b[-10:-1])
+    ids.refresh()
+    assert "b" not in ids
+    with open(path, "ab") as fh:
+        fh.write(b"\n")
+    check()
+    assert "b" in ids
+    with open(path, "ab") as fh:  # torn again, then the next append terminates it
+        fh.write(_line("x")[:20])
+    check()
+    store.append(_rec("c"))
+    check()
+    assert "c" in ids and "x" not in ids
+    # a failed append cut back (the file shrank): read again, the lost record forgotten
+    data = path.read_bytes()
+    os.truncate(path, len(data) - len(_line("c")))
+    check()
+    assert "c" not in ids and "b" in ids
+    # the file replaced by another with as many bytes or more (another inode)
+    tmp = tmp_path / "new.tmp"
+    tmp.write_bytes(_line("p") + _line("q") + _line("r") + _line("s"))
+    os.replace(tmp, path)
+    check()
+    assert [c for c in "abpqrs" if c in ids] == list("pqrs")
+    # rewritten in place, same inode and larger, not ending a line where the last look stopped
+    with open(path, "r+b") as fh:
+        fh.write(b" " + _line("t") + _line("u") + _line("v") + _line("w") + _line("y"))
+    check()
+    assert "t" in ids and "p" not in ids
+    # a new shard file, then a removed one
+    ResultStore(store_path(tmp_path, (2, 3))).append(_rec("z"))
+    check()
+    assert "z" in ids
+    path.unlink()
+    check()
+    assert [c for c in "tz" if c in ids] == ["z"] and len(ids) == 1
+
+
 def _append_many(path, start):
     store = ResultStore(path)
     for i in range(start, start + 40):

@@ -92,6 +92,7 @@ from .store import (
     DISK_ERRNOS,
     CellLock,
     DiskFaultError,
+    RecordedIds,
     ResultStore,
     cell_id,
     describe_holder,
@@ -783,6 +784,10 @@ class _Cells:
         self.claims = claims
         self.say = say
         self.summary = summary
+        # the store's cell ids, read incrementally: a claim re-checks them after its lock is
+        # taken (another runner may have recorded the cell just before), reading only what was
+        # appended since the last check
+        self.recorded = RecordedIds(out)
         self.held_elsewhere: dict[str, dict[str, Any] | None] = {}
         self.locks: dict[str, CellLock] = {}
         self._guard = threading.Lock()
@@ -794,9 +799,6 @@ class _Cells:
 
     def pending(self) -> bool:
         return bool(self.queue or self.held_elsewhere)
-
-    def _recorded(self) -> set[str]:
-        return {r.cell_id for r in read_records(self.out)}
 
     def _claim(self, cid: str) -> bool:
         lock = CellLock(self.out / "cells" / cid, self.lease_seconds)
@@ -813,7 +815,8 @@ class _Cells:
             self.held_elsewhere[cid] = lock.holder
             return False
         # Recorded by another runner just before its lock went: nothing to train.
-        if cid in self._recorded():
+        self.recorded.refresh()
+        if cid in self.recorded:
             lock.release()
             self.summary.recorded_elsewhere += 1
             try:
@@ -833,18 +836,19 @@ class _Cells:
         """The next cell this runner now holds, or None when none is free right now."""
         if not self.claims:
             return self.queue.pop(0) if self.queue else None
-        done = self._recorded() if self.queue else set()
+        if self.queue:
+            self.recorded.refresh()
         while self.queue:
             cid = self.queue.pop(0)
-            if cid in done:
+            if cid in self.recorded:
                 self.summary.recorded_elsewhere += 1
                 continue
             if self._claim(cid):
                 return cid
         if self.held_elsewhere:  # at the end: the cells other runners held
-            done = self._recorded()
+            self.recorded.refresh()
             for cid in list(self.held_elsewhere):
-                if cid in done:
+                if cid in self.recorded:
                     del self.held_elsewhere[cid]
                     self.summary.recorded_elsewhere += 1
                 elif self._claim(cid):

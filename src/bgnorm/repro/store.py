@@ -58,6 +58,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "CellLock",
     "DiskFaultError",
+    "RecordedIds",
     "ResultStore",
     "canonical_json",
     "cell_id",
@@ -356,6 +357,87 @@ def read_records(out_dir: str | os.PathLike, task: str | None = None) -> list[Re
     if task is not None:
         recs = [r for r in recs if r.config.get("task") == task]
     return recs
+
+
+class RecordedIds:
+    """The ids of the cells recorded in ``out_dir`` (every store file, as :func:`read_records`),
+    kept current by :meth:`refresh`, which reads only the bytes appended since its last look.
+
+    A runner checks a cell right after claiming it (another runner may have recorded it just
+    before its lock went); with hundreds of cells, reading the whole store for each claim would
+    be O(cells x records). Store files only grow by whole-line appends, so each file is read
+    from where the last look stopped, up to its last newline (a torn or still-unterminated last
+    line is read again next time, once complete). A file that shrank (a failed append cut back),
+    was replaced (another inode) or no longer ends a line where the last look stopped is read
+    again whole; new shard files are read whole, removed ones forgotten.
+
+    Example:
+        >>> import tempfile
+        >>> from bgnorm.repro.api import Record
+        >>> out = Path(tempfile.mkdtemp())
+        >>> ids = RecordedIds(out)
+        >>> ids.refresh(); "abc" in ids
+        False
+        >>> ResultStore(store_path(out)).append(Record("abc", {"task": "t"}, "ok", {}, 0.1))
+        True
+        >>> ids.refresh(); "abc" in ids, len(ids)
+        (True, 1)
+    """
+
+    def __init__(self, out_dir: str | os.PathLike) -> None:
+        self.out = Path(out_dir)
+        # per store file: ((st_dev, st_ino), bytes consumed, ids in those bytes)
+        self._files: dict[Path, tuple[tuple[int, int], int, set[str]]] = {}
+        self._ids: set[str] = set()
+        #: Bytes read from store files so far (for tests and diagnostics).
+        self.bytes_read = 0
+
+    def __contains__(self, cid: object) -> bool:
+        return cid in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def refresh(self) -> None:
+        """Take in what was recorded since the last call."""
+        paths = store_files(self.out)
+        stale = len(self._files.keys() - set(paths)) > 0
+        for gone in self._files.keys() - set(paths):
+            del self._files[gone]
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:  # removed since the listing
+                stale |= self._files.pop(path, None) is not None
+                continue
+            try:
+                stale |= self._read_new(path, fd)
+            finally:
+                os.close(fd)
+        if stale:  # a file lost records (or went): the union again
+            self._ids = set().union(*(ids for _, _, ids in self._files.values()))
+
+    def _read_new(self, path: Path, fd: int) -> bool:
+        """Read ``path``'s new complete lines; True when it was read again from the start."""
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        old = self._files.get(path)
+        restart = old is not None and (
+            old[0] != key or st.st_size < old[1]
+            or (old[1] > 0 and os.pread(fd, 1, old[1] - 1) != b"\n"))
+        key, offset, ids = (key, 0, set()) if old is None or restart else old
+        if st.st_size > offset:
+            data = os.pread(fd, st.st_size - offset, offset)
+            self.bytes_read += len(data)
+            end = data.rfind(b"\n") + 1  # complete lines only
+            if end:
+                recs, _ = _parse_lines(data[:end])
+                new = {r.cell_id for r in recs}
+                ids |= new
+                self._ids |= new
+                offset += end
+        self._files[path] = (key, offset, ids)
+        return restart
 
 
 # --------------------------------------------------------------------------------------------

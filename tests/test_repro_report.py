@@ -56,6 +56,35 @@ def test_summaries_and_cell_format():
     assert set(multi) == {("x", 1), ("x", 2)}
 
 
+def test_summarize_judges_each_record_once(monkeypatch):
+    """summarize asks training_problem once per record (convergence asks it, and summarize
+    reads the reason from there), and its summaries are those of the two questions asked
+    separately."""
+    cfg = {"norm": "bn", "batch_size": 2}
+    recs = [Record("a", {**cfg, "seed": 0}, "ok", {"acc": 90.0, "n_test": 100, "steps": 5}, 1),
+            Record("b", {**cfg, "seed": 1}, "ok", {"acc": 9.0, "steps": 0}, 1),
+            Record("c", {**cfg, "seed": 2}, "diverged", {}, 1),
+            Record("d", {**cfg, "seed": 3}, "ok", {"acc": float("inf"), "steps": 3}, 1),
+            _curved({**cfg, "seed": 4}, [60, 70, 80, 90], [1.0, 0.8, 0.6, 0.4]),
+            _curved({**cfg, "seed": 5}, [26.6, 21.5, 17.8, 28.6, 21.2, 29.5],
+                    [2.28, 2.22, 2.29, 2.07, 2.24, 2.09], num_classes=10,
+                    loss="cross-entropy")]
+    calls = []
+    ask = R.training_problem
+    monkeypatch.setattr(R, "training_problem", lambda r, m="acc": (calls.append(r.cell_id),
+                                                                   ask(r, m))[1])
+    got = R.summarize(recs, lambda r: "bn")["bn"]
+    ok = [r for r in recs if r.status == "ok"]
+    assert sorted(calls) == sorted(r.cell_id for r in ok)  # once each (a diverged one: never)
+    trained = [r for r in ok if ask(r) is None]
+    assert got.values == tuple(float(r.result["acc"]) for r in trained)
+    assert got.diverged == 1
+    assert got.untrained == tuple(f"seed {r.config['seed']}: {ask(r)}" for r in ok
+                                  if ask(r) is not None)
+    assert [w.split(":")[0] for w in got.unconverged] == ["seed 4"]
+    assert [w.split(":")[0] for w in got.unfit] == ["seed 5"]
+
+
 def test_difference_tolerance():
     assert R.difference_tolerance(98.0, 1000) == pytest.approx(1.227, abs=1e-3)
     assert R.difference_tolerance(100.0, 1000) > 0  # never zero noise

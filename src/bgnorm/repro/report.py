@@ -333,8 +333,8 @@ def summarize(
             keys_list = list(keys)
         else:
             keys_list = [keys]
-        problem = training_problem(rec, metric)
-        flag, why = convergence(rec, metric)
+        flag, why = convergence(rec, metric)  # it asks training_problem first: once a record
+        problem = why if flag == DID_NOT_TRAIN else None
         for k in keys_list:
             values.setdefault(k, [])
             seeds.setdefault(k, [])

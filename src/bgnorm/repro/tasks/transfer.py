@@ -337,7 +337,8 @@ def _judge(name: str, label: str, cell: Summary | None, sweep: Mapping[int, Summ
            tol: float, tol_txt: str, group: str) -> Claim:
     """One "within noise of the best swept G" claim for one network x batch."""
     if cell is None:
-        return Claim(name, "not tested", f"{label} was not run for {group} (yet).")
+        return Claim(name, "not tested",
+                     f"{label[0].upper()}{label[1:]} was not run for {group} (yet).")
     cells = {f"{group}, G = {g}": s for g, s in sweep.items()}
     cells[f"{group}, {label}"] = cell
     unjudged = not_judged(name, cells)
@@ -442,7 +443,9 @@ def report_transfer(records: list[Record], out_dir: Path) -> str:
     nets = list(dict.fromkeys(r.config["network"] for r in records))
     groups = [(n, b) for n in nets
               for b in sorted({k[1] for k in acc if k[0] == n}, reverse=True)]
-    paper_g = {(n, b): bgnorm.paper_groups(b) for n, b in groups}
+    # the paper's G as its cells ran (bgnorm.paper_groups of the batch when they did not)
+    paper_g = {(n, b): next((int(k[3]) for k in acc if k[:3] == (n, b, "paper")),
+                            bgnorm.paper_groups(b)) for n, b in groups}
     n_test = min((int(r.result.get("n_test") or 0) for r in records if r.status == "ok"),
                  default=0)
     parts = [title, "", _framing(), ""]

@@ -124,7 +124,7 @@ TRANSFER_PRESETS: dict[str, dict[str, Any]] = {
         "lr_reference_batch": 16, "seeds": [0],
     },
     "quick": {
-        # 2 networks x 2 batch sizes x 2 seeds, 44 training runs, about 38 CPU-minutes (see
+        # 2 networks x 2 batch sizes x 2 seeds, 44 training runs, about 28 CPU-minutes (see
         # docs/reproduction.md, "Does the per-layer G policy transfer?")
         **_base("quick"),
         "networks": [NET_16PX, NET_28PX],
@@ -401,13 +401,18 @@ def _plot(path: Path, groups: Sequence[tuple[str, int]], acc: Mapping[Any, Summa
                 ax.plot([lo, hi], [pol.mean] * 2, color="C3", linewidth=3, alpha=0.7,
                         solid_capstyle="butt")
                 ax.plot([statistics.median(gs)], [pol.mean], "s", color="C3",
-                        label=f"policy (G {_span(gs)})")
+                        label=f"policy (G = {_span(gs)} by layer)")
             pg = paper_g.get((net, b))
             pap = acc.get((net, b, "paper", pg))
             if pap is not None and pap.ok:
                 ax.plot([pg], [pap.mean], "*", color="C2", markersize=11,
                         label=f"paper's G = {pg}")
             ax.set_xscale("log", base=2)
+            ticks = sorted({g for g, _ in sweep} | set(gs or ()) | ({pg} if pg else set()))
+            if ticks:
+                ax.set_xticks(ticks)
+                ax.set_xticklabels([str(t) for t in ticks], fontsize=7)
+                ax.minorticks_off()
             ax.set_xlabel("G (per layer: capped at the layer's D)", fontsize=8)
             ax.set_ylabel("top-1 accuracy (%)", fontsize=8)
             ax.grid(True, alpha=0.3)

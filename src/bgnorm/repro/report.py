@@ -730,8 +730,8 @@ def convergence(record: Record, metric: str = "acc") -> tuple[str, str]:
                        f"{la:.3f} -> {lb:.3f} {span} ({max(fall, 0.0):.0%} of its whole fall)")
 
 
-_CELL_KEYS = ("experiment", "method", "source", "target", "num_groups", "gn_groups", "model",
-              "final_size")
+_CELL_KEYS = ("experiment", "method", "source", "target", "network", "role", "num_groups",
+              "gn_groups", "model", "final_size")
 
 
 def _cell_label(record: Record, varying: Sequence[str]) -> str:

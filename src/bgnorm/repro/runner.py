@@ -697,9 +697,10 @@ class RunSummary:
 
 
 def _label(config: Mapping[str, Any]) -> str:
-    parts = [config["task"], str(config.get("norm", ""))]
-    for key, fmt in (("batch_size", "b={}"), ("workers", "W={}"), ("num_groups", "G={}"),
-                     ("gn_groups", "G={}"), ("gn_channels_per_group", "C/G={}"),
+    parts = [config["task"], str(config.get("network", "")), str(config.get("norm", ""))]
+    for key, fmt in (("role", "({})"), ("batch_size", "b={}"), ("workers", "W={}"),
+                     ("num_groups", "G={}"), ("gn_groups", "G={}"),
+                     ("gn_channels_per_group", "C/G={}"),
                      ("final_size", "last {0}x{0}"), ("seed", "seed={}")):
         if config.get(key) is not None and not (key == "workers" and config[key] == 1):
             parts.append(fmt.format(config[key]))

@@ -9,6 +9,7 @@ _MODULES = [
     "domain",          # Table 7
     "nas",             # Tables 3 and 4
     "mechanism",       # accuracy vs values per statistic (issue 19)
+    "transfer",        # g-transfer: the per-layer G policy against a G sweep (issue 15)
 ]
 
 for _name in _MODULES:

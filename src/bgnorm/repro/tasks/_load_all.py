@@ -9,6 +9,7 @@ _MODULES = [
     "domain",          # Table 7
     "nas",             # Tables 3 and 4
     "mechanism",       # accuracy vs values per statistic (issue 19)
+    "normalizers",     # which normalizer at which per-worker batch (issue 15)
 ]
 
 for _name in _MODULES:

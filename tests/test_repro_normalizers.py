@@ -32,7 +32,7 @@ def test_docstring_examples():
 
 def test_quick_cells_cover_every_method_batch_and_seed():
     cells = get_task("normalizers").cells("quick", {})
-    sizes, seeds = [64, 16, 4, 2], [0, 1]
+    sizes, seeds = [64, 16, 4, 2], [0, 1, 2]
     per_example = {"gn", "gn-ws", "frn", "evonorm-s0"}
     assert len(cells) == len(seeds) * (5 * len(sizes) + len(per_example))
     covered = {}

@@ -229,3 +229,110 @@ def test_custom_norm_init_and_zero_init():
 def test_norm_factory_must_return_module():
     with pytest.raises(TypeError, match="nn.Module"):
         small_resnet(norm_layer=lambda c: None)
+
+
+# --------------------------------------------------------------------------------------------
+# Normalization-activation layers (FRN+TLU, EvoNorm-S0/B0): no ReLU after them
+# --------------------------------------------------------------------------------------------
+
+#: The suite's norms as the normalizers task builds them, by whether they include their
+#: activation.
+_NORM_ACT_SPECS = [NormSpec("frn"), NormSpec("evonorm_s0", num_groups=4),
+                   NormSpec("evonorm_b0", batch_size=2, workers=2)]
+_PLAIN_SPECS = [NormSpec("bn"), NormSpec("bn", batch_size=2, workers=2), NormSpec("gn"),
+                NormSpec("bgn", batch_size=2, workers=2), NormSpec("brn"),
+                NormSpec("gn", weight_standardization=True), NormSpec("pn"), NormSpec("none")]
+
+
+def _old_forward(model: ResNet, x: torch.Tensor, relu_after_norm) -> torch.Tensor:
+    """The models' forward written out, with a ReLU after a norm where ``relu_after_norm(norm)``
+    (always True: the models before normalization-activation layers were handled)."""
+    relu = nn.functional.relu
+    conv, norm = model.stem[0], model.stem[1]
+    out = norm(conv(x))
+    out = relu(out) if relu_after_norm(norm) else out
+    for stage in model.layers:
+        for block in stage:
+            identity = out if block.downsample is None else block.downsample(out)
+            y = block.bn1(block.conv1(out))
+            y = relu(y) if relu_after_norm(block.bn1) else y
+            if isinstance(block, Bottleneck):
+                y = block.bn2(block.conv2(y))
+                y = relu(y) if relu_after_norm(block.bn2) else y
+                y = block.bn3(block.conv3(y))
+            else:
+                y = block.bn2(block.conv2(y))
+            out = relu(y + identity)
+    return model.fc(torch.flatten(model.avgpool(out), 1))
+
+
+def _build(spec: NormSpec, builder=small_resnet) -> ResNet:
+    from bgnorm.repro.norms import build_normed_model
+
+    torch.manual_seed(0)
+    model, _ = build_normed_model(lambda nl: builder(num_classes=10, norm_layer=nl,
+                                                     in_channels=1, width=8),
+                                  spec, (1, 8, 8))
+    return model
+
+
+@pytest.mark.parametrize("spec", _NORM_ACT_SPECS, ids=lambda s: s.describe())
+def test_norm_activation_layers_are_not_followed_by_a_relu(spec):
+    import copy
+
+    model = _build(spec)
+    with torch.no_grad():  # a trained TLU's threshold (0 at initialisation: a ReLU)
+        for m in model.modules():
+            if isinstance(getattr(m, "tau", None), nn.Parameter):
+                m.tau.fill_(-0.5)
+    assert isinstance(model.stem[2], nn.Identity)
+    assert all(not b.relu_after_bn1 for b in _residual_blocks(model))
+    x = torch.randn(4, 1, 8, 8)
+    expected = _old_forward(copy.deepcopy(model), x, relu_after_norm=lambda n: False)
+    assert torch.equal(copy.deepcopy(model)(x), expected)
+    # the ReLU after them changed the function (the bug this guards against)
+    with_relu = _old_forward(copy.deepcopy(model), x, relu_after_norm=lambda n: True)
+    assert not torch.equal(expected, with_relu)
+
+
+@pytest.mark.parametrize("spec", _PLAIN_SPECS, ids=lambda s: s.describe())
+def test_other_norms_keep_their_relu_modules_and_outputs(spec):
+    import copy
+
+    model = _build(spec)
+    assert isinstance(model.stem[2], nn.ReLU)
+    assert all(b.relu_after_bn1 for b in _residual_blocks(model))
+    x = torch.randn(4, 1, 8, 8)
+    expected = _old_forward(copy.deepcopy(model), x, relu_after_norm=lambda n: True)
+    assert torch.equal(copy.deepcopy(model)(x), expected)
+    # the same modules as before: the stem's ReLU and one per block (3 stages of one basic
+    # block: 9 norms, 2 of them in projection shortcuts), no Identity but the "none" norms
+    kinds = [type(m).__name__ for _, m in model.named_modules()]
+    assert kinds.count("ReLU") == 1 + 3
+    assert kinds.count("Identity") == (9 if spec.name == "none" else 0)
+
+
+def test_bottleneck_skips_both_relus_after_norm_activation_layers():
+    import copy
+
+    x = torch.randn(2, 1, 16, 16)
+    for spec, relu in ((NormSpec("frn"), False), (NormSpec("bn"), True)):
+        torch.manual_seed(0)
+        model = ResNet(Bottleneck, [1], [4], num_classes=10, in_channels=1,
+                       norm_layer=spec.make, stem="cifar")
+        [block] = _residual_blocks(model)
+        assert (block.relu_after_bn1, block.relu_after_bn2) == (relu, relu)
+        expected = _old_forward(copy.deepcopy(model), x, relu_after_norm=lambda n, r=relu: r)
+        assert torch.equal(copy.deepcopy(model)(x), expected)
+
+
+def test_includes_activation_can_be_declared_by_a_layer():
+    from bgnorm.repro.models import includes_activation
+
+    class NormAct(nn.BatchNorm2d):
+        includes_activation = True
+
+    model = small_resnet(norm_layer=NormAct, in_channels=1, width=4, blocks_per_stage=[1])
+    assert isinstance(model.stem[2], nn.Identity)
+    assert includes_activation(NormAct(4)) and not includes_activation(nn.GroupNorm(1, 4))
+    assert not includes_activation(bgnorm.FilterResponseNorm2d(4, tlu=False))

@@ -5,7 +5,20 @@ as its only positional argument and returns an ``nn.Module`` (``nn.BatchNorm2d``
 ``lambda c: nn.GroupNorm(32, c)``, ``nn.Identity``, a bgnorm layer, ...). The models never touch
 norm-specific attributes; the only attributes they look at are the optional ``weight`` and
 ``bias`` parameters, which are initialised to 1 / 0 (and ``weight`` to 0 for the last norm of
-each residual block when ``zero_init_residual=True``).
+each residual block when ``zero_init_residual=True``), and whether a norm includes its
+activation (:func:`includes_activation`).
+
+Normalization-activation layers
+-------------------------------
+FRN with its TLU (:class:`bgnorm.FilterResponseNorm2d`) and EvoNorm-S0/B0
+(:class:`bgnorm.EvoNorm2dS0`, :class:`bgnorm.EvoNorm2dB0`) replace a norm *and* the activation
+after it, as in their papers and in timm's ``norm_act`` layers. Where a ReLU directly follows a
+norm (the stem's, the first norm of a basic block, the first two of a bottleneck) the models
+apply it only when :func:`includes_activation` of that norm is False, so these layers are not
+followed by a second activation. The ReLU after the residual sum follows the sum, not a norm,
+and stays; a norm not followed by a ReLU (the last of a block, the projection shortcut's) is the
+layer as the factory built it. For every other norm the model is what it was: the same modules,
+parameters and outputs.
 
 Architectures:
 
@@ -26,6 +39,8 @@ from functools import partial
 import torch
 from torch import nn
 
+import bgnorm
+
 __all__ = [
     "MODELS",
     "BasicBlock",
@@ -34,6 +49,7 @@ __all__ = [
     "ResNet",
     "build_model",
     "cifar_resnet",
+    "includes_activation",
     "resnet18",
     "resnet50",
     "small_resnet",
@@ -41,6 +57,37 @@ __all__ = [
 ]
 
 NormFactory = Callable[[int], nn.Module]
+
+
+def includes_activation(norm: nn.Module) -> bool:
+    """True when ``norm`` is a normalization-activation layer: it replaces a norm and the
+    activation after it, so a model applies no ReLU after it.
+
+    A module that declares a boolean ``includes_activation`` attribute is taken at its word
+    (so user layers can opt in); otherwise FRN with its TLU (``tlu=True``) and EvoNorm-S0/B0
+    include their activation, every other module does not.
+
+    Example:
+        >>> includes_activation(bgnorm.FilterResponseNorm2d(8)), includes_activation(
+        ...     bgnorm.FilterResponseNorm2d(8, tlu=False))
+        (True, False)
+        >>> includes_activation(bgnorm.EvoNorm2dB0(8)), includes_activation(nn.BatchNorm2d(8))
+        (True, False)
+    """
+    declared = getattr(norm, "includes_activation", None)
+    if isinstance(declared, bool):
+        return declared
+    if isinstance(norm, (bgnorm.EvoNorm2dS0, bgnorm.EvoNorm2dB0)):
+        return True
+    if isinstance(norm, (bgnorm.FilterResponseNorm1d, bgnorm.FilterResponseNorm2d,
+                         bgnorm.FilterResponseNorm3d)):
+        return bool(norm.tlu)
+    return False
+
+
+def _activation_after(norm: nn.Module) -> nn.Module:
+    """The activation a model puts after ``norm``: ReLU, or none for a norm-activation layer."""
+    return nn.Identity() if includes_activation(norm) else nn.ReLU(inplace=True)
 
 
 def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
@@ -74,6 +121,8 @@ class BasicBlock(nn.Module):
         self.conv2 = _conv3x3(planes, out_ch)
         self.bn2 = norm_layer(out_ch)
         self.downsample = _shortcut(in_ch, out_ch, stride, norm_layer)
+        # a norm-activation layer is not followed by the ReLU (see the module docstring)
+        self.relu_after_bn1 = not includes_activation(self.bn1)
 
     def last_norm(self) -> nn.Module:
         """The norm whose output is added to the shortcut (target of zero-init)."""
@@ -81,7 +130,9 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn1(self.conv1(x))
+        if self.relu_after_bn1:
+            out = self.relu(out)
         out = self.bn2(self.conv2(out))
         return self.relu(out + identity)
 
@@ -104,6 +155,9 @@ class Bottleneck(nn.Module):
         self.bn3 = norm_layer(out_ch)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _shortcut(in_ch, out_ch, stride, norm_layer)
+        # a norm-activation layer is not followed by the ReLU (see the module docstring)
+        self.relu_after_bn1 = not includes_activation(self.bn1)
+        self.relu_after_bn2 = not includes_activation(self.bn2)
 
     def last_norm(self) -> nn.Module:
         """The norm whose output is added to the shortcut (target of zero-init)."""
@@ -111,8 +165,12 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn1(self.conv1(x))
+        if self.relu_after_bn1:
+            out = self.relu(out)
+        out = self.bn2(self.conv2(out))
+        if self.relu_after_bn2:
+            out = self.relu(out)
         out = self.bn3(self.conv3(out))
         return self.relu(out + identity)
 
@@ -197,16 +255,16 @@ class ResNet(nn.Module):
         recorder = _NormRecorder(norm_layer)
         stem_width = widths[0] if stem_width is None else stem_width
         if stem == "imagenet":
+            conv = nn.Conv2d(in_channels, stem_width, 7, stride=2, padding=3, bias=False)
+            norm = recorder(stem_width)
             self.stem = nn.Sequential(
-                nn.Conv2d(in_channels, stem_width, 7, stride=2, padding=3, bias=False),
-                recorder(stem_width),
-                nn.ReLU(inplace=True),
+                conv, norm, _activation_after(norm),
                 nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
             )
         elif stem == "cifar":
-            self.stem = nn.Sequential(
-                _conv3x3(in_channels, stem_width), recorder(stem_width), nn.ReLU(inplace=True)
-            )
+            conv = _conv3x3(in_channels, stem_width)
+            norm = recorder(stem_width)
+            self.stem = nn.Sequential(conv, norm, _activation_after(norm))
         else:
             raise ValueError(f"unknown stem {stem!r}; expected 'imagenet' or 'cifar'")
 

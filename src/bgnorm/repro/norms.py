@@ -30,8 +30,9 @@ _s0,
 none
 =======  ==========================================  =============================================
 
-frn, evonorm_s0 and evonorm_b0 are normalization-activation layers (they replace a norm and the
-ReLU after it); in a model that applies ReLU after every norm they are followed by that ReLU.
+frn (with its TLU), evonorm_s0 and evonorm_b0 are normalization-activation layers: they replace
+a norm and the ReLU after it, so the suite's models (:mod:`bgnorm.repro.models`, see
+:func:`~bgnorm.repro.models.includes_activation`) apply no ReLU after them, as in their papers.
 ``weight_standardization=True`` turns every convolution of the model into a weight-standardized
 one (:func:`bgnorm.standardize_weights`), e.g. GN+WS.
 

@@ -10,6 +10,7 @@ _MODULES = [
     "nas",             # Tables 3 and 4
     "mechanism",       # accuracy vs values per statistic (issue 19)
     "transfer",        # g-transfer: the per-layer G policy against a G sweep (issue 15)
+    "normalizers",     # which normalizer at which per-worker batch (issue 15)
 ]
 
 for _name in _MODULES:

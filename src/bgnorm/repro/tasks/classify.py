@@ -19,6 +19,7 @@ the last epochs' test accuracies. Presets: :mod:`bgnorm.repro.presets`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
@@ -96,10 +97,15 @@ _COST_RANK = {"gbgn": 0, "bn": 1, "bgn": 2, "pn": 3, "ln": 4, "gn": 5, "in": 6, 
 # --------------------------------------------------------------------------------------------
 
 
-def _preset(preset: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+def _preset(preset: str, overrides: Mapping[str, Any],
+            defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The classification preset ``preset`` with a task's own ``defaults`` (its grid, e.g. the
+    normalizers task's methods) and then the CLI ``overrides`` applied, checked."""
     from ..models import MODELS
 
-    cfg = apply_overrides(classify_preset(preset), overrides)
+    cfg = classify_preset(preset)
+    cfg.update(copy.deepcopy(dict(defaults or {})))
+    cfg = apply_overrides(cfg, overrides)
     if cfg["dataset"] in _LOADER_DATASETS and not cfg.get("data_root"):
         raise ValueError(
             f"dataset {cfg['dataset']!r} is read from your own copy: pass --data-root DIR "

@@ -468,3 +468,34 @@ def test_a_cell_that_did_not_fit_is_a_result_not_a_run_cut_short():
     fits = _curved(cfg, [96, 97.0, 97.1, 97.2], [0.5, 0.1, 0.025, 0.016], num_classes=10,
                    loss="cross-entropy")
     assert R.convergence(fits)[0] == R.CONVERGED
+
+
+def test_groups_claims_pair_over_seeds_and_respect_convergence(tmp_path):
+    """The GN group study's claims used to drop each seed's identity and its convergence
+    flag: with 3 seeds they said "one seed", and a cell still improving was judged."""
+    configs = cells_groups("quick", {**PAPER_GRID, "seeds": [0, 1, 2]})
+
+    def shaped(cfg):
+        if cfg["norm"] == "none":
+            return 60.0 + cfg["seed"]
+        if cfg["norm"] == "bn":
+            return 76.0 + cfg["seed"]
+        g, k = cfg.get("gn_groups"), cfg.get("gn_channels_per_group")
+        return (74.0 if (g == 1 or k == 1) else 75.5) + cfg["seed"] + 0.1 * (g or k or 0) % 3
+
+    recs = _records(configs, shaped)
+    for r in recs:
+        acc = r.result["acc"]
+        r.result.update(_curved(r.config, [acc - 9, acc - 1, acc - 0.05, acc],
+                                [1.0, 0.5, 0.3, 0.3]).result)
+    text = report_groups(recs, tmp_path)
+    claim = _claim(text, "Intermediate group counts")
+    assert "paired over 3 seeds" in claim and "one seed" not in claim
+    for r in recs:  # GN with G=8, seed 1: still rising at the end
+        if r.config.get("gn_groups") == 8 and r.config["seed"] == 1:
+            acc = r.result["acc"]
+            r.result.update(_curved(r.config, [acc - 9, acc - 6, acc - 3, acc],
+                                    [1.0, 0.8, 0.6, 0.5]).result)
+    text = report_groups(recs, tmp_path)
+    claim = _claim(text, "Intermediate group counts")
+    assert "*not judged*" in claim and "GN with G=8 (seed 1" in claim

@@ -773,7 +773,9 @@ def report_groups(records: list[Record], out_dir: Path) -> str:
             return ("G", int(c["gn_groups"]))
         return ("base", c["norm"])
 
-    err = {k: Summary(tuple(100.0 - v for v in s.values), s.diverged, s.untrained)
+    # errors, keeping each seed's identity and its convergence flags (paired differences,
+    # the seed noise model and "not judged" need them)
+    err = {k: dataclasses.replace(s, values=tuple(100.0 - v for v in s.values))
            for k, s in summarize(records, key).items()}
     oks = [s.mean for s in err.values() if s.ok]
     best = min(oks) if oks else float("nan")
@@ -841,8 +843,7 @@ def _groups_claims(err: dict[Any, Summary], gs: list[int], ks: list[int], n_test
             k[0], DISPLAY_NAMES.get(k[1], str(k[1])))
 
     gn_cells = {cell_label(k): s for k, s in err.items() if k[0] in ("G", "cpg")}
-    tol, tol_txt = noise_level(
-        [Summary(tuple(100.0 - v for v in s.values), s.diverged) for s in err.values()], n_test)
+    tol, tol_txt = noise_level(err.values(), n_test)
     gn = {k: v for k, v in ok.items() if k[0] in ("G", "cpg")}
     ext = {}
     if ("G", 1) in ok:

@@ -499,3 +499,14 @@ def test_groups_claims_pair_over_seeds_and_respect_convergence(tmp_path):
     text = report_groups(recs, tmp_path)
     claim = _claim(text, "Intermediate group counts")
     assert "*not judged*" in claim and "GN with G=8 (seed 1" in claim
+
+
+def test_seed_residual_is_not_cut_by_one_cell_that_lost_a_seed():
+    """Fifteen cells with seeds 0, 1, 2 and one whose seed 0 diverged: the residual comes from
+    the 3 seeds (df 28), not from the 2 seeds all sixteen share (df 15)."""
+    full = [R.Summary((90.0 + i, 91.0 + i, 89.5 + i + 0.1 * (i % 3)), seeds=(0, 1, 2))
+            for i in range(15)]
+    short = R.Summary((91.0, 89.0), seeds=(1, 2), diverged=1)
+    sigma, df, n = R.seed_residual(full + [short])
+    assert (df, n) == (28, 3)
+    assert R.seed_residual([full[0], short]) == R.seed_residual([short, full[0]])

@@ -505,7 +505,8 @@ def difference_tolerance(acc_pct: float, n_test: int, z: float = 1.96) -> float:
 
 def seed_residual(summaries: Iterable[Summary]) -> tuple[float, int, int] | None:
     """``(sigma, df, n_seeds)``: the training noise of one run once each seed's effect common
-    to every cell is removed, from the cells that ran the same ``n_seeds >= 2`` seeds.
+    to every cell is removed, from the cells that ran the same ``n_seeds >= 2`` seeds (the seed
+    set giving the most degrees of freedom: a cell that lost a seed does not cut the others').
 
     The noise model: the metric of cell c at seed s is ``mu_c + beta_s + e_cs`` with ``beta_s``
     the seed's shared effect (its data order and initialization draws, the same for every cell
@@ -526,9 +527,15 @@ def seed_residual(summaries: Iterable[Summary]) -> tuple[float, int, int] | None
     cells = [c for c in cells if len(c) >= 2]
     if not cells:
         return None
-    # the seed set most cells share (ties: the larger set)
+    # the seed set whose cells give the most degrees of freedom (ties: the larger set), so one
+    # cell that lost a seed (diverged) does not cut every other cell's seeds
     candidates = dict.fromkeys(tuple(sorted(c, key=repr)) for c in cells)  # first-seen order
-    seeds = max(candidates, key=lambda k: (sum(set(k) <= set(c) for c in cells), len(k)))
+
+    def dof(k: tuple[Hashable, ...]) -> int:
+        n = sum(set(k) <= set(c) for c in cells)
+        return (n - 1) * (len(k) - 1) if n > 1 else len(k) - 1
+
+    seeds = max(candidates, key=lambda k: (dof(k), len(k)))
     rows = [[c[k] for k in seeds] for c in cells if set(seeds) <= set(c)]
     n_cells, n_seeds = len(rows), len(seeds)
     row_mean = [statistics.fmean(r) for r in rows]

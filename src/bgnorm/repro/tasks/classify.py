@@ -843,7 +843,10 @@ def _groups_claims(err: dict[Any, Summary], gs: list[int], ks: list[int], n_test
             k[0], DISPLAY_NAMES.get(k[1], str(k[1])))
 
     gn_cells = {cell_label(k): s for k, s in err.items() if k[0] in ("G", "cpg")}
-    tol, tol_txt = noise_level(err.values(), n_test)
+    # noise_level reads accuracies (its binomial term is at the best accuracy)
+    tol, tol_txt = noise_level(
+        [dataclasses.replace(s, values=tuple(100.0 - v for v in s.values))
+         for s in err.values()], n_test)
     gn = {k: v for k, v in ok.items() if k[0] in ("G", "cpg")}
     ext = {}
     if ("G", 1) in ok:

@@ -510,3 +510,30 @@ def test_seed_residual_is_not_cut_by_one_cell_that_lost_a_seed():
     sigma, df, n = R.seed_residual(full + [short])
     assert (df, n) == (28, 3)
     assert R.seed_residual([full[0], short]) == R.seed_residual([short, full[0]])
+
+
+def test_groups_claims_do_not_count_an_extreme_as_intermediate(tmp_path):
+    """On a network of 16-64 channels GN with G = 64 is capped to one channel per group in
+    every layer: it is IN, and must not be "the best intermediate group count"."""
+    configs = cells_groups("quick", {**PAPER_GRID, "gn_groups": [64, 8, 1],
+                                     "gn_channels_per_group": [64, 1]})
+
+    def layers_of(cfg):
+        chans = [16, 32, 64]
+        g, k = cfg.get("gn_groups"), cfg.get("gn_channels_per_group")
+        return [[c, [8, 8], (min(g, c) if g else max(1, c // k))] for c in chans]
+
+    def shaped(cfg):
+        if cfg["norm"] != "gn":
+            return 90.0
+        g, k = cfg.get("gn_groups"), cfg.get("gn_channels_per_group")
+        return 98.0 if (g == 64 or k == 1) else 97.5 if g == 8 else 97.0
+
+    recs = _records(configs, shaped)
+    for r in recs:
+        if r.config["norm"] == "gn":
+            r.result["layers"] = layers_of(r.config)
+    text = report_groups(recs, tmp_path)
+    assert "G = 64 is IN" in text and "channels per group = 64 is LN" in text
+    claim = _claim(text, "Intermediate group counts")
+    assert "best intermediate GN (G=8)" in claim and "*did not hold*" in claim

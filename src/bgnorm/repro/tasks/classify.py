@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -828,13 +828,42 @@ def report_groups(records: list[Record], out_dir: Path) -> str:
                      ylabel="top-1 error (%)", title="GN: group division") if series else None
     if plot:
         parts += [f"![GN group division]({plot.name})", ""]
-    parts += ["### Claims checked", "", render_claims(_groups_claims(err, gs, ks,
-                                                                     _n_test(records))), ""]
+    extremes = _gn_extremes(records, key)
+    if extremes:
+        parts += ["*Same division as an extreme on this network* (the group counts every layer "
+                  "got): " + "; ".join(
+                      f"{'G' if k[0] == 'G' else 'channels per group'} = {k[1]} is {name}"
+                      for k, name in sorted(extremes.items())) + ". Not counted as "
+                  "intermediate in the claims.", ""]
+    parts += ["### Claims checked", "", render_claims(_groups_claims(
+        err, gs, ks, _n_test(records), extremes)), ""]
     return "\n".join(parts)
 
 
-def _groups_claims(err: dict[Any, Summary], gs: list[int], ks: list[int], n_test: int
-                   ) -> list[Claim]:
+def _gn_extremes(records: Sequence[Record], key: Callable[[Record], Any]) -> dict[Any, str]:
+    """GN cells whose capped group counts make them LN (one group in every layer) or IN (one
+    channel per group in every layer) on the network they ran on, from the records' layers
+    (``[channels, spatial, groups]`` per norm layer)."""
+    out: dict[Any, str] = {}
+    for r in records:
+        k = key(r)
+        layers = (r.result or {}).get("layers") or []
+        if r.config.get("norm") != "gn" or not layers or k in out:
+            continue
+        try:
+            pairs = [(int(c), int(g)) for c, _, g in layers]
+        except (TypeError, ValueError):
+            continue
+        if all(g == 1 for _, g in pairs):
+            out[k] = "LN"
+        elif all(g == c for c, g in pairs):
+            out[k] = "IN"
+    return {k: v for k, v in out.items() if k not in (("G", 1), ("cpg", 1))}
+
+
+def _groups_claims(err: dict[Any, Summary], gs: list[int], ks: list[int], n_test: int,
+                   extremes: Mapping[Any, str] | None = None) -> list[Claim]:
+    extremes = extremes or {}
     claims = []
     ok = {k: s.mean for k, s in err.items() if s.ok}
 
@@ -853,7 +882,7 @@ def _groups_claims(err: dict[Any, Summary], gs: list[int], ks: list[int], n_test
         ext["LN (G=1)"] = ok[("G", 1)]
     if ("cpg", 1) in ok:
         ext["IN (1 channel/group)"] = ok[("cpg", 1)]
-    mid = {k: v for k, v in gn.items() if not (k[1] == 1)}
+    mid = {k: v for k, v in gn.items() if not (k[1] == 1) and k not in extremes}
     c1 = "Intermediate group counts beat both extremes, LN and IN"
     unjudged = not_judged(c1, gn_cells)
     if unjudged is not None:

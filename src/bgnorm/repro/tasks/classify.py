@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -775,8 +775,9 @@ def report_groups(records: list[Record], out_dir: Path) -> str:
 
     # errors, keeping each seed's identity and its convergence flags (paired differences,
     # the seed noise model and "not judged" need them)
+    acc = summarize(records, key)
     err = {k: dataclasses.replace(s, values=tuple(100.0 - v for v in s.values))
-           for k, s in summarize(records, key).items()}
+           for k, s in acc.items()}
     oks = [s.mean for s in err.values() if s.ok]
     best = min(oks) if oks else float("nan")
 
@@ -836,7 +837,7 @@ def report_groups(records: list[Record], out_dir: Path) -> str:
                       for k, name in sorted(extremes.items())) + ". Not counted as "
                   "intermediate in the claims.", ""]
     parts += ["### Claims checked", "", render_claims(_groups_claims(
-        err, gs, ks, _n_test(records), extremes)), ""]
+        err, acc.values(), gs, ks, _n_test(records), extremes)), ""]
     return "\n".join(parts)
 
 
@@ -861,8 +862,9 @@ def _gn_extremes(records: Sequence[Record], key: Callable[[Record], Any]) -> dic
     return {k: v for k, v in out.items() if k not in (("G", 1), ("cpg", 1))}
 
 
-def _groups_claims(err: dict[Any, Summary], gs: list[int], ks: list[int], n_test: int,
-                   extremes: Mapping[Any, str] | None = None) -> list[Claim]:
+def _groups_claims(err: dict[Any, Summary], accuracies: Iterable[Summary], gs: list[int],
+                   ks: list[int], n_test: int, extremes: Mapping[Any, str] | None = None
+                   ) -> list[Claim]:
     extremes = extremes or {}
     claims = []
     ok = {k: s.mean for k, s in err.items() if s.ok}
@@ -873,9 +875,7 @@ def _groups_claims(err: dict[Any, Summary], gs: list[int], ks: list[int], n_test
 
     gn_cells = {cell_label(k): s for k, s in err.items() if k[0] in ("G", "cpg")}
     # noise_level reads accuracies (its binomial term is at the best accuracy)
-    tol, tol_txt = noise_level(
-        [dataclasses.replace(s, values=tuple(100.0 - v for v in s.values))
-         for s in err.values()], n_test)
+    tol, tol_txt = noise_level(accuracies, n_test)
     gn = {k: v for k, v in ok.items() if k[0] in ("G", "cpg")}
     ext = {}
     if ("G", 1) in ok:

@@ -14,7 +14,7 @@ from bgnorm.cli import main
 from bgnorm.repro.api import Record
 from bgnorm.repro.runner import same_run_key
 from bgnorm.repro.store import cell_id
-from bgnorm.repro.tasks.classify import cells_g_sweep
+from bgnorm.repro.tasks.classify import cells_g_sweep, run_classify
 
 N_TEST = 10_000  # many test images: a 1 pp gap is outside the test-set noise (±0.3 pp)
 
@@ -140,7 +140,7 @@ def test_a_policy_cell_from_another_policy_is_refused_before_training():
             raise AssertionError(f"training started (ctx.{name})")
 
     with pytest.raises(ValueError, match=r"the policy now gives this cell's layers G = \[8, 8"):
-        T.run_transfer(stale, _NoTraining())
+        run_classify(stale, _NoTraining())
 
 
 # --------------------------------------------------------------------------------------------

@@ -90,10 +90,12 @@ from .api import CellStopped, Diverged, Record, Task
 from .report import curves_section, training_problem, write_report
 from .store import (
     DISK_ERRNOS,
+    RUNTIME_KEY,
     CellLock,
     DiskFaultError,
     RecordedIds,
     ResultStore,
+    canonical_json,
     cell_id,
     describe_holder,
     disk_fault,
@@ -1329,6 +1331,40 @@ def _run_pool(jobs_spec: dict[str, dict[str, Any]], jobs: int, threads: int, dis
 # --------------------------------------------------------------------------------------------
 
 
+def supersede_policy_records(records: Sequence[Record]) -> tuple[list[Record], list[Record]]:
+    """``(kept, superseded)``: the records of ``num_groups="auto"`` cells that a newer record
+    of the same cell under another policy replaces are set apart.
+
+    An auto cell's id holds the G the policy gave its layers (``layer_groups``), so when
+    :func:`bgnorm.auto_groups` changes (or for records made before cells were stamped), running
+    the sweep again records the same cell under a new id. Both would fill the same table entry
+    and be averaged as if they were two seeds; the report keeps the newest (by
+    ``meta["finished_at"]``, then store order) and says which it left out.
+
+    Example:
+        >>> def rec(cid, groups, when):
+        ...     config = {"task": "normalizers", "norm": "bgn", "num_groups": "auto", "seed": 0}
+        ...     if groups is not None:
+        ...         config["layer_groups"] = groups
+        ...     return Record(cid, config, "ok", {}, 1.0, {"finished_at": when})
+        >>> kept, old = supersede_policy_records([rec("new", [4, 2], "2026-12-01T04:00:00"),
+        ...                                       rec("old", None, "2026-11-29T10:00:00")])
+        >>> [r.cell_id for r in kept], [r.cell_id for r in old]
+        (['new'], ['old'])
+    """
+    groups: dict[str, list[tuple[str, int]]] = {}
+    for i, r in enumerate(records):
+        if r.config.get("num_groups") == "auto":
+            identity = {k: v for k, v in r.config.items() if k not in ("layer_groups", RUNTIME_KEY)}
+            groups.setdefault(canonical_json(identity), []).append(
+                (str(r.meta.get("finished_at") or ""), i))
+    drop: set[int] = set()
+    for members in groups.values():
+        drop.update(i for _, i in sorted(members)[:-1])
+    return ([r for i, r in enumerate(records) if i not in drop],
+            [records[i] for i in sorted(drop)])
+
+
 def render_report(out_dir: str | os.PathLike, tasks: Sequence[str] | None = None) -> str:
     """Merge every store in ``out_dir``, render each task's section and write ``report.md``.
 
@@ -1336,7 +1372,7 @@ def render_report(out_dir: str | os.PathLike, tasks: Sequence[str] | None = None
     registration order. Returns the markdown.
     """
     out = Path(out_dir)
-    records = read_records(out)
+    records, superseded = supersede_policy_records(read_records(out))
     from .tasks import _load_all  # noqa: F401  (registers the built-in tasks)
 
     present = []
@@ -1359,5 +1395,11 @@ def render_report(out_dir: str | os.PathLike, tasks: Sequence[str] | None = None
     untrained = f", {n_untrained} of them did not train" if n_untrained else ""
     preamble = (f"{len(records)} cells recorded in `{out}` ({n_ok} finished{untrained}, "
                 f"{len(records) - n_ok} diverged); merged from every `results*.jsonl` store.")
+    if superseded:
+        preamble += (
+            f" Left out: {len(superseded)} record(s) of `num_groups=\"auto\"` cells that a newer "
+            "record of the same cell replaces (made under another G policy, or before the "
+            "policy's per-layer G were part of the cell): "
+            + ", ".join(f"`{r.cell_id}`" for r in superseded) + ".")
     path = write_report(out, sections, preamble=preamble)
     return path.read_text(encoding="utf-8")

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 import bgnorm
+from bgnorm.layers import AUTO
 
 from ..norms import DISPLAY_NAMES, PER_EXAMPLE, NormSpec, build_normed_model
 from ..presets import (
@@ -70,7 +71,10 @@ __all__ = [
     "check_classification_data",
     "cells_g_sweep",
     "cells_groups",
+    "check_policy_groups",
+    "input_shape",
     "load_classification_data",
+    "policy_groups",
     "report_batch_size",
     "report_g_sweep",
     "report_groups",
@@ -137,7 +141,7 @@ def _cell(task: str, cfg: Mapping[str, Any], seed: int, norm: str, batch_size: i
     if name in ("bgn", "gbgn"):
         g = extra.pop("num_groups", None)
         # "auto": every layer's G from the per-layer policy (bgnorm.auto_groups)
-        cell["num_groups"] = (g if g == "auto" else
+        cell["num_groups"] = (g if g == AUTO else
                               int(bgnorm.paper_groups(batch_size) if g is None else g))
     if name == "gbgn":
         cell["gbgn_examples"] = min(int(cfg.get("gbgn_examples") or batch_size), batch_size)
@@ -155,7 +159,73 @@ def _cell(task: str, cfg: Mapping[str, Any], seed: int, norm: str, batch_size: i
     runtime = {k: cfg.get(k) for k in _RUNTIME_KEYS if cfg.get(k) is not None}
     if runtime:
         cell["runtime"] = runtime
+    if cell.get("num_groups") == AUTO:
+        # The G the policy gives each layer is part of the cell's id: a changed policy makes
+        # new cells, and a cell listed by another policy is refused before it trains.
+        cell["layer_groups"] = policy_groups(cell)
     return cell
+
+
+#: (channels, native side) of the in-memory datasets' images; ``image_size`` resizes them.
+_NATIVE_SHAPES = {"digits": (1, 8), "mnist5k": (1, 28), "fashion-mnist": (1, 28)}
+
+
+def input_shape(config: Mapping[str, Any]) -> tuple[int, int, int]:
+    """``(C, H, W)`` of one example of a cell's dataset, as :func:`load_classification_data`
+    gives it, without reading the data (cells are listed before the data check runs).
+
+    Example:
+        >>> input_shape({"dataset": "mnist5k", "image_size": 16})
+        (1, 16, 16)
+        >>> input_shape({"dataset": "cifar10"}), input_shape({"dataset": "imagenet"})
+        ((3, 32, 32), (3, 224, 224))
+    """
+    name, size = config["dataset"], config.get("image_size")
+    if name in _NATIVE_SHAPES:
+        channels, native = _NATIVE_SHAPES[name]
+        side = native if size is None else int(size)
+        return channels, side, side
+    if name == "cifar10":
+        return 3, 32, 32
+    if name in ("imagenet", "imagefolder"):
+        side = int(size or 224)
+        return 3, side, side
+    raise ValueError(f"unknown dataset {name!r}; valid datasets: "
+                     f"{', '.join((*_IN_MEMORY, *_LOADER_DATASETS))}")
+
+
+def policy_groups(config: Mapping[str, Any]) -> list[int]:
+    """The G the per-layer policy (:func:`bgnorm.auto_groups`) gives each norm layer of a
+    ``num_groups="auto"`` cell's model, in the model's order, for the cell's per-worker batch
+    and :func:`input_shape`.
+
+    Example:
+        >>> cell = {"norm": "bgn", "num_groups": "auto", "batch_size": 64, "workers": 1,
+        ...         "dataset": "mnist5k", "image_size": 16, "model": "small_resnet",
+        ...         "model_kwargs": {"width": 16, "blocks_per_stage": [1, 1, 1]}}
+        >>> policy_groups(cell)
+        [8, 8, 8, 4, 4, 4, 2, 2, 2]
+    """
+    from .mechanism import layer_values
+
+    return [int(layer["groups"]) for layer in layer_values(config, input_shape(config))]
+
+
+def check_policy_groups(config: Mapping[str, Any]) -> None:
+    """Refuse a ``num_groups="auto"`` cell whose ``layer_groups`` (stamped when the cells were
+    listed, part of its id) are not what the policy gives its layers now: the cell was listed
+    by another version of :func:`bgnorm.auto_groups`, and training it would record one policy's
+    run under the other's cell. Raises ``ValueError`` naming both; cells without
+    ``layer_groups`` (listed before they were stamped) are let through."""
+    if config.get("num_groups") != AUTO or config.get("layer_groups") is None:
+        return
+    now = policy_groups(config)
+    if now != list(config["layer_groups"]):
+        raise ValueError(
+            f"{config.get('task', 'this task')}: the policy now gives this cell's layers "
+            f"G = {now}, the cell was made with {list(config['layer_groups'])}: "
+            "bgnorm.auto_groups changed since the cells were listed; list the cells again "
+            "(a new policy is a new cell)")
 
 
 def _merge_covered(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -342,6 +412,7 @@ def run_classify(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
     from .. import dist as _dist
     from ..models import build_model
 
+    check_policy_groups(config)
     device = ctx.device
     spec = NormSpec.from_config(config)
     train, test, info = load_classification_data(config, device, spec.total_batch)
@@ -930,8 +1001,10 @@ def classification_computation(config: Mapping[str, Any]) -> dict[str, Any]:
     are the whole per-worker batch (e = b) named BGN, which it is.
 
     So the G sweep's cell at the paper's G is the batch-size table's BGN cell, GBGN at b = e is
-    BGN, and the groups study's BN (and GN with 32 groups) at its batch size are the batch-size
-    table's: the runner trains each once.
+    BGN, the groups study's BN (and GN with 32 groups) at its batch size are the batch-size
+    table's, and a ``num_groups="auto"`` cell whose policy gives every layer the same G (its
+    ``layer_groups``; each a divisor of its layer's D) is the fixed-G cell it builds: the
+    runner trains each once.
 
     Example:
         >>> base = {"seed": 0, "batch_size": 2, "workers": 32, "num_groups": 1}
@@ -940,11 +1013,19 @@ def classification_computation(config: Mapping[str, Any]) -> dict[str, Any]:
         ...                                 "gbgn_examples": 2})
         >>> a == b
         True
+        >>> a == classification_computation({**base, "task": "normalizers", "norm": "bgn",
+        ...                                  "num_groups": "auto", "layer_groups": [1, 1, 1]})
+        True
     """
     out = {k: v for k, v in config.items() if k not in ("task", "covers_batch_sizes")}
     if out.get("norm") == "gbgn" and out.get("gbgn_examples") == out.get("batch_size"):
         out["norm"] = "bgn"
         del out["gbgn_examples"]
+    groups = out.get("layer_groups")
+    if out.get("num_groups") == AUTO and groups and len(set(groups)) == 1:
+        # every layer gets G = g, a divisor of its D: the fixed-G cell builds the same model
+        out["num_groups"] = int(groups[0])
+        del out["layer_groups"]
     return out
 
 

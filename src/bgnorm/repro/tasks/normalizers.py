@@ -31,7 +31,10 @@ same seeds, so seed s has the same initialization draws and data order for all o
 differences are paired over seeds. The per-example methods (GN, GN+WS, FRN, EvoNorm-S0) do not
 see the worker split: one run stands for every per-worker batch with the same examples per step.
 A cell computed by another task too (BN, BGN with the paper's G and GN are the ``batch-size``
-task's cells of the same preset) is trained once (:attr:`~bgnorm.repro.api.Task.computation`).
+task's cells of the same preset) is trained once (:attr:`~bgnorm.repro.api.Task.computation`),
+and so is ``bgn-auto`` where the policy gives every layer one G, a fixed-G BGN cell; its cells
+carry the policy's per-layer G (``layer_groups``, part of the id, checked before training by
+:func:`~bgnorm.repro.tasks.classify.check_policy_groups`).
 
 Presets (the classification presets of :mod:`bgnorm.repro.presets` plus :data:`GRID`):
 ``smoke`` (CI: 8x8 digits, 2 epochs, batch 8 and 2, one seed), ``quick`` (MNIST-5k at 16 px, 12

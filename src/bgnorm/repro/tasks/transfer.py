@@ -56,12 +56,11 @@ from ..report import (
     summarize,
     untrained_note,
 )
-from .base import CellContext, Record, Task, register_task
+from .base import Record, Task, register_task
 from .classify import (
     _IN_MEMORY,
     _adjusted_note,
     _cell,
-    _in_memory,
     check_classification_data,
     classification_computation,
     run_classify,
@@ -77,7 +76,6 @@ __all__ = [
     "cells_transfer",
     "layer_summary",
     "report_transfer",
-    "run_transfer",
     "transfer_computation",
 ]
 
@@ -178,23 +176,6 @@ def _network_cfg(cfg: Mapping[str, Any], net: Mapping[str, Any]) -> dict[str, An
     return out
 
 
-def _input_shape(cfg: Mapping[str, Any]) -> tuple[int, int, int]:
-    """(C, H, W) of one example of ``cfg``'s dataset at its image size."""
-    subset = cfg.get("train_subset")
-    root = (cfg.get("runtime") or {}).get("data_root") or cfg.get("data_root")
-    split = _in_memory(cfg["dataset"], root, cfg.get("image_size"),
-                       int(cfg.get("split_seed", 0)), float(cfg.get("test_fraction", 0.2)),
-                       None if subset is None else int(subset))
-    return (int(split.in_channels), *map(int, split.image_size))
-
-
-def _policy_groups(cell: Mapping[str, Any], input_shape: Sequence[int]) -> list[int]:
-    """The G the policy gives each norm layer of ``cell``'s model (``num_groups="auto"``)."""
-    from .mechanism import layer_values
-
-    return [int(layer["groups"]) for layer in layer_values(cell, tuple(input_shape))]
-
-
 def cells_transfer(preset: str, overrides: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Cells of the ``g-transfer`` task: per seed x network x per-worker batch, BGN with every
     G of the sweep (``role="sweep"``), with the per-layer policy (``"policy"``, its layers' G
@@ -210,16 +191,14 @@ def cells_transfer(preset: str, overrides: Mapping[str, Any]) -> list[dict[str, 
     for seed in cfg["seeds"]:
         for net in cfg["networks"]:
             ncfg = _network_cfg(cfg, net)
-            shape = _input_shape(ncfg)
             for b in sorted({int(b) for b in cfg["batch_sizes"]}, reverse=True):
                 extra = {"network": net["name"]}
                 for g in sorted({int(g) for g in cfg["g_sweep"]}, reverse=True):
                     cells.append(_cell("g-transfer", ncfg, seed, "bgn", b, num_groups=g,
                                        role="sweep", **extra))
-                policy = _cell("g-transfer", ncfg, seed, "bgn", b, num_groups=AUTO,
-                               role="policy", **extra)
-                policy["layer_groups"] = _policy_groups(policy, shape)
-                cells.append(policy)
+                # the policy's per-layer G are stamped in the cell (layer_groups)
+                cells.append(_cell("g-transfer", ncfg, seed, "bgn", b, num_groups=AUTO,
+                                   role="policy", **extra))
                 cells.append(_cell("g-transfer", ncfg, seed, "bgn", b, role="paper", **extra))
     return cells
 
@@ -245,38 +224,8 @@ def transfer_computation(config: Mapping[str, Any]) -> dict[str, Any]:
         ...                       "layer_groups": [8, 4, 2]})["layer_groups"]
         [8, 4, 2]
     """
-    out = {k: v for k, v in config.items() if k not in ("role", "network", "layer_groups")}
-    if out.get("num_groups") == AUTO:
-        groups = list(config.get("layer_groups") or [])
-        if groups and len(set(groups)) == 1:
-            # every layer gets G = g, a divisor of its D: the fixed-G cell builds the same model
-            out["num_groups"] = int(groups[0])
-        else:
-            out["layer_groups"] = groups
-    return classification_computation(out)
-
-
-# --------------------------------------------------------------------------------------------
-# Running one cell
-# --------------------------------------------------------------------------------------------
-
-
-def run_transfer(config: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
-    """Train one cell with :func:`~bgnorm.repro.tasks.classify.run_classify` (its result keeps
-    every norm layer's ``[C, spatial, G]`` in ``layers``).
-
-    A policy cell first checks that the policy still gives its layers the cell's
-    ``layer_groups`` (they are part of the cell's id); if not, the cells were made by another
-    version of :func:`bgnorm.auto_groups` and it raises ``ValueError`` before training.
-    """
-    if config.get("num_groups") == AUTO and config.get("layer_groups") is not None:
-        now = _policy_groups(config, _input_shape(config))
-        if now != list(config["layer_groups"]):
-            raise ValueError(
-                f"g-transfer: the policy now gives this cell's layers G = {now}, the cell was "
-                f"made with {config['layer_groups']}: bgnorm.auto_groups changed since the "
-                "cells were listed; list the cells again (a new policy is a new cell)")
-    return run_classify(config, ctx)
+    return classification_computation(
+        {k: v for k, v in config.items() if k not in ("role", "network")})
 
 
 # --------------------------------------------------------------------------------------------
@@ -591,7 +540,7 @@ def _protocol(records: Sequence[Record]) -> str:
 # --------------------------------------------------------------------------------------------
 
 TASK_G_TRANSFER = register_task(Task(
-    name="g-transfer", presets=_PRESETS, cells=cells_transfer, run=run_transfer,
+    name="g-transfer", presets=_PRESETS, cells=cells_transfer, run=run_classify,
     report=report_transfer,
     title="Does the per-layer G policy transfer? (G sweep vs policy vs paper's G, 2+ networks)",
     check=check_classification_data,

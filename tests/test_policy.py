@@ -30,6 +30,20 @@ def _bgn_count_by_perturbation(layer: nn.Module, shape: tuple[int, ...]) -> int:
     return count
 
 
+def _clipped(layer: nn.Module) -> nn.Module:
+    """BRN whose r is clipped: unclipped, its training output (x - mu_B) / sigma_B * r + d is
+    (x - mu) / sigma with the running statistics, and reads no batch statistic at all. Its
+    running statistics must not move between calls either (momentum 0)."""
+    layer.running_var.fill_(1e4)
+    return layer
+
+
+def _with_v(layer: nn.Module, v: float) -> nn.Module:
+    with torch.no_grad():
+        layer.v.fill_(v)
+    return layer
+
+
 @pytest.mark.parametrize(
     ("make", "shape"),
     [
@@ -45,6 +59,15 @@ def _bgn_count_by_perturbation(layer: nn.Module, shape: tuple[int, ...]) -> int:
         (lambda: nn.InstanceNorm2d(3), (2, 3, 2, 3)),
         (lambda: nn.LayerNorm([3, 2, 2]), (2, 3, 2, 2)),
         (lambda: PositionalNorm(5), (2, 5, 2, 2)),
+        (lambda: _clipped(bgnorm.BatchRenorm2d(3, momentum=0.0)), (2, 3, 2, 2)),
+        (lambda: _clipped(bgnorm.BatchRenorm2d(3, momentum=0.0, examples_per_group=2)),
+         (4, 3, 2, 1)),
+        (lambda: _clipped(bgnorm.BatchRenorm1d(3, momentum=0.0)), (4, 3)),
+        (lambda: bgnorm.FilterResponseNorm2d(3), (2, 3, 2, 3)),
+        (lambda: bgnorm.EvoNorm2dS0(4, groups=2), (2, 4, 2, 2)),
+        # v = -10 keeps B0's denominator on the batch variance (its statistic) for output 0
+        (lambda: _with_v(bgnorm.EvoNorm2dB0(3), -10.0), (2, 3, 2, 2)),
+        (lambda: _with_v(bgnorm.EvoNorm2dB0(3, examples_per_group=2), -10.0), (4, 3, 1, 2)),
     ],
 )
 def test_values_per_statistic_counts_what_the_layer_reads(make, shape):

@@ -184,3 +184,17 @@ def test_smoke_preset_end_to_end(tmp_path):
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(records) == 14  # 5 batch-dependent methods x 2 batch sizes + 4 per-example
     assert {N.method_of(r["config"]) for r in records} == set(N.METHODS)
+
+
+def test_adjusted_groups_note_names_the_default_groups_it_capped():
+    from bgnorm.repro.tasks.classify import _adjusted_note
+
+    cells = get_task("normalizers").cells("quick", {"seeds": [0]})
+    evo = next(c for c in cells if N.method_of(c) == "evonorm-s0")
+    auto = next(c for c in cells if N.method_of(c) == "bgn-auto")
+    # EvoNorm-S0's default 32 groups on the 16-channel stage: 16 groups there
+    layers = [[16, [16, 16], 16]] * 3 + [[32, [8, 8], 32]] * 3 + [[64, [4, 4], 32]] * 3
+    note = _adjusted_note([
+        Record("e", evo, "ok", {"acc": 97.0, "groups_adjusted": 3, "layers": layers}, 1.0),
+        Record("a", auto, "ok", {"acc": 97.0, "groups_adjusted": 0, "layers": layers}, 1.0)])
+    assert "EvoNorm-S0 G=32 -> 16" in note and "None" not in note

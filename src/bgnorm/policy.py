@@ -137,6 +137,10 @@ def values_per_statistic(module: nn.Module, input_shape: Sequence[int]) -> int:
     torch InstanceNorm                                    S
     torch LayerNorm                                       product of normalized_shape
     PositionalNorm                                        C
+    BatchRenorm (e examples a group, or the whole batch)  min(e, b) * S
+    FilterResponseNorm (mean square per example)          S
+    EvoNorm-S0 (G groups)                                 (C / G) * S
+    EvoNorm-B0 (batch variance; e examples a group)       min(e, b) * S
     ====================================================  ===========================
 
     BatchNorm is BGN with G = C (b * S) and GroupNorm is BGN on one example; the number is
@@ -162,6 +166,7 @@ def values_per_statistic(module: nn.Module, input_shape: Sequence[int]) -> int:
         98
     """
     from .layers import PositionalNorm, _BatchGroupNorm
+    from .small_batch import EvoNorm2dB0, EvoNorm2dS0, _BatchRenorm, _FilterResponseNorm
 
     shape = [int(s) for s in input_shape]
     name = type(module).__name__
@@ -196,10 +201,16 @@ def values_per_statistic(module: nn.Module, input_shape: Sequence[int]) -> int:
         return spatial
     if isinstance(module, PositionalNorm):
         return c
+    if isinstance(module, (_BatchRenorm, EvoNorm2dB0)):
+        return min(module.examples_per_group or b, b) * spatial
+    if isinstance(module, _FilterResponseNorm):
+        return spatial
+    if isinstance(module, EvoNorm2dS0):
+        return c // module.groups * spatial
     raise TypeError(
         f"values_per_statistic: {name} is not a normalization layer with batch or group "
         "statistics (BatchGroupNorm, BatchNorm, GroupNorm, InstanceNorm, LayerNorm, "
-        "PositionalNorm)"
+        "PositionalNorm, BatchRenorm, FilterResponseNorm, EvoNorm-S0/B0)"
     )
 
 

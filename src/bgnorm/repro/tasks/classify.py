@@ -703,12 +703,12 @@ def _adjusted_note(records: Sequence[Record]) -> str:
     for r in records:
         if r.status != "ok" or not r.result.get("groups_adjusted"):
             continue
-        c = r.config
-        requested = c.get("num_groups") if c["norm"] in ("bgn", "gbgn") else c.get("gn_groups")
-        if requested is None and c.get("gn_channels_per_group"):
-            continue  # channels per group: G = C / k by construction
+        spec = NormSpec.from_config(r.config)
+        if spec.channels_per_group or spec.auto:
+            continue  # G = C / k, or the policy's valid G, by construction
+        requested = spec.groups  # the default G where the config names none (GN, EvoNorm-S0)
         used = {int(l[2]) for l in r.result.get("layers", []) if l[2] != requested}
-        seen.setdefault((c["norm"], requested), set()).update(used)
+        seen.setdefault((r.config["norm"], requested), set()).update(used)
     if not seen:
         return ""
     items = [f"{DISPLAY_NAMES.get(n, n)} G={g} -> {', '.join(map(str, sorted(u)))}"

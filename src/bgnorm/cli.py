@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -218,9 +219,25 @@ def _parser() -> argparse.ArgumentParser:
                    help="G values of the g-sweep task (>= 1; other tasks refuse it)")
     o.add_argument("--amp", choices=["none", "bf16"], default=None,
                    help="mixed precision (default: bf16 on cuda, none on cpu)")
+    o.add_argument("--length-factor", type=_number(int, 1), default=None, metavar="K",
+                   help="train every cell K times longer (epochs, steps, warm-up steps... x K; "
+                        "the convergence check, see `bgnorm compare`)")
     o.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any preset key (value parsed as JSON), e.g. --set "
                         "total_batch=64 --set 'model_kwargs={\"width\": 32}'")
+
+    cp = sub.add_parser(
+        "compare", help="every cell of a run against the same cell trained longer",
+        description="The convergence check: match every cell of RUN with the same cell in "
+                    "LONGER (its config but the training lengths: e.g. LONGER made with "
+                    "--length-factor 3) and say whether RUN's metric is within --tolerance "
+                    "points of (or above) LONGER's. Prints a markdown table; exit status 0 when "
+                    "every cell of RUN was compared and is within, 1 otherwise.")
+    cp.add_argument("run", type=Path, help="run directory")
+    cp.add_argument("longer", type=Path, help="run directory of the same cells trained longer")
+    cp.add_argument("--tolerance", type=_number(float, 0), default=1.5,
+                    help="points (default 1.5)")
+    cp.add_argument("--task", default=None, help="only these tasks (comma list)")
 
     rr = sub.add_parser("report", help="render DIR/report.md from DIR's results stores")
     rr.add_argument("out", type=Path, help="run directory")
@@ -340,7 +357,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "loader_workers": args.loader_workers, "model": args.model,
         "image_size": args.image_size, "epochs": args.epochs, "seeds": args.seeds,
         "batch_sizes": args.batch_sizes, "norms": args.norms, "groups": args.groups,
-        "amp": args.amp, "set": parse_set(args.set),
+        "amp": args.amp, "set": parse_set(args.set), "length_factor": args.length_factor,
     }
 
 
@@ -462,6 +479,24 @@ def _resume_command(args: argparse.Namespace) -> str:
     return shlex.join([*head, *argv])
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from .repro.report import length_comparison
+    from .repro.store import read_records, store_files
+
+    for d in (args.run, args.longer):
+        if not store_files(d):
+            print(f"bgnorm: no results*.jsonl store in {d}", file=sys.stderr)
+            return 2
+    tasks = set(_tasks(args.task, None)) if args.task else None
+
+    def records(d: Path) -> list:
+        return [r for r in read_records(d) if tasks is None or r.config.get("task") in tasks]
+
+    text, ok = length_comparison(records(args.run), records(args.longer), args.tolerance)
+    print(text)
+    return 0 if ok else 1
+
+
 def _report(args: argparse.Namespace) -> int:
     from .repro.runner import render_report
     from .repro.store import store_files
@@ -510,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
             return _reproduce(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "compare":
+            return _compare(args)
         if args.command == "tasks":
             return _list_tasks(args.settings)
         if args.command == "docs":
@@ -526,6 +563,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nbgnorm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of our output went away (`bgnorm ... | head`): stop quietly, as a shell
+        # tool does on SIGPIPE; stdout goes to devnull so that the exit flush cannot fail too
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     return 2  # pragma: no cover - argparse enforces the commands
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "CHOICES",
     "FRACTIONAL",
     "MINIMUM",
+    "LENGTH_KEYS",
     "OPTIONS",
     "PRESETS",
     "apply_overrides",
@@ -437,6 +438,12 @@ def task_overrides(task: Task, overrides: Mapping[str, Any]) -> dict[str, Any]:
         return dict(overrides)
     return {k: v for k, v in overrides.items() if k not in OPTIONS or k in task.options}
 
+
+#: The keys of a cell config that are training lengths: ``--length-factor k`` multiplies each
+#: (:func:`bgnorm.repro.runner.scale_lengths`) and ``bgnorm compare`` matches two runs' cells
+#: on everything else. A warm-up in epochs (``warmup_epochs``) is not among them.
+LENGTH_KEYS = ("epochs", "min_steps", "steps", "lr_warmup_steps", "warmup_steps", "loop_steps",
+               "search_steps", "eval_steps")
 
 #: Command-line options that map to preset keys one to one.
 _DIRECT = ("epochs", "seeds", "norms", "batch_sizes", "model", "amp", "data_root",

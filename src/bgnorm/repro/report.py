@@ -20,6 +20,7 @@ Helpers any task can use to render its records the way the papers lay out their 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -51,6 +52,7 @@ __all__ = [
     "difference_tolerance",
     "fmt_summary",
     "line_plot",
+    "length_comparison",
     "markdown_table",
     "noise_level",
     "not_judged",
@@ -739,6 +741,102 @@ def convergence(record: Record, metric: str = "acc") -> tuple[str, str]:
 
 _CELL_KEYS = ("experiment", "method", "source", "target", "network", "role", "num_groups",
               "gn_groups", "model", "final_size")
+
+
+def length_comparison(short: Sequence[Record], long: Sequence[Record], tolerance: float = 1.5,
+                      metric: str = "acc") -> tuple[str, bool]:
+    """Every cell of a run against the same cell trained longer (``bgnorm compare``): is the
+    short run's metric within ``tolerance`` points of (or above) the long run's?
+
+    Cells are matched on their whole config but the training lengths
+    (:data:`~bgnorm.repro.presets.LENGTH_KEYS`) and ``runtime``, so ``long`` is typically a run
+    with ``--length-factor 3`` (or ``--epochs`` 3x) of the same preset and seeds. Returns the
+    markdown (a row per short cell: both values with their :func:`convergence` flags, the
+    difference, the verdict; then a summary line) and whether there were cells and every
+    short cell was compared and within the tolerance. A cell that did not train in both runs counts as within (the
+    same result); one that trained in only one of them, or diverged in one, does not.
+
+    Example:
+        >>> def rec(epochs, acc, norm="bn"):
+        ...     return Record(f"{norm}{epochs}", {"task": "batch-size", "norm": norm,
+        ...                   "seed": 0, "epochs": epochs}, "ok", {"acc": acc}, 1.0)
+        >>> text, ok = length_comparison([rec(12, 97.0), rec(12, 90.0, "ln")],
+        ...                              [rec(36, 97.5), rec(36, 95.0, "ln")])
+        >>> ok
+        False
+        >>> print(text.splitlines()[-1])  # doctest: +NORMALIZE_WHITESPACE
+        1 of 2 cells within 1.5 points of the same cell trained longer (3x); worst: LN, seed 0:
+        -5.00 points.
+    """
+    from .presets import LENGTH_KEYS
+
+    def identity(r: Record) -> str:
+        return json.dumps({k: v for k, v in r.config.items()
+                           if k not in LENGTH_KEYS and k != "runtime"}, sort_keys=True)
+
+    def factor(a: Record, b: Record) -> str:
+        for k in LENGTH_KEYS:
+            x, y = a.config.get(k), b.config.get(k)
+            if isinstance(x, (int, float)) and isinstance(y, (int, float)) and x:
+                return f"{y / x:g}x"
+        return "?"
+
+    longer = {identity(r): r for r in long}
+    by_task: dict[str, list[Record]] = {}
+    for r in short:
+        by_task.setdefault(str(r.config.get("task")), []).append(r)
+    rows: list[list[str]] = []
+    n = within = missing = 0
+    factors: set[str] = set()
+    worst: tuple[float, str] | None = None
+
+    def show(r: Record, flag: str) -> str:
+        if r.status != "ok":
+            return "diverged"
+        if flag == DID_NOT_TRAIN:
+            return "n/t"
+        return f"{float(r.result[metric]):.2f} ({flag})"
+
+    for task, recs in by_task.items():
+        varying = _varying(recs)
+        for r in sorted(recs, key=lambda r: (_cell_label(r, varying), str(r.config.get("seed")))):
+            label = _cell_label(r, varying)
+            flag_a = convergence(r, metric)[0]
+            other = longer.get(identity(r))
+            if other is None:
+                missing += 1
+                rows.append([task, label, str(r.config.get("seed")), show(r, flag_a), "not run",
+                             "", "not compared"])
+                continue
+            n += 1
+            factors.add(factor(r, other))
+            flag_b = convergence(other, metric)[0]
+            cells = [task, label, str(r.config.get("seed")), show(r, flag_a),
+                     show(other, flag_b)]
+            trained = (r.status == "ok" and flag_a != DID_NOT_TRAIN,
+                       other.status == "ok" and flag_b != DID_NOT_TRAIN)
+            if trained == (True, True):
+                d = float(r.result[metric]) - float(other.result[metric])
+                ok = d >= -tolerance
+                if worst is None or d < worst[0]:
+                    worst = (d, f"{label}, seed {r.config.get('seed')}")
+                cells += [f"{d:+.2f}", "within" if ok else "**below**"]
+            else:
+                ok = not any(trained) and r.status == other.status == "ok"
+                cells += ["", "the same (did not train)" if ok else "**differs**"]
+            within += ok
+            rows.append(cells)
+    table = markdown_table(
+        ["task", "cell", "seed", "run", "longer run", "run - longer", f"within {tolerance:g}?"],
+        rows, ["l", "l", "r", "r", "r", "r", "l"])
+    lengths = ", ".join(sorted(factors)) or "?"
+    summary = (f"{within} of {n} cells within {tolerance:g} points of the same cell trained "
+               f"longer ({lengths})")
+    if missing:
+        summary += f"; {missing} cell(s) have no longer run"
+    if worst is not None:
+        summary += f"; worst: {worst[1]}: {worst[0]:+.2f} points"
+    return table + "\n\n" + summary + ".", n > 0 and within == n and not missing
 
 
 def _cell_label(record: Record, varying: Sequence[str]) -> str:

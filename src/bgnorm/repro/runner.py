@@ -118,6 +118,7 @@ __all__ = [
     "check_environment",
     "missing_modules",
     "plan_cells",
+    "scale_lengths",
     "render_report",
     "run_sweep",
     "select_shard",
@@ -346,22 +347,49 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, Any] | None, str]:
 # --------------------------------------------------------------------------------------------
 
 
+def scale_lengths(config: Mapping[str, Any], factor: int) -> dict[str, Any]:
+    """``config`` with every training length (:data:`~bgnorm.repro.presets.LENGTH_KEYS`:
+    epochs, steps, warm-up steps, CAN's loop steps, NAS's search and evaluation steps) times
+    ``factor``, nothing else changed: the same cell trained ``factor`` times longer (the
+    convergence check, ``--length-factor``). A warm-up given in epochs stays as it is, and the
+    schedules, stated as fractions of training or computed from the total, stretch with it.
+
+    Example:
+        >>> scale_lengths({"task": "adversarial", "steps": 120, "lr_warmup_steps": 12,
+        ...                "lr": 0.01}, 3)
+        {'task': 'adversarial', 'steps': 360, 'lr_warmup_steps': 36, 'lr': 0.01}
+    """
+    from .presets import LENGTH_KEYS
+
+    out = dict(config)
+    for key in LENGTH_KEYS:
+        value = out.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            out[key] = value * int(factor)
+    return out
+
+
 def plan_cells(
     tasks: Sequence[str], preset: str, overrides: Mapping[str, Any]
 ) -> list[tuple[str, dict[str, Any]]]:
     """``(cell_id, config)`` for every cell of ``tasks`` at ``preset``, in grid order, without
-    duplicates.
+    duplicates; with ``overrides["length_factor"]`` = k, every cell trained k times longer
+    (:func:`scale_lengths`).
 
     Raises ``ValueError`` for an option or ``--set`` key no task of ``tasks`` applies
-    (:func:`~bgnorm.repro.presets.check_overrides`); each task receives the options it applies
+    (:func:`~bgnorm.repro.presets.check_overrides`), and for a length factor on a task whose
+    cells state no training length; each task receives the options it applies
     (:func:`~bgnorm.repro.presets.task_overrides`).
     """
-    from .presets import check_overrides, task_overrides
+    from .presets import LENGTH_KEYS, check_overrides, task_overrides
 
     out: list[tuple[str, dict[str, Any]]] = []
     seen: set[str] = set()
     selected = [get_task(name) for name in tasks]
     check_overrides(selected, overrides)
+    factor = int(overrides.get("length_factor") or 1)
+    if factor < 1:
+        raise ValueError(f"--length-factor must be >= 1, got {factor}")
     for task in selected:
         name = task.name
         if preset not in task.presets:
@@ -371,6 +399,12 @@ def plan_cells(
         for config in task.cells(preset, task_overrides(task, overrides)):
             if config.get("task") != name:
                 raise ValueError(f"task {name!r} produced a cell of task {config.get('task')!r}")
+            if factor != 1:
+                if not any(isinstance(config.get(k), int) for k in LENGTH_KEYS):
+                    raise ValueError(
+                        f"--length-factor: the {name} task's cells state no training length "
+                        f"({', '.join(LENGTH_KEYS)}); train it longer with --set instead")
+                config = scale_lengths(config, factor)
             cid = cell_id(config)
             if cid not in seen:
                 seen.add(cid)

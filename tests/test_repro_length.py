@@ -1,0 +1,155 @@
+"""The convergence check as a command: ``--length-factor k`` trains every cell of any task k
+times longer (nothing else changed), and ``bgnorm compare RUN LONGER`` matches every cell with
+its longer self and says whether it is within the tolerance (issue 14: every quick cell within
+1.5 points of 3x its training)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bgnorm.cli import main
+from bgnorm.repro.api import Task
+from bgnorm.repro.runner import plan_cells, scale_lengths
+from bgnorm.repro.tasks.base import TASKS, register_task
+
+#: Per task: the preset's lengths times 3, spelled out as the docs' 3x runs spelled them.
+_EXPLICIT_3X = {
+    "batch-size": {"epochs": 36},
+    "adversarial": {"set": {"steps": 360, "lr_warmup_steps": 36}},
+    "few-shot": {"set": {"steps": 900}},
+    "domain-adaptation": {"set": {"warmup_steps": 300, "loop_steps": 150,
+                                  "lr_warmup_steps": 30}},
+    "nas": {"set": {"search_steps": 60, "eval_steps": 450}},
+    "normalizers": {"epochs": 36},
+}
+
+
+@pytest.mark.parametrize("task", sorted(_EXPLICIT_3X))
+def test_length_factor_is_every_length_times_k_and_nothing_else(task):
+    base = {"seeds": [0]}
+    scaled = plan_cells([task], "quick", {**base, "length_factor": 3})
+    explicit = plan_cells([task], "quick", {**base, **_EXPLICIT_3X[task]})
+    assert [cid for cid, _ in scaled] == [cid for cid, _ in explicit]
+    plain = plan_cells([task], "quick", base)
+    assert not {cid for cid, _ in plain} & {cid for cid, _ in scaled}
+    assert plan_cells([task], "quick", {**base, "length_factor": 1}) == plain
+
+
+def test_length_factor_on_the_mechanism_scales_its_epochs_and_keeps_warmup_epochs():
+    plain = dict(plan_cells(["mechanism"], "quick", {}))
+    scaled = plan_cells(["mechanism"], "quick", {"length_factor": 3})
+    for _, config in scaled:
+        assert config["epochs"] == 45 and config["warmup_epochs"] == 1
+    assert len(plain) == len(scaled)
+
+
+def test_scale_lengths_leaves_other_keys_and_non_integers_alone():
+    config = {"task": "t", "steps": 10, "lr": 0.1, "warmup_epochs": 1, "epochs": None,
+              "eval_steps": True, "runtime": {"steps": 3}}
+    assert scale_lengths(config, 2) == {**config, "steps": 20}
+
+
+def test_length_factor_refuses_a_task_whose_cells_state_no_length():
+    name = "no-length-test"
+    register_task(Task(name=name, presets=("smoke",), run=lambda c, ctx: {},
+                       report=lambda recs, out: "",
+                       cells=lambda preset, over: [{"task": name, "seed": 0, "width": 4}]))
+    try:
+        with pytest.raises(ValueError, match="the no-length-test task's cells state no "
+                                             "training length"):
+            plan_cells([name], "smoke", {"length_factor": 2})
+        assert len(plan_cells([name], "smoke", {})) == 1
+    finally:
+        TASKS.pop(name, None)
+
+
+def test_cli_validates_the_factor(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--task", "nas", "--length-factor", "0", "--out", str(tmp_path),
+              "--list"])
+    assert "--length-factor" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# bgnorm compare
+# --------------------------------------------------------------------------------------------
+
+
+def _store(path, rows):
+    path.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, (norm, seed, length, acc, status, curve) in enumerate(rows):
+        config = {"task": "adversarial", "norm": norm, "seed": seed, "steps": length,
+                  "lr_warmup_steps": length // 10, "batch_size": 64}
+        result = {"acc": acc, "n_test": 300, "num_classes": 10, "steps": length}
+        if curve is not None:
+            result["curve"] = [{"progress": (k + 1) / len(curve), "metric": m, "train_loss": l}
+                               for k, (m, l) in enumerate(curve)]
+        lines.append(json.dumps({"cell_id": f"{norm}-{seed}-{length}-{i}", "config": config,
+                                 "status": status, "result": result, "seconds": 1.0,
+                                 "meta": {}}))
+    (path / "results.jsonl").write_text("\n".join(lines) + "\n")
+    return path
+
+
+_FLAT = [(90.0, 0.5), (95.0, 0.2), (96.0, 0.1), (96.0, 0.1)]
+_CHANCE = [(10.0, 2.303), (10.0, 2.303), (10.0, 2.303), (10.0, 2.303)]
+
+
+def test_compare_table_verdicts_and_exit_status(tmp_path, capsys):
+    run = _store(tmp_path / "q", [("bn", 0, 120, 96.0, "ok", _FLAT),
+                                  ("ln", 0, 120, 84.0, "ok", _FLAT),
+                                  ("in", 0, 120, 10.0, "ok", _CHANCE),
+                                  ("gn", 0, 120, 93.0, "ok", _FLAT)])
+    longer = _store(tmp_path / "x3", [("bn", 0, 360, 97.0, "ok", _FLAT),
+                                      ("ln", 0, 360, 96.7, "ok", _FLAT),
+                                      ("in", 0, 360, 10.0, "ok", _CHANCE),
+                                      ("gn", 0, 360, 0.0, "diverged", None)])
+    assert main(["compare", str(run), str(longer)]) == 1
+    out = capsys.readouterr().out
+    rows = {line.split("|")[2].strip(): line for line in out.splitlines()
+            if line.startswith("| adversarial")}
+    assert "-1.00" in rows["BN"] and "within" in rows["BN"]
+    assert "-12.70" in rows["LN"] and "**below**" in rows["LN"]
+    assert "the same (did not train)" in rows["IN"]
+    assert "diverged" in rows["GN"] and "**differs**" in rows["GN"]
+    assert ("2 of 4 cells within 1.5 points of the same cell trained longer (3x); worst: LN, "
+            "seed 0: -12.70 points.") in out
+    # a looser tolerance; only some tasks; every cell within: exit 0
+    assert main(["compare", str(run), str(longer), "--tolerance", "13"]) == 1  # GN still differs
+    done = _store(tmp_path / "x3b", [("bn", 0, 360, 97.0, "ok", _FLAT),
+                                     ("ln", 0, 360, 85.0, "ok", _FLAT),
+                                     ("in", 0, 360, 10.0, "ok", _CHANCE),
+                                     ("gn", 0, 360, 93.5, "ok", _FLAT)])
+    capsys.readouterr()
+    assert main(["compare", str(run), str(done)]) == 0
+    assert "4 of 4 cells within 1.5" in capsys.readouterr().out
+    assert main(["compare", str(run), str(done), "--task", "nas"]) == 1  # nothing compared
+
+
+def test_compare_names_cells_without_a_longer_run(tmp_path, capsys):
+    run = _store(tmp_path / "q", [("bn", 0, 120, 96.0, "ok", _FLAT),
+                                  ("bn", 1, 120, 95.0, "ok", _FLAT)])
+    longer = _store(tmp_path / "x3", [("bn", 0, 360, 96.5, "ok", _FLAT)])
+    assert main(["compare", str(run), str(longer)]) == 1
+    out = capsys.readouterr().out
+    assert "not run" in out and "1 cell(s) have no longer run" in out
+    assert main(["compare", str(run), str(tmp_path / "nothing")]) == 2
+    assert "no results*.jsonl store" in capsys.readouterr().err
+
+
+def test_cli_output_into_a_closed_pipe_is_quiet(tmp_path):
+    # `bgnorm reproduce --list | head -1`: the reader goes away; no traceback
+    script = ("import sys; from bgnorm.cli import main; "
+              "sys.exit(main(['reproduce', '--task', 'g-transfer', '--preset', 'full', "
+              f"'--out', {str(tmp_path)!r}, '--list']))")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the child, still importing, writes its first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(120) == 141, err
+    assert "Traceback" not in err

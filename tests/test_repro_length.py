@@ -153,3 +153,18 @@ def test_cli_output_into_a_closed_pipe_is_quiet(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(120) == 141, err
     assert "Traceback" not in err
+
+
+def test_compare_states_the_noise_of_each_difference(tmp_path, capsys):
+    # 300 test images: one measurement near 97% is about ±1.9 points, a difference ±2.7
+    run = _store(tmp_path / "q", [("gn", 0, 120, 97.33, "ok", _FLAT),
+                                  ("ln", 0, 120, 84.0, "ok", _FLAT)])
+    longer = _store(tmp_path / "x3", [("gn", 0, 360, 99.0, "ok", _FLAT),
+                                      ("ln", 0, 360, 96.7, "ok", _FLAT)])
+    assert main(["compare", str(run), str(longer)]) == 1  # still below 1.5: the rule is kept
+    out = capsys.readouterr().out
+    rows = {line.split("|")[2].strip(): line for line in out.splitlines()
+            if line.startswith("| adversarial")}
+    assert "**below** (within the noise)" in rows["GN"] and "±2." in rows["GN"]
+    assert "**below**" in rows["LN"] and "noise)" not in rows["LN"]  # 12.7: far outside
+    assert "1 of the cells below are within the noise of the difference" in out

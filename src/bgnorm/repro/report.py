@@ -743,6 +743,19 @@ _CELL_KEYS = ("experiment", "method", "source", "target", "network", "role", "nu
               "gn_groups", "model", "final_size")
 
 
+def _difference_noise(a: Record, b: Record, metric: str = "acc") -> float:
+    """The 95% half-width of the difference of two runs' final metrics: the root sum of
+    squares of each one's measurement noise (:func:`_metric_noise` at its final value: the
+    binomial half-width on its ``n_test`` examples, or its episodes' interval), as if the two
+    measurements were independent (they share the test set, so this errs on the wide side)."""
+    def one(r: Record) -> float:
+        curve = r.result.get("curve") or []
+        point = dict(curve[-1]) if curve else {}
+        point["metric"] = r.result[metric]
+        return _metric_noise(point, r.result.get("n_test"))
+    return math.hypot(one(a), one(b))
+
+
 def length_comparison(short: Sequence[Record], long: Sequence[Record], tolerance: float = 1.5,
                       metric: str = "acc") -> tuple[str, bool]:
     """Every cell of a run against the same cell trained longer (``bgnorm compare``): is the
@@ -752,9 +765,11 @@ def length_comparison(short: Sequence[Record], long: Sequence[Record], tolerance
     (:data:`~bgnorm.repro.presets.LENGTH_KEYS`) and ``runtime``, so ``long`` is typically a run
     with ``--length-factor 3`` (or ``--epochs`` 3x) of the same preset and seeds. Returns the
     markdown (a row per short cell: both values with their :func:`convergence` flags, the
-    difference, the verdict; then a summary line) and whether there were cells and every
-    short cell was compared and within the tolerance. A cell that did not train in both runs counts as within (the
-    same result); one that trained in only one of them, or diverged in one, does not.
+    difference and its noise (:func:`_difference_noise`), the verdict, which says when a cell
+    below the tolerance is within that noise; then a summary line) and whether there were
+    cells and every short cell was compared and within the tolerance. A cell that did not
+    train in both runs counts as within (the same result); one that trained in only one of
+    them, or diverged in one, does not.
 
     Example:
         >>> def rec(epochs, acc, norm="bn"):
@@ -786,7 +801,7 @@ def length_comparison(short: Sequence[Record], long: Sequence[Record], tolerance
     for r in short:
         by_task.setdefault(str(r.config.get("task")), []).append(r)
     rows: list[list[str]] = []
-    n = within = missing = 0
+    n = within = missing = below_in_noise = 0
     factors: set[str] = set()
     worst: tuple[float, str] | None = None
 
@@ -806,7 +821,7 @@ def length_comparison(short: Sequence[Record], long: Sequence[Record], tolerance
             if other is None:
                 missing += 1
                 rows.append([task, label, str(r.config.get("seed")), show(r, flag_a), "not run",
-                             "", "not compared"])
+                             "", "", "not compared"])
                 continue
             n += 1
             factors.add(factor(r, other))
@@ -817,18 +832,24 @@ def length_comparison(short: Sequence[Record], long: Sequence[Record], tolerance
                        other.status == "ok" and flag_b != DID_NOT_TRAIN)
             if trained == (True, True):
                 d = float(r.result[metric]) - float(other.result[metric])
+                noise = _difference_noise(r, other, metric)
                 ok = d >= -tolerance
                 if worst is None or d < worst[0]:
                     worst = (d, f"{label}, seed {r.config.get('seed')}")
-                cells += [f"{d:+.2f}", "within" if ok else "**below**"]
+                if not ok and -d <= noise:
+                    below_in_noise += 1
+                verdict = ("within" if ok else "**below**"
+                           + (" (within the noise)" if -d <= noise else ""))
+                cells += [f"{d:+.2f}", f"±{noise:.2f}" if math.isfinite(noise) else "?",
+                          verdict]
             else:
                 ok = not any(trained) and r.status == other.status == "ok"
-                cells += ["", "the same (did not train)" if ok else "**differs**"]
+                cells += ["", "", "the same (did not train)" if ok else "**differs**"]
             within += ok
             rows.append(cells)
     table = markdown_table(
-        ["task", "cell", "seed", "run", "longer run", "run - longer", f"within {tolerance:g}?"],
-        rows, ["l", "l", "r", "r", "r", "r", "l"])
+        ["task", "cell", "seed", "run", "longer run", "run - longer", "noise (95%)",
+         f"within {tolerance:g}?"], rows, ["l", "l", "r", "r", "r", "r", "r", "l"])
     lengths = ", ".join(sorted(factors)) or "?"
     summary = (f"{within} of {n} cells within {tolerance:g} points of the same cell trained "
                f"longer ({lengths})")
@@ -836,6 +857,9 @@ def length_comparison(short: Sequence[Record], long: Sequence[Record], tolerance
         summary += f"; {missing} cell(s) have no longer run"
     if worst is not None:
         summary += f"; worst: {worst[1]}: {worst[0]:+.2f} points"
+    if below_in_noise:
+        summary += (f"; {below_in_noise} of the cells below are within the noise of the "
+                    "difference (the test set cannot tell them from within)")
     return table + "\n\n" + summary + ".", n > 0 and within == n and not missing
 
 

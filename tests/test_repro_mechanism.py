@@ -123,15 +123,16 @@ def test_cells_follow_the_papers_protocol():
 def test_norm_variants_are_named_and_extensible(monkeypatch):
     assert M.variant_keys("bgn-g64", 2) == {"norm": "bgn", "num_groups": 64}
     assert M.variant_keys("gn", 128) == {"norm": "gn", "gn_groups": 32}
-    for bad in ("bgn-auto", "bgn-g0", "bgn-g", "ln"):
-        with pytest.raises(ValueError, match="valid norms: bn, gn, bgn and bgn-g<G>"):
+    assert M.variant_keys("bgn-auto", 2) == {"norm": "bgn", "num_groups": "auto"}
+    for bad in ("bgn-policy", "bgn-g0", "bgn-g", "ln"):
+        with pytest.raises(ValueError, match="valid norms: bn, gn, bgn, bgn-auto and bgn-g<G>"):
             M.variant_keys(bad, 2)
-    # a new variant (e.g. BGN with a per-layer policy's G) is one entry of NORM_VARIANTS
-    monkeypatch.setitem(M.NORM_VARIANTS, "bgn-auto", lambda b: {"norm": "bgn",
-                                                                "num_groups": 4 * b})
-    cells = M.cells_mechanism("quick", {"set": {"norms": ["bn", "bgn-auto"]}})
-    auto = [c for c in cells if c["variant"] == "bgn-auto"]
-    assert sorted(c["num_groups"] for c in auto) == [8, 128]
+    # a new variant (e.g. another G rule) is one entry of NORM_VARIANTS
+    monkeypatch.setitem(M.NORM_VARIANTS, "bgn-4b", lambda b: {"norm": "bgn",
+                                                              "num_groups": 4 * b})
+    cells = M.cells_mechanism("quick", {"set": {"norms": ["bn", "bgn-4b"]}})
+    rule = [c for c in cells if c["variant"] == "bgn-4b"]
+    assert sorted(c["num_groups"] for c in rule) == [8, 128]
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,3 +279,18 @@ def test_smoke_preset_end_to_end(tmp_path, capsys):
         expected = [l["values"] for l in M.layer_values(r["config"], (1, 8, 8))]
         assert r["result"]["values_per_statistic"] == expected
         assert r["result"]["values_smallest"] == min(expected)
+
+
+def test_policy_variant_carries_each_layers_g_and_is_checked_before_training():
+    from bgnorm.repro.runner import plan_cells
+    from bgnorm.repro.tasks.classify import policy_groups, run_classify
+
+    cells = [c for _, c in plan_cells(["mechanism"], "quick",
+                                      {"set": {"norms": ["bgn-auto"]}})]
+    assert {c["batch_size"] for c in cells} == {32, 2}
+    for c in cells:
+        assert c["num_groups"] == "auto" and c["variant"] == "bgn-auto"
+        assert c["layer_groups"] == policy_groups(c) and len(c["layer_groups"]) == 15
+    stale = {**cells[0], "layer_groups": [4] * 15}
+    with pytest.raises(ValueError, match="mechanism: the policy now gives this cell's layers"):
+        run_classify(stale, None)

@@ -12,10 +12,12 @@ by the per-worker batch b *and* the layer's spatial size, so this study varies b
 Norms are named in the preset's ``norms`` list (:data:`NORM_VARIANTS`): ``bn``, ``gn`` (32
 groups, capped per layer at the layer's channels), ``bgn`` (the paper's G for the batch size,
 :func:`bgnorm.paper_groups`) and ``bgn-g<G>`` (a fixed G in every layer). A new variant, such
-as BGN with a per-layer G policy, is one more entry of :data:`NORM_VARIANTS` (a function of
-the per-worker batch returning the cell's norm keys). ``--norms bn,gn,bgn`` selects among the
-registry names; the fixed-G variants go through ``--set 'norms=["bn", "bgn-g16"]'``, as do
-``final_sizes``, ``workers``, ``min_steps`` and every other key of :data:`MECHANISM_PRESETS`.
+as another G rule, is one more entry of :data:`NORM_VARIANTS` (a function of the per-worker
+batch returning the cell's norm keys); ``bgn-auto`` is BGN with the per-layer policy's G
+(:func:`bgnorm.auto_groups`, each layer's G stored in the cell's ``layer_groups``).
+``--norms bn,gn,bgn`` selects among the registry names; the fixed-G variants and ``bgn-auto``
+go through ``--set 'norms=["bn", "bgn-g16", "bgn-auto"]'``, as do ``final_sizes``,
+``workers``, ``min_steps`` and every other key of :data:`MECHANISM_PRESETS`.
 
 The report gives, for every cell, the smallest and median values per statistic over the norm
 layers, the accuracy against the smallest (table and PNG, a line per norm), the number of
@@ -52,7 +54,12 @@ from ..report import (
 )
 from ..train import scaled_lr
 from .base import CellContext, Record, Task, register_task
-from .classify import check_classification_data, load_classification_data, run_classify
+from .classify import (
+    check_classification_data,
+    load_classification_data,
+    policy_groups,
+    run_classify,
+)
 
 __all__ = [
     "MECHANISM_PRESETS",
@@ -70,15 +77,19 @@ _PRESETS = ("smoke", "quick", "full")
 
 #: The norms of the study by name: each maps the per-worker batch b to the cell's norm keys
 #: (read by :meth:`bgnorm.repro.norms.NormSpec.from_config`). ``bgn-g<G>`` (a fixed G) is
-#: parsed by :func:`variant_keys`; add an entry here for a new variant (e.g. ``bgn-auto``).
+#: parsed by :func:`variant_keys`; add an entry here for a new variant.
 NORM_VARIANTS: dict[str, Callable[[int], dict[str, Any]]] = {
     "bn": lambda b: {"norm": "bn"},
     "gn": lambda b: {"norm": "gn", "gn_groups": bgnorm.DEFAULT_NUM_GROUPS},
     "bgn": lambda b: {"norm": "bgn", "num_groups": bgnorm.paper_groups(b)},
+    # every layer's G from the per-layer policy (bgnorm.auto_groups); the cell carries the G
+    # it gives each layer (layer_groups, checked before training)
+    "bgn-auto": lambda b: {"norm": "bgn", "num_groups": "auto"},
 }
 _FIXED_G = re.compile(r"bgn-g([1-9][0-9]*)")
 #: How the report names the variants (``bgn-g<G>`` -> "BGN (G=<G>)").
-_LABELS = {"bn": "BN", "gn": "GN (32 groups)", "bgn": "BGN (paper's G)"}
+_LABELS = {"bn": "BN", "gn": "GN (32 groups)", "bgn": "BGN (paper's G)",
+           "bgn-auto": "BGN (policy's G)"}
 
 _COMMON: dict[str, Any] = {
     "model": "small_resnet",
@@ -235,6 +246,8 @@ def cells_mechanism(preset: str, overrides: Mapping[str, Any]) -> list[dict[str,
                             continue
                         index[key] = len(cells)
                         cell["covers_batch_sizes"] = [int(b)]
+                    if cell.get("num_groups") == "auto":
+                        cell["layer_groups"] = policy_groups(cell)
                     cells.append(cell)
     return cells
 

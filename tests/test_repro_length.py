@@ -13,18 +13,29 @@ import pytest
 
 from bgnorm.cli import main
 from bgnorm.repro.api import Task
+from bgnorm.repro.presets import CLASSIFY_PRESETS
 from bgnorm.repro.runner import plan_cells, scale_lengths
+from bgnorm.repro.tasks.adversarial import ADV_PRESETS
 from bgnorm.repro.tasks.base import TASKS, register_task
+from bgnorm.repro.tasks.domain import DOMAIN_PRESETS
+from bgnorm.repro.tasks.fewshot import FEWSHOT_PRESETS
+from bgnorm.repro.tasks.nas import NAS_PRESETS
 
-#: Per task: the preset's lengths times 3, spelled out as the docs' 3x runs spelled them.
+
+def _x3(presets, *keys):
+    """``--set`` of the quick preset's ``keys`` times 3, spelled out as the docs' 3x runs."""
+    return {"set": {k: 3 * presets["quick"][k] for k in keys}}
+
+
+#: Per task: the preset's lengths times 3, spelled out.
 _EXPLICIT_3X = {
-    "batch-size": {"epochs": 36},
-    "adversarial": {"set": {"steps": 360, "lr_warmup_steps": 36}},
-    "few-shot": {"set": {"steps": 900}},
-    "domain-adaptation": {"set": {"warmup_steps": 300, "loop_steps": 150,
-                                  "lr_warmup_steps": 30}},
-    "nas": {"set": {"search_steps": 60, "eval_steps": 450}},
-    "normalizers": {"epochs": 36},
+    "batch-size": lambda: {"epochs": 3 * CLASSIFY_PRESETS["quick"]["epochs"]},
+    "adversarial": lambda: _x3(ADV_PRESETS, "steps", "lr_warmup_steps"),
+    "few-shot": lambda: _x3(FEWSHOT_PRESETS, "steps"),
+    "domain-adaptation": lambda: _x3(DOMAIN_PRESETS, "warmup_steps", "loop_steps",
+                                     "lr_warmup_steps"),
+    "nas": lambda: _x3(NAS_PRESETS, "search_steps", "eval_steps"),
+    "normalizers": lambda: {"epochs": 3 * CLASSIFY_PRESETS["quick"]["epochs"]},
 }
 
 
@@ -32,7 +43,7 @@ _EXPLICIT_3X = {
 def test_length_factor_is_every_length_times_k_and_nothing_else(task):
     base = {"seeds": [0]}
     scaled = plan_cells([task], "quick", {**base, "length_factor": 3})
-    explicit = plan_cells([task], "quick", {**base, **_EXPLICIT_3X[task]})
+    explicit = plan_cells([task], "quick", {**base, **_EXPLICIT_3X[task]()})
     assert [cid for cid, _ in scaled] == [cid for cid, _ in explicit]
     plain = plan_cells([task], "quick", base)
     assert not {cid for cid, _ in plain} & {cid for cid, _ in scaled}

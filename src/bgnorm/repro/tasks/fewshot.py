@@ -62,10 +62,13 @@ FEWSHOT_PRESETS: dict[str, dict[str, Any]] = {
         "seeds": [0],
     },
     "quick": {
+        # 900 steps: at 300, LN's 1-shot accuracy ended 2.7 points below the same cell at 900;
+        # at 900 every norm is at or above itself at 2,700 (longer training fits the base
+        # classes and loses 1.6-4.5 points on the novel ones; docs/reproduction.md)
         "dataset": "mnist5k", "image_size": 16, "channels": [16, 32, 64, 128],
-        "batch_size": 64, "steps": 300, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
+        "batch_size": 64, "steps": 900, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
         "n_way": 5, "shots": [1, 5], "n_query": 15, "episodes": 600, "norms": NORMS,
-        "seeds": [0, 1, 2, 3],
+        "seeds": [0, 1],
     },
     "paper": {
         # ResNet-12 (64-160-320-640), 5-way 1/5-shot, 600 episodes, 15 queries (paper

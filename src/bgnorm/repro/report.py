@@ -836,10 +836,11 @@ def length_comparison(short: Sequence[Record], long: Sequence[Record], tolerance
                 ok = d >= -tolerance
                 if worst is None or d < worst[0]:
                     worst = (d, f"{label}, seed {r.config.get('seed')}")
-                if not ok and -d <= noise:
+                in_noise = math.isfinite(noise) and -d <= noise  # unknown noise: not claimed
+                if not ok and in_noise:
                     below_in_noise += 1
                 verdict = ("within" if ok else "**below**"
-                           + (" (within the noise)" if -d <= noise else ""))
+                           + (" (within the noise)" if in_noise else ""))
                 cells += [f"{d:+.2f}", f"±{noise:.2f}" if math.isfinite(noise) else "?",
                           verdict]
             else:

@@ -20,7 +20,6 @@ Helpers any task can use to render its records the way the papers lay out their 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -784,10 +783,7 @@ def length_comparison(short: Sequence[Record], long: Sequence[Record], tolerance
         -5.00 points.
     """
     from .presets import LENGTH_KEYS
-
-    def identity(r: Record) -> str:
-        return json.dumps({k: v for k, v in r.config.items()
-                           if k not in LENGTH_KEYS and k != "runtime"}, sort_keys=True)
+    from .store import config_identity
 
     def factor(a: Record, b: Record) -> str:
         for k in LENGTH_KEYS:
@@ -796,7 +792,7 @@ def length_comparison(short: Sequence[Record], long: Sequence[Record], tolerance
                 return f"{y / x:g}x"
         return "?"
 
-    longer = {identity(r): r for r in long}
+    longer = {config_identity(r.config, LENGTH_KEYS): r for r in long}
     by_task: dict[str, list[Record]] = {}
     for r in short:
         by_task.setdefault(str(r.config.get("task")), []).append(r)
@@ -817,7 +813,7 @@ def length_comparison(short: Sequence[Record], long: Sequence[Record], tolerance
         for r in sorted(recs, key=lambda r: (_cell_label(r, varying), str(r.config.get("seed")))):
             label = _cell_label(r, varying)
             flag_a = convergence(r, metric)[0]
-            other = longer.get(identity(r))
+            other = longer.get(config_identity(r.config, LENGTH_KEYS))
             if other is None:
                 missing += 1
                 rows.append([task, label, str(r.config.get("seed")), show(r, flag_a), "not run",

@@ -85,18 +85,18 @@ from typing import Any
 
 import torch
 
+from ..layers import AUTO
 from . import dist as _dist
 from .api import CellStopped, Diverged, Record, Task
 from .report import curves_section, training_problem, write_report
 from .store import (
     DISK_ERRNOS,
-    RUNTIME_KEY,
     CellLock,
     DiskFaultError,
     RecordedIds,
     ResultStore,
-    canonical_json,
     cell_id,
+    config_identity,
     describe_holder,
     disk_fault,
     read_records,
@@ -400,11 +400,12 @@ def plan_cells(
             if config.get("task") != name:
                 raise ValueError(f"task {name!r} produced a cell of task {config.get('task')!r}")
             if factor != 1:
-                if not any(isinstance(config.get(k), int) for k in LENGTH_KEYS):
+                scaled = scale_lengths(config, factor)
+                if scaled == config:
                     raise ValueError(
                         f"--length-factor: the {name} task's cells state no training length "
                         f"({', '.join(LENGTH_KEYS)}); train it longer with --set instead")
-                config = scale_lengths(config, factor)
+                config = scaled
             cid = cell_id(config)
             if cid not in seen:
                 seen.add(cid)
@@ -1388,9 +1389,8 @@ def supersede_policy_records(records: Sequence[Record]) -> tuple[list[Record], l
     """
     groups: dict[str, list[tuple[str, int]]] = {}
     for i, r in enumerate(records):
-        if r.config.get("num_groups") == "auto":
-            identity = {k: v for k, v in r.config.items() if k not in ("layer_groups", RUNTIME_KEY)}
-            groups.setdefault(canonical_json(identity), []).append(
+        if r.config.get("num_groups") == AUTO:
+            groups.setdefault(config_identity(r.config, ["layer_groups"]), []).append(
                 (str(r.meta.get("finished_at") or ""), i))
     drop: set[int] = set()
     for members in groups.values():

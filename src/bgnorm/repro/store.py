@@ -55,6 +55,7 @@ __all__ = [
     "DISK_ERRNOS",
     "LOCK_NAME",
     "RUNTIME_KEY",
+    "config_identity",
     "SCHEMA_VERSION",
     "CellLock",
     "DiskFaultError",
@@ -145,10 +146,22 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(jsonable(obj), sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
+def config_identity(config: Mapping[str, Any], without: Iterable[str] = ()) -> str:
+    """What identifies a cell config: its canonical JSON without ``config["runtime"]`` (what
+    :func:`cell_id` hashes), and without the keys ``without`` to identify it up to them (the
+    same cell at another training length, or under another G policy).
+
+    Example:
+        >>> config_identity({"seed": 0, "steps": 10, "runtime": {"data_root": "/d"}}, ["steps"])
+        '{"seed":0}'
+    """
+    drop = {RUNTIME_KEY, *without}
+    return canonical_json({k: v for k, v in config.items() if k not in drop})
+
+
 def cell_id(config: Mapping[str, Any]) -> str:
     """A stable 16-hex-digit id of a cell config (``config["runtime"]`` excluded)."""
-    identity = {k: v for k, v in config.items() if k != RUNTIME_KEY}
-    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:16]
+    return hashlib.sha256(config_identity(config).encode()).hexdigest()[:16]
 
 
 def store_path(out_dir: str | os.PathLike, shard: tuple[int, int] | None = None) -> Path:

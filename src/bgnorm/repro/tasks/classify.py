@@ -79,6 +79,7 @@ __all__ = [
     "report_g_sweep",
     "report_groups",
     "run_classify",
+    "stamp_policy_groups",
 ]
 
 _PRESETS = ("smoke", "quick", "full", "paper")
@@ -159,9 +160,15 @@ def _cell(task: str, cfg: Mapping[str, Any], seed: int, norm: str, batch_size: i
     runtime = {k: cfg.get(k) for k in _RUNTIME_KEYS if cfg.get(k) is not None}
     if runtime:
         cell["runtime"] = runtime
+    return stamp_policy_groups(cell)
+
+
+def stamp_policy_groups(cell: dict[str, Any]) -> dict[str, Any]:
+    """``cell`` (in place, and returned) with ``layer_groups``, the G the policy gives each of
+    its layers (:func:`policy_groups`), if it is a ``num_groups="auto"`` cell. They are part of
+    the cell's id: a changed policy makes new cells, and a cell listed by another policy is
+    refused before it trains (:func:`check_policy_groups`). Call it on the finished cell."""
     if cell.get("num_groups") == AUTO:
-        # The G the policy gives each layer is part of the cell's id: a changed policy makes
-        # new cells, and a cell listed by another policy is refused before it trains.
         cell["layer_groups"] = policy_groups(cell)
     return cell
 

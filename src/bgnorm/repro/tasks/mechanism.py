@@ -57,8 +57,8 @@ from .base import CellContext, Record, Task, register_task
 from .classify import (
     check_classification_data,
     load_classification_data,
-    policy_groups,
     run_classify,
+    stamp_policy_groups,
 )
 
 __all__ = [
@@ -246,9 +246,7 @@ def cells_mechanism(preset: str, overrides: Mapping[str, Any]) -> list[dict[str,
                             continue
                         index[key] = len(cells)
                         cell["covers_batch_sizes"] = [int(b)]
-                    if cell.get("num_groups") == "auto":
-                        cell["layer_groups"] = policy_groups(cell)
-                    cells.append(cell)
+                    cells.append(stamp_policy_groups(cell))
     return cells
 
 

@@ -90,8 +90,9 @@ def test_cli_lists_the_presets_cells(capsys, tmp_path):
                      "mechanism gn b=16 G=32 last 1x1", "mechanism bgn b=2 W=8 G=1 last 1x1"):
         assert any(headline in line for line in lines), headline
     _, err = _listed(capsys, tmp_path, "full")
-    # 3 seeds x 3 final sizes x (5 batch-dependent norms + GN) x 7 batch sizes
-    assert "378 cells" in err
+    # 3 seeds x 3 final sizes x 5 norms (BN, GN, BGN with the paper's, the policy's and a
+    # fixed G) x 4 batch sizes
+    assert "180 cells" in err
     _, err = _listed(capsys, tmp_path, "quick", "--norms", "bn", "--batch-sizes", "4",
                      "--seeds", "0,1")
     assert "2 cells" in err

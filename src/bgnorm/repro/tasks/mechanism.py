@@ -56,6 +56,7 @@ from ..train import scaled_lr
 from .base import CellContext, Record, Task, register_task
 from .classify import (
     check_classification_data,
+    input_shape,
     load_classification_data,
     run_classify,
     stamp_policy_groups,
@@ -188,16 +189,6 @@ def _preset(preset: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
     return apply_overrides(copy.deepcopy(MECHANISM_PRESETS[preset]), overrides)
 
 
-def _image_size(cfg: Mapping[str, Any]) -> int:
-    from ..data import bundled_dataset
-
-    if cfg.get("image_size"):
-        return int(cfg["image_size"])
-    split = bundled_dataset(cfg["dataset"], seed=int(cfg.get("split_seed", 0)),
-                            test_fraction=float(cfg.get("test_fraction", 0.2)))
-    return int(split.image_size[0])
-
-
 def cells_mechanism(preset: str, overrides: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Cells of the ``mechanism`` task: every seed x final size x norm x per-worker batch.
 
@@ -209,7 +200,7 @@ def cells_mechanism(preset: str, overrides: Mapping[str, Any]) -> list[dict[str,
     from ..store import cell_id
 
     cfg = _preset(preset, overrides)
-    size = _image_size(cfg)
+    size = input_shape(cfg)[1]  # from the dataset's name and image_size, no data read
     stages = len(cfg["model_kwargs"]["blocks_per_stage"])
     n_train = None
     cells: list[dict[str, Any]] = []

@@ -303,13 +303,32 @@ def test_class_aware_sample():
 # ------------------------------------------------------------------------------------- data
 
 
-def test_two_digit_domains():
-    mnist, digits = two_digit_domains(size=16, seed=0)
+@pytest.mark.parametrize("size", [8, 16])
+def test_two_digit_domains(size):
+    mnist, digits = two_digit_domains(size=size, seed=0)
     assert mnist.name == "mnist5k" and digits.name == "digits"
     for d in (mnist, digits):
-        assert d.image_size == (16, 16) and d.in_channels == 1 and d.num_classes == 10
+        assert d.image_size == (size, size) and d.in_channels == 1 and d.num_classes == 10
         assert abs(float(d.x_train.mean())) < 1e-4
     assert len(mnist.x_train) == 4000 and len(digits.x_train) + len(digits.x_test) == 1797
+
+
+def _frame_fill(split) -> float:
+    """Fraction of images whose content reaches two opposite edges (it fills its frame)."""
+    x = split.x_train * torch.tensor(split.std).view(1, -1, 1, 1) + torch.tensor(
+        split.mean).view(1, -1, 1, 1)
+    on = x[:, 0] > 0.1
+    rows, cols = on.any(2), on.any(1)
+    return float(((rows[:, 0] & rows[:, -1]) | (cols[:, 0] & cols[:, -1])).float().mean())
+
+
+def test_two_digit_domains_are_framed_alike():
+    # MNIST's digits sit in a 20x20 box inside 28x28; scikit-learn's fill their 8x8 frame.
+    # Framed on their content, both fill theirs; resized whole, MNIST's do not.
+    framed = two_digit_domains(size=8, seed=0)
+    plain = two_digit_domains(size=8, seed=0, crop=False)
+    assert _frame_fill(framed[0]) > 0.95 and _frame_fill(framed[1]) > 0.95
+    assert _frame_fill(plain[0]) < 0.5 < _frame_fill(plain[1])
 
 
 def test_paper_constants():

@@ -28,6 +28,7 @@ from bgnorm.repro.data import (
     check_image_folders,
     cifar_eval_transform,
     cifar_train_transform,
+    crop_to_content,
     imagenet_eval_transform,
     imagenet_train_transform,
     load_digits8x8,
@@ -165,6 +166,44 @@ def test_bundled_dataset_resize():
     assert abs(m.x_train.mean().item()) < 1e-4
     with pytest.raises(ValueError, match="mnist5k"):
         bundled_dataset("svhn")
+
+
+@pytest.mark.parametrize("box", [(10, 14, 12, 14), (0, 5, 20, 28), (3, 25, 1, 27), (7, 8, 7, 8)])
+def test_crop_to_content_frames_the_bounding_square(box):
+    r0, r1, c0, c1 = box
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(2, 3, 28, 28)
+    x[0, 1, r0:r1, c0:c1] = 0.5 + 0.5 * torch.rand(r1 - r0, c1 - c0, generator=g)
+    x[0, 0, r0, c0] = 0.05  # below the threshold in another channel: not content, kept
+    # the reference: place the box in a zero square of side max(h, w), centred, then resize
+    h, w = r1 - r0, c1 - c0
+    s = max(h, w)
+    square = torch.zeros(1, 3, s, s)
+    top, left = r0 - (r0 + r1 - s) // 2, c0 - (c0 + c1 - s) // 2
+    square[..., top:top + h, left:left + w] = x[:1, :, r0:r1, c0:c1]
+    ref = torch.nn.functional.interpolate(square, size=(8, 8), mode="bilinear",
+                                          align_corners=False, antialias=True)
+    out = crop_to_content(x, 8)
+    assert out.shape == (2, 3, 8, 8)
+    torch.testing.assert_close(out[:1], ref)
+    # a blank image is resized whole
+    torch.testing.assert_close(out[1:], torch.zeros(1, 3, 8, 8))
+    assert crop_to_content(x[:0], (4, 6)).shape == (0, 3, 4, 6)
+
+
+def test_crop_to_content_refuses_other_shapes():
+    with pytest.raises(ValueError, match=r"crop_to_content: expected images \(N, C, H, W\)"):
+        crop_to_content(torch.zeros(28, 28), 8)
+
+
+def test_bundled_dataset_crop():
+    plain = bundled_dataset("mnist5k", size=8)
+    framed = bundled_dataset("mnist5k", size=8, crop=True)
+    assert framed.x_train.shape == plain.x_train.shape
+    assert torch.equal(framed.y_train, plain.y_train)  # same split, other framing
+    assert not torch.allclose(framed.x_train, plain.x_train)
+    # without a size the images keep theirs
+    assert bundled_dataset("digits", crop=True).image_size == (8, 8)
 
 
 def test_bundled_dataset_train_subset():

@@ -39,8 +39,12 @@ def test_task_smoke_end_to_end(tmp_path, task, rows):
         curve = r["result"]["curve"]
         assert curve and curve[-1]["step"] == r["result"]["steps"]
         assert all({"step", "train_loss", "metric", "progress"} <= set(p) for p in curve)
+    if task == "domain-adaptation":  # CAN's protocol: tested on every target image
+        assert {r["result"]["n_test"] for r in recs} == {1797}
     text = render_report(out)
     assert rows[-1] in text
+    if task == "domain-adaptation":
+        assert "on every target image" in text and "framed on its content" in text
     assert (out / f"curves_{task}.png").read_bytes()[:4] == b"\x89PNG"
     assert f"![learning curves of {task}](curves_{task}.png)" in text
     assert f"### Convergence ({task})" in text and "Criterion:" in text

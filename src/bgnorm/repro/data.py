@@ -72,6 +72,7 @@ __all__ = [
     "check_image_folders",
     "cifar_eval_transform",
     "cifar_train_transform",
+    "crop_to_content",
     "fashion_mnist_dataset",
     "fashion_mnist_files",
     "imagenet_eval_transform",
@@ -227,11 +228,52 @@ class TensorSplit:
 
 
 def _resize_batch(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    hw = (size, size) if isinstance(size, int) else tuple(size)
+    hw = _pair(size)
     if tuple(x.shape[-2:]) == hw:
         return x
     # Antialiasing matters when shrinking (28 -> 8); it is a no-op when enlarging.
     return F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=True)
+
+
+def crop_to_content(
+    x: torch.Tensor, size: int | tuple[int, int], threshold: float = 0.1
+) -> torch.Tensor:
+    """Frame every image on its content, then resize it: ``(N, C, H, W)`` -> ``(N, C, *size)``.
+
+    For each image the content is the set of pixels whose largest channel value exceeds
+    ``threshold`` (images in [0, 1] with a dark background, as the bundled digits). The frame is
+    the smallest square around the content's bounding box ``[r0, r1) x [c0, c1)``, of side
+    ``s = max(r1 - r0, c1 - c0)`` and centred on the box (zero-padded where it leaves the
+    image); it is resized to ``size`` (bilinear, antialiased). An image with no content is
+    resized whole. This is the size normalization that produced scikit-learn's 8x8 digits (each
+    digit scaled to fill its frame), so applied to MNIST (digits in a 20x20 box centred in
+    28x28) it frames both domains alike.
+
+    >>> x = torch.zeros(1, 1, 28, 28); x[0, 0, 10:14, 12:14] = 1.0  # a 4x2 stroke
+    >>> crop_to_content(x, 8)[0, 0, 0]  # its 4x4 frame fills the 8x8 image, rows alike
+    tensor([0.0000, 0.2500, 0.7500, 1.0000, 1.0000, 0.7500, 0.2500, 0.0000])
+    """
+    if x.dim() != 4:
+        raise ValueError(f"crop_to_content: expected images (N, C, H, W), got shape "
+                         f"{tuple(x.shape)}")
+    content = x.amax(dim=1) > threshold  # (N, H, W)
+    rows, cols = content.any(dim=2), content.any(dim=1)  # (N, H), (N, W)
+    out = []
+    for i in range(len(x)):
+        r, c = rows[i].nonzero(), cols[i].nonzero()
+        if len(r) == 0:
+            out.append(_resize_batch(x[i:i + 1], size))
+            continue
+        r0, r1, c0, c1 = int(r.min()), int(r.max()) + 1, int(c.min()), int(c.max()) + 1
+        s = max(r1 - r0, c1 - c0)
+        top, left = (r0 + r1 - s) // 2, (c0 + c1 - s) // 2
+        padded = F.pad(x[i:i + 1], (s, s, s, s))
+        out.append(_resize_batch(padded[..., top + s:top + 2 * s, left + s:left + 2 * s], size))
+    return torch.cat(out) if out else x.new_zeros((0, x.shape[1], *_pair(size)))
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def bundled_dataset(
@@ -240,11 +282,14 @@ def bundled_dataset(
     test_fraction: float = 0.2,
     size: int | tuple[int, int] | None = None,
     train_subset: int | None = None,
+    crop: bool = False,
 ) -> TensorSplit:
     """Load a bundled digit dataset (``"mnist5k"`` or ``"digits"``) as a normalized split.
 
     ``size`` optionally resizes the images (bilinear, antialiased) so that both digit domains
-    can share one input size. The split is stratified and deterministic for a given ``seed``;
+    can share one input size; ``crop=True`` frames each image on its digit first
+    (:func:`crop_to_content`), so that digits fill the image in both domains. The split is
+    stratified and deterministic for a given ``seed``;
     ``train_subset`` keeps that many of the training images (:func:`stratified_subset`, drawn
     with ``seed``; the test set stays whole). The images are standardized with the (kept)
     training images' per-channel mean and std.
@@ -256,7 +301,9 @@ def bundled_dataset(
             f"unknown bundled dataset {name!r}; valid names: {', '.join(BUNDLED_DATASETS)}"
         ) from None
     x, y = loader()
-    if size is not None:
+    if crop:
+        x = crop_to_content(x, size if size is not None else tuple(x.shape[-2:]))
+    elif size is not None:
         x = _resize_batch(x, size)
     x_tr, y_tr, x_te, y_te = stratified_split(x, y, test_fraction=test_fraction, seed=seed)
     if train_subset is not None:

@@ -30,7 +30,8 @@ def test_build_by_name_from_the_registry_and_a_child_scope():
 
 #: registry name -> the attribute name build_norm_layer must give the layer (its _abbr_)
 ABBREVIATIONS = {"BGN": "bgn", "BGN1d": "bgn", "BGN2d": "bgn", "BGN3d": "bgn",
-                 "SyncBGN": "bgn", "GBGN": "gbgn", "PN": "pn", "FrozenBN": "bn",
+                 "SyncBGN": "bgn", "GBGN": "gbgn", "GBGN1d": "gbgn", "GBGN2d": "gbgn",
+                 "GBGN3d": "gbgn", "PN": "pn", "FrozenBN": "bn",
                  "FrozenBGN": "bgn", "BRN": "brn", "BRN1d": "brn", "BRN2d": "brn",
                  "BRN3d": "brn", "FRN": "frn", "FRN1d": "frn", "FRN2d": "frn", "FRN3d": "frn",
                  "EvoNormS0": "evonorm", "EvoNormB0": "evonorm"}
@@ -48,7 +49,7 @@ def test_build_norm_layer_convention(name):
     cls = bgn_mm.LAYERS[name]
     assert MODELS.get(name) is cls and cls._abbr_ == ABBREVIATIONS[name]
     kwargs = {"num_groups": 4} if "BGN" in name else {"groups": 4} if name == "EvoNormS0" else {}
-    if name == "GBGN":
+    if name.startswith("GBGN"):
         kwargs["examples_per_group"] = 2
     layer = MODELS.get(name)(8, eps=1e-3, **kwargs)
     assert layer.num_features == 8 and layer.eps == 1e-3

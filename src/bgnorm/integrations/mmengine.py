@@ -19,7 +19,9 @@ BGN, BGN2d     BatchGroupNorm2d            bgn
 BGN1d          BatchGroupNorm1d            bgn
 BGN3d          BatchGroupNorm3d            bgn
 SyncBGN        SyncBatchGroupNorm          bgn
-GBGN           GeneralBatchGroupNorm2d     gbgn
+GBGN, GBGN2d   GeneralBatchGroupNorm2d     gbgn
+GBGN1d         GeneralBatchGroupNorm1d     gbgn
+GBGN3d         GeneralBatchGroupNorm3d     gbgn
 PN             PositionalNorm              pn
 FrozenBN       FrozenBatchNorm             bn
 FrozenBGN      FrozenBatchGroupNorm        bgn
@@ -67,7 +69,9 @@ from ..layers import (
     BatchGroupNorm1d,
     BatchGroupNorm2d,
     BatchGroupNorm3d,
+    GeneralBatchGroupNorm1d,
     GeneralBatchGroupNorm2d,
+    GeneralBatchGroupNorm3d,
     PositionalNorm,
 )
 from ..small_batch import (
@@ -93,6 +97,9 @@ LAYERS: dict[str, type[nn.Module]] = {
     "BGN3d": BatchGroupNorm3d,
     "SyncBGN": SyncBatchGroupNorm,
     "GBGN": GeneralBatchGroupNorm2d,
+    "GBGN1d": GeneralBatchGroupNorm1d,
+    "GBGN2d": GeneralBatchGroupNorm2d,
+    "GBGN3d": GeneralBatchGroupNorm3d,
     "PN": PositionalNorm,
     "FrozenBN": FrozenBatchNorm,
     "FrozenBGN": FrozenBatchGroupNorm,

@@ -179,3 +179,50 @@ def test_compare_states_the_noise_of_each_difference(tmp_path, capsys):
     assert "**below** (within the noise)" in rows["GN"] and "±2." in rows["GN"]
     assert "**below**" in rows["LN"] and "noise)" not in rows["LN"]  # 12.7: far outside
     assert "1 of the cells below are within the noise of the difference" in out
+
+
+def test_compare_over_seeds_judges_the_paired_mean(tmp_path, capsys):
+    # BN swings by ±6 points between seeds and lengths, but its mean over 4 seeds moves little;
+    # LN is 3 points lower at every seed (a tight, real shortfall); PN is lower by 2 on average
+    # with a spread that reaches 0; IN did not train at seed 3 in the longer run: that seed
+    # drops out of both of its means.
+    run = _store(tmp_path / "q", [
+        ("bn", 0, 120, 70.0, "ok", _FLAT), ("bn", 1, 120, 82.0, "ok", _FLAT),
+        ("bn", 2, 120, 76.0, "ok", _FLAT), ("bn", 3, 120, 74.0, "ok", _FLAT),
+        ("ln", 0, 120, 90.0, "ok", _FLAT), ("ln", 1, 120, 91.0, "ok", _FLAT),
+        ("ln", 2, 120, 92.0, "ok", _FLAT), ("ln", 3, 120, 93.0, "ok", _FLAT),
+        ("pn", 0, 120, 80.0, "ok", _FLAT), ("pn", 1, 120, 84.0, "ok", _FLAT),
+        ("in", 0, 120, 80.0, "ok", _FLAT), ("in", 1, 120, 81.0, "ok", _FLAT),
+        ("in", 2, 120, 82.0, "ok", _FLAT), ("in", 3, 120, 83.0, "ok", _FLAT)])
+    longer = _store(tmp_path / "x3", [
+        ("bn", 0, 360, 76.0, "ok", _FLAT), ("bn", 1, 360, 76.0, "ok", _FLAT),
+        ("bn", 2, 360, 70.0, "ok", _FLAT), ("bn", 3, 360, 81.0, "ok", _FLAT),
+        ("ln", 0, 360, 93.0, "ok", _FLAT), ("ln", 1, 360, 94.0, "ok", _FLAT),
+        ("ln", 2, 360, 95.0, "ok", _FLAT), ("ln", 3, 360, 96.0, "ok", _FLAT),
+        ("pn", 0, 360, 81.0, "ok", _FLAT), ("pn", 1, 360, 87.0, "ok", _FLAT),
+        ("in", 0, 360, 80.0, "ok", _FLAT), ("in", 1, 360, 81.0, "ok", _FLAT),
+        ("in", 2, 360, 82.0, "ok", _FLAT), ("in", 3, 360, 10.0, "ok", _CHANCE)])
+    # per seed, BN is 6 points below at seed 0 and 7 at seed 3
+    assert main(["compare", str(run), str(longer)]) == 1
+    assert "**below**" in capsys.readouterr().out
+    assert main(["compare", str(run), str(longer), "--over-seeds"]) == 1  # LN is below
+    out = capsys.readouterr().out
+    rows = {line.split("|")[2].strip(): line for line in out.splitlines()
+            if line.startswith("| adversarial")}
+    # BN: 75.50 (sd 5, t(3) = 3.182: ±7.96) and 75.75 (sd 4.5: ±7.16); differences -6, +6,
+    # +6, -7: mean -0.25, sd 7.228: ±11.50
+    cells = [c.strip() for c in rows["BN"].split("|")[3:-1]]
+    assert cells == ["4", "75.50 ± 7.96", "75.75 ± 7.16", "-0.25 ± 11.50", "within"]
+    # LN: -3 at every seed, sd 0: below, and not within the noise
+    assert [c.strip() for c in rows["LN"].split("|")[3:-1]][3:] == ["-3.00 ± 0.00", "**below**"]
+    # PN: -1, -3: mean -2, sd 1.414, t(1) = 12.706: ±12.71 reaches 0
+    assert "-2.00 ± 12.71" in rows["PN"] and "**below** (within the noise)" in rows["PN"]
+    # IN: seeds 0-2 only (seed 3 did not train in the longer run)
+    assert [c.strip() for c in rows["IN"].split("|")[3:-1]] == [
+        "3", "81.00 ± 2.48", "81.00 ± 2.48", "+0.00 ± 0.00", "within"]
+    assert ("2 of 4 cells within 1.5 points of the same cell trained longer (3x), over the "
+            "seeds; worst: LN: -3.00 points; 1 of the cells below are within the noise") in out
+    # a cell without a longer run is named, and fails the check
+    only_bn = _store(tmp_path / "x3c", [("bn", s, 360, 75.0, "ok", _FLAT) for s in range(4)])
+    assert main(["compare", str(run), str(only_bn), "--over-seeds"]) == 1
+    assert "3 cell(s) have no longer run" in capsys.readouterr().out

@@ -238,6 +238,10 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--tolerance", type=_number(float, 0), default=1.5,
                     help="points (default 1.5)")
     cp.add_argument("--task", default=None, help="only these tasks (comma list)")
+    cp.add_argument("--over-seeds", action="store_true",
+                    help="compare each cell's mean over its seeds (paired over the seeds both "
+                         "runs have, with 95%% intervals) instead of every seed on its own: for "
+                         "outcomes that vary from run to run by more than the tolerance")
 
     rr = sub.add_parser("report", help="render DIR/report.md from DIR's results stores")
     rr.add_argument("out", type=Path, help="run directory")
@@ -480,7 +484,7 @@ def _resume_command(args: argparse.Namespace) -> str:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .repro.report import length_comparison
+    from .repro.report import length_comparison, seed_mean_comparison
     from .repro.store import read_records, store_files
 
     for d in (args.run, args.longer):
@@ -492,7 +496,8 @@ def _compare(args: argparse.Namespace) -> int:
     def records(d: Path) -> list:
         return [r for r in read_records(d) if tasks is None or r.config.get("task") in tasks]
 
-    text, ok = length_comparison(records(args.run), records(args.longer), args.tolerance)
+    compare = seed_mean_comparison if args.over_seeds else length_comparison
+    text, ok = compare(records(args.run), records(args.longer), args.tolerance)
     print(text)
     return 0 if ok else 1
 

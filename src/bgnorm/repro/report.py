@@ -860,6 +860,111 @@ def length_comparison(short: Sequence[Record], long: Sequence[Record], tolerance
     return table + "\n\n" + summary + ".", n > 0 and within == n and not missing
 
 
+def seed_mean_comparison(short: Sequence[Record], long: Sequence[Record],
+                         tolerance: float = 1.5, metric: str = "acc") -> tuple[str, bool]:
+    """:func:`length_comparison` over the seeds (``bgnorm compare --over-seeds``): is each
+    cell's mean over its seeds within ``tolerance`` points of (or above) the same cell's mean
+    trained longer?
+
+    For outcomes whose spread from run to run is larger than the tolerance (CAN's target
+    accuracy on the digits moves by about 5 points between seeds), no single seed can settle
+    it; the mean over seeds can. Cells are matched as in :func:`length_comparison` and grouped
+    over ``seed``; each row gives both means over the seeds the two runs share (95%
+    t-intervals) and their paired difference (:func:`paired_difference`: the mean of the
+    per-seed differences, ``± t(n-1) sd / sqrt(n)``). A cell is *within* when that mean
+    difference is at least ``-tolerance``; a cell below is *within the noise* when its
+    interval reaches 0 (the seeds cannot tell it from no difference). Seeds that diverged or
+    did not train are left out of both means. Returns the markdown and whether there were
+    cells and every short cell was compared and within.
+
+    Example:
+        >>> def rec(seed, steps, acc):
+        ...     return Record(f"{seed}-{steps}", {"task": "nas", "norm": "bn", "seed": seed,
+        ...                   "steps": steps}, "ok", {"acc": acc}, 1.0)
+        >>> text, ok = seed_mean_comparison([rec(0, 10, 70.0), rec(1, 10, 80.0)],
+        ...                                 [rec(0, 30, 75.0), rec(1, 30, 76.0)])
+        >>> ok
+        True
+        >>> print(text.splitlines()[-1])  # doctest: +NORMALIZE_WHITESPACE
+        1 of 1 cells within 1.5 points of the same cell trained longer (3x), over the seeds;
+        worst: BN: -0.50 points.
+    """
+    from .presets import LENGTH_KEYS
+    from .store import config_identity
+
+    without = (*LENGTH_KEYS, "seed")
+    longer: dict[str, list[Record]] = {}
+    for r in long:
+        longer.setdefault(config_identity(r.config, without), []).append(r)
+    cells: dict[str, list[Record]] = {}
+    for r in short:
+        cells.setdefault(config_identity(r.config, without), []).append(r)
+    rows: list[list[str]] = []
+    n = within = missing = below_in_noise = 0
+    factors: set[str] = set()
+    worst: tuple[float, str] | None = None
+
+    def mean_text(values: list[float]) -> str:
+        if len(values) < 2:
+            return f"{values[0]:.2f}"
+        half = t_quantile(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+        return f"{statistics.fmean(values):.2f} ± {half:.2f}"
+
+    by_task: dict[str, list[list[Record]]] = {}
+    for group in cells.values():
+        by_task.setdefault(str(group[0].config.get("task")), []).append(group)
+    for task, groups in by_task.items():
+        varying = _varying([r for g in groups for r in g])
+        for group in sorted(groups, key=lambda g: _cell_label(g[0], varying)):
+            label = _cell_label(group[0], varying)
+            other = longer.get(config_identity(group[0].config, without))
+            seeds = ", ".join(sorted({str(r.config.get("seed")) for r in group}))
+            if other is None:
+                missing += 1
+                rows.append([task, label, seeds, "", "not run", "", "not compared"])
+                continue
+            n += 1
+            for k in LENGTH_KEYS:
+                x, y = group[0].config.get(k), other[0].config.get(k)
+                if isinstance(x, (int, float)) and isinstance(y, (int, float)) and x:
+                    factors.add(f"{y / x:g}x")
+                    break
+            pd = paired_difference(group, other, metric)
+            if pd is None:
+                rows.append([task, label, seeds, "", "", "", "**no seed trained in both**"])
+                continue
+            trained = [{r.config.get("seed"): float(r.result[metric]) for r in records
+                        if r.status == "ok" and training_problem(r, metric) is None}
+                       for records in (group, other)]
+            common = sorted(set(trained[0]) & set(trained[1]), key=repr)  # pd's seeds
+            run_values, long_values = ([t[s] for s in common] for t in trained)
+
+            ok = pd.mean >= -tolerance
+            in_noise = pd.n > 1 and pd.mean + pd.half_width >= 0
+            if worst is None or pd.mean < worst[0]:
+                worst = (pd.mean, label)
+            below_in_noise += (not ok) and in_noise
+            within += ok
+            diff = (f"{pd.mean:+.2f} ± {pd.half_width:.2f}" if pd.n > 1 else f"{pd.mean:+.2f}")
+            rows.append([task, label, str(pd.n), mean_text(run_values),
+                         mean_text(long_values), diff,
+                         "within" if ok else "**below**" + (" (within the noise)"
+                                                            if in_noise else "")])
+    table = markdown_table(
+        ["task", "cell", "seeds", "run (mean)", "longer run (mean)", "run - longer (paired)",
+         f"within {tolerance:g}?"], rows, ["l", "l", "r", "r", "r", "r", "l"])
+    summary = (f"{within} of {n} cells within {tolerance:g} points of the same cell trained "
+               f"longer ({', '.join(sorted(factors)) or '?'}), over the seeds")
+    if missing:
+        summary += f"; {missing} cell(s) have no longer run"
+    if worst is not None:
+        summary += f"; worst: {worst[1]}: {worst[0]:+.2f} points"
+    if below_in_noise:
+        summary += (f"; {below_in_noise} of the cells below are within the noise (their "
+                    "paired interval reaches 0)")
+    return table + "\n\n" + summary + ".", n > 0 and within == n and not missing
+
+
 def _cell_label(record: Record, varying: Sequence[str]) -> str:
     c = record.config
     label = str(c.get("norm", "?")).upper()

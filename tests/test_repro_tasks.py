@@ -242,3 +242,34 @@ def test_quick_presets_run_every_norm_on_the_same_seeds(task):
         key = tuple(sorted((k, repr(v)) for k, v in c.items() if k != "seed"))
         per_cell.setdefault(key, set()).add(c["seed"])
     assert all(s == seeds for s in per_cell.values())
+
+
+def test_domain_adaptation_on_image_folders_tests_every_target_image(tmp_path):
+    """The paper preset's path: one class-folder tree per domain under --data-root; the target
+    is trained on without labels and tested on all of its images (CAN's protocol)."""
+    np = pytest.importorskip("numpy")
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    counts = {"amazon": 4, "webcam": 3}  # images per class
+    for domain, k in counts.items():
+        for c in ("bike", "cup"):
+            (tmp_path / domain / c).mkdir(parents=True)
+            for i in range(k):
+                Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(
+                    tmp_path / domain / c / f"{i}.png")
+    small = {"image_size": 8, "model": "small_resnet",
+             "model_kwargs": {"width": 4, "blocks_per_stage": [1, 1]}, "batch_size": 4,
+             "warmup_steps": 1, "loops": 1, "loop_steps": 2, "classes_per_batch": 2,
+             "per_class": 2, "min_per_class": 1, "filter_threshold": 1.0, "norms": ["bgn"],
+             "source_only_norms": [], "seeds": [0], "directions": [["amazon", "webcam"]]}
+    task = get_task("domain-adaptation")
+    cells = task.cells("paper", {"data_root": str(tmp_path), "set": small})
+    assert len(cells) == 1 and cells[0]["transductive"] is True
+    config = dict(cells[0], runtime={"data_root": str(tmp_path)})
+    result = task.run(config, _Ctx(config, tmp_path))
+    assert result["n_test"] == 2 * counts["webcam"] and result["num_classes"] == 2
+    held_out = task.cells("paper", {"data_root": str(tmp_path),
+                                    "set": {**small, "transductive": False}})[0]
+    held_out = dict(held_out, runtime={"data_root": str(tmp_path)})
+    with pytest.raises(ValueError, match="'webcam' is an image folder.*transductive=false"):
+        task.run(held_out, _Ctx(held_out, tmp_path))

@@ -78,6 +78,7 @@ DOMAIN_PRESETS: dict[str, dict[str, Any]] = {
         "image_size": 224, "directions": [["amazon", "webcam"], ["amazon", "dslr"],
                                           ["webcam", "amazon"], ["webcam", "dslr"],
                                           ["dslr", "amazon"], ["dslr", "webcam"]],
+        "transductive": True,  # folder domains: trained on and tested on every target image
         "model": "resnet50", "model_kwargs": {}, "batch_size": int(PAPER_CAN["source_batch"]),
         "warmup_steps": 0, "loops": int(PAPER_CAN["max_loops"]), "loop_steps": 200,
         "lr": PAPER_CAN["lr"], "momentum": PAPER_CAN["momentum"],
@@ -149,6 +150,11 @@ def _domain(name: str, config: Mapping[str, Any], target: bool = False):
             y = torch.cat([split.y_train, split.y_test])
             split = dataclasses.replace(split, x_train=x, y_train=y, x_test=x, y_test=y)
         return split
+    if target and not config.get("transductive"):
+        raise ValueError(f"domain-adaptation: the target domain {name!r} is an image folder, "
+                         "tested on every one of its images (CAN's protocol), which needs "
+                         "transductive=true; folders have no held-out split (drop --set "
+                         "transductive=false)")
     root = Path((config.get("runtime") or {})["data_root"]).expanduser() / name
     size = int(config.get("image_size") or 224)
     ds = D.ImageFolder(root, transform=D.imagenet_eval_transform(size, resize=size))

@@ -19,3 +19,12 @@ for _name in _MODULES:
     except ModuleNotFoundError as exc:  # a task module not written yet
         if exc.name != f"{__package__}.{_name}":
             raise
+
+# The listing order (`bgnorm tasks`, the CLI's errors) is this module list's, whichever task
+# module happened to be imported first (a test or a user importing one task's module).
+from .base import TASKS  # noqa: E402
+
+_RANK = {f"{__package__}.{name}": i for i, name in enumerate(_MODULES)}
+_ordered = sorted(TASKS.items(), key=lambda item: _RANK.get(item[1].run.__module__, len(_RANK)))
+TASKS.clear()
+TASKS.update(_ordered)

@@ -273,3 +273,18 @@ def test_domain_adaptation_on_image_folders_tests_every_target_image(tmp_path):
     held_out = dict(held_out, runtime={"data_root": str(tmp_path)})
     with pytest.raises(ValueError, match="'webcam' is an image folder.*transductive=false"):
         task.run(held_out, _Ctx(held_out, tmp_path))
+
+
+def test_domain_report_states_what_its_seeds_resolve():
+    from bgnorm.repro.report import Summary
+    from bgnorm.repro.tasks.domain import _spread_note
+
+    # sds 3.266 and 0.816, median 2.041; 4 seeds: t(6) = 2.447, 2.447 * 2.041 * sqrt(1/2)
+    cells = {"a": Summary(values=(70.0, 74.0, 78.0, 74.0)),
+             "b": Summary(values=(60.0, 61.0, 62.0, 61.0)), "missing": None}
+    assert _spread_note(cells) == (
+        "*Seeds:* 4 a cell; from seed to seed the cells move by 0.8-3.3 points (standard "
+        "deviation, median 2.0), so two cells' means are told apart only when they differ by "
+        "more than about 3.5 points (95%, 4 seeds each).")
+    assert "one a cell, so the spread from run to run is not measured" in _spread_note(
+        {"a": Summary(values=(70.0,))})

@@ -186,22 +186,16 @@ def test_compare_over_seeds_judges_the_paired_mean(tmp_path, capsys):
     # LN is 3 points lower at every seed (a tight, real shortfall); PN is lower by 2 on average
     # with a spread that reaches 0; IN did not train at seed 3 in the longer run: that seed
     # drops out of both of its means.
-    run = _store(tmp_path / "q", [
-        ("bn", 0, 120, 70.0, "ok", _FLAT), ("bn", 1, 120, 82.0, "ok", _FLAT),
-        ("bn", 2, 120, 76.0, "ok", _FLAT), ("bn", 3, 120, 74.0, "ok", _FLAT),
-        ("ln", 0, 120, 90.0, "ok", _FLAT), ("ln", 1, 120, 91.0, "ok", _FLAT),
-        ("ln", 2, 120, 92.0, "ok", _FLAT), ("ln", 3, 120, 93.0, "ok", _FLAT),
-        ("pn", 0, 120, 80.0, "ok", _FLAT), ("pn", 1, 120, 84.0, "ok", _FLAT),
-        ("in", 0, 120, 80.0, "ok", _FLAT), ("in", 1, 120, 81.0, "ok", _FLAT),
-        ("in", 2, 120, 82.0, "ok", _FLAT), ("in", 3, 120, 83.0, "ok", _FLAT)])
-    longer = _store(tmp_path / "x3", [
-        ("bn", 0, 360, 76.0, "ok", _FLAT), ("bn", 1, 360, 76.0, "ok", _FLAT),
-        ("bn", 2, 360, 70.0, "ok", _FLAT), ("bn", 3, 360, 81.0, "ok", _FLAT),
-        ("ln", 0, 360, 93.0, "ok", _FLAT), ("ln", 1, 360, 94.0, "ok", _FLAT),
-        ("ln", 2, 360, 95.0, "ok", _FLAT), ("ln", 3, 360, 96.0, "ok", _FLAT),
-        ("pn", 0, 360, 81.0, "ok", _FLAT), ("pn", 1, 360, 87.0, "ok", _FLAT),
-        ("in", 0, 360, 80.0, "ok", _FLAT), ("in", 1, 360, 81.0, "ok", _FLAT),
-        ("in", 2, 360, 82.0, "ok", _FLAT), ("in", 3, 360, 10.0, "ok", _CHANCE)])
+    def seeds(length, accs, curves=None):  # store rows: seed i of each norm gets accs[i]
+        return [(norm, seed, length, acc, "ok", (curves or {}).get((norm, seed), _FLAT))
+                for norm, values in accs.items() for seed, acc in enumerate(values)]
+
+    run = _store(tmp_path / "q", seeds(120, {
+        "bn": [70.0, 82.0, 76.0, 74.0], "ln": [90.0, 91.0, 92.0, 93.0], "pn": [80.0, 84.0],
+        "in": [80.0, 81.0, 82.0, 83.0]}))
+    longer = _store(tmp_path / "x3", seeds(360, {
+        "bn": [76.0, 76.0, 70.0, 81.0], "ln": [93.0, 94.0, 95.0, 96.0], "pn": [81.0, 87.0],
+        "in": [80.0, 81.0, 82.0, 10.0]}, curves={("in", 3): _CHANCE}))
     # per seed, BN is 6 points below at seed 0 and 7 at seed 3
     assert main(["compare", str(run), str(longer)]) == 1
     assert "**below**" in capsys.readouterr().out

@@ -785,13 +785,6 @@ def length_comparison(short: Sequence[Record], long: Sequence[Record], tolerance
     from .presets import LENGTH_KEYS
     from .store import config_identity
 
-    def factor(a: Record, b: Record) -> str:
-        for k in LENGTH_KEYS:
-            x, y = a.config.get(k), b.config.get(k)
-            if isinstance(x, (int, float)) and isinstance(y, (int, float)) and x:
-                return f"{y / x:g}x"
-        return "?"
-
     longer = {config_identity(r.config, LENGTH_KEYS): r for r in long}
     by_task: dict[str, list[Record]] = {}
     for r in short:
@@ -820,7 +813,7 @@ def length_comparison(short: Sequence[Record], long: Sequence[Record], tolerance
                              "", "", "not compared"])
                 continue
             n += 1
-            factors.add(factor(r, other))
+            factors.add(_length_factor(r, other))
             flag_b = convergence(other, metric)[0]
             cells = [task, label, str(r.config.get("seed")), show(r, flag_a),
                      show(other, flag_b)]
@@ -847,17 +840,10 @@ def length_comparison(short: Sequence[Record], long: Sequence[Record], tolerance
     table = markdown_table(
         ["task", "cell", "seed", "run", "longer run", "run - longer", "noise (95%)",
          f"within {tolerance:g}?"], rows, ["l", "l", "r", "r", "r", "r", "r", "l"])
-    lengths = ", ".join(sorted(factors)) or "?"
-    summary = (f"{within} of {n} cells within {tolerance:g} points of the same cell trained "
-               f"longer ({lengths})")
-    if missing:
-        summary += f"; {missing} cell(s) have no longer run"
-    if worst is not None:
-        summary += f"; worst: {worst[1]}: {worst[0]:+.2f} points"
-    if below_in_noise:
-        summary += (f"; {below_in_noise} of the cells below are within the noise of the "
-                    "difference (the test set cannot tell them from within)")
-    return table + "\n\n" + summary + ".", n > 0 and within == n and not missing
+    summary = _comparison_summary(
+        within, n, tolerance, factors, missing, worst, below_in_noise,
+        "within the noise of the difference (the test set cannot tell them from within)")
+    return table + "\n\n" + summary, n > 0 and within == n and not missing
 
 
 def seed_mean_comparison(short: Sequence[Record], long: Sequence[Record],
@@ -904,12 +890,6 @@ def seed_mean_comparison(short: Sequence[Record], long: Sequence[Record],
     factors: set[str] = set()
     worst: tuple[float, str] | None = None
 
-    def mean_text(values: list[float]) -> str:
-        if len(values) < 2:
-            return f"{values[0]:.2f}"
-        half = t_quantile(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-        return f"{statistics.fmean(values):.2f} ± {half:.2f}"
-
     by_task: dict[str, list[list[Record]]] = {}
     for group in cells.values():
         by_task.setdefault(str(group[0].config.get("task")), []).append(group)
@@ -924,11 +904,7 @@ def seed_mean_comparison(short: Sequence[Record], long: Sequence[Record],
                 rows.append([task, label, seeds, "", "not run", "", "not compared"])
                 continue
             n += 1
-            for k in LENGTH_KEYS:
-                x, y = group[0].config.get(k), other[0].config.get(k)
-                if isinstance(x, (int, float)) and isinstance(y, (int, float)) and x:
-                    factors.add(f"{y / x:g}x")
-                    break
+            factors.add(_length_factor(group[0], other[0]))
             pd = paired_difference(group, other, metric)
             if pd is None:
                 rows.append([task, label, seeds, "", "", "", "**no seed trained in both**"])
@@ -946,23 +922,44 @@ def seed_mean_comparison(short: Sequence[Record], long: Sequence[Record],
             below_in_noise += (not ok) and in_noise
             within += ok
             diff = (f"{pd.mean:+.2f} ± {pd.half_width:.2f}" if pd.n > 1 else f"{pd.mean:+.2f}")
-            rows.append([task, label, str(pd.n), mean_text(run_values),
-                         mean_text(long_values), diff,
+            rows.append([task, label, str(pd.n), fmt_summary(Summary(tuple(run_values))),
+                         fmt_summary(Summary(tuple(long_values))), diff,
                          "within" if ok else "**below**" + (" (within the noise)"
                                                             if in_noise else "")])
     table = markdown_table(
         ["task", "cell", "seeds", "run (mean)", "longer run (mean)", "run - longer (paired)",
          f"within {tolerance:g}?"], rows, ["l", "l", "r", "r", "r", "r", "l"])
+    summary = _comparison_summary(
+        within, n, tolerance, factors, missing, worst, below_in_noise,
+        "within the noise (their paired interval reaches 0)", scope=", over the seeds")
+    return table + "\n\n" + summary, n > 0 and within == n and not missing
+
+
+def _length_factor(a: Record, b: Record) -> str:
+    """How many times longer ``b`` trained than ``a`` (``"3x"``), from the first training
+    length (:data:`~bgnorm.repro.presets.LENGTH_KEYS`) both configs give; ``"?"`` if none."""
+    from .presets import LENGTH_KEYS
+
+    for k in LENGTH_KEYS:
+        x, y = a.config.get(k), b.config.get(k)
+        if isinstance(x, (int, float)) and isinstance(y, (int, float)) and x:
+            return f"{y / x:g}x"
+    return "?"
+
+
+def _comparison_summary(within: int, n: int, tolerance: float, factors: set[str],
+                        missing: int, worst: tuple[float, str] | None, below_in_noise: int,
+                        in_noise: str, scope: str = "") -> str:
+    """The last line of :func:`length_comparison` and :func:`seed_mean_comparison`."""
     summary = (f"{within} of {n} cells within {tolerance:g} points of the same cell trained "
-               f"longer ({', '.join(sorted(factors)) or '?'}), over the seeds")
+               f"longer ({', '.join(sorted(factors)) or '?'}){scope}")
     if missing:
         summary += f"; {missing} cell(s) have no longer run"
     if worst is not None:
         summary += f"; worst: {worst[1]}: {worst[0]:+.2f} points"
     if below_in_noise:
-        summary += (f"; {below_in_noise} of the cells below are within the noise (their "
-                    "paired interval reaches 0)")
-    return table + "\n\n" + summary + ".", n > 0 and within == n and not missing
+        summary += f"; {below_in_noise} of the cells below are {in_noise}"
+    return summary + "."
 
 
 def _cell_label(record: Record, varying: Sequence[str]) -> str:

@@ -352,7 +352,7 @@ def _spread_note(cells: Mapping[Any, Summary]) -> str:
     ``t(2n - 2) * s * sqrt(2 / n)`` apart (unpaired: pairing by seed does not remove a
     spread that comes from the adaptation's own draw).
     """
-    sds = sorted(statistics.stdev(v.values) for v in cells.values() if v and len(v.values) > 1)
+    sds = sorted(v.std for v in cells.values() if v and len(v.values) > 1)
     seeds = [len(v.values) for v in cells.values() if v and v.values]
     if not sds:
         return ("*Seeds:* one a cell, so the spread from run to run is not measured (on the "

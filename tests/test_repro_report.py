@@ -345,6 +345,33 @@ def test_convergence_flags_each_case():
     assert R.convergence(Record("d", cfg, "diverged", {}, 1.0))[0] == R.NOT_MEASURED
 
 
+def test_convergence_judges_the_fit_loss_where_the_training_loss_adds_terms():
+    # CAN: the training loss is cross-entropy + CDD, and the CDD keeps falling (0.9 -> 0.6
+    # over the last quarter, 27% of its whole fall) after the accuracy and the cross-entropy
+    # have settled
+    cfg = {"seed": 0, "norm": "bn", "method": "can"}
+    rec = _curved(cfg, [80, 90, 95.0, 95.2], [2.0, 1.2, 0.9, 0.6], num_classes=10)
+    assert R.convergence(rec)[0] == R.STILL_IMPROVING
+    for p, fit in zip(rec.result["curve"], [1.0, 0.3, 0.12, 0.11], strict=True):
+        p["fit_loss"] = fit
+    flag, why = R.convergence(rec)
+    assert flag == R.CONVERGED and "training cross-entropy (fit_loss) 0.120 -> 0.110" in why
+    # the cross-entropy still falling is still improving, said so
+    rec.result["curve"][-1]["fit_loss"] = 0.02
+    flag, why = R.convergence(rec)
+    assert flag == R.STILL_IMPROVING and "training cross-entropy (fit_loss) fell" in why
+    # a cross-entropy above half a uniform guess's did not fit, though the record's training
+    # loss is not a plain cross-entropy (no result["loss"])
+    for p, fit in zip(rec.result["curve"], [2.3, 2.0, 1.9, 1.9], strict=True):
+        p["fit_loss"] = fit
+    flag, why = R.convergence(rec)
+    assert flag == R.DID_NOT_FIT and "training cross-entropy ended at 1.900" in why
+    # a curve with fit_loss on some points only (e.g. resumed from an older record) is judged
+    # on the training loss
+    del rec.result["curve"][0]["fit_loss"]
+    assert R.convergence(rec)[0] == R.STILL_IMPROVING
+
+
 def test_only_the_last_stage_of_a_curve_is_judged():
     cfg = {"seed": 0, "norm": "bn", "batch_size": 16}
     rec = _curved(cfg, [80, 90, 95.0, 95.2], [1.0, 0.5, 0.30, 0.29])

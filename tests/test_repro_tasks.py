@@ -41,6 +41,13 @@ def test_task_smoke_end_to_end(tmp_path, task, rows):
         assert all({"step", "train_loss", "metric", "progress"} <= set(p) for p in curve)
     if task == "domain-adaptation":  # CAN's protocol: tested on every target image
         assert {r["result"]["n_test"] for r in recs} == {1797}
+        # CAN's curve also records the labels' cross-entropy, judged by the convergence flag
+        for r in recs:
+            fits = [p.get("fit_loss") for p in r["result"]["curve"]]
+            if r["config"]["method"] == "can":
+                assert all(isinstance(v, float) and v > 0 for v in fits), fits
+            else:
+                assert fits == [None] * len(fits)
     text = render_report(out)
     assert rows[-1] in text
     if task == "domain-adaptation":

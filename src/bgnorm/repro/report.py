@@ -77,8 +77,9 @@ NOT_JUDGED = "not judged"
 CONVERGED, STILL_IMPROVING, DID_NOT_TRAIN, NOT_MEASURED = (
     "converged", "still improving", "did not train", "not measured")
 #: :func:`convergence`: a cell whose training loss (the labels' cross-entropy: records with
-#: ``result["loss"] == "cross-entropy"``) ended above ``FIT_LOSS * ln K`` (K classes) did not
-#: fit its training data: a result (the norm failed), not a run cut short.
+#: ``result["loss"] == "cross-entropy"``, or the curve's ``fit_loss``) ended above
+#: ``FIT_LOSS * ln K`` (K classes) did not fit its training data: a result (the norm failed),
+#: not a run cut short.
 DID_NOT_FIT = "did not fit"
 FIT_LOSS = 0.5
 #: Table mark of a cell with a seed that did not fit its training data.
@@ -101,7 +102,9 @@ CONVERGENCE_CRITERION = (
     "its noise (the binomial 95% half-width 1.96·sqrt(p(1-p)/n) at the final metric p and "
     "the n test examples; for episodic metrics the 95% interval over episodes), or the "
     "training loss fell by more than "
-    f"{LOSS_FALL:.0%} of its whole fall over training (from its highest point to the end); "
+    f"{LOSS_FALL:.0%} of its whole fall over training (from its highest point to the end; "
+    "where the training loss adds a term to the labels' cross-entropy, e.g. CAN's domain "
+    "discrepancy, the cross-entropy part is the one judged); "
     "*did not fit* (checked first, for a training loss that is the labels' cross-entropy): "
     f"it trained, but its training loss ended above {FIT_LOSS:g} ln K, half a uniform "
     "guess's: the network did not fit its training data, the norm failed whatever its last "
@@ -656,18 +659,31 @@ def _metric_noise(point: Mapping[str, Any], n_test: Any, z: float = 1.96) -> flo
     return 100.0 * z * math.sqrt(p * (1 - p) / n_test)
 
 
-def _did_not_fit(record: Record, last: Mapping[str, Any]) -> str | None:
-    """Why ``record`` did not fit its training data (:data:`DID_NOT_FIT`), or None."""
+def _fit_key(points: Sequence[Mapping[str, Any]]) -> str:
+    """The curve's loss that measures the fit of the labels: ``fit_loss`` (the labels'
+    cross-entropy, recorded by tasks whose training loss adds other terms, e.g. CAN's CDD)
+    when every point has it, else ``train_loss``."""
+    has = all(isinstance(p.get("fit_loss"), (int, float)) for p in points)
+    return "fit_loss" if points and has else "train_loss"
+
+
+def _did_not_fit(record: Record, points: Sequence[Mapping[str, Any]]) -> str | None:
+    """Why ``record`` did not fit its training data (:data:`DID_NOT_FIT`), or None: its
+    labels' cross-entropy (the training loss of a ``"cross-entropy"`` record, or the curve's
+    ``fit_loss``) ended above ``FIT_LOSS * ln K``."""
     classes = record.result.get("num_classes")
-    loss = last.get("train_loss")
-    if record.result.get("loss") != "cross-entropy":  # e.g. PGD's or CAN's training losses
+    key = _fit_key(points)
+    loss = points[-1].get(key)
+    # PGD's training loss is the adversarial examples' cross-entropy: not judged
+    if key == "train_loss" and record.result.get("loss") != "cross-entropy":
         return None
     if not isinstance(classes, int) or classes < 2 or not isinstance(loss, (int, float)):
         return None
     limit = FIT_LOSS * math.log(classes)
     if not math.isfinite(loss) or loss <= limit:
         return None
-    return (f"its training loss ended at {loss:.3f}, above {FIT_LOSS:g} ln {classes} = "
+    what = "training loss" if key == "train_loss" else "training cross-entropy"
+    return (f"its {what} ended at {loss:.3f}, above {FIT_LOSS:g} ln {classes} = "
             f"{limit:.3f} (a uniform guess: {math.log(classes):.3f}): it did not fit its "
             "training data")
 
@@ -678,7 +694,9 @@ def convergence(record: Record, metric: str = "acc") -> tuple[str, str]:
     result, checked before "still improving") or
     :data:`NOT_MEASURED`, by :data:`CONVERGENCE_CRITERION`, from the record's learning curve
     (the points of its last stage in ``result["curve"]``, each with ``metric``, ``train_loss``
-    and ``progress``, the fraction of the stage done).
+    and ``progress``, the fraction of the stage done). Where every point also has ``fit_loss``
+    (the labels' cross-entropy of a task whose training loss adds other terms, e.g. CAN's
+    CDD, which keeps falling after the accuracy has settled), the loss judged is ``fit_loss``.
 
     Let ``a`` be the last point at or before :data:`LAST_QUARTER` of the stage and ``b`` the
     last point. Still improving: ``metric_b - metric_a`` exceeds the 95% noise half-width of
@@ -708,7 +726,9 @@ def convergence(record: Record, metric: str = "acc") -> tuple[str, str]:
         return NOT_MEASURED, ("no learning curve in the record" if not points
                               else "one evaluation only")
     last = points[-1]
-    unfit = _did_not_fit(record, last)
+    unfit = _did_not_fit(record, points)
+    key = _fit_key(points)
+    what = "training loss" if key == "train_loss" else "training cross-entropy (fit_loss)"
 
     def frac(i: int, p: Mapping[str, Any]) -> float:
         v = p.get("progress")
@@ -720,8 +740,8 @@ def convergence(record: Record, metric: str = "acc") -> tuple[str, str]:
     ref = before[-1]
     gain = float(last["metric"]) - float(ref["metric"])
     noise = _metric_noise(last, record.result.get("n_test"))
-    la, lb = float(ref["train_loss"]), float(last["train_loss"])
-    losses = [float(p["train_loss"]) for p in points if p.get("train_loss") is not None]
+    la, lb = float(ref[key]), float(last[key])
+    losses = [float(p[key]) for p in points if p.get(key) is not None]
     top = max((v for v in losses if math.isfinite(v)), default=la)
     total = top - lb
     fall = (la - lb) / total if total > 0 and math.isfinite(la) and math.isfinite(lb) else 0.0
@@ -732,9 +752,9 @@ def convergence(record: Record, metric: str = "acc") -> tuple[str, str]:
         return STILL_IMPROVING, (f"the metric rose {gain:+.2f} pp {span}, more than its noise "
                                  f"±{noise:.2f}")
     if fall > LOSS_FALL:
-        return STILL_IMPROVING, (f"the training loss fell {la:.3f} -> {lb:.3f} {span}, "
+        return STILL_IMPROVING, (f"the {what} fell {la:.3f} -> {lb:.3f} {span}, "
                                  f"{fall:.0%} of its whole fall ({top:.3f} -> {lb:.3f})")
-    return CONVERGED, (f"metric {gain:+.2f} pp (noise ±{noise:.2f}), training loss "
+    return CONVERGED, (f"metric {gain:+.2f} pp (noise ±{noise:.2f}), {what} "
                        f"{la:.3f} -> {lb:.3f} {span} ({max(fall, 0.0):.0%} of its whole fall)")
 
 

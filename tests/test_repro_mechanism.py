@@ -225,6 +225,18 @@ def test_report_states_the_threshold_and_the_claims(tmp_path):
     assert "### Convergence" not in text
 
 
+def test_report_judges_the_policy_where_bn_fails_when_it_ran(tmp_path):
+    assert "policy's G holds" not in M.report_mechanism(_headline(), tmp_path)
+    text = M.report_mechanism(_headline() + [_record("bgn-auto", 1, 2, 97.9, values=512)],
+                              tmp_path)
+    assert ("✅ **BGN with the per-layer policy's G holds where BN fails** — *held*. BGN "
+            "(policy's G) at 1x1, b=2: 97.90 vs BN 26.30") in text
+    # a policy cell that collapsed with BN is reported as such
+    text = M.report_mechanism(_headline() + [_record("bgn-auto", 1, 2, 25.0, values=2)],
+                              tmp_path)
+    assert "policy's G holds where BN fails** — *did not hold*" in text
+
+
 def test_report_judges_no_claim_on_a_cell_still_improving(tmp_path):
     text = M.report_mechanism(_headline(bn_b2_rising=True), tmp_path)
     assert "**BN fails where its statistics see few values** — *not judged*" in text

@@ -493,23 +493,34 @@ def _claims(acc: Mapping[tuple[str, int, int], Summary],
             claims.append(Claim(name, "inconclusive",
                                 f"BN failed at some points and held at others with more and "
                                 f"fewer values (no single threshold): {listing}; {tol_txt}."))
-    name = "GN and BGN with the paper's G hold where BN fails"
-    if unjudged is not None:
-        claims.append(Claim(name, "not judged", "Needs BN's verdict (see above)."))
-        return claims + _large_batch_claim(acc, values, tol, tol_txt)
-    if not failing:
-        claims.append(Claim(name, "not tested", "BN failed in no cell."))
-        return claims + _large_batch_claim(acc, values, tol, tol_txt)
+    holds = [("GN and BGN with the paper's G hold where BN fails", ("gn", "bgn"))]
+    if any(k[0] == "bgn-auto" for k in acc):
+        holds.append(("BGN with the per-layer policy's G holds where BN fails", ("bgn-auto",)))
+    for name, variants in holds:
+        if unjudged is not None:
+            claims.append(Claim(name, "not judged", "Needs BN's verdict (see above)."))
+        elif not failing:
+            claims.append(Claim(name, "not tested", "BN failed in no cell."))
+        else:
+            claims.append(_holds_where_bn_fails(name, variants, failing, acc, tol, tol_txt))
+    return claims + _large_batch_claim(acc, values, tol, tol_txt)
+
+
+def _holds_where_bn_fails(name: str, variants: Sequence[str],
+                          failing: Sequence[tuple[str, int, int]],
+                          acc: Mapping[tuple[str, int, int], Summary], tol: float,
+                          tol_txt: str) -> Claim:
+    """``variants`` against BN in each cell where BN failed: *held* when every one is more
+    than ``tol`` above BN there, *did not hold* when one is more than ``tol`` below."""
     others = {f"{_label(v)} at {f}x{f}, b={b}": acc.get((v, f, b))
-              for (_, f, b) in failing for v in ("gn", "bgn")}
+              for (_, f, b) in failing for v in variants}
     unjudged = not_judged(name, {k: s for k, s in others.items() if s is not None})
     if unjudged is not None:
-        claims.append(unjudged)
-        return claims + _large_batch_claim(acc, values, tol, tol_txt)
+        return unjudged
     gaps, missing = [], []
     for _, f, b in failing:
         bn = acc[("bn", f, b)]
-        for v in ("gn", "bgn"):
+        for v in variants:
             s = acc.get((v, f, b))
             if s is None or not s.ok:
                 missing.append(f"{_label(v)} at {f}x{f}, b={b}")
@@ -521,14 +532,11 @@ def _claims(acc: Mapping[tuple[str, int, int], Summary],
             gaps.append((f"{_label(v)} at {f}x{f}, b={b}: {s.mean:.2f} vs BN {bn.mean:.2f}",
                          s.mean - bn.mean))
     if not gaps:
-        claims.append(Claim(name, "not tested", f"Not run: {', '.join(missing)}."))
-    else:
-        verdict = ("held" if all(g > tol for _, g in gaps) else
-                   "did not hold" if any(g < -tol for _, g in gaps) else "inconclusive")
-        claims.append(Claim(name, verdict, "; ".join(t for t, _ in gaps)
-                            + (f"; not run: {', '.join(missing)}" if missing else "")
-                            + f"; {tol_txt}."))
-    return claims + _large_batch_claim(acc, values, tol, tol_txt)
+        return Claim(name, "not tested", f"Not run: {', '.join(missing)}.")
+    verdict = ("held" if all(g > tol for _, g in gaps) else
+               "did not hold" if any(g < -tol for _, g in gaps) else "inconclusive")
+    return Claim(name, verdict, "; ".join(t for t, _ in gaps)
+                 + (f"; not run: {', '.join(missing)}" if missing else "") + f"; {tol_txt}.")
 
 
 def _large_batch_claim(acc: Mapping[tuple[str, int, int], Summary],

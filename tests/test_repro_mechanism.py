@@ -237,6 +237,29 @@ def test_report_judges_the_policy_where_bn_fails_when_it_ran(tmp_path):
     assert "policy's G holds where BN fails** — *did not hold*" in text
 
 
+def test_report_judges_whether_the_failure_follows_the_values_per_statistic(tmp_path):
+    name = "**The failure follows the values per statistic, not the norm"
+    # bgn-g64's 4 values lie between BN's failing 2 and holding 8: no BGN cell to judge
+    assert f"{name} (BGN fails where its statistics see as few values as BN's failing ones)** " \
+           "— *not tested*. No BGN cell has 2 values per statistic or fewer" in \
+           M.report_mechanism(_headline(), tmp_path)
+    # G = 512 at b = 2 sees 2 values (fails, as BN there); at b = 32, 32 values (holds)
+    recs = _headline() + [_record("bgn-g512", 4, 2, 10.0, values=2),
+                          _record("bgn-g512", 1, 32, 97.9, values=32)]
+    text = M.report_mechanism(recs, tmp_path)
+    assert f"✅ {name}" in text
+    assert ("*held*. Every BGN cell with 2 values per statistic or fewer failed and every one "
+            "with 8 to 32 held, as BN did (its best 98.20): BGN (G=512) at 4x4, b=2: 2 values, "
+            "10.00; BGN (G=512) at 1x1, b=32: 32 values, 97.90") in text
+    # a BGN cell below the threshold that held is named
+    recs[-2] = _record("bgn-g512", 4, 2, 98.0, values=2)
+    text = M.report_mechanism(recs, tmp_path)
+    assert ("*did not hold*. Against BN's threshold (fail at 2 values or fewer, hold from 8): "
+            "BGN (G=512) at 4x4, b=2: 2 values, 98.00 went the other way") in text
+    # no fixed-G BGN ran (the quick preset): no such claim
+    assert name not in M.report_mechanism(_headline()[:-1], tmp_path)
+
+
 def test_report_judges_no_claim_on_a_cell_still_improving(tmp_path):
     text = M.report_mechanism(_headline(bn_b2_rising=True), tmp_path)
     assert "**BN fails where its statistics see few values** — *not judged*" in text

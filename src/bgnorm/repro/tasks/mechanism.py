@@ -467,8 +467,13 @@ def _claims(acc: Mapping[tuple[str, int, int], Summary],
         return [Claim(name, "not tested", "Needs BN at two or more values per statistic.")]
     unjudged = not_judged(name, bn_cells)
     failing: list[tuple[str, int, int]] = []
+    # judged where a fixed-G BGN ran: a large G at a small batch is the designed test
+    follows: Claim | None = None
+    if any(_FIXED_G.fullmatch(k[0]) for k in acc):
+        follows = Claim(_FOLLOWS, "not tested", "BN showed no single threshold (see above).")
     if unjudged is not None:
         claims.append(unjudged)
+        follows = follows and Claim(_FOLLOWS, "not judged", "Needs BN's verdict (see above).")
     else:
         points = sorted(((values[k][0], acc[k]) for k in bn_keys), key=lambda p: p[0])
         kind, fail_max, hold_min, best = bn_threshold(points, tol)
@@ -477,6 +482,10 @@ def _claims(acc: Mapping[tuple[str, int, int], Summary],
                             for k in sorted(bn_keys, key=lambda k: (values[k][0], -k[1])))
         if kind == "threshold":
             failing = [k for k in bn_keys if values[k][0] <= fail_max]
+            if follows is not None:
+                follows = _follows_values(acc, values, fail_max, hold_min,
+                                          max(values[k][0] for k in bn_keys), best, tol,
+                                          tol_txt)
             claims.append(Claim(name, "held",
                                 f"BN failed (more than the noise below its best, {best:.2f}) "
                                 f"with {fail_max} values per statistic or fewer and held from "
@@ -493,6 +502,8 @@ def _claims(acc: Mapping[tuple[str, int, int], Summary],
             claims.append(Claim(name, "inconclusive",
                                 f"BN failed at some points and held at others with more and "
                                 f"fewer values (no single threshold): {listing}; {tol_txt}."))
+    if follows is not None:
+        claims.append(follows)
     holds = [("GN and BGN with the paper's G hold where BN fails", ("gn", "bgn"))]
     if any(k[0] == "bgn-auto" for k in acc):
         holds.append(("BGN with the per-layer policy's G holds where BN fails", ("bgn-auto",)))
@@ -504,6 +515,49 @@ def _claims(acc: Mapping[tuple[str, int, int], Summary],
         else:
             claims.append(_holds_where_bn_fails(name, variants, failing, acc, tol, tol_txt))
     return claims + _large_batch_claim(acc, values, tol, tol_txt)
+
+
+_FOLLOWS = ("The failure follows the values per statistic, not the norm (BGN fails where its "
+            "statistics see as few values as BN's failing ones)")
+
+
+def _follows_values(acc: Mapping[tuple[str, int, int], Summary],
+                    values: Mapping[tuple[str, int, int], tuple[int, float]], fail_max: int,
+                    hold_min: int, bn_max: int, best: float, tol: float, tol_txt: str) -> Claim:
+    """Every BGN cell (any G; batch statistics, as BN's) whose smallest values per statistic
+    lie in BN's tested range against BN's threshold: at ``fail_max`` values or fewer it should
+    fail (more than ``tol`` below BN's best, ``best``), from ``hold_min`` up to ``bn_max`` hold.
+    *held* when every such cell does, and at least one BGN cell is below the threshold."""
+    cells = {k: s for k, s in acc.items() if k in values and k[0] not in ("bn", "gn")
+             and (values[k][0] <= fail_max or hold_min <= values[k][0] <= bn_max)}
+    below = [k for k in cells if values[k][0] <= fail_max]
+    if not below:
+        return Claim(_FOLLOWS, "not tested", f"No BGN cell has {fail_max} values per statistic "
+                     "or fewer (a large fixed G at a small batch, e.g. bgn-g512 at b=2).")
+    unjudged = not_judged(_FOLLOWS, {f"{_label(k[0])} at {k[1]}x{k[1]}, b={k[2]}": s
+                                     for k, s in cells.items()})
+    if unjudged is not None:
+        return unjudged
+
+    def failed(s: Summary) -> bool:
+        return s.all_diverged or (s.ok and s.mean < best - tol)
+
+    def text(k: tuple[str, int, int]) -> str:
+        s = cells[k]
+        return (f"{_label(k[0])} at {k[1]}x{k[1]}, b={k[2]}: {values[k][0]} values, "
+                + ("diverged" if not s.ok else f"{s.mean:.2f}"))
+
+    wrong = [k for k in cells if failed(cells[k]) != (values[k][0] <= fail_max)]
+    order = sorted(cells, key=lambda k: (values[k][0], k))
+    if not wrong:
+        return Claim(_FOLLOWS, "held",
+                     f"Every BGN cell with {fail_max} values per statistic or fewer failed and "
+                     f"every one with {hold_min} to {bn_max} held, as BN did (its best "
+                     f"{best:.2f}): " + "; ".join(text(k) for k in order) + f"; {tol_txt}.")
+    return Claim(_FOLLOWS, "did not hold",
+                 f"Against BN's threshold (fail at {fail_max} values or fewer, hold from "
+                 f"{hold_min}): " + "; ".join(text(k) for k in sorted(wrong, key=order.index))
+                 + f" went the other way; {tol_txt}.")
 
 
 def _holds_where_bn_fails(name: str, variants: Sequence[str],

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from bgnorm.cli import main
-from bgnorm.repro.api import Task
+from bgnorm.repro.api import Record, Task
 from bgnorm.repro.presets import CLASSIFY_PRESETS
 from bgnorm.repro.runner import plan_cells, scale_lengths
 from bgnorm.repro.tasks.adversarial import ADV_PRESETS
@@ -220,3 +220,88 @@ def test_compare_over_seeds_judges_the_paired_mean(tmp_path, capsys):
     only_bn = _store(tmp_path / "x3c", [("bn", s, 360, 75.0, "ok", _FLAT) for s in range(4)])
     assert main(["compare", str(run), str(only_bn), "--over-seeds"]) == 1
     assert "3 cell(s) have no longer run" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# bgnorm report --longer: the longer run decides a cell's convergence flag
+# --------------------------------------------------------------------------------------------
+
+_RISING = [(80.0, 1.0), (85.0, 0.6), (88.0, 0.4), (92.0, 0.3)]
+
+
+def test_convergence_takes_the_longer_runs_verdict(tmp_path):
+    from bgnorm.repro.report import CONVERGED, DID_NOT_FIT, STILL_IMPROVING, convergence
+    from bgnorm.repro.store import read_records
+
+    def one(tmp, rows):
+        return read_records(_store(tmp, rows))
+
+    tmp = tmp_path
+    [rising] = one(tmp / "a", [("bn", 0, 120, 92.0, "ok", _RISING)])
+    assert convergence(rising)[0] == STILL_IMPROVING  # the curve's proxy: +4 over the last quarter
+    [settled] = one(tmp / "b", [("bn", 0, 360, 93.0, "ok", _FLAT)])
+    [better] = one(tmp / "c", [("bn", 0, 360, 95.0, "ok", _FLAT)])
+    [lost] = one(tmp / "d", [("bn", 0, 360, 0.0, "diverged", None)])
+    rising.longer = settled
+    assert convergence(rising) == (CONVERGED, "the same cell trained 3x longer: 93.00 (+1.00 pp, "
+                                              "within 1.5)")
+    rising.longer = better
+    assert convergence(rising) == (STILL_IMPROVING, "the same cell trained 3x longer reached "
+                                                    "95.00 (+3.00 pp, more than 1.5)")
+    rising.longer = lost  # a diverged longer run says nothing: the curve decides
+    assert convergence(rising)[0] == STILL_IMPROVING
+    # a record without a curve is judged by its longer run
+    [bare] = one(tmp / "e", [("bn", 0, 120, 92.0, "ok", None)])
+    bare.longer = settled
+    assert convergence(bare)[0] == CONVERGED
+    # did not fit stays a result whatever the longer run did
+    [unfit] = one(tmp / "f", [("bn", 0, 120, 30.0, "ok", [(30.0, 2.0)] * 4)])
+    unfit.result["loss"] = "cross-entropy"
+    unfit.longer = better
+    assert convergence(unfit)[0] == DID_NOT_FIT
+
+
+def _task_store(path, task, rows):
+    """A store of ``task``'s smoke cells (real configs): rows of (cell index, length factor,
+    acc, curve)."""
+    from bgnorm.repro.store import ResultStore, cell_id, store_path
+    from bgnorm.repro.tasks.base import get_task
+
+    cells = get_task(task).cells("smoke", {})
+    store = ResultStore(store_path(path))
+    for i, factor, acc, curve in rows:
+        config = scale_lengths(cells[i], factor) if factor != 1 else dict(cells[i])
+        result = {"acc": acc, "n_test": 300, "num_classes": 10, "steps": 10 * factor,
+                  "clean_acc": acc,
+                  "curve": [{"progress": (k + 1) / len(curve), "metric": m, "train_loss": l,
+                             "step": (k + 1) * factor, "epoch": k + 1, "stage": "train"}
+                            for k, (m, l) in enumerate(curve)]}
+        store.append(Record(cell_id(config), config, "ok", result, 1.0))
+    return path
+
+
+def test_report_longer_flags_cells_from_the_longer_run(tmp_path, capsys):
+    run = _task_store(tmp_path / "q", "batch-size", [(0, 1, 92.0, _RISING),
+                                                      (1, 1, 90.0, _RISING),
+                                                      (2, 1, 91.0, _FLAT)])
+    longer = _task_store(tmp_path / "x3", "batch-size", [(0, 3, 92.5, _FLAT),
+                                                          (1, 3, 96.0, _FLAT)])
+    assert main(["report", str(run), "--quiet"]) == 0
+    assert "1 converged, 2 still improving" in (run / "report.md").read_text()
+    assert main(["report", str(run), "--quiet", "--longer", str(longer)]) == 0
+    text = (run / "report.md").read_text()
+    assert ("Convergence of 2 of them checked against the same cells trained longer in "
+            f"`{longer}`") in text
+    assert "2 converged, 1 still improving" in text
+    assert "the same cell trained 3x longer: 92.50 (+0.50 pp, within 1.5)" in text
+    assert "the same cell trained 3x longer reached 96.00 (+6.00 pp, more than 1.5)" in text
+    assert "92.50" not in text.split("### Convergence")[0]  # the tables keep this run's numbers
+    # a longer run that is in fact shorter is no evidence
+    shorter = _task_store(tmp_path / "x03", "batch-size", [(2, 1, 91.0, _FLAT)])
+    from bgnorm.repro.report import attach_longer
+    from bgnorm.repro.store import read_records
+    assert all(r.longer is None for r in attach_longer(read_records(longer),
+                                                       read_records(shorter)))
+    capsys.readouterr()
+    assert main(["report", str(run), "--longer", str(tmp_path / "none")]) == 2
+    assert f"no results*.jsonl store in {tmp_path / 'none'}" in capsys.readouterr().err

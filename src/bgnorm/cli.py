@@ -247,6 +247,11 @@ def _parser() -> argparse.ArgumentParser:
     rr.add_argument("out", type=Path, help="run directory")
     rr.add_argument("--task", default=None, help="only these tasks (comma list)")
     rr.add_argument("--quiet", action="store_true", help="do not print the report")
+    rr.add_argument("--longer", action="append", type=Path, default=[], metavar="DIR",
+                    help="a run directory with some of the same cells trained longer (e.g. "
+                         "--epochs 3x of the cells flagged still improving; repeatable): "
+                         "their convergence flags come from that run (converged when it ends "
+                         "at most 1.5 points higher), their numbers stay this run's")
 
     tp = sub.add_parser("tasks", help="list the tasks and their presets")
     tp.add_argument("--settings", action="store_true",
@@ -506,11 +511,12 @@ def _report(args: argparse.Namespace) -> int:
     from .repro.runner import render_report
     from .repro.store import store_files
 
-    if not store_files(args.out):
-        print(f"bgnorm: no results*.jsonl store in {args.out}", file=sys.stderr)
-        return 2
+    for d in (args.out, *args.longer):
+        if not store_files(d):
+            print(f"bgnorm: no results*.jsonl store in {d}", file=sys.stderr)
+            return 2
     tasks = _tasks(args.task, None) if args.task else None
-    text = render_report(args.out, tasks)
+    text = render_report(args.out, tasks, longer=args.longer)
     if not args.quiet:
         print(text)
     print(f"Report: {args.out / 'report.md'}", file=sys.stderr)

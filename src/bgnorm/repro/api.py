@@ -91,6 +91,11 @@ class Record:
     result: dict[str, Any]
     seconds: float
     meta: dict[str, Any] = field(default_factory=dict)  # host, torch version, commit, time
+    #: the same cell trained longer, when the report was given such a run (``bgnorm report
+    #: --longer DIR``, :func:`~bgnorm.repro.report.attach_longer`): its convergence flag is
+    #: then the suite's rule (within 1.5 points of the longer run), not the curve's proxy.
+    #: Never stored.
+    longer: Record | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

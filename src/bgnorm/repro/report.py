@@ -20,6 +20,7 @@ Helpers any task can use to render its records the way the papers lay out their 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import statistics
@@ -93,6 +94,10 @@ LAST_QUARTER = 0.75
 #: relative fall: with a schedule that anneals to 0 a converged network's loss keeps shrinking
 #: at the end (0.025 -> 0.016, a 36% relative fall, is 2% of a fall from 0.5).
 LOSS_FALL = 0.10
+#: :func:`convergence` with a longer run of the same cell (``Record.longer``): converged when
+#: the longer run's metric is at most this many points above the record's (the suite's rule,
+#: as :func:`length_comparison` checks it).
+LONGER_TOLERANCE = 1.5
 #: The criterion, as the report states it.
 CONVERGENCE_CRITERION = (
     "*did not train*: no training steps, no finite result, or at chance (within the test-set "
@@ -109,7 +114,10 @@ CONVERGENCE_CRITERION = (
     f"it trained, but its training loss ended above {FIT_LOSS:g} ln K, half a uniform "
     "guess's: the network did not fit its training data, the norm failed whatever its last "
     "quarter did (a result, judged like a converged cell and marked); "
-    "*converged*: otherwise. A cell with "
+    "*converged*: otherwise. Where the same cell was also trained longer (`bgnorm report "
+    "--longer DIR`), that run decides instead of the curve: *converged* when the longer run "
+    f"ends at most {LONGER_TOLERANCE:g} points above the cell, *still improving* when more. "
+    "A cell with "
     "fewer than two evaluations (or a record from before learning curves were stored) is "
     "*not measured* and judged as before. Claims are judged on converged cells only.")
 
@@ -722,11 +730,16 @@ def convergence(record: Record, metric: str = "acc") -> tuple[str, str]:
     if problem is not None:
         return DID_NOT_TRAIN, problem
     points = _final_stage(record)
+    if len(points) >= 2 and (unfit := _did_not_fit(record, points)) is not None:
+        return DID_NOT_FIT, unfit
+    if record.longer is not None:
+        checked = _longer_flag(record, record.longer, metric)
+        if checked is not None:
+            return checked
     if len(points) < 2:
         return NOT_MEASURED, ("no learning curve in the record" if not points
                               else "one evaluation only")
     last = points[-1]
-    unfit = _did_not_fit(record, points)
     key = _fit_key(points)
     what = "training loss" if key == "train_loss" else "training cross-entropy (fit_loss)"
 
@@ -746,8 +759,6 @@ def convergence(record: Record, metric: str = "acc") -> tuple[str, str]:
     total = top - lb
     fall = (la - lb) / total if total > 0 and math.isfinite(la) and math.isfinite(lb) else 0.0
     span = f"over the last quarter ({ref.get('progress', 0):.0%} -> 100% of training)"
-    if unfit is not None:
-        return DID_NOT_FIT, unfit
     if gain > noise:
         return STILL_IMPROVING, (f"the metric rose {gain:+.2f} pp {span}, more than its noise "
                                  f"±{noise:.2f}")
@@ -756,6 +767,52 @@ def convergence(record: Record, metric: str = "acc") -> tuple[str, str]:
                                  f"{fall:.0%} of its whole fall ({top:.3f} -> {lb:.3f})")
     return CONVERGED, (f"metric {gain:+.2f} pp (noise ±{noise:.2f}), {what} "
                        f"{la:.3f} -> {lb:.3f} {span} ({max(fall, 0.0):.0%} of its whole fall)")
+
+
+def _longer_flag(record: Record, longer: Record, metric: str) -> tuple[str, str] | None:
+    """:func:`convergence`'s flag from ``longer``, the same cell trained longer (None when it
+    diverged, did not train or lacks the metric: the curve decides then)."""
+    if longer.status != "ok" or training_problem(longer, metric) is not None:
+        return None
+    a, b = record.result.get(metric), longer.result.get(metric)
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (a, b)):
+        return None
+    d = float(b) - float(a)
+    run = f"the same cell trained {_length_factor(record, longer)} longer"
+    if d > LONGER_TOLERANCE:
+        return STILL_IMPROVING, (f"{run} reached {float(b):.2f} ({d:+.2f} pp, more than "
+                                 f"{LONGER_TOLERANCE:g})")
+    return CONVERGED, f"{run}: {float(b):.2f} ({d:+.2f} pp, within {LONGER_TOLERANCE:g})"
+
+
+def attach_longer(records: Sequence[Record], longer: Sequence[Record]) -> list[Record]:
+    """``records`` with each one's :attr:`~bgnorm.repro.api.Record.longer` set to the record
+    of ``longer`` that is the same cell trained longer: the same config but the training
+    lengths (:data:`~bgnorm.repro.presets.LENGTH_KEYS`) and ``runtime``, with a longer length
+    (a record without such a partner is returned as it is).
+
+    Example:
+        >>> def rec(epochs, acc):
+        ...     return Record(f"c{epochs}", {"task": "batch-size", "norm": "bn", "seed": 0,
+        ...                   "epochs": epochs}, "ok", {"acc": acc, "steps": 10 * epochs}, 1.0)
+        >>> [r] = attach_longer([rec(12, 97.0)], [rec(36, 97.4), rec(4, 90.0)])
+        >>> r.longer.config["epochs"], convergence(r)
+        (36, ('converged', 'the same cell trained 3x longer: 97.40 (+0.40 pp, within 1.5)'))
+    """
+    from .presets import LENGTH_KEYS
+    from .store import config_identity
+
+    index: dict[str, Record] = {}
+    for o in longer:
+        index.setdefault(config_identity(o.config, LENGTH_KEYS), o)
+    out = []
+    for r in records:
+        o = index.get(config_identity(r.config, LENGTH_KEYS))
+        factor = _length_factor(r, o) if o is not None else "?"
+        if o is not None and factor != "?" and float(factor[:-1]) > 1:
+            r = dataclasses.replace(r, longer=o)
+        out.append(r)
+    return out
 
 
 _CELL_KEYS = ("experiment", "method", "source", "target", "network", "role", "num_groups",
@@ -775,7 +832,8 @@ def _difference_noise(a: Record, b: Record, metric: str = "acc") -> float:
     return math.hypot(one(a), one(b))
 
 
-def length_comparison(short: Sequence[Record], long: Sequence[Record], tolerance: float = 1.5,
+def length_comparison(short: Sequence[Record], long: Sequence[Record],
+                      tolerance: float = LONGER_TOLERANCE,
                       metric: str = "acc") -> tuple[str, bool]:
     """Every cell of a run against the same cell trained longer (``bgnorm compare``): is the
     short run's metric within ``tolerance`` points of (or above) the long run's?
@@ -867,7 +925,8 @@ def length_comparison(short: Sequence[Record], long: Sequence[Record], tolerance
 
 
 def seed_mean_comparison(short: Sequence[Record], long: Sequence[Record],
-                         tolerance: float = 1.5, metric: str = "acc") -> tuple[str, bool]:
+                         tolerance: float = LONGER_TOLERANCE, metric: str = "acc"
+                         ) -> tuple[str, bool]:
     """:func:`length_comparison` over the seeds (``bgnorm compare --over-seeds``): is each
     cell's mean over its seeds within ``tolerance`` points of (or above) the same cell's mean
     trained longer?

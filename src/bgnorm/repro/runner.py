@@ -88,7 +88,13 @@ import torch
 from ..layers import AUTO
 from . import dist as _dist
 from .api import CellStopped, Diverged, Record, Task
-from .report import curves_section, training_problem, write_report
+from .report import (
+    LONGER_TOLERANCE,
+    attach_longer,
+    curves_section,
+    training_problem,
+    write_report,
+)
 from .store import (
     DISK_ERRNOS,
     CellLock,
@@ -1399,14 +1405,23 @@ def supersede_policy_records(records: Sequence[Record]) -> tuple[list[Record], l
             [records[i] for i in sorted(drop)])
 
 
-def render_report(out_dir: str | os.PathLike, tasks: Sequence[str] | None = None) -> str:
+def render_report(out_dir: str | os.PathLike, tasks: Sequence[str] | None = None,
+                  longer: Sequence[str | os.PathLike] = ()) -> str:
     """Merge every store in ``out_dir``, render each task's section and write ``report.md``.
 
     ``tasks`` restricts (and orders) the sections; by default every task with records, in
-    registration order. Returns the markdown.
+    registration order. ``longer``: run directories holding some of the same cells trained
+    longer (e.g. ``--epochs`` 3x of the cells flagged still improving): those cells'
+    convergence flags come from the longer run (:func:`~bgnorm.repro.report.attach_longer`);
+    their numbers in the tables stay this run's. Returns the markdown.
     """
     out = Path(out_dir)
     records, superseded = supersede_policy_records(read_records(out))
+    checked = 0
+    if longer:
+        long = supersede_policy_records([r for d in longer for r in read_records(d)])[0]
+        records = attach_longer(records, long)
+        checked = sum(r.longer is not None for r in records)
     from .tasks import _load_all  # noqa: F401  (registers the built-in tasks)
 
     present = []
@@ -1435,5 +1450,10 @@ def render_report(out_dir: str | os.PathLike, tasks: Sequence[str] | None = None
             "record of the same cell replaces (made under another G policy, or before the "
             "policy's per-layer G were part of the cell): "
             + ", ".join(f"`{r.cell_id}`" for r in superseded) + ".")
+    if longer:
+        preamble += (
+            f" Convergence of {checked} of them checked against the same cells trained longer "
+            f"in {', '.join(f'`{d}`' for d in longer)} (the suite's rule: converged when the "
+            f"longer run ends at most {LONGER_TOLERANCE:g} points higher).")
     path = write_report(out, sections, preamble=preamble)
     return path.read_text(encoding="utf-8")

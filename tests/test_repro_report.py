@@ -475,6 +475,28 @@ def test_claims_noise_is_paired_over_seeds():
     assert summary.by_seed() == {1: 80.0, 0: 70.0}
 
 
+def test_training_noise_comes_from_the_converged_cells():
+    """A collapsed cell (10 and 35% over two seeds) or one still improving spreads by another
+    regime than the settled cells' run-to-run noise; pooled, it inflated the tolerance of every
+    claim (the mechanism study: sigma 4.3 pp instead of 0.4)."""
+    settled = [R.Summary((97.0 + d, 97.4 + d), seeds=(0, 1)) for d in (0.0, 0.3, -0.2)]
+    settled.append(R.Summary((96.9, 97.1), seeds=(0, 1)))
+    sigma, df, _ = R.seed_residual(settled)
+    tol, text = R.noise_level(settled, 100_000)
+    collapsed = R.Summary((10.0, 35.0), seeds=(0, 1), unfit=("seed 0: ...", "seed 1: ..."))
+    moving = R.Summary((73.4, 96.1), seeds=(0, 1), unconverged=("seed 0: ...",))
+    assert R.seed_residual([*settled, collapsed])[0] > 10 * sigma
+    tol2, text2 = R.noise_level([*settled, collapsed, moving], 100_000)
+    assert tol2 == pytest.approx(tol) and text2 != text
+    assert "from the converged cells: 2 cell(s) still improving or that did not fit are left " \
+           "out" in text2
+    # with no settled cell of two seeds, every cell counts (and nothing is said left out)
+    one_seed = R.Summary((97.0,), seeds=(0,))
+    tol3, text3 = R.noise_level([one_seed, moving], 100_000)
+    assert tol3 == pytest.approx(R.t_quantile(1) * R.seed_residual([moving])[0])
+    assert "left out" not in text3
+
+
 def test_a_cell_that_did_not_fit_is_a_result_not_a_run_cut_short():
     """The mechanism study's BN at 2 values per statistic: its test accuracy jumps between
     evaluations and its cross-entropy stays near a uniform guess's (2.09 of 2.30 after 45

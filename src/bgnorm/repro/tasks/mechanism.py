@@ -351,14 +351,24 @@ def bn_threshold(points: Sequence[tuple[int, Summary]], tol: float
     if not ok:
         return "no data", None, None, float("nan")
     best = max(a for _, a in ok)
-    fail = sorted([v for v, a in ok if a < best - tol]
-                  + [v for v, s in points if s.all_diverged])
-    hold = sorted(v for v, a in ok if a >= best - tol)
+    fail = sorted(v for v, s in points if _failed(s, best, tol))
+    hold = sorted(v for v, s in points if s.ok and not _failed(s, best, tol))
     if not fail:
         return "none failed", None, min(hold), best
     if max(fail) < min(hold):
         return "threshold", max(fail), min(hold), best
     return "interleaved", max(fail), min(hold), best
+
+
+def _failed(s: Summary, best: float, tol: float) -> bool:
+    """A cell *fails* when every seed diverged or its mean is more than ``tol`` below ``best``."""
+    return s.all_diverged or (s.ok and s.mean < best - tol)
+
+
+def _gap_verdict(gaps: Sequence[tuple[str, float]], tol: float) -> str:
+    """*held* when every gap exceeds ``tol``, *did not hold* when one is below ``-tol``."""
+    return ("held" if all(g > tol for _, g in gaps) else
+            "did not hold" if any(g < -tol for _, g in gaps) else "inconclusive")
 
 
 def _n_test(records: Sequence[Record]) -> int:
@@ -539,15 +549,12 @@ def _follows_values(acc: Mapping[tuple[str, int, int], Summary],
     if unjudged is not None:
         return unjudged
 
-    def failed(s: Summary) -> bool:
-        return s.all_diverged or (s.ok and s.mean < best - tol)
-
     def text(k: tuple[str, int, int]) -> str:
         s = cells[k]
         return (f"{_label(k[0])} at {k[1]}x{k[1]}, b={k[2]}: {values[k][0]} values, "
                 + ("diverged" if not s.ok else f"{s.mean:.2f}"))
 
-    wrong = [k for k in cells if failed(cells[k]) != (values[k][0] <= fail_max)]
+    wrong = [k for k in cells if _failed(cells[k], best, tol) != (values[k][0] <= fail_max)]
     order = sorted(cells, key=lambda k: (values[k][0], k))
     if not wrong:
         return Claim(_FOLLOWS, "held",
@@ -587,9 +594,7 @@ def _holds_where_bn_fails(name: str, variants: Sequence[str],
                          s.mean - bn.mean))
     if not gaps:
         return Claim(name, "not tested", f"Not run: {', '.join(missing)}.")
-    verdict = ("held" if all(g > tol for _, g in gaps) else
-               "did not hold" if any(g < -tol for _, g in gaps) else "inconclusive")
-    return Claim(name, verdict, "; ".join(t for t, _ in gaps)
+    return Claim(name, _gap_verdict(gaps, tol), "; ".join(t for t, _ in gaps)
                  + (f"; not run: {', '.join(missing)}" if missing else "") + f"; {tol_txt}.")
 
 
@@ -628,9 +633,7 @@ def _large_batch_claim(acc: Mapping[tuple[str, int, int], Summary],
                      f"({values.get(('bn', f, big), ('?',))[0]} values)", ok[k] - bn.mean))
     if not gaps:
         return [Claim(name, "not tested", "No finished BN/BGN pair at the largest batch.")]
-    verdict = ("held" if all(g > tol for _, g in gaps) else
-               "did not hold" if any(g < -tol for _, g in gaps) else "inconclusive")
-    return [Claim(name, verdict, "; ".join(t for t, _ in gaps) + f"; {tol_txt}.")]
+    return [Claim(name, _gap_verdict(gaps, tol), "; ".join(t for t, _ in gaps) + f"; {tol_txt}.")]
 
 
 # --------------------------------------------------------------------------------------------

@@ -157,7 +157,8 @@ def test_freeze_norms_small_batch_layers():
     assert [type(m).__name__ for m in kept] == ["BatchRenorm2d", "FrozenBatchNorm"]
     with warnings.catch_warnings():  # nothing batch-dependent left: no warning
         warnings.simplefilter("error")
-        freeze_norms(nn.Sequential(bgnorm.FilterResponseNorm2d(4), bgnorm.BatchRenorm2d(4)))
+        freeze_norms(nn.Sequential(bgnorm.FilterResponseNorm2d(4), bgnorm.BatchRenorm2d(4),
+                                   bgnorm.EvoNorm2dB0(4, apply_act=False)))  # an affine map
     with pytest.raises(TypeError, match="expected a BatchNorm or BatchRenorm layer, got "
                                         "EvoNorm2dB0"):
         FrozenBatchNorm.from_module(bgnorm.EvoNorm2dB0(4))

@@ -194,6 +194,22 @@ def test_layouts_that_do_not_fold_are_left_and_reported(norm, reason):
         fuse_conv_norm_pair(net[0], n)
 
 
+@pytest.mark.parametrize("norm", [lambda: bgnorm.EvoNorm2dS0(4, groups=2, apply_act=False),
+                                  lambda: bgnorm.EvoNorm2dB0(4, apply_act=False)])
+def test_evonorm_without_activation_folds(norm):
+    # apply_act=False: timm's EvoNorm is gamma x + beta, a per-channel affine map that folds
+    torch.manual_seed(0)
+    n = norm()
+    with torch.no_grad():
+        n.weight.uniform_(0.5, 2.0), n.bias.uniform_(-1.0, 1.0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), n).double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    want = net(x)
+    report = fuse_conv_norm(net, inplace=True, warn=False)
+    assert report.folded == [("0", "1")] and isinstance(net[1], nn.Identity)
+    torch.testing.assert_close(net(x), want)
+
+
 @pytest.mark.parametrize("norm", [nn.BatchNorm2d, bgnorm.BatchRenorm2d])
 def test_training_mode_refused(norm):
     net = nn.Sequential(nn.Conv2d(3, 4, 3), norm(4))

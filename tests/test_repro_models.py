@@ -336,3 +336,5 @@ def test_includes_activation_can_be_declared_by_a_layer():
     assert isinstance(model.stem[2], nn.Identity)
     assert includes_activation(NormAct(4)) and not includes_activation(nn.GroupNorm(1, 4))
     assert not includes_activation(bgnorm.FilterResponseNorm2d(4, tlu=False))
+    assert includes_activation(bgnorm.EvoNorm2dS0(4, groups=2))
+    assert not includes_activation(bgnorm.EvoNorm2dB0(4, apply_act=False))  # timm's affine map

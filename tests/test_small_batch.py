@@ -368,6 +368,44 @@ def test_evonorm_state_dicts_are_timms():
     assert (EvoNorm2dS0(32).eps, b0.eps, b0.momentum) == (1e-5, 1e-3, 0.1)
 
 
+@pytest.mark.parametrize("make, keys", [
+    (lambda: EvoNorm2dS0(8, 4, None, False), {"weight", "bias"}),
+    (lambda: EvoNorm2dB0(8, False, 0.2), {"weight", "bias", "running_var"})])
+def test_evonorm_without_activation_is_timms_affine_map(make, keys):
+    # timm's apply_act=False (positional, in timm's order): gamma x + beta, no v, no statistics
+    torch.manual_seed(0)
+    m = make().double()
+    assert m.v is None and set(m.state_dict()) == keys and not m.apply_act
+    assert "apply_act=False" in repr(m)
+    _random_params(m)
+    x = torch.randn(3, 8, 4, 5, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn_like(x)
+    params = [m.weight, m.bias]
+    ref = [t.detach().clone().requires_grad_() for t in (x, *params)]
+    yr = ref[0] * ref[1].view(1, -1, 1, 1) + ref[2].view(1, -1, 1, 1)
+    y = m(x)
+    torch.testing.assert_close(y, yr, **TOL)
+    for a, b in zip(_grads(y, dy, [x, *params]), _grads(yr, dy, ref)):
+        torch.testing.assert_close(a, b, **TOL)
+    torch.testing.assert_close(m.eval()(x), y, **TOL)
+    if isinstance(m, EvoNorm2dB0):  # kept for timm's state dict, never updated (as timm's)
+        assert torch.equal(m.running_var, torch.ones(8, dtype=torch.float64))
+        assert m.momentum == 0.2 and m.eps == 1e-3
+
+
+def test_evonorm_arguments_follow_timms_order():
+    s0 = EvoNorm2dS0(8, 2, None, True, 1e-3)
+    assert (s0.groups, s0.apply_act, s0.eps) == (2, True, 1e-3)
+    b0 = EvoNorm2dB0(8, True, 0.3, 1e-4)
+    assert (b0.apply_act, b0.momentum, b0.eps) == (True, 0.3, 1e-4)
+    # the order before timm's (eps first) fails loudly instead of setting apply_act to a number
+    with pytest.raises(TypeError, match=r"EvoNorm2dB0: apply_act must be True or False, got "
+                                        r"0\.001.*pass eps and momentum by keyword"):
+        EvoNorm2dB0(8, 1e-3, 0.1)
+    with pytest.raises(TypeError, match=r"EvoNorm2dS0: apply_act must be True or False"):
+        EvoNorm2dS0(8, 4, None, 1e-5)
+
+
 # -- Weight Standardization ------------------------------------------------------------------------
 @pytest.mark.parametrize("cls,shape,kwargs", [
     (StdConv1d, (2, 4, 9), {"kernel_size": 3, "padding": 1}),

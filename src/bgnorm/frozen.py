@@ -321,7 +321,8 @@ def freeze_norms(
     and the other way round. Layers with ``track_running_stats=False`` have nothing to freeze
     and are left in place with a warning. EvoNorm2dB0 keeps a running variance too, but its
     eval mode is not a per-channel affine map (no frozen layer computes it): it is left in
-    place with a warning, as in training mode it still uses and updates batch statistics.
+    place with a warning, as in training mode it still uses and updates batch statistics
+    (with ``apply_act=False`` it is an affine map in both modes and is left without one).
     Layers without batch statistics (GroupNorm, LayerNorm, InstanceNorm, PositionalNorm,
     FilterResponseNorm, EvoNorm2dS0) compute the same in both modes and are left as they are.
     To freeze part of a model, call it on that part (``freeze_norms(model.backbone)``).
@@ -343,7 +344,8 @@ def freeze_norms(
 
     def convert(norm: nn.Module, name: str) -> nn.Module:
         if isinstance(norm, EvoNorm2dB0):
-            evonorm_b0.append(name)
+            if norm.v is not None:  # apply_act=False: an affine map in both modes
+                evonorm_b0.append(name)
             return norm
         frozen: type[_FrozenNorm] | None = None
         if (bn and isinstance(norm, _BatchNorm)) or (brn and isinstance(norm, _BatchRenorm)):

@@ -125,6 +125,9 @@ def _channel_affine(norm: nn.Module) -> tuple[Tensor, Tensor] | str:
     if isinstance(norm, _PER_EXAMPLE):
         return (f"{name} normalizes each example with its own statistics, so it is not a fixed "
                 "affine map at inference")
+    if _torch_forward(norm, (EvoNorm2dS0, EvoNorm2dB0)) and norm.v is None:
+        # apply_act=False: timm's EvoNorm is then gamma * x + beta, in either mode
+        return (norm.weight.detach().to(torch.float64), norm.bias.detach().to(torch.float64))
     if isinstance(norm, _NORM_ACTIVATIONS):
         return _norm_activation_problem(norm)
     if not isinstance(norm, _RUNNING_STATS):

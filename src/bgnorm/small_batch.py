@@ -559,10 +559,35 @@ class FilterResponseNorm3d(_FilterResponseNorm):
 
 
 # -- EvoNorm ------------------------------------------------------------------------------------
-def _evonorm_params(module: nn.Module, c: int, factory_kwargs: dict[str, Any]) -> None:
+def _evonorm_params(module: nn.Module, c: int, apply_act: bool,
+                    factory_kwargs: dict[str, Any]) -> None:
+    if not isinstance(apply_act, bool):
+        raise TypeError(
+            f"{type(module).__name__}: apply_act must be True or False, got {apply_act!r}; "
+            "the arguments follow timm's order (num_features, groups, group_size, apply_act, "
+            "eps) for EvoNorm2dS0 and (num_features, apply_act, momentum, eps) for "
+            "EvoNorm2dB0: pass eps and momentum by keyword")
+    module.apply_act = apply_act
     module.weight = nn.Parameter(torch.ones(c, **factory_kwargs))
     module.bias = nn.Parameter(torch.zeros(c, **factory_kwargs))
-    module.v = nn.Parameter(torch.ones(c, **factory_kwargs))
+    if apply_act:
+        module.v = nn.Parameter(torch.ones(c, **factory_kwargs))
+    else:
+        module.register_parameter("v", None)
+
+
+def _evonorm_reset(module: nn.Module) -> None:
+    nn.init.ones_(module.weight)
+    nn.init.zeros_(module.bias)
+    if module.v is not None:
+        nn.init.ones_(module.v)
+
+
+def _evonorm_affine(module: nn.Module, input: Tensor) -> Tensor:
+    """``apply_act=False``: timm's layer is then the per-channel affine map alone."""
+    shape = _channel_shape(input)
+    return torch.addcmul(module.bias.to(input.dtype).view(shape), input,
+                         module.weight.to(input.dtype).view(shape))
 
 
 def _check_eps(who: str, eps: float) -> None:
@@ -583,15 +608,21 @@ class EvoNorm2dS0(nn.Module):
         \gamma_c + \beta_c
 
     It replaces a norm *and* the activation after it (BN + ReLU). No running statistics: train
-    and eval compute the same function. Arguments, parameter names (``weight``, ``bias``,
-    ``v``), ``eps`` and initialisation (:math:`\gamma = v = 1, \beta = 0`) are those of timm's
-    ``EvoNorm2dS0``, whose state dict loads as it is.
+    and eval compute the same function. Arguments (in timm's order), parameter names
+    (``weight``, ``bias``, ``v``), ``eps`` and initialisation (:math:`\gamma = v = 1,
+    \beta = 0`) are those of timm's ``EvoNorm2dS0``, whose state dict loads as it is.
+
+    With ``apply_act=False`` (timm's switch for a layer not followed by an activation) the
+    layer is :math:`y = \gamma_c x + \beta_c` alone, as timm's: no statistics, no ``v``
+    parameter (the state dict is timm's for that setting too).
 
     Args:
         num_features: C.
         groups: G, a divisor of C. Default: 32.
         group_size: channels per group instead of ``groups`` (C/G), a divisor of C.
             Default: None.
+        apply_act: the normalization-activation above (True) or the affine map alone (False).
+            Default: True.
         eps: added to the variance. Default: 1e-5.
         device, dtype: of the parameters.
 
@@ -614,6 +645,7 @@ class EvoNorm2dS0(nn.Module):
         num_features: int,
         groups: int = 32,
         group_size: int | None = None,
+        apply_act: bool = True,
         eps: float = 1e-5,
         device: Any = None,
         dtype: Any = None,
@@ -637,21 +669,22 @@ class EvoNorm2dS0(nn.Module):
         _check_eps(cls, eps)
         self.groups = groups
         self.eps = eps
-        _evonorm_params(self, c, {"device": device, "dtype": dtype})
+        _evonorm_params(self, c, apply_act, {"device": device, "dtype": dtype})
 
     def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-        nn.init.zeros_(self.bias)
-        nn.init.ones_(self.v)
+        _evonorm_reset(self)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, groups={self.groups}, eps={self.eps}"
+        act = "" if self.apply_act else ", apply_act=False"
+        return f"{self.num_features}, groups={self.groups}{act}, eps={self.eps}"
 
     def _describe(self) -> str:
         return _describe(self, f", groups={self.groups}")
 
     def forward(self, input: Tensor) -> Tensor:
         _check_input(self, input, (4,))
+        if self.v is None:
+            return _evonorm_affine(self, input)
         x = input.to(_stats_dtype(input))
         n = x.shape[0]
         var = _moments(x.reshape(n, self.groups, -1), (2,))[1]
@@ -674,16 +707,21 @@ class EvoNorm2dB0(nn.Module):
         v_c\, x + \sqrt{\sigma^2_{n,c} + \epsilon}\big)}\, \gamma_c + \beta_c
 
     In training the running variance moves towards the batch's unbiased variance by
-    ``momentum`` (as BatchNorm's); there is no running mean (B0 uses no mean). Arguments,
-    parameter and buffer names (``weight``, ``bias``, ``v``, ``running_var``), ``eps`` and
-    initialisation are those of timm's ``EvoNorm2dB0``, whose state dict loads as it is.
+    ``momentum`` (as BatchNorm's); there is no running mean (B0 uses no mean). Arguments (in
+    timm's order), parameter and buffer names (``weight``, ``bias``, ``v``, ``running_var``),
+    ``eps`` and initialisation are those of timm's ``EvoNorm2dB0``, whose state dict loads as
+    it is. With ``apply_act=False`` the layer is :math:`y = \gamma_c x + \beta_c` alone, as
+    timm's: no ``v``, and the running variance is kept (timm's state dict has it) but never
+    updated.
     With ``examples_per_group=e`` the batch variance is per group of e consecutive examples
     (a worker's batch in data-parallel training); the running variance averages the groups'.
 
     Args:
         num_features: C.
-        eps: added to both variances. Default: 1e-3 (timm's).
+        apply_act: the normalization-activation above (True) or the affine map alone (False).
+            Default: True.
         momentum: running-average factor in [0, 1]. Default: 0.1.
+        eps: added to both variances. Default: 1e-3 (timm's).
         device, dtype: of the parameters and buffer.
         examples_per_group (keyword-only): e, or None for the whole batch. Default: None.
 
@@ -704,8 +742,9 @@ class EvoNorm2dB0(nn.Module):
     def __init__(
         self,
         num_features: int,
-        eps: float = 1e-3,
+        apply_act: bool = True,
         momentum: float = 0.1,
+        eps: float = 1e-3,
         device: Any = None,
         dtype: Any = None,
         *,
@@ -723,7 +762,7 @@ class EvoNorm2dB0(nn.Module):
         self.momentum = momentum
         self.examples_per_group = examples_per_group
         factory_kwargs = {"device": device, "dtype": dtype}
-        _evonorm_params(self, c, factory_kwargs)
+        _evonorm_params(self, c, apply_act, factory_kwargs)
         self.register_buffer("running_var", torch.ones(c, **factory_kwargs))
 
     def reset_running_stats(self) -> None:
@@ -731,12 +770,11 @@ class EvoNorm2dB0(nn.Module):
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
-        nn.init.ones_(self.weight)
-        nn.init.zeros_(self.bias)
-        nn.init.ones_(self.v)
+        _evonorm_reset(self)
 
     def extra_repr(self) -> str:
-        text = f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+        act = "" if self.apply_act else ", apply_act=False"
+        text = f"{self.num_features}{act}, eps={self.eps}, momentum={self.momentum}"
         e = self.examples_per_group
         return text + ("" if e is None else f", examples_per_group={e}")
 
@@ -745,6 +783,8 @@ class EvoNorm2dB0(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         _check_input(self, input, (4,))
+        if self.v is None:
+            return _evonorm_affine(self, input)
         x = input.to(_stats_dtype(input))
         n, c = x.shape[:2]
         shape = _channel_shape(x)

@@ -65,7 +65,7 @@ def includes_activation(norm: nn.Module) -> bool:
 
     A module that declares a boolean ``includes_activation`` attribute is taken at its word
     (so user layers can opt in); otherwise FRN with its TLU (``tlu=True``) and EvoNorm-S0/B0
-    include their activation, every other module does not.
+    (``apply_act=True``) include their activation, every other module does not.
 
     Example:
         >>> includes_activation(bgnorm.FilterResponseNorm2d(8)), includes_activation(
@@ -78,7 +78,7 @@ def includes_activation(norm: nn.Module) -> bool:
     if isinstance(declared, bool):
         return declared
     if isinstance(norm, (bgnorm.EvoNorm2dS0, bgnorm.EvoNorm2dB0)):
-        return True
+        return bool(norm.apply_act)
     if isinstance(norm, (bgnorm.FilterResponseNorm1d, bgnorm.FilterResponseNorm2d,
                          bgnorm.FilterResponseNorm3d)):
         return bool(norm.tlu)

@@ -8,6 +8,7 @@ import copy
 import io
 import math
 import pickle
+import re
 import warnings
 from functools import partial
 
@@ -17,6 +18,7 @@ from torch import nn
 
 import bgnorm
 from bgnorm import (
+    MIN_VALUES,
     PAPER_GROUPS,
     REFERENCE_FEATURES,
     auto_groups,
@@ -58,14 +60,33 @@ def test_reference_features_is_the_median_layer_of_resnet50(resnet50_meta):
     assert sum(s == REFERENCE_FEATURES for s in sizes) == 12
 
 
-@pytest.mark.parametrize("batch_size", sorted(PAPER_GROUPS))
+@pytest.mark.parametrize("batch_size", sorted({*PAPER_GROUPS, 1, 3, 12, 24, 48, 256}))
 def test_the_paper_table_on_resnet50_at_224(resnet50_meta, batch_size):
-    """Where the table applies (ResNet-50, 224 px, its seven batch sizes): the paper's G on the
-    12 layers of the median size, and on every layer the values per statistic the paper's G
-    gives there, exactly (G = 1 where even one group has fewer)."""
+    """Where the table applies (ResNet-50, 224 px): the paper's G on every one of the 53
+    layers, at the table's batch sizes and between and beyond them (paper_groups)."""
     report = groups_report(resnet50_meta, (batch_size, 3, 224, 224))
-    target = batch_size * REFERENCE_FEATURES // PAPER_GROUPS[batch_size]
     assert len(report.rows) == 53
+    for row in report.rows:
+        assert group_layout(row.num_features, row.groups) != "straddling"
+        if row.paper_values is None:  # 256 per worker: G = 1024 does not divide D = 25,088
+            assert batch_size > max(PAPER_GROUPS) and row.features == 25088, row
+            assert row.groups == 512
+            continue
+        assert row.groups == paper_groups(batch_size) == row.paper_groups, row
+        assert row.values >= MIN_VALUES
+        if batch_size in PAPER_GROUPS:
+            assert row.groups == PAPER_GROUPS[batch_size]
+
+
+@pytest.mark.parametrize("batch_size", sorted(PAPER_GROUPS))
+def test_the_values_target_gives_resnet50s_median_layer_values(resnet50_meta, batch_size):
+    """target_values=paper_values_per_statistic (the rule before the suite's measurements):
+    the paper's G on the 12 layers of the median size, and on every layer the values per
+    statistic the paper's G gives there, exactly (G = 1 where even one group has fewer)."""
+    report = groups_report(resnet50_meta, (batch_size, 3, 224, 224),
+                           target_values=paper_values_per_statistic)
+    target = batch_size * REFERENCE_FEATURES // PAPER_GROUPS[batch_size]
+    assert report.target_values == target and "aiming at" in str(report)
     for row in report.rows:
         assert row.features % row.groups == 0
         assert group_layout(row.num_features, row.groups) != "straddling"
@@ -96,7 +117,13 @@ def test_valid_groups_on_every_layer_of_the_suite_models(name, build, channels, 
             d = row.features
             assert d % row.groups == 0, row
             assert row.values == b * d // row.groups
-            assert row.values >= 2 or b * d < 4, row
+            assert row.values >= MIN_VALUES or row.groups == 1, row
+            # the paper's G wherever it is a whole group leaving MIN_VALUES values
+            paper = paper_groups(b)
+            if b * d // paper >= MIN_VALUES and (
+                    row.num_features % paper == 0 or paper % row.num_features == 0) and (
+                    d % paper == 0):
+                assert row.groups == paper, row
             assert group_layout(row.num_features, row.groups) != "straddling", row
             assert row.groups == auto_groups(row.num_features, row.input_shape[2:], b)
 
@@ -106,35 +133,70 @@ def test_valid_groups_on_every_layer_of_the_suite_models(name, build, channels, 
 def test_valid_groups_for_1d_and_3d_layers(c, spatial):
     d = c * math.prod(spatial)
     for b in BATCHES:
-        for target in (None, 1, 10, 1000, 1e9):
-            g = auto_groups(c, spatial, b, target_values=target)
-            assert d % g == 0 and (b * d // g >= 2 or b * d < 4)
-            whole = auto_groups(c, spatial, b, target_values=target, allow_straddling=False)
+        for target, floor in ((None, 32), (None, 2), (2, 2), (10, 2), (1000, 32), (1e9, 32)):
+            g = auto_groups(c, spatial, b, target_values=target, min_values=floor)
+            assert d % g == 0 and (b * d // g >= floor or g == 1)
+            whole = auto_groups(c, spatial, b, target_values=target, min_values=floor,
+                                allow_straddling=False)
             assert d % whole == 0 and (c % whole == 0 or whole % c == 0)
+            assert b * d // whole >= floor or whole == 1
+            ideal = min(paper_groups(b) if target is None else b * d / target, b * d / floor)
             if g != whole:  # straddling only where whole groups are more than 2x off
                 assert c % g and g % c
-                ideal = b * d / (target or paper_values_per_statistic(b))
                 assert abs(math.log2(whole / ideal)) > 1
                 assert abs(math.log2(g / ideal)) < abs(math.log2(whole / ideal))
 
 
 def test_nearest_in_log_with_whole_groups_preferred():
+    auto = partial(auto_groups, min_values=2)
     # ideal G = b*D/V = 48: 32 and 64 divide C; 64 is nearer in log2 (0.415 vs 0.585)
-    assert auto_groups(64, (4, 4), 3, target_values=64) == 64
+    assert auto(64, (4, 4), 3, target_values=64) == 64
     # exactly between two candidates: the smaller G (more values per statistic)
-    assert auto_groups(64, (4, 4), 1, target_values=1024 / math.sqrt(32 * 64)) == 32
+    assert auto(64, (4, 4), 1, target_values=1024 / math.sqrt(32 * 64)) == 32
     # C = 11, S = 16, ideal 4: whole groups are 1, 11, 22, ...: 11 is 2.75x off, so a
     # straddling G = 4 is taken, unless straddling groups are refused
-    assert auto_groups(11, (16,), 1, target_values=44) == 4
-    assert auto_groups(11, (16,), 1, target_values=44, allow_straddling=False) == 11
+    assert auto(11, (16,), 1, target_values=44) == 4
+    assert auto(11, (16,), 1, target_values=44, allow_straddling=False) == 11
     # C = 7, ideal 4: 7 is within a factor of 2, so whole channels win over straddling 4
-    assert auto_groups(7, (16,), 1, target_values=28) == 7
+    assert auto(7, (16,), 1, target_values=28) == 7
     # bands: ideal 4C
-    assert auto_groups(8, (6, 6), 2, target_values=18) == 32
-    # never fewer than 2 values per statistic
-    assert auto_groups(4, (), 1, target_values=1) == 2
+    assert auto(8, (6, 6), 2, target_values=18) == 32
+    # never fewer than min_values values per statistic
+    assert auto(4, (), 1, target_values=2) == 2
+    assert auto(4, (), 1, target_values=3, min_values=3) == 1
     # a callable target gets the batch size
-    assert auto_groups(64, (8, 8), 16, target_values=lambda b: b * 64) == 64
+    assert auto(64, (8, 8), 16, target_values=lambda b: b * 64) == 64
+
+
+@pytest.mark.parametrize("c, spatial, b, expected", [
+    (512, (14, 14), 128, 512),  # the paper's G: 25,088 values
+    (64, (4, 4), 64, 256),      # the paper's 256 as 4 bands of each channel: 256 values
+    (64, (1, 1), 16, 32),       # the paper's 64 would leave 16 values: 32 groups of 32
+    (128, (1, 1), 128, 128),    # 512 does not divide D = 128 (and would leave 32): G = C
+    (16, (), 2, 1),             # 32 values in all: one group
+    (8, (), 2, 1),              # 16 values in all: fewer than the floor, the most there are
+    (96, (), 64, 96),           # (N, C): G <= C, 96 groups of 64 values
+])
+def test_the_paper_g_lowered_to_the_floor(c, spatial, b, expected):
+    g = auto_groups(c, spatial, b)
+    assert g == expected
+    d = c * math.prod(spatial)
+    assert b * d // g >= MIN_VALUES or g == 1
+
+
+def test_min_values_is_a_floor_on_the_values_per_statistic():
+    # the paper's G = 1 at b = 2, whatever the layer
+    assert auto_groups(64, (2, 2), 2) == 1
+    # the paper's G at b = 8 on a 1x1 layer of 128 channels: 16 groups of 64 values
+    assert auto_groups(128, (1, 1), 8) == 16
+    # a stricter floor lowers it further; a looser one gives the paper's G back
+    assert auto_groups(128, (1, 1), 8, min_values=128) == 8
+    assert auto_groups(64, (1, 1), 16, min_values=2) == 64
+    with pytest.raises(ValueError, match=r"min_values must be a number >= 2"):
+        auto_groups(64, (1, 1), 16, min_values=1)
+    with pytest.raises(ValueError, match=r"target_values=8 is below min_values=32 at "
+                                         r"batch_size=16; lower min_values"):
+        auto_groups(64, (1, 1), 16, target_values=8)
 
 
 def test_auto_groups_refuses_bad_arguments():
@@ -175,7 +237,7 @@ def test_auto_layer_is_the_fixed_layer_of_its_choice(make, shape, target, monkey
     if target is not None:  # a small target makes G > 1 on these small layers
         real = bgnorm.policy.auto_groups
         monkeypatch.setattr(bgnorm.policy, "auto_groups",
-                            lambda *a, **k: real(*a, target_values=target))
+                            lambda *a, **k: real(*a, target_values=target, min_values=2))
     layer = make().double()
     assert "num_groups='auto'" in repr(layer) and layer.running_mean.numel() == 0
     b = min(shape[0], layer.examples_per_group or shape[0])
@@ -291,7 +353,7 @@ def test_waiting_layer_copies_moves_and_pickles():
         assert not twin.groups_resolved
     layer.double()
     _trained(layer, (4, 8, 3, 3))
-    assert layer.running_mean.dtype == torch.float64 and layer.running_mean.numel() == 1
+    assert layer.running_mean.dtype == torch.float64 and layer.running_mean.numel() == 2
     meta = copy.deepcopy(bgnorm.BatchGroupNorm2d(8, "auto")).to("meta")
     meta(torch.randn(4, 8, 3, 3, device="meta"))
     assert meta.running_mean.device.type == "meta"
@@ -307,11 +369,12 @@ def test_convert_norm_auto_gives_each_layer_its_own_g():
     assert len(layers) == 9 and all(not m.groups_resolved for m in layers)
     with pytest.raises(RuntimeError, match="has not seen one"):
         copy.deepcopy(model).eval()(torch.randn(2, 1, 8, 8))
-    report = groups_report(model, (4, 1, 8, 8), target_values=16)
+    report = groups_report(model, (4, 1, 8, 8), target_values=16, min_values=2)
     assert all(r.current_groups is None for r in report.rows)
     real = bgnorm.policy.auto_groups
     for m in layers:  # a small target, so that the layers differ in G
-        m._policy_groups = (lambda shape: real(shape[1], shape[2:], shape[0], target_values=16))
+        m._policy_groups = (lambda shape: real(shape[1], shape[2:], shape[0], target_values=16,
+                                               min_values=2))
     model.train()(torch.randn(4, 1, 8, 8))
     assert [m.num_groups for m in layers] == [r.groups for r in report.rows]
     assert len({m.num_groups for m in layers}) > 1
@@ -345,14 +408,16 @@ def test_compile_and_export_of_a_waiting_layer():
     layer = bgnorm.BatchGroupNorm2d(8, "auto")
     resolve_groups(layer, x.shape)
     program = torch.export.export(layer, (x,))
-    torch.testing.assert_close(program.module()(x), bgnorm.BatchGroupNorm2d(8, 1)(x))
+    assert layer.num_groups == 2  # the paper's G at b = 4
+    torch.testing.assert_close(program.module()(x), bgnorm.BatchGroupNorm2d(8, 2)(x))
 
 
 def test_groups_report_table_and_current_groups(resnet50_meta):
     report = groups_report(resnet50_meta, (8, 3, 224, 224))
     text = str(report)
     assert text.count("\n| ") == 54  # header rule + 53 layers
-    assert "paper G (16)" in text and "aiming at 50176 values per statistic" in text
+    assert "paper G (16)" in text and ("auto G: bgnorm.auto_groups, the paper's G, lowered "
+                                       "where a layer would get fewer than 32 values") in text
     row = next(r for r in report.rows if r.name == "layers.3.0.bn3")
     assert (row.num_features, row.input_shape[2:], row.groups, row.values) == (2048, (7, 7), 16,
                                                                              50176)
@@ -378,8 +443,15 @@ def test_cli_groups(capsys):
                  "--in-channels", "1"]) == 0
     out = capsys.readouterr().out
     assert "small_resnet, 8x8 px, 2 per worker" in out and out.count("| BatchNorm2d |") == 9
+    assert "the paper's G, lowered where a layer would get fewer than 32 values" in out
     assert main(["groups", "--model", "resnet50", "--batch-size", "8", "--values", "100"]) == 0
-    assert "aiming at 100 values" in capsys.readouterr().out
+    assert "aiming at 100 values per statistic (at least 32)" in capsys.readouterr().out
+    assert main(["groups", "--model", "resnet50", "--batch-size", "8", "--values", "8",
+                 "--min-values", "4"]) == 0
+    assert "aiming at 8 values per statistic (at least 4)" in capsys.readouterr().out
+    assert main(["groups", "--model", "resnet50", "--batch-size", "8", "--values", "8"]) == 2
+    assert re.search(r"bgnorm: groups: auto_groups: --values=8\.0 is below --min-values=32 "
+                     r"at batch_size=8; lower --min-values", capsys.readouterr().err)
     with pytest.raises(SystemExit):
         main(["groups", "--model", "resnet50"])  # --batch-size is required
 
@@ -397,22 +469,28 @@ def test_compile_chooses_eagerly_or_refuses_with_fullgraph():
     torch.testing.assert_close(layer.running_var, twin.running_var, rtol=0, atol=1e-12)
 
 
-def test_the_guide_table_is_what_the_code_chooses(resnet50_meta):
+def test_the_guide_table_is_what_the_code_chooses():
+    """docs/choosing-g.md's table: the rule's G on the mechanism study's 5-stage network."""
     from pathlib import Path
+
+    from bgnorm.repro.tasks.transfer import NET_DEEP
 
     guide = (Path(__file__).resolve().parents[1] / "docs" / "choosing-g.md").read_text()
     rows = [line for line in guide.splitlines() if line.startswith("| ") and " x " in line
             and line.split("|")[2].strip().isdigit()]
-    assert len(rows) == 12
+    assert len(rows) == 5
+    model = _meta(partial(small_resnet, in_channels=1, **NET_DEEP["model_kwargs"]))
     batches = sorted(PAPER_GROUPS, reverse=True)
-    reports = {b: groups_report(resnet50_meta, (b, 3, 224, 224)) for b in batches}
+    reports = {b: groups_report(model, (b, 1, 16, 16)) for b in batches}
     for line in rows:
         cells = [c.strip() for c in line.strip("|").split("|")]
         c, h, w = (int(v) for v in cells[0].split(" x "))
-        chosen = [next(r.groups for r in reports[b].rows if r.input_shape[1:] == (c, h, w))
+        chosen = [next(r for r in reports[b].rows if r.input_shape[1:] == (c, h, w))
                   for b in batches]
         count = sum(r.input_shape[1:] == (c, h, w) for r in reports[batches[0]].rows)
-        assert [int(v) for v in cells[3:]] == chosen and int(cells[2]) == count, line
+        assert [int(v) for v in cells[3:10]] == [r.groups for r in chosen], line
+        assert int(cells[2]) == count and int(cells[1]) == c * h * w, line
+        assert int(cells[10]) == min(r.values for r in chosen), line
 
 
 def _bn_model_with_statistics():
@@ -432,14 +510,14 @@ def test_convert_norm_auto_carries_batchnorm_statistics_when_g_is_chosen(running
                                                                            monkeypatch):
     real = bgnorm.policy.auto_groups
     monkeypatch.setattr(bgnorm.policy, "auto_groups",
-                        lambda *a, **k: real(*a, target_values=target))
+                        lambda *a, **k: real(*a, target_values=target, min_values=2))
     shape = (4, 3, 4, 4)
     auto = bgnorm.convert_norm(_bn_model_with_statistics(), "bgn", num_groups="auto",
                                running_stats=running_stats)
     resolve_groups(auto, shape)
     layers = [auto[1], auto[3]]
     chosen = [m.num_groups for m in layers]
-    assert chosen == [real(c, (4, 4), 4, target_values=target) for c in (16, 8)]
+    assert chosen == [real(c, (4, 4), 4, target_values=target, min_values=2) for c in (16, 8)]
     fixed = _bn_model_with_statistics()
     for i, g in zip((1, 3), chosen):  # the same conversion with the G given
         fixed[i] = bgnorm.convert_norm(fixed[i], "bgn", num_groups=g,

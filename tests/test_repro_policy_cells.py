@@ -66,17 +66,25 @@ def test_normalizers_policy_cells_carry_each_layers_g():
                                      for ch, hw in shapes], c["batch_size"]
         assert policy_groups(c) == c["layer_groups"]
     by_b = {c["batch_size"]: c["layer_groups"] for c in cells}
-    assert by_b[64] == [8] * 3 + [4] * 3 + [2] * 3 and by_b[2] == [1] * 9
+    # the paper's G fits every layer here: 256, 64, 2 and 1 in all nine
+    assert by_b == {b: [bgnorm.paper_groups(b)] * 9 for b in (64, 16, 4, 2)}
 
 
 def test_a_policy_that_gives_one_g_is_trained_once_with_the_fixed_g_cell():
     cells = get_task("normalizers").cells("quick", {"seeds": [0]})
     key = {(c["num_groups"], c["batch_size"]): same_run_key(c) for c in cells
            if c["norm"] == "bgn"}
-    # b = 2: the policy gives every layer G = 1, the paper's G at b = 2: one run
-    assert key[("auto", 2)] == key[(1, 2)]
-    # b = 64: G = 8, 4, 2 by stage, a run of its own (the paper's G there is 256)
-    assert key[("auto", 64)] != key[(256, 64)]
+    # the policy gives every layer the paper's G on this network: one run at every b
+    for b, g in ((64, 256), (16, 64), (4, 2), (2, 1)):
+        assert key[("auto", b)] == key[(g, b)]
+    # where it gives the layers different G, it is a run of its own
+    deep = get_task("normalizers").cells("quick", {"seeds": [0], "batch_sizes": [64], "set": {
+        "model_kwargs": {"width": 8, "blocks_per_stage": [1] * 5,
+                         "stage_strides": [1, 2, 2, 2, 2]}}})
+    [policy] = [c for c in deep if c.get("num_groups") == "auto"]
+    [paper] = [c for c in deep if c["norm"] == "bgn" and c.get("num_groups") == 256]
+    assert policy["layer_groups"] == [256] * 12 + [128] * 3
+    assert same_run_key(policy) != same_run_key(paper)
 
 
 @pytest.mark.parametrize("task", ["normalizers", "g-transfer"])
@@ -84,7 +92,7 @@ def test_a_cell_listed_by_another_policy_is_refused_before_training(task):
     [cell] = [c for c in _auto_cells(task) if c["batch_size"] == 64][:1]
     stale = {**cell, "layer_groups": [16] * len(cell["layer_groups"])}
     with pytest.raises(ValueError, match=rf"{task}: the policy now gives this cell's layers "
-                                         r"G = \[8, 8, 8, 4"):
+                                         r"G = \[256, 256, 256, 256"):
         run_classify(stale, _NoTraining())
     check_policy_groups(cell)  # the current policy's cell passes
     check_policy_groups({k: v for k, v in cell.items() if k != "layer_groups"})  # unstamped
@@ -96,8 +104,7 @@ def test_policy_change_makes_new_cell_ids(monkeypatch):
     monkeypatch.setattr(bgnorm, "auto_groups",
                         lambda c, hw, b, **kw: real(c, hw, b, target_values=4096, **kw))
     after = _auto_cells()
-    assert [c["layer_groups"] for c in after if c["batch_size"] == 64] != [[8] * 3 + [4] * 3
-                                                                          + [2] * 3]
+    assert [c["layer_groups"] for c in after if c["batch_size"] == 64] != [[256] * 9]
     assert not before & {cell_id(c) for c in after}
 
 

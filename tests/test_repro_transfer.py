@@ -89,11 +89,11 @@ def test_policy_cells_carry_each_layers_g(size, b):
               if c["role"] == "policy" and c["image_size"] == size and c["batch_size"] == b]
     assert cell["num_groups"] == "auto"
     assert cell["layer_groups"] == [bgnorm.auto_groups(c, hw, b) for c, hw in _SHAPES[size]]
-    if b == 64:  # 4x the values per layer at 28 px: 4x the groups
-        assert cell["layer_groups"] == ([8] * 3 + [4] * 3 + [2] * 3 if size == 16
-                                        else [32] * 3 + [16] * 3 + [8] * 3)
-    else:
-        assert cell["layer_groups"] == [1] * 9
+    if b == 2 or size == 16:  # the paper's G is a whole group in every layer
+        assert cell["layer_groups"] == [bgnorm.paper_groups(b)] * 9 == ([256] * 9 if b == 64
+                                                                       else [1] * 9)
+    else:  # 28 px: 256 is no whole group of 32x14x14 or 64x7x7: the nearest, 7 bands each
+        assert cell["layer_groups"] == [256] * 3 + [224] * 3 + [448] * 3
 
 
 def test_cells_that_coincide_are_one_run():
@@ -106,10 +106,14 @@ def test_cells_that_coincide_are_one_run():
         assert keys[(net, 2, "paper", 1)] == keys[(net, 2, "sweep", 1)]
         # the policy gives every layer G = 1 at b = 2: the swept G = 1's run
         assert keys[(net, 2, "policy", "auto")] == keys[(net, 2, "sweep", 1)]
-        # at b = 64 it is a run of its own
         sweep = {v for (n, b, r, _), v in keys.items() if (n, b, r) == (net, 64, "sweep")}
-        assert len(sweep) == 5 and keys[(net, 64, "policy", "auto")] not in sweep
-    assert len(set(keys.values())) == 2 * (6 + 5)  # 22 runs of 28 cells
+        assert len(sweep) == 5
+    # b = 64: the paper's G in every layer at 16 px (the swept G = 256's run); at 28 px the
+    # whole groups nearest to it (224 and 448 bands), a run of its own
+    assert keys[("16px-w16", 64, "policy", "auto")] == keys[("16px-w16", 64, "sweep", 256)]
+    assert keys[("28px-w16", 64, "policy", "auto")] not in {
+        v for (n, b, r, _), v in keys.items() if (n, b, r) == ("28px-w16", 64, "sweep")}
+    assert len(set(keys.values())) == 5 + 5 + 5 + 6  # 21 runs of 28 cells
     # a swept cell of the 16 px network is the g-sweep task's cell (same G, batch, seed)
     g_sweep = {(c["batch_size"], c["num_groups"], c["seed"]): same_run_key(c)
                for c in cells_g_sweep("quick", {})}
@@ -139,7 +143,7 @@ def test_a_policy_cell_from_another_policy_is_refused_before_training():
         def __getattr__(self, name):
             raise AssertionError(f"training started (ctx.{name})")
 
-    with pytest.raises(ValueError, match=r"the policy now gives this cell's layers G = \[8, 8"):
+    with pytest.raises(ValueError, match=r"the policy now gives this cell's layers G = \[256, "):
         run_classify(stale, _NoTraining())
 
 

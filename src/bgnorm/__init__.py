@@ -21,6 +21,7 @@ from .layers import (
     PositionalNorm,
 )
 from .policy import (
+    MIN_VALUES,
     PAPER_GROUPS,
     REFERENCE_FEATURES,
     GroupsReport,
@@ -78,6 +79,7 @@ __all__ = [
     "paper_groups",
     "values_per_statistic",
     # -- a G per layer (issue 15) --
+    "MIN_VALUES",
     "REFERENCE_FEATURES",
     "GroupsReport",
     "auto_groups",

@@ -281,8 +281,11 @@ def _parser() -> argparse.ArgumentParser:
     gp.add_argument("--in-channels", type=_number(int, 1), default=3,
                     help="input channels (default: 3)")
     gp.add_argument("--values", type=_number(float, 0, strict=True), default=None,
-                    help="aim at this many values per statistic instead of the paper's "
-                         "(bgnorm.paper_values_per_statistic)")
+                    help="aim at this many values per statistic instead of the paper's G "
+                         "(auto_groups' target_values)")
+    gp.add_argument("--min-values", type=_number(float, 2), default=None,
+                    help="the fewest values per statistic a G may leave (default: 32, "
+                         "bgnorm.MIN_VALUES)")
     return parser
 
 
@@ -296,11 +299,15 @@ def _groups(args: argparse.Namespace) -> int:
     with torch.device("meta"):
         model = build_model(args.model, num_classes=10, in_channels=args.in_channels)
     try:
+        floor = {} if args.min_values is None else {"min_values": args.min_values}
         report = groups_report(model, (args.batch_size, args.in_channels, size, size),
-                               target_values=args.values)
+                               target_values=args.values, **floor)
     except RuntimeError as exc:  # e.g. an image too small for the model's down-sampling
         raise _UsageError(f"groups: {args.model} cannot run on {size}x{size} inputs: "
                           f"{str(exc).splitlines()[0]}") from None
+    except ValueError as exc:  # e.g. --values below the floor
+        raise _UsageError(f"groups: {str(exc).replace('target_values', '--values')}"
+                          .replace("min_values", "--min-values")) from None
     print(f"{args.model}, {size}x{size} px, {args.batch_size} per worker\n")
     print(report)
     return 0

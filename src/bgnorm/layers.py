@@ -552,8 +552,8 @@ class _BatchGroupNormNd(_BatchGroupNorm):
     dtype.
 
     ``num_groups="auto"`` lets the layer choose G from its first training-mode input with
-    :func:`bgnorm.auto_groups` (the batch size, C and the spatial size: the values per
-    statistic that the paper's G gives on ResNet-50), the way torch's lazy modules settle their
+    :func:`bgnorm.auto_groups` (the paper's G for the batch size, lowered where the layer's
+    statistics would see fewer than 32 values), the way torch's lazy modules settle their
     shapes: until then the running statistics are empty and ``num_groups`` is ``'auto'``; from
     then on G is fixed (later inputs of other sizes do not change it) and saved in the state
     dict (``_extra_state``), so a fresh ``num_groups="auto"`` layer loads a checkpoint taken

@@ -10,16 +10,22 @@ G          512  256  128  64   16  2   1
 :func:`paper_groups` extends that table to every batch size by interpolating in log-log space and
 rounding to a power of two (powers of two divide the D = C*H*W of typical CNN layers).
 
-That is one G for every layer. :func:`auto_groups` chooses G per layer instead (what
-``num_groups="auto"`` on the layers and in :func:`bgnorm.convert_norm` uses): the G whose
-statistics are computed from as many values as the paper's G gives on ResNet-50's median layer
-(D = :data:`REFERENCE_FEATURES`) at the same batch size. :func:`groups_report` lists what it
-chooses for every layer of a model; :func:`resolve_groups` makes the choice without training.
+That is one G for every layer. :func:`auto_groups` makes it valid for every layer of any
+network (what ``num_groups="auto"`` on the layers and in :func:`bgnorm.convert_norm` uses): the
+paper's G for the batch size, lowered in a layer only where its statistics would see fewer than
+:data:`MIN_VALUES` values, and only whole channels or bands where they fit. ``target_values=``
+aims at a number of values per statistic instead (e.g. :func:`paper_values_per_statistic`, the
+values the paper's G gives ResNet-50's median layer, D = :data:`REFERENCE_FEATURES`).
+:func:`groups_report` lists what it chooses for every layer of a model; :func:`resolve_groups`
+makes the choice without training. ``docs/choosing-g.md`` has the rule's derivation and the
+measurements behind it.
 
 Example:
     >>> PAPER_GROUPS[32], paper_groups(32), paper_groups(24)
     (128, 128, 128)
-    >>> REFERENCE_FEATURES, auto_groups(128, (28, 28), 8) == PAPER_GROUPS[8]
+    >>> auto_groups(128, (28, 28), 8) == PAPER_GROUPS[8], MIN_VALUES
+    (True, 32)
+    >>> REFERENCE_FEATURES, paper_values_per_statistic(32) == 32 * REFERENCE_FEATURES / 128
     (100352, True)
 """
 
@@ -36,6 +42,7 @@ from torch import Tensor, nn
 from ._checks import check_num_features, check_num_groups
 
 __all__ = [
+    "MIN_VALUES",
     "PAPER_GROUPS",
     "REFERENCE_FEATURES",
     "auto_groups",
@@ -52,6 +59,11 @@ __all__ = [
 
 #: The paper's (batch size -> G) table.
 PAPER_GROUPS: dict[int, int] = {128: 512, 64: 256, 32: 128, 16: 64, 8: 16, 4: 2, 2: 1}
+
+#: The fewest values per statistic :func:`auto_groups` leaves a layer (where it has that many):
+#: the suite's mechanism study measured BGN with 2 values per statistic collapsing (10-40% on
+#: digits), 8 in every layer losing 1.4 points, and 32 within noise of BatchNorm.
+MIN_VALUES: int = 32
 
 
 def _as_int(value: Any) -> Any:
@@ -218,7 +230,7 @@ def values_per_statistic(module: nn.Module, input_shape: Sequence[int]) -> int:
 
 #: D = C * H * W of the median normalization layer of ResNet-50 at 224 x 224 px: of its 53 norm
 #: layers, 12 have D = 100352 (128 x 28 x 28, 512 x 14 x 14 and 2048 x 7 x 7), 16 fewer values
-#: and 25 more. :func:`auto_groups` gives exactly the paper's G on layers of this size.
+#: and 25 more. The reference of :func:`paper_values_per_statistic`.
 REFERENCE_FEATURES: int = 100_352
 
 
@@ -229,8 +241,9 @@ def _divisors(n: int) -> list[int]:
 
 def paper_values_per_statistic(batch_size: int) -> float:
     r"""The values per statistic the paper's G gives at a per-worker ``batch_size`` on a
-    ResNet-50 layer of :data:`REFERENCE_FEATURES` = 100352 values per example: the target of
-    :func:`auto_groups`.
+    ResNet-50 layer of :data:`REFERENCE_FEATURES` = 100352 values per example: a target for
+    :func:`auto_groups` (``target_values=paper_values_per_statistic``, its rule before the
+    suite's measurements made the paper's G its default: it gives every layer these values).
 
     At the table's batch sizes, :math:`V^*(b) = b \cdot 100352 / G_{paper}(b)`:
 
@@ -289,39 +302,41 @@ def auto_groups(
     batch_size: int,
     *,
     target_values: float | Callable[[int], float] | None = None,
+    min_values: float = MIN_VALUES,
     allow_straddling: bool = True,
 ) -> int:
-    r"""G for one BGN layer: the valid G whose statistics have (closest to) the values per
-    statistic the paper's G gives at the same batch size on ResNet-50.
+    r"""G for one BGN layer: the paper's G for the batch size, lowered where the layer would
+    get fewer than ``min_values`` values per statistic; only whole groups where they fit.
 
     A statistic of BGN with G groups is computed from :math:`V = b D / G` values (b examples,
-    D = C * prod(spatial_shape) values per example). The paper picked one G per batch size for
-    all of ResNet-50's layers at 224 px; on its median layer (D = 100352, see
-    :data:`REFERENCE_FEATURES`) that choice gives :math:`V^*(b)` values per statistic
-    (:func:`paper_values_per_statistic`). For a layer of size D the rule asks for the same
-    number of values:
+    D = C * prod(spatial_shape) values per example). The rule asks for
 
     .. math::
-        G^\ast = \frac{b D}{V^*(b)} = G_{paper}(b) \cdot \frac{D}{100352}
-        \quad\text{(at the table's batch sizes)}
+        G^\ast = \min\Big(G_{paper}(b),\; \frac{b D}{V_{min}}\Big)
 
-    and returns the candidate G nearest to :math:`G^\ast` in :math:`|\log_2(G / G^\ast)|`
-    (the factor by which the values per statistic miss the target; ties go to the smaller G,
-    i.e. more values). Candidates are the G that make whole groups:
+    (:func:`paper_groups`, one G for every layer as in the paper; :math:`V_{min}` =
+    ``min_values``, default :data:`MIN_VALUES` = 32) and returns the candidate G nearest to
+    :math:`G^\ast` in :math:`|\log_2(G / G^\ast)|` (ties go to the smaller G, i.e. more values)
+    among those that leave at least :math:`V_{min}` values per statistic (G = 1 where even one
+    group has fewer). Candidates are the G that make whole groups:
 
     * divisors of C (groups of C/G whole channels: any spatial size works), and
     * k * C with k dividing prod(spatial_shape) (each channel cut into k bands),
 
-    both valid for the layer (they divide D) and never fewer than 2 values per statistic
-    (training needs more than one). With ``allow_straddling`` (default) a G whose groups
-    straddle channels (any other divisor of D) is taken only where no whole-group candidate
-    lies within a factor of 2 of :math:`G^\ast` and it lies closer; such groups depend on the
-    spatial size (the layer then accepts only inputs of its first size).
+    both valid for the layer (they divide D). With ``allow_straddling`` (default) a G whose
+    groups straddle channels (any other divisor of D) is taken only where no whole-group
+    candidate lies within a factor of 2 of :math:`G^\ast` and it lies closer; such groups depend
+    on the spatial size (the layer then accepts only inputs of its first size).
 
-    On ResNet-50 at 224 px this gives the paper's G at every batch size of its table on the 12
-    layers with D = 100352, and on every layer the values per statistic of the paper's choice
-    within the rounding to a valid G; see ``docs/choosing-g.md`` for the derivation and the
-    table of all 53 layers.
+    Why this rule (``docs/choosing-g.md`` has the measurements): on every network the suite
+    trained (five, with layers of D = 128 to 12,544 values per example, b = 2 to 128, three
+    seeds where converged) the paper's single G was as good as any per-layer choice measured,
+    and BGN failed only where a statistic saw too few values (2 values: collapsed to 10-40%;
+    8 values in every layer: 1.4 points lost; from 32 on, within noise of BN). The earlier rule
+    (give every layer the values per statistic the paper's G gives ResNet-50's median layer,
+    i.e. ``target_values=paper_values_per_statistic``) chose 2-32 groups on small networks at
+    large batch and lost 1-19 points there. On ResNet-50 at 224 px this rule gives the paper's
+    G on every layer at every batch size.
 
     Args:
         num_features: C.
@@ -329,17 +344,22 @@ def auto_groups(
             for (N, C) input).
         batch_size: the examples one statistic sees: the per-worker batch (the global batch
             with cross-process synchronization; e for GBGN).
-        target_values: the values per statistic to aim at, a number or a callable of
-            ``batch_size``. Default: :func:`paper_values_per_statistic`.
+        target_values: instead of the paper's G, aim at this many values per statistic (a
+            number or a callable of ``batch_size``): :math:`G^\ast = b D /` ``target_values``,
+            the G of a G sweep on your own network carried to other layers; at least
+            ``min_values``. Default: None (the paper's G).
+        min_values: the fewest values per statistic a G may leave (>= 2). Default: 32.
         allow_straddling: allow groups that straddle channels (see above). Default: True.
 
     Example:
-        >>> auto_groups(128, (28, 28), 8), auto_groups(512, (14, 14), 128)  # D = 100352
-        (16, 512)
-        >>> auto_groups(256, (56, 56), 8)  # D = 802816: 8x the values, 8x the groups
-        128
-        >>> auto_groups(64, (8, 8), 2), auto_groups(64, (8, 8), 2, target_values=256)
-        (1, 32)
+        >>> auto_groups(128, (28, 28), 8), auto_groups(256, (56, 56), 8)  # ResNet-50: the paper's
+        (16, 16)
+        >>> auto_groups(64, (4, 4), 64)  # paper's G = 256: 4 bands of each channel, 256 values
+        256
+        >>> auto_groups(64, (1, 1), 16)  # the paper's 64 would leave 16 values: 32 of 32
+        32
+        >>> auto_groups(64, (8, 8), 2, target_values=256)  # a target from your own G sweep
+        32
         >>> auto_groups(96, (), 64, target_values=1000)  # (N, C) input: divisors of C only
         6
     """
@@ -347,17 +367,29 @@ def auto_groups(
     c = check_num_features(_as_int(num_features), fn)
     spatial = _spatial(spatial_shape, fn)
     b = check_num_groups(_as_int(batch_size), "batch_size", fn)
-    target = paper_values_per_statistic(b) if target_values is None else (
-        target_values(b) if callable(target_values) else target_values)
-    if (isinstance(target, bool) or not isinstance(target, numbers.Real)
-            or not math.isfinite(target) or target <= 0):
+    if (isinstance(min_values, bool) or not isinstance(min_values, numbers.Real)
+            or not math.isfinite(min_values) or min_values < 2):
         raise ValueError(
-            f"{fn}: target_values must be a positive number of values per statistic (or a "
-            f"callable of batch_size returning one), got {target!r}")
+            f"{fn}: min_values must be a number >= 2 (the fewest values a statistic may be "
+            f"computed from; training needs more than one), got {min_values!r}")
+    d = c * math.prod(spatial)
+    if target_values is None:
+        ideal = float(paper_groups(b))
+    else:
+        target = target_values(b) if callable(target_values) else target_values
+        if (isinstance(target, bool) or not isinstance(target, numbers.Real)
+                or not math.isfinite(target) or target <= 0):
+            raise ValueError(
+                f"{fn}: target_values must be a positive number of values per statistic (or "
+                f"a callable of batch_size returning one), got {target!r}")
+        if target < min_values:
+            raise ValueError(
+                f"{fn}: target_values={target!r} is below min_values={min_values!r} at "
+                f"batch_size={b}; lower min_values to aim that low")
+        ideal = b * d / float(target)
+    ideal = min(ideal, b * d / float(min_values))
+    most = max(1, math.floor(b * d / min_values))
     s = math.prod(spatial)
-    d = c * s
-    ideal = b * d / float(target)
-    most = max(1, b * d // 2)  # at least 2 values per statistic
     whole = [g for g in {*_divisors(c), *(c * k for k in _divisors(s))} if g <= most]
     best = min(whole, key=lambda g: (_log_distance(g, ideal), g))
     if allow_straddling and _log_distance(best, ideal) > 1:
@@ -467,7 +499,7 @@ def resolve_groups(model: nn.Module, example_input: Tensor | Sequence[int]) -> n
         >>> net = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), BatchGroupNorm2d(64, "auto"))
         >>> _ = resolve_groups(net, (16, 3, 32, 32))
         >>> net[1].num_groups, net[1].running_mean.shape
-        (32, torch.Size([32]))
+        (64, torch.Size([64]))
     """
     shapes = _norm_input_shapes(model, example_input)
     for name, layer in _batch_norms(model):
@@ -506,6 +538,8 @@ class GroupsRow:
 class GroupsReport:
     """Per batch-statistics layer of a model: the G :func:`auto_groups` chooses and the G of
     the paper's table, with the values per statistic of each. ``str()`` is a table.
+    ``target_values`` is the number auto_groups aimed at (None: the paper's G), ``min_values``
+    its floor.
 
     Built by :func:`groups_report`. Rows (:class:`GroupsRow`) hold the layer's qualified name,
     class and training input shape; ``examples`` (b, the examples one statistic sees);
@@ -519,11 +553,12 @@ class GroupsReport:
         >>> report = groups_report(net, (4, 3, 10, 10))
         >>> row = report.rows[0]
         >>> row.input_shape, row.groups, row.values, row.paper_groups, row.current_groups
-        ((4, 16, 8, 8), 1, 4096, 2, 16)
+        ((4, 16, 8, 8), 2, 2048, 2, 16)
     """
 
     batch_size: int
-    target_values: float
+    target_values: float | None
+    min_values: float
     rows: tuple[GroupsRow, ...]
 
     def __str__(self) -> str:
@@ -541,10 +576,14 @@ class GroupsReport:
                 "-" if r.current_groups is None else str(r.current_groups),
                 "-" if r.current_values is None else str(r.current_values)])
         text = "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+        floor = f"{self.min_values:g}"
+        rule = (f"the paper's G, lowered where a layer would get fewer than {floor} values "
+                "per statistic" if self.target_values is None else
+                f"aiming at {round(self.target_values)} values per statistic (at least "
+                f"{floor})")
         return (f"{text}\n\nbatch b = {self.batch_size} per statistic (per worker); auto G: "
-                f"bgnorm.auto_groups, aiming at {round(self.target_values)} values per "
-                f"statistic; paper G: bgnorm.paper_groups({self.batch_size}) = "
-                f"{paper_groups(self.batch_size)} on every layer")
+                f"bgnorm.auto_groups, {rule}; paper G: bgnorm.paper_groups({self.batch_size}) "
+                f"= {paper_groups(self.batch_size)} on every layer")
 
 
 def groups_report(
@@ -552,6 +591,7 @@ def groups_report(
     example_input: Tensor | Sequence[int],
     *,
     target_values: float | Callable[[int], float] | None = None,
+    min_values: float = MIN_VALUES,
     allow_straddling: bool = True,
 ) -> GroupsReport:
     """What :func:`auto_groups` chooses for each batch-statistics layer of ``model``
@@ -561,7 +601,8 @@ def groups_report(
 
     The layers' input shapes come from one pass on a copy of the model on the meta device
     (see :func:`resolve_groups`); the model is not changed. GBGN layers' statistics see e
-    examples, the others b. ``target_values`` and ``allow_straddling`` go to auto_groups.
+    examples, the others b. ``target_values``, ``min_values`` and ``allow_straddling`` go to
+    auto_groups.
 
     Example:
         >>> from bgnorm.repro.models import resnet50
@@ -569,9 +610,9 @@ def groups_report(
         ...     net = resnet50()
         >>> report = groups_report(net, (8, 3, 224, 224))
         >>> len(report.rows), sum(r.groups == r.paper_groups == 16 for r in report.rows)
-        (53, 12)
+        (53, 53)
         >>> print(str(report).splitlines()[2])
-        | stem.1 | BatchNorm2d | 64 | 112x112 | 802816 | 128 | 2 bands/channel | 50176 | 16 | 401408 | 64 | 100352 |
+        | stem.1 | BatchNorm2d | 64 | 112x112 | 802816 | 16 | 4 channels | 401408 | 16 | 401408 | 64 | 100352 |
     """  # noqa: E501
     from .layers import _BatchGroupNorm
 
@@ -587,7 +628,7 @@ def groups_report(
         e = getattr(layer, "examples_per_group", None)
         examples = min(b, e) if e else b
         g = auto_groups(c, shape[2:], examples, target_values=target_values,
-                        allow_straddling=allow_straddling)
+                        min_values=min_values, allow_straddling=allow_straddling)
         paper = paper_groups(examples)
         current = None
         if isinstance(layer, _BatchGroupNorm):
@@ -602,6 +643,7 @@ def groups_report(
             current_values=None if current is None or d % current else examples * d // current))
     b = batch if batch is not None else int(
         (example_input.shape if isinstance(example_input, Tensor) else example_input)[0])
-    target = paper_values_per_statistic(b) if target_values is None else (
+    target = None if target_values is None else float(
         target_values(b) if callable(target_values) else target_values)
-    return GroupsReport(batch_size=b, target_values=float(target), rows=tuple(rows))
+    return GroupsReport(batch_size=b, target_values=target, min_values=min_values,
+                        rows=tuple(rows))

@@ -210,8 +210,10 @@ def policy_groups(config: Mapping[str, Any]) -> list[int]:
         >>> cell = {"norm": "bgn", "num_groups": "auto", "batch_size": 64, "workers": 1,
         ...         "dataset": "mnist5k", "image_size": 16, "model": "small_resnet",
         ...         "model_kwargs": {"width": 16, "blocks_per_stage": [1, 1, 1]}}
-        >>> policy_groups(cell)
-        [8, 8, 8, 4, 4, 4, 2, 2, 2]
+        >>> policy_groups(cell)  # the paper's G = 256 is a whole group of every layer here
+        [256, 256, 256, 256, 256, 256, 256, 256, 256]
+        >>> policy_groups({**cell, "image_size": 28})  # 32x14x14, 64x7x7: 7 bands per channel
+        [256, 256, 256, 224, 224, 224, 448, 448, 448]
     """
     from .mechanism import layer_values
 

@@ -1,12 +1,16 @@
 """Does the per-layer G policy transfer? The ``g-transfer`` task (issue 15, item 2).
 
-:func:`bgnorm.auto_groups` (``num_groups="auto"``) gives each BGN layer the values per
-statistic that the paper's G gives on ResNet-50's median layer at the same per-worker batch b
-(``docs/choosing-g.md``). It is calibrated on one network; this study checks it where it was
-not: BGN is trained with every G of a sweep, with the policy's per-layer G and with the paper's
-G (:func:`bgnorm.paper_groups`, one G for every layer) on networks whose layers differ in size
-(D = C*H*W), at a small and a large per-worker batch, with the same seeds (same data order and
-initialization) in every cell, so that differences are paired over seeds.
+:func:`bgnorm.auto_groups` (``num_groups="auto"``) gives each BGN layer the paper's G for the
+per-worker batch b, lowered where the layer's statistics would see fewer than 32 values, as
+whole channels or bands where they fit (``docs/choosing-g.md``). The paper measured its G on
+one network; this study checks it where it was not: BGN is trained with every G of a sweep,
+with the policy's per-layer G and with the paper's G (:func:`bgnorm.paper_groups`, one G for
+every layer, capped per layer at the largest divisor of D below it) on networks whose layers
+differ in size (D = C*H*W), at a small and a large per-worker batch, with the same seeds (same
+data order and initialization) in every cell, so that differences are paired over seeds.
+(Until the suite's measurements, ``docs/choosing-g.md``, the policy gave every layer the values
+per statistic the paper's G gives ResNet-50's median layer; the quick preset's recorded tables
+are of that rule.)
 
 Cells (per seed x network x per-worker batch b), each with a ``role``:
 
@@ -18,9 +22,10 @@ Cells (per seed x network x per-worker batch b), each with a ``role``:
 * ``paper``: BGN with the paper's G for b.
 
 Cells that are one training run are trained once (:func:`transfer_computation`): the paper's G
-when it is a swept G, the policy when it gives one G to every layer that is a swept G (G = 1 on
-small networks at b = 2), and a swept G that another task's cell already trained (the quick
-preset's 16 px network at b = 64 and 2 are the ``g-sweep`` task's cells at G = 256, 64 and 1).
+when it is a swept G, the policy when it gives one G to every layer that is a swept G (the
+paper's G where it fits every layer), and a swept G that another task's cell already trained
+(the quick preset's 16 px network at b = 64 and 2 are the ``g-sweep`` task's cells at G = 256,
+64 and 1).
 
 The report (:func:`report_transfer`) gives, per network x batch, the accuracy of every G, the
 policy's per-layer G and values per statistic, the best swept G, the policy's and the paper's
@@ -499,8 +504,9 @@ def _tally(tallies: Mapping[str, Mapping[str, list[str]]]) -> str:
 
 def _framing() -> str:
     return ("*What this measures:* the per-layer G policy (`num_groups=\"auto\"`, "
-            "`bgnorm.auto_groups`) gives each layer the values per statistic that the paper's "
-            "G gives on ResNet-50's median layer; it was calibrated there. Here every G of a "
+            "`bgnorm.auto_groups`) gives each layer the paper's G for the batch, lowered where "
+            "a statistic would see fewer than 32 values, as whole channels or bands where they "
+            "fit; the paper measured its G on ResNet-50 only. Here every G of a "
             "sweep, the policy and the paper's one-G-for-all-layers table are trained on "
             "networks whose layers hold other numbers of values (D = C·H·W), at a small and a "
             "large per-worker batch, with the same seeds in every cell. *Criterion:* a choice "

@@ -302,7 +302,12 @@ def test_cells_that_are_one_training_run_are_trained_once(tmp_path):
         assert (s.finished, s.shared) == (4, 2)
         c4 = next(r for r in read_records(tmp_path) if r.config == {
             "task": "fake-c", "seed": 1, "x": 4, "tag": "fake-c"})
-        assert c4.result == {"acc": 41.0, "same_run_as": recs[("fake-b", 4, 1)].cell_id}
+        b4 = recs[("fake-b", 4, 1)]
+        assert c4.result == {"acc": 41.0, "same_run_as": b4.cell_id}
+        # the copy keeps the training's provenance and time (trained_at), with its own
+        # finished_at: the time it was recorded, so newer policy records supersede older ones
+        assert c4.meta["trained_at"] == b4.meta["finished_at"] <= c4.meta["finished_at"]
+        assert c4.meta["host"] == b4.meta["host"]
     finally:
         for name in ("fake-a", "fake-b", "fake-c"):
             del TASKS[name]

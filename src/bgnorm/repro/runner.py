@@ -1052,8 +1052,14 @@ def run_sweep(options: RunOptions) -> RunSummary:
         """Record ``cid`` with the outcome of ``source``, the same training run."""
         result = dict(source.result)
         result["same_run_as"] = result.get("same_run_as") or source.cell_id
+        # the training's provenance, but this record's own time: a policy cell recorded now
+        # from an older run must supersede the record an older policy made of the same cell
+        # (supersede_policy_records orders by finished_at)
+        meta = dict(source.meta)
+        meta["trained_at"] = meta.get("trained_at") or meta.get("finished_at")
+        meta["finished_at"] = run_meta()["finished_at"]
         rec = Record(cell_id=cid, config=cfg, status=source.status, result=result,
-                     seconds=0.0, meta=dict(source.meta))
+                     seconds=0.0, meta=meta)
         store.append(rec)
         summary.shared += 1
         if rec.status == "ok":

@@ -196,11 +196,11 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
                 "model_kwargs": {"width": 16, "blocks_per_stage": [1, 1, 1]},
                 "train_subset": None},
     # Fashion-MNIST's IDX files (apt-get install dataset-fashion-mnist, or --data-root), its
-    # own 10,000 test images. Sized (not yet run to the end) for `--task batch-size --preset
-    # full` (87 cells) in about 3 hours on 2 cores: measured 0.49 CPU ms per training image and
-    # 0.10 per test image at 16 px (1.22 and 0.45 at 28 px), i.e. 10.8 s per epoch of 20,000
-    # images + the test set, 87 x 20 x 10.8 / 2 = 2.6 h; 28 px would afford 8 epochs (2,500
-    # steps) instead of 20 (6,240). The reproduction guide's "Fashion-MNIST" has the numbers.
+    # own 10,000 test images. Sized for `--task batch-size --preset full` (87 cells; run to
+    # the end: 84 converged, about 2.5 h idle; the reproduction guide's table) on 2 cores:
+    # measured 0.49 CPU ms per training image and 0.10 per test image at 16 px (1.22 and
+    # 0.45 at 28 px), i.e. 10.8 s per epoch of 20,000 images + the test set, 87 x 20 x 10.8
+    # / 2 = 2.6 h; 28 px would afford 8 epochs (2,500 steps) instead of 20 (6,240).
     "fashion-mnist": {"image_size": 16, "model": "small_resnet",
                       "model_kwargs": {"width": 16, "blocks_per_stage": [1, 1, 1]},
                       "train_subset": 20000, "epochs": 20},

@@ -105,6 +105,7 @@ from .store import (
     config_identity,
     describe_holder,
     disk_fault,
+    finished_at,
     read_records,
     run_meta,
     store_path,
@@ -1057,7 +1058,7 @@ def run_sweep(options: RunOptions) -> RunSummary:
         # (supersede_policy_records orders by finished_at)
         meta = dict(source.meta)
         meta["trained_at"] = meta.get("trained_at") or meta.get("finished_at")
-        meta["finished_at"] = run_meta()["finished_at"]
+        meta["finished_at"] = finished_at()
         rec = Record(cell_id=cid, config=cfg, status=source.status, result=result,
                      seconds=0.0, meta=meta)
         store.append(rec)

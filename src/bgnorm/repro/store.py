@@ -65,6 +65,7 @@ __all__ = [
     "cell_id",
     "describe_holder",
     "disk_fault",
+    "finished_at",
     "jsonable",
     "read_records",
     "run_meta",
@@ -181,6 +182,11 @@ def store_files(out_dir: str | os.PathLike) -> list[Path]:
     return sorted(p for p in out.iterdir() if p.is_file() and _STORE_RE.match(p.name))
 
 
+def finished_at() -> str:
+    """The time a record is written, as ``meta["finished_at"]`` holds it (local time, ISO)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
 def run_meta(**extra: Any) -> dict[str, Any]:
     """Provenance saved with each record: host, versions, time (plus ``extra``)."""
     import platform
@@ -191,7 +197,7 @@ def run_meta(**extra: Any) -> dict[str, Any]:
         "host": socket.gethostname(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "finished_at": finished_at(),
     }
     try:
         from importlib.metadata import version
